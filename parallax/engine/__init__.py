@@ -1,0 +1,1 @@
+"""One node's compute: sequences, paged KV, continuous batching, model runner, sampler."""
