@@ -1,0 +1,149 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Decodes go first (one token each), then prefill chunks under a per-step token budget, so a
+long prompt never stalls running decodes. When KV blocks run out a decode preempts the most
+recently admitted sequence (its KV is dropped and recomputed later) — never a crash.
+On a stage that is not the first, the previous stage already chose the batch: this stage runs
+whatever hidden states have arrived, in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from parallax.engine.block_manager import BlockManager
+from parallax.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start_position, start_position + num_tokens) of seq run this step."""
+
+    seq: Sequence
+    start_position: int
+    num_tokens: int
+    hidden: torch.Tensor | None = None  # inputs from the previous stage
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1
+
+    @property
+    def completes_sequence(self) -> bool:
+        """Whether this chunk reaches the last known token (so a next token is due)."""
+        return self.start_position + self.num_tokens == len(self.seq)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        is_first_stage: bool = True,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.is_first_stage = is_first_stage
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preempted_ids: list[str] = []  # since the last step; other stages must drop them
+        self.out_of_blocks: list[Sequence] = []  # non-first stages: no room for arrived input
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.deallocate(seq)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        if self.is_first_stage:
+            return self._schedule_first_stage()
+        return self._schedule_arrived_inputs()
+
+    # ---- first stage -------------------------------------------------------------------
+
+    def _schedule_first_stage(self) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        budget = self.max_num_batched_tokens
+        ready = [s for s in self.running if not s.awaiting_token and s.num_computed_tokens < len(s)]
+        for seq in [s for s in ready if len(s) - s.num_computed_tokens == 1]:
+            if len(chunks) >= self.max_num_seqs or budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING or not self._ensure_slots(seq, chunks):
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+            budget -= 1
+        for seq in [s for s in ready if len(s) - s.num_computed_tokens > 1]:
+            if len(chunks) >= self.max_num_seqs or budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+        return chunks
+
+    def _ensure_slots(self, seq: Sequence, scheduled: list[ScheduledChunk]) -> bool:
+        """Make room for seq's next token, preempting the newest other sequences if needed."""
+        while not self.block_manager.can_append(seq):
+            busy = {id(c.seq) for c in scheduled}
+            victims = [s for s in self.running if id(s) not in busy and not s.awaiting_token]
+            victim = max(victims, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.block_manager.append_slots(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.preempted_ids.append(seq.request_id)
+
+    # ---- later stages ------------------------------------------------------------------
+
+    def _schedule_arrived_inputs(self) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting:  # first sight of a request on this stage: blocks for its input
+            seq = self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if not seq.pending_inputs or len(chunks) >= self.max_num_seqs:
+                continue
+            pending = seq.pending_inputs[0]
+            if chunks and budget < len(pending.token_ids):
+                break
+            if not self.block_manager.can_append(seq, 0):
+                self.out_of_blocks.append(seq)
+                continue
+            self.block_manager.append_slots(seq)
+            seq.pending_inputs.pop(0)
+            chunks.append(ScheduledChunk(seq, pending.start_position, len(pending.token_ids),
+                                         pending.hidden))
+            budget -= len(pending.token_ids)
+        return chunks

@@ -1,0 +1,265 @@
+"""One stage's engine: add requests, step (schedule -> run -> postprocess), abort.
+
+The same class serves every position in a pipeline:
+- first and last (a whole model): tokens in, tokens out, decoding loops locally;
+- first, not last: tokens in, hidden states out; the sampled token comes back by append_token;
+- later stages: hidden states in (add_hidden), hidden states or sampled tokens out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from parallax.engine.batcher import ScheduledChunk, Scheduler
+from parallax.engine.block_manager import BlockManager
+from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token
+from parallax.engine.sampler import sample
+from parallax.engine.sampling_params import SamplingParams
+from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_memory_bytes: int = 256 * 2**20
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class StepOutput:
+    """What one request produced in a step on this stage."""
+
+    request_id: str
+    token_id: int | None = None  # last stage: the sampled token
+    hidden: torch.Tensor | None = None  # other stages: [num_tokens, hidden] for the next stage
+    token_ids: list[int] | None = None  # the input token ids the hidden states belong to
+    start_position: int = 0
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+
+
+class Engine:
+    def __init__(
+        self, model: torch.nn.Module, config: EngineConfig, eos_token_ids: list[int] | tuple = ()
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.is_first, self.is_last = model.is_first, model.is_last
+        self.eos_token_ids = frozenset(eos_token_ids)
+        model_len = getattr(model.config, "max_position_embeddings", None) or 8192
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        per_block = kv_bytes_per_token(model, config.dtype) * config.block_size
+        num_blocks = config.kv_memory_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV memory {config.kv_memory_bytes} bytes is below one block ({per_block} bytes)"
+            )
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, is_first_stage=self.is_first)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.device, config.dtype)
+        self.sequences: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
+        """First stage: admit a request (it waits until blocks and batch room allow)."""
+        if not self.is_first:
+            raise RuntimeError("add_request is for the first stage; later stages use add_hidden")
+        self._check_new(request_id, prompt_token_ids, sampling_params)
+        seq = Sequence(request_id, prompt_token_ids, sampling_params, self.config.block_size)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_new(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the model's context is "
+                f"{self.max_model_len} tokens including the answer"
+            )
+        needed = -(-(len(prompt) + 1) // self.config.block_size)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the prompt needs {needed} KV blocks but the cache has "
+                f"{self.block_manager.num_blocks}; raise the KV memory budget"
+            )
+        params.validate()
+
+    def add_hidden(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        start_position: int,
+        hidden: torch.Tensor,
+        sampling_params: SamplingParams | None = None,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        """Later stages: hidden states for tokens [start_position, +len) of a request.
+
+        The first chunk of a request carries its sampling params and prompt length.
+        """
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            if sampling_params is None or num_prompt_tokens is None:
+                raise ValueError(f"first input of {request_id!r} lacks sampling params")
+            seq = Sequence(request_id, [], sampling_params, self.config.block_size)
+            seq.num_prompt_tokens = num_prompt_tokens
+            self.sequences[request_id] = seq
+            self.scheduler.add(seq)
+        if start_position != len(seq.token_ids):
+            raise ValueError(
+                f"{request_id!r}: input at position {start_position}, expected {len(seq)}"
+            )
+        seq.token_ids.extend(token_ids)
+        seq.pending_inputs.append(PendingInput(list(token_ids), start_position, hidden))
+
+    def append_token(self, request_id: str, token_id: int, finished: bool = False,
+                     finish_reason: str | None = None) -> None:
+        """First stage of a longer pipeline: the token sampled by the last stage came back."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return  # aborted meanwhile
+        seq.awaiting_token = False
+        seq.token_ids.append(token_id)
+        if finished:
+            self._finish(seq, finish_reason or "stop")
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks. Returns whether it was known."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    # ---- step ----------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        if self.scheduler.waiting:
+            return True
+        return any(
+            (not s.awaiting_token and s.num_computed_tokens < len(s)) or s.pending_inputs
+            for s in self.scheduler.running
+        )
+
+    def step(self) -> list[StepOutput]:
+        """schedule -> run -> postprocess. Returns one output per request that produced one."""
+        chunks = self.scheduler.schedule()
+        outputs = self._drain_out_of_blocks()
+        if not chunks:
+            return outputs
+        chunks.sort(key=lambda c: not c.is_decode)  # attention metadata wants decodes first
+        hidden, logits, due = self.runner.run(chunks, self.is_first, self.is_last)
+        self.num_steps += 1
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens = chunk.start_position + chunk.num_tokens
+            self.block_manager.register_computed(chunk.seq)
+        if not self.is_last:
+            outputs.extend(self._hidden_outputs(chunks, hidden))
+        elif due:
+            outputs.extend(self._sample_outputs([chunks[i] for i in due], logits))
+        return outputs
+
+    def _hidden_outputs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor):
+        offset = 0
+        for chunk in chunks:
+            rows = hidden[offset : offset + chunk.num_tokens]
+            offset += chunk.num_tokens
+            if self.is_first and chunk.completes_sequence:
+                chunk.seq.awaiting_token = True
+            yield StepOutput(
+                chunk.seq.request_id,
+                hidden=rows,
+                token_ids=chunk.seq.token_ids[chunk.start_position : offset and
+                                              chunk.start_position + chunk.num_tokens],
+                start_position=chunk.start_position,
+            )
+
+    def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor):
+        seqs = [c.seq for c in chunks]
+        token_ids = sample(
+            logits,
+            [s.sampling_params for s in seqs],
+            [s.generated_token_ids for s in seqs],
+            [s.generator for s in seqs],
+        )
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            reason = self._finish_reason(seq, token_id)
+            output = StepOutput(seq.request_id, token_id=token_id, finished=reason is not None,
+                                finish_reason=reason)
+            if self.is_first:  # whole model here: the token feeds the next decode step
+                seq.token_ids.append(token_id)
+            if reason is not None:
+                self._finish(seq, reason)
+            yield output
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.sampling_params
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        # the new token counts: generated so far + 1
+        if seq.num_generated_tokens + 1 >= params.max_tokens:
+            return "length"
+        if len(seq) + 1 >= self.max_model_len:
+            return "length"
+        return None
+
+    def _drain_out_of_blocks(self) -> list[StepOutput]:
+        outputs = []
+        for seq in self.scheduler.out_of_blocks:
+            message = "this stage ran out of KV cache blocks"
+            outputs.append(StepOutput(seq.request_id, finished=True, finish_reason="error",
+                                      error=message))
+            self._finish(seq, "error")
+        self.scheduler.out_of_blocks.clear()
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+
+    # ---- observability -------------------------------------------------------------------
+
+    def take_preempted(self) -> list[str]:
+        """Request ids preempted since the last call (their KV on later stages is stale)."""
+        preempted, self.scheduler.preempted_ids = self.scheduler.preempted_ids, []
+        return preempted
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_manager.num_blocks

@@ -1,0 +1,108 @@
+"""Build a shard [start_layer, end_layer) of a model and fill it with only its weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig
+
+from parallax.models import gguf as gguf_format
+from parallax.models.hub import ModelSource, download_for_shard, resolve
+from parallax.models.registry import family_for
+from parallax.models.weights import ReadLog, iter_safetensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedShard:
+    model: torch.nn.Module
+    config: object
+    source: ModelSource
+    tokenizer_path: str  # a dir, or the .gguf file
+    read_log: ReadLog
+
+
+def load_config(source: ModelSource):
+    """The transformers config of a resolved source (GGUF metadata or config.json)."""
+    if source.kind == "gguf":
+        return gguf_format.gguf_config(gguf_format.open_reader(source.path), source.path)
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read config.json of {source.path}: {exc}") from exc
+
+
+def num_layers_of(model: str | None) -> int:
+    """Layer count of a model without loading weights (repo ids need the hub or its cache)."""
+    source = resolve(model)
+    if source.kind == "repo":
+        from huggingface_hub import hf_hub_download
+
+        source = ModelSource(source.name, "dir", hf_hub_download(source.repo_id, "config.json")
+                             .rsplit("/", 1)[0], source.repo_id)
+    return int(load_config(source).num_hidden_layers)
+
+
+def load_shard(
+    model: str | None,
+    start_layer: int = 0,
+    end_layer: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedShard:
+    """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input."""
+    source = resolve(model)
+    if source.kind == "repo":
+        def owns_for_config(config_dict: dict):
+            config = AutoConfig.for_model(**config_dict)
+            family = family_for(config.model_type)
+            end = config.num_hidden_layers if end_layer is None else end_layer
+            return lambda name: family.owns_tensor(name, start_layer, end, config)
+
+        path = download_for_shard(source.repo_id, owns_for_config)
+        source = ModelSource(source.name, "dir", path, source.repo_id)
+    config = load_config(source)
+    family = family_for(config.model_type)
+    end = config.num_hidden_layers if end_layer is None else end_layer
+    with torch.device("meta"):
+        shard = family(config, start_layer, end)
+    shard.to_empty(device=device)
+    shard.to(dtype)
+    shard.rotary.build(device)
+
+    def owns(name: str) -> bool:
+        return family.owns_tensor(name, start_layer, end, config)
+
+    log = ReadLog()
+    if source.kind == "gguf":
+        reader = gguf_format.open_reader(source.path)
+        tensors = gguf_format.iter_gguf(reader, config, owns, log)
+    else:
+        tensors = iter_safetensors(source.path, owns, log)
+    loaded = shard.load_weights(tensors)
+    expected = {name for name, _ in shard.named_parameters(remove_duplicate=False)}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(
+            f"{source.path} lacks {len(missing)} tensors for layers [{start_layer}, {end}), "
+            f"e.g. {missing[:3]}: the checkpoint is incomplete or of another architecture"
+        )
+    shard.eval()
+    logger.info("loaded %s layers [%d, %d) (%.1f MB read)", source.name, start_layer, end,
+                log.num_bytes / 1e6)
+    return LoadedShard(shard, config, source, source.path, log)
+
+
+def load_tokenizer(path: str):
+    """transformers tokenizer (with chat template) from a model dir or a .gguf file."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                             gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)

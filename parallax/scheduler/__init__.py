@@ -1,0 +1,1 @@
+"""The scheduler: node registry, layer allocation, request routing, HTTP app and cluster status."""

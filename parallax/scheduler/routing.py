@@ -1,0 +1,124 @@
+"""Request routing: pipelines + load + latency → one pipeline, "all_busy" or "no_pipeline". Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from parallax.scheduler.allocation import Stage
+
+DEFAULT_LAYER_LATENCY_MS = 1.0
+"""Per-layer latency assumed when no node has reported one yet."""
+_TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """A node's load as its last heartbeat reported it."""
+
+    node_id: str
+    running_requests: int
+    waiting_requests: int
+    max_running_requests: int
+    layer_latency_ms: float
+    """Per-layer forward latency, EWMA; 0 when not measured yet."""
+    alive: bool = True
+
+    @property
+    def at_capacity(self) -> bool:
+        """No room for another request (running + waiting ≥ max running)."""
+        return self.running_requests + self.waiting_requests >= self.max_running_requests
+
+    @property
+    def load_factor(self) -> float:
+        """(running + waiting) / max running: 0 when idle, 1 when full."""
+        if self.max_running_requests <= 0:
+            return 1.0
+        return (self.running_requests + self.waiting_requests) / self.max_running_requests
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which pipeline serves the request; ``pipeline_index`` is None unless ``reason`` is "ok"."""
+
+    pipeline_index: int | None
+    reason: Literal["ok", "all_busy", "no_pipeline"]
+    cost_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long the scheduler keeps retrying while every pipeline is busy, before answering 429."""
+
+    attempts: int = 20
+    interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.interval_s < 0:
+            raise ValueError("attempts and interval_s cannot be negative")
+
+
+def _default_latency(loads: Mapping[str, NodeLoad]) -> float:
+    known = [load.layer_latency_ms for load in loads.values() if load.layer_latency_ms > 0]
+    return sum(known) / len(known) if known else DEFAULT_LAYER_LATENCY_MS
+
+
+def _link(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
+    return links.get((a, b), links.get((b, a), 0.0))
+
+
+def pipeline_cost_ms(
+    pipeline: Sequence[Stage],
+    loads: Mapping[str, NodeLoad],
+    link_latency_ms: Mapping[tuple[str, str], float] | None = None,
+    default_layer_latency_ms: float = DEFAULT_LAYER_LATENCY_MS,
+) -> float:
+    """Estimated cost of one pass: Σ layers × layer latency × (1 + load factor) + link latencies.
+
+    Links are the hops between consecutive stages plus the token's way back from the last stage
+    to the head; a link missing from ``link_latency_ms`` (either direction) counts as 0. A node
+    with no measured latency uses ``default_layer_latency_ms``.
+    """
+    links = link_latency_ms or {}
+    cost = 0.0
+    for stage in pipeline:
+        load = loads[stage.node_id]
+        per_layer = load.layer_latency_ms if load.layer_latency_ms > 0 else default_layer_latency_ms
+        cost += stage.num_layers * per_layer * (1.0 + load.load_factor)
+    hops = list(zip(pipeline, pipeline[1:], strict=False))
+    if len(pipeline) > 1:
+        hops.append((pipeline[-1], pipeline[0]))
+    return cost + sum(_link(links, a.node_id, b.node_id) for a, b in hops)
+
+
+def route(
+    pipelines: Sequence[Sequence[Stage]],
+    loads: Mapping[str, NodeLoad],
+    *,
+    link_latency_ms: Mapping[tuple[str, str], float] | None = None,
+    last_index: int = -1,
+) -> RouteDecision:
+    """Pick the pipeline for the next request.
+
+    Pipelines with a node that is dead or missing from ``loads`` are skipped (none left:
+    "no_pipeline"); so are pipelines with a node at capacity (all of the rest: "all_busy").
+    Among the others the lowest :func:`pipeline_cost_ms` wins; equal costs go round-robin to the
+    first index after ``last_index``, wrapping around.
+    """
+    complete = [
+        i
+        for i, p in enumerate(pipelines)
+        if p and all(s.node_id in loads and loads[s.node_id].alive for s in p)
+    ]
+    if not complete:
+        return RouteDecision(None, "no_pipeline")
+    free = [i for i in complete if not any(loads[s.node_id].at_capacity for s in pipelines[i])]
+    if not free:
+        return RouteDecision(None, "all_busy")
+    default = _default_latency(loads)
+    costs = {i: pipeline_cost_ms(pipelines[i], loads, link_latency_ms, default) for i in free}
+    best = min(costs.values())
+    tied = [i for i in free if costs[i] <= best + _TIE * max(1.0, abs(best))]
+    pick = min(tied, key=lambda i: (i <= last_index, i))
+    return RouteDecision(pick, "ok", costs[pick])

@@ -1,0 +1,1 @@
+"""Process-free OpenAI serving pieces: schemas, SSE, errors, detokenizing, stops, reasoning."""

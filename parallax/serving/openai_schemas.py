@@ -1,0 +1,408 @@
+"""OpenAI chat-completions request parsing/validation and response builders.
+
+Parsing is hand-written (no pydantic) so that every 400 names the field and says exactly what is
+wrong, e.g. ``messages[1].role must be one of system, user, assistant, tool, developer``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from parallax.engine.sampling_params import SamplingParams
+from parallax.serving.errors import APIError
+
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
+MAX_STOP_STRINGS = 4
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+@dataclass
+class ChatMessage:
+    """One chat message. `content` is plain text (text parts are joined with newlines)."""
+
+    role: str
+    content: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The message as a chat template expects it: role, content, and any extra keys."""
+        out: dict[str, Any] = dict(self.extra)
+        out["role"] = self.role
+        out["content"] = self.content if self.content is not None else ""
+        return out
+
+
+@dataclass
+class ChatCompletionRequest:
+    """A validated `POST /v1/chat/completions` body. `None` means "not given"."""
+
+    messages: list[ChatMessage]
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    include_usage: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    rid: str | None = None
+    routing_table: list[Any] | None = None
+    ignore_eos: bool = False
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as dicts for `tokenizer.apply_chat_template`."""
+        return [m.to_template_dict() for m in self.messages]
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message)
+
+
+def _opt_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(f"'{name}' must be a boolean, got {_type_name(value)}")
+    return value
+
+
+def _opt_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _opt_float(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"'{name}' must be a number, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value):
+        raise _bad(f"'{name}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_content(value: Any, where: str, role: str) -> str | None:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        if role == "assistant":
+            return None
+        raise _bad(f"'{where}' must be a string or an array of text parts, got null")
+    if isinstance(value, list):
+        texts: list[str] = []
+        for j, part in enumerate(value):
+            pwhere = f"{where}[{j}]"
+            if not isinstance(part, dict):
+                raise _bad(f"'{pwhere}' must be an object, got {_type_name(part)}")
+            ptype = part.get("type")
+            if ptype != "text":
+                raise _bad(
+                    f"'{pwhere}.type' must be 'text' (only text content is supported), got {ptype!r}"
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"'{pwhere}.text' must be a string, got {_type_name(text)}")
+            texts.append(text)
+        return "\n".join(texts)
+    raise _bad(f"'{where}' must be a string or an array of text parts, got {_type_name(value)}")
+
+
+def _parse_messages(value: Any) -> list[ChatMessage]:
+    if value is None:
+        raise _bad("'messages' is required")
+    if not isinstance(value, list):
+        raise _bad(f"'messages' must be an array, got {_type_name(value)}")
+    if not value:
+        raise _bad("'messages' must contain at least one message")
+    messages: list[ChatMessage] = []
+    for i, raw in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise _bad(f"'{where}' must be an object, got {_type_name(raw)}")
+        role = raw.get("role")
+        if role is None:
+            raise _bad(f"'{where}.role' is required")
+        if role not in ROLES:
+            raise _bad(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+        if "content" not in raw and role != "assistant":
+            raise _bad(f"'{where}.content' is required")
+        content = _parse_content(raw.get("content"), f"{where}.content", role)
+        extra = {k: v for k, v in raw.items() if k not in ("role", "content")}
+        messages.append(ChatMessage(role=role, content=content, extra=extra))
+    return messages
+
+
+def _parse_stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise _bad(f"'stop' must be a string or an array of strings, got {_type_name(value)}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise _bad(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}")
+    for i, s in enumerate(value):
+        if not isinstance(s, str):
+            raise _bad(f"'stop[{i}]' must be a string, got {_type_name(s)}")
+        if not s:
+            raise _bad(f"'stop[{i}]' must not be empty")
+    return list(value)
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raise `APIError(400, ...)` naming the offending field.
+
+    Unknown top-level fields are ignored (clients send `user`, `logprobs`, `tools`, ...).
+    """
+    if not isinstance(body, dict):
+        raise _bad(f"request body must be a JSON object, got {_type_name(body)}")
+    messages = _parse_messages(body.get("messages"))
+    stream = _opt_bool(body, "stream")
+
+    max_tokens = _opt_int(body, "max_tokens")
+    max_completion_tokens = _opt_int(body, "max_completion_tokens")
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("max_completion_tokens", max_completion_tokens),
+    ):
+        if value is not None and value <= 0:
+            raise _bad(f"'{name}' must be > 0, got {value}")
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
+
+    temperature = _opt_float(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise _bad(f"'temperature' must be >= 0, got {temperature}")
+    top_p = _opt_float(body, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise _bad(f"'top_p' must be in (0, 1], got {top_p}")
+    top_k = _opt_int(body, "top_k")
+    if top_k is not None and top_k < -1:
+        raise _bad(f"'top_k' must be -1 (disabled), 0 (disabled) or > 0, got {top_k}")
+    min_p = _opt_float(body, "min_p")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise _bad(f"'min_p' must be in [0, 1], got {min_p}")
+    penalties: dict[str, float | None] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _opt_float(body, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise _bad(f"'{name}' must be in [-2, 2], got {value}")
+        penalties[name] = value
+    seed = _opt_int(body, "seed")
+    if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
+        raise _bad(f"'seed' must fit in 64 bits, got {seed}")
+    n = _opt_int(body, "n")
+    if n is not None and n != 1:
+        raise _bad(f"'n' must be 1 (only one choice per request is supported), got {n}")
+
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise _bad(f"'stream_options' must be an object, got {_type_name(stream_options)}")
+        value = stream_options.get("include_usage")
+        if value is not None and not isinstance(value, bool):
+            raise _bad(f"'stream_options.include_usage' must be a boolean, got {_type_name(value)}")
+        include_usage = bool(value)
+
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, dict):
+        raise _bad(f"'chat_template_kwargs' must be an object, got {_type_name(kwargs)}")
+
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad(f"'model' must be a string, got {_type_name(model)}")
+    rid = body.get("rid")
+    if rid is not None and (not isinstance(rid, str) or not rid):
+        raise _bad(f"'rid' must be a non-empty string, got {_type_name(rid)} {rid!r}")
+    routing_table = body.get("routing_table")
+    if routing_table is not None and not isinstance(routing_table, list):
+        raise _bad(f"'routing_table' must be an array, got {_type_name(routing_table)}")
+
+    return ChatCompletionRequest(
+        messages=messages,
+        stream=stream,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        stop=_parse_stop(body.get("stop")),
+        seed=seed,
+        presence_penalty=penalties["presence_penalty"],
+        frequency_penalty=penalties["frequency_penalty"],
+        include_usage=include_usage,
+        chat_template_kwargs=dict(kwargs),
+        model=model,
+        rid=rid,
+        routing_table=routing_table,
+        ignore_eos=_opt_bool(body, "ignore_eos"),
+    )
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Decode a request body; malformed or empty JSON → `APIError(400)`."""
+    if not raw or not raw.strip():
+        raise _bad("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+
+
+def check_model_name(requested: str | None, served: str) -> str:
+    """Return the served model's name if `requested` names it (or is empty/"default"); else 404.
+
+    A repo id's last path part is accepted too (`Qwen3-0.6B` for `Qwen/Qwen3-0.6B`).
+    """
+    if requested in (None, "", "default") or requested == served:
+        return served
+    if requested.rsplit("/", 1)[-1] == served.rsplit("/", 1)[-1]:
+        return served
+    raise APIError(404, f"model {requested!r} is not served here; this server serves {served!r}")
+
+
+def to_sampling_params(
+    req: ChatCompletionRequest,
+    default_max_tokens: int,
+    eos_token_ids: Iterable[int] = (),
+) -> SamplingParams:
+    """Build engine sampling params from a request (OpenAI defaults: temperature 1, top_p 1)."""
+    stop_ids = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
+    top_k = req.top_k if req.top_k is not None else 0
+    params = SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if top_k < 0 else top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        max_tokens=req.max_tokens if req.max_tokens is not None else default_max_tokens,
+        stop_token_ids=stop_ids,
+        ignore_eos=req.ignore_eos,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    return params
+
+
+# ---------------------------------------------------------------- response builders
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """`{"prompt_tokens", "completion_tokens", "total_tokens"}`."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chunk(
+    rid: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    usage: dict[str, int] | None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One `chat.completion.chunk` event; `metrics` is added (final chunk) when given."""
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+    if metrics is not None:
+        out["metrics"] = metrics
+    return out
+
+
+def completion(
+    rid: str,
+    model: str,
+    created: int,
+    content: str,
+    reasoning_content: str | None,
+    finish_reason: str,
+    usage: dict[str, int],
+    metrics: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A non-streaming `chat.completion` response."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning_content is not None:
+        message["reasoning_content"] = reasoning_content
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+    if metrics is not None:
+        out["metrics"] = metrics
+    return out
+
+
+def models_list(model_name: str, created: int | None = None) -> dict[str, Any]:
+    """The `GET /v1/models` body listing the one served model."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model_name,
+                "object": "model",
+                "created": int(time.time()) if created is None else created,
+                "owned_by": "parallax",
+            }
+        ],
+    }

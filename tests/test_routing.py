@@ -1,0 +1,132 @@
+"""Routing: pipelines + load + latency → one pipeline, all_busy or no_pipeline (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallax.scheduler.allocation import Stage
+from parallax.scheduler.routing import NodeLoad, RetryPolicy, pipeline_cost_ms, route
+
+
+def two_stage(a: str, b: str, split: int = 16, total: int = 32) -> tuple[Stage, ...]:
+    return (Stage(a, 0, split), Stage(b, split, total))
+
+
+def load(
+    node_id: str,
+    running: int = 0,
+    waiting: int = 0,
+    cap: int = 8,
+    latency: float = 1.0,
+    alive: bool = True,
+) -> NodeLoad:
+    return NodeLoad(node_id, running, waiting, cap, latency, alive)
+
+
+PIPELINES = [two_stage("a", "b"), two_stage("c", "d"), two_stage("e", "f")]
+
+
+def idle(*ids: str) -> dict[str, NodeLoad]:
+    return {i: load(i) for i in ids}
+
+
+def test_skips_full_pipelines() -> None:
+    loads = idle("a", "b", "c", "d", "e", "f")
+    loads["a"] = load("a", running=6, waiting=2)  # 8 of 8: at capacity
+    loads["e"] = load("e", running=8)
+    decision = route(PIPELINES, loads)
+    assert decision.reason == "ok" and decision.pipeline_index == 1
+
+
+def test_all_busy_when_every_complete_pipeline_is_full() -> None:
+    loads = idle("a", "b", "c", "d")
+    loads["b"] = load("b", running=8)
+    loads["c"] = load("c", waiting=8)
+    decision = route(PIPELINES, loads)  # e, f missing: that pipeline is not complete
+    assert decision.reason == "all_busy" and decision.pipeline_index is None
+
+
+def test_no_pipeline_when_none_is_complete() -> None:
+    loads = idle("a", "c", "d", "e", "f")
+    loads["d"] = load("d", alive=False)
+    loads["e"] = load("e", alive=False)
+    assert route(PIPELINES, loads) == route(PIPELINES, loads)
+    decision = route(PIPELINES, loads)
+    assert decision.reason == "no_pipeline" and decision.pipeline_index is None
+    assert route([], {}).reason == "no_pipeline"
+    # a dead node in an otherwise full pipeline does not turn no_pipeline into all_busy
+    loads["b"] = load("b", running=8)
+    assert route(PIPELINES, loads).reason == "all_busy"
+
+
+def test_prefers_lower_latency() -> None:
+    loads = idle("a", "b", "c", "d", "e", "f")
+    loads["a"] = load("a", latency=3.0)
+    loads["f"] = load("f", latency=2.0)
+    for last in (-1, 0, 1, 2):
+        assert route(PIPELINES, loads, last_index=last).pipeline_index == 1
+
+
+def test_load_raises_cost() -> None:
+    loads = idle("a", "b", "c", "d")
+    loads["a"] = load("a", running=4)
+    decision = route(PIPELINES[:2], loads)
+    assert decision.pipeline_index == 1
+    assert pipeline_cost_ms(PIPELINES[0], loads) > pipeline_cost_ms(PIPELINES[1], loads)
+
+
+def test_link_latency_counts_including_the_way_back() -> None:
+    loads = idle("a", "b", "c", "d")
+    links = {("a", "b"): 5.0, ("d", "c"): 3.0}
+    assert route(PIPELINES[:2], loads, link_latency_ms=links).pipeline_index == 1
+    base = pipeline_cost_ms(PIPELINES[0], loads)
+    # a→b forward plus b→a back, both read from the one measured direction
+    assert pipeline_cost_ms(PIPELINES[0], loads, links) == pytest.approx(base + 10.0)
+
+
+def test_layers_weigh_latency() -> None:
+    loads = {
+        "a": load("a", latency=1.0),
+        "b": load("b", latency=4.0),
+        "c": load("c", latency=1.0),
+        "d": load("d", latency=4.0),
+    }
+    skewed = [two_stage("a", "b", split=24), two_stage("c", "d", split=8)]
+    for last in (-1, 0, 1):  # fewer layers on the slow node, whatever the round-robin position
+        assert route(skewed, loads, last_index=last).pipeline_index == 0
+
+
+def test_round_robin_among_equals() -> None:
+    loads = idle("a", "b", "c", "d", "e", "f")
+    picks, last = [], -1
+    for _ in range(7):
+        last = route(PIPELINES, loads, last_index=last).pipeline_index
+        picks.append(last)
+    assert picks == [0, 1, 2, 0, 1, 2, 0]
+    # only the tied-best rotate; a slower pipeline is never picked
+    loads["c"] = load("c", latency=2.0)
+    picks = [route(PIPELINES, loads, last_index=i).pipeline_index for i in (-1, 0, 1, 2)]
+    assert picks == [0, 2, 2, 0]
+
+
+def test_unknown_latency_uses_the_cluster_mean() -> None:
+    loads = {
+        "a": load("a", latency=0.0),
+        "b": load("b", latency=0.0),
+        "c": load("c", latency=2.5),
+        "d": load("d", latency=2.5),
+        "e": load("e", latency=1.5),
+        "f": load("f", latency=1.5),
+    }
+    # a and b count as 2 ms per layer (mean of the known ones): 64 ms against 80 ms
+    assert route(PIPELINES[:2], loads).pipeline_index == 0
+    # and their load still counts: 16·2·(1 + 7/8) + 32 = 92 ms > 80 ms
+    loads["a"] = load("a", latency=0.0, running=7)
+    assert route(PIPELINES[:2], loads).pipeline_index == 1
+
+
+def test_retry_policy_defaults_follow_the_contract() -> None:
+    policy = RetryPolicy()
+    assert (policy.attempts, policy.interval_s) == (20, 5.0)
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=-1)
