@@ -6,6 +6,7 @@ un-permute them so the shard computes exactly what transformers computes.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 
@@ -38,8 +39,12 @@ GLOBAL_NAMES = {
 BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
+@functools.lru_cache(maxsize=2)
 def open_reader(path: str):
-    """A GGUFReader, or a ValueError that says the file is not a readable GGUF."""
+    """A GGUFReader, or a ValueError that says the file is not a readable GGUF.
+
+    Cached: parsing the metadata (the whole vocabulary) takes seconds, and a load needs it twice.
+    """
     from gguf import GGUFReader
 
     try:
@@ -132,7 +137,10 @@ def iter_gguf(
             array = unpermute(array, config.num_attention_heads)
         elif permuted and name.endswith("self_attn.k_proj.weight"):
             array = unpermute(array, config.num_key_value_heads)
-        result = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:  # unquantized tensors come back as read-only mmap views
+            array = array.copy()
+        result = torch.from_numpy(array)
         if log is not None:
             log.record(name, result)
         yield name, result

@@ -1,0 +1,240 @@
+"""Engine behaviour on a tiny random Llama: batching, chunked prefill, KV blocks, prefix cache,
+preemption, pipelines of engines, sampling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import greedy_tokens, save_tiny_model
+
+from parallax.engine.engine import Engine, EngineConfig
+from parallax.engine.sampling_params import SamplingParams
+from parallax.models.loader import load_shard
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path, _ = save_tiny_model(tmp_path_factory.mktemp("engine"), "llama")
+    return path
+
+
+@pytest.fixture
+def model(model_path):
+    return load_shard(model_path).model
+
+
+def prompts_of_lengths(lengths, seed=1):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 256) for _ in range(n)] for n in lengths]
+
+
+def drain(engine: Engine, limit: int = 5000) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for _ in range(limit):
+        if not engine.has_work():
+            return out
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o.token_id)
+    raise AssertionError("engine did not finish")
+
+
+def test_batch_of_eight_equals_each_alone(model):
+    prompts = prompts_of_lengths([1, 3, 7, 16, 17, 33, 50, 90])
+    together = greedy_tokens(model, prompts, max_tokens=12)
+    alone = [greedy_tokens(model, [p], max_tokens=12)[0] for p in prompts]
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+
+
+def test_request_added_mid_flight(model):
+    prompts = prompts_of_lengths([5, 40, 12])
+    alone = [greedy_tokens(model, [p], max_tokens=12)[0] for p in prompts]
+    engine = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20))
+    engine.add_request("0", prompts[0], GREEDY)
+    engine.add_request("1", prompts[1], GREEDY)
+    out: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 4:
+            engine.add_request("2", prompts[2], GREEDY)
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o.token_id)
+        if step > 4 and not engine.has_work():
+            break
+    assert [out["0"], out["1"], out["2"]] == alone
+
+
+def test_chunked_prefill_keeps_decodes_running_and_same_tokens(model):
+    short, long = prompts_of_lengths([4, 120])
+    expected = [greedy_tokens(model, [p], max_tokens=12)[0] for p in (short, long)]
+    engine = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20, max_num_batched_tokens=16))
+    engine.add_request("short", short, GREEDY)
+    engine.step()  # short prefilled
+    engine.add_request("long", long, GREEDY)
+    # While the 120-token prompt is chunked (16 per step), the short request keeps decoding.
+    produced = [o.request_id for _ in range(5) for o in engine.step()]
+    assert produced.count("short") == 5
+    out = drain(engine)
+    assert out["long"] == expected[1]
+
+
+def test_all_blocks_free_after_finish_and_abort(model):
+    engine = Engine(model, EngineConfig(kv_memory_bytes=2 * 2**20))
+    total = engine.num_total_blocks
+    for i, prompt in enumerate(prompts_of_lengths([10, 20, 30, 40])):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.num_free_blocks < total
+    assert engine.abort("1") and engine.abort("3")
+    assert not engine.abort("unknown")
+    drain(engine)
+    assert engine.num_free_blocks == total
+    assert engine.num_running == engine.num_waiting == 0
+
+
+def test_prefix_cache_hit_skips_shared_prefill_with_identical_tokens(model):
+    shared = prompts_of_lengths([48], seed=7)[0]
+    first, second = shared + [11, 12, 13], shared + [21, 22]
+    reference = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20, enable_prefix_caching=False))
+    reference.add_request("b", second, GREEDY)
+    expected = drain(reference)["b"]
+    engine = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20))
+    engine.add_request("a", first, GREEDY)
+    drain(engine)
+    assert engine.block_manager.num_prefix_hit_tokens == 0
+    engine.add_request("b", second, GREEDY)
+    out = drain(engine)
+    assert engine.block_manager.num_prefix_hit_tokens == 48  # three full 16-token blocks
+    assert out["b"] == expected
+
+
+def test_preemption_when_blocks_run_out_still_completes(model):
+    prompts = prompts_of_lengths([30, 30, 30, 30])
+    expected = [greedy_tokens(model, [p], max_tokens=40)[0] for p in prompts]
+    # 4 x (30 + 40) tokens need ~20 blocks of 16; give the cache 10.
+    per_block = 2 * 4 * 2 * 16 * 16 * 4  # K+V, layers, kv heads, head dim, block, fp32
+    engine = Engine(model, EngineConfig(kv_memory_bytes=10 * per_block))
+    assert engine.num_total_blocks == 10
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    out = drain(engine)
+    assert engine.take_preempted()  # preemption really happened
+    assert [out[str(i)] for i in range(4)] == expected
+    assert engine.num_free_blocks == 10
+
+
+def test_prompt_larger_than_cache_is_rejected_not_hung(model):
+    engine = Engine(model, EngineConfig(kv_memory_bytes=2 * 2 * 4 * 2 * 16 * 16 * 4))
+    with pytest.raises(ValueError, match="raise the KV memory budget"):
+        engine.add_request("x", list(range(1, 100)), GREEDY)
+
+
+def run_pipeline(model_path, prompts, boundaries, max_tokens=12):
+    """Chain engines for [0,a), [a,b), ... like a multi-node pipeline, in one process."""
+    ranges = list(zip([0, *boundaries], [*boundaries, 4], strict=True))
+    engines = [Engine(load_shard(model_path, a, b).model, EngineConfig(kv_memory_bytes=2**22))
+               for a, b in ranges]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engines[0].add_request(str(i), p, params)
+    seen, out = set(), {str(i): [] for i in range(len(prompts))}
+    for _ in range(2000):
+        if not any(e.has_work() for e in engines):
+            break
+        for index, engine in enumerate(engines):
+            for o in engine.step():
+                if index + 1 < len(engines):
+                    first = (index, o.request_id) not in seen
+                    seen.add((index, o.request_id))
+                    engines[index + 1].add_hidden(
+                        o.request_id, o.token_ids, o.start_position, o.hidden,
+                        params if first else None, len(prompts[int(o.request_id)]),
+                    )
+                else:
+                    out[o.request_id].append(o.token_id)
+                    engines[0].append_token(o.request_id, o.token_id, o.finished, o.finish_reason)
+                    if o.finished:
+                        for middle in engines[1:-1]:
+                            middle.abort(o.request_id)
+    return [out[str(i)] for i in range(len(prompts))], engines
+
+
+def test_pipeline_of_three_engines_equals_single_engine(model_path, model):
+    prompts = prompts_of_lengths([3, 17, 40])
+    expected = greedy_tokens(model, prompts, max_tokens=12)
+    tokens, engines = run_pipeline(model_path, prompts, [1, 3])
+    assert tokens == expected
+    for engine in engines:
+        assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_seeded_sampling_reproducible_and_filters(model):
+    prompt = prompts_of_lengths([6])[0]
+
+    def run(params):
+        engine = Engine(model, EngineConfig(kv_memory_bytes=2**22))
+        engine.add_request("x", prompt, params)
+        return drain(engine)["x"]
+
+    sampled = SamplingParams(temperature=1.5, seed=1234, max_tokens=16, ignore_eos=True)
+    assert run(sampled) == run(sampled)
+    assert run(sampled) != run(SamplingParams(temperature=1.5, seed=99, max_tokens=16,
+                                              ignore_eos=True))
+    greedy = run(SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert run(SamplingParams(temperature=1.0, top_k=1, seed=5, max_tokens=16,
+                              ignore_eos=True)) == greedy
+    assert run(SamplingParams(temperature=1.0, top_p=1e-6, seed=5, max_tokens=16,
+                              ignore_eos=True)) == greedy
+    assert run(SamplingParams(temperature=1.0, min_p=1.0, seed=5, max_tokens=16,
+                              ignore_eos=True)) == greedy
+    penalised = run(SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0,
+                                   max_tokens=16, ignore_eos=True))
+    assert penalised != greedy
+    assert max(penalised.count(t) for t in penalised) <= max(greedy.count(t) for t in greedy)
+
+
+def test_eos_and_stop_token_and_max_tokens(model):
+    prompt = prompts_of_lengths([6])[0]
+    greedy = greedy_tokens(model, [prompt], max_tokens=10)[0]
+    stop_at = greedy[4]
+    engine = Engine(model, EngineConfig(kv_memory_bytes=2**22), eos_token_ids=[stop_at])
+    engine.add_request("eos", prompt, SamplingParams(temperature=0, max_tokens=10))
+    engine.add_request("stop", prompt, SamplingParams(temperature=0, max_tokens=10,
+                                                      stop_token_ids=(greedy[2],),
+                                                      ignore_eos=True))
+    engine.add_request("len", prompt, SamplingParams(temperature=0, max_tokens=3,
+                                                     ignore_eos=True))
+    finals = {}
+    out: dict[str, list[int]] = {}
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o.token_id)
+            if o.finished:
+                finals[o.request_id] = o.finish_reason
+    assert out["eos"] == greedy[: greedy.index(stop_at) + 1] and finals["eos"] == "stop"
+    assert out["stop"] == greedy[: greedy.index(greedy[2]) + 1] and finals["stop"] == "stop"
+    assert out["len"] == greedy[:3] and finals["len"] == "length"
+
+
+def test_invalid_requests_raise_clear_errors(model):
+    engine = Engine(model, EngineConfig(kv_memory_bytes=2**22))
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("b", [1] * 600, GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.add_request("c", [1], SamplingParams(temperature=-1))
+    engine.add_request("d", [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request("d", [1, 2], GREEDY)
+
+
+def test_bf16_engine_runs(model_path):
+    model = load_shard(model_path, dtype=torch.bfloat16).model
+    tokens = greedy_tokens(model, prompts_of_lengths([5, 9]), max_tokens=6, dtype=torch.bfloat16)
+    assert [len(t) for t in tokens] == [6, 6]
