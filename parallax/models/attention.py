@@ -2,6 +2,11 @@
 
 The batch is flat: all new tokens of all scheduled sequences, decode tokens first (one each),
 then the prefill chunks. Decodes run as one padded SDPA call; each prefill chunk runs alone.
+
+Sliding-window layers gather only the keys inside their window (never the whole context), so
+blocks that fell out of the window are not read. Attention sinks (gpt-oss: one learned logit per
+head that joins the softmax denominator and contributes no value) run through SDPA too: one
+extra key with a zero vector and a zero value, whose score is set to the sink by a float mask.
 """
 
 from __future__ import annotations
@@ -46,17 +51,97 @@ class AttentionMetadata:
             self._decode_masks[sliding_window] = mask[:, None, None, :]
         return self._decode_masks[sliding_window]
 
+    def decode_window(self, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last sliding_window slots of each decode row and their validity mask.
+
+        Returns ([B, W] slots, [B, 1, 1, W] bool): a windowed layer gathers W keys, not the
+        whole context, so blocks that left its window are never read.
+        """
+        key = ("window", sliding_window)
+        if key not in self._decode_masks:
+            lens = self.decode_context_lens
+            offsets = torch.arange(sliding_window, device=lens.device)
+            positions = lens[:, None] - sliding_window + offsets[None, :]  # [B, W]
+            valid = positions >= 0
+            slots = self.decode_slot_table.gather(1, positions.clamp(min=0))
+            self._decode_masks[key] = (slots, valid[:, None, None, :])
+        return self._decode_masks[key]
+
 
 def causal_mask(
-    num_queries: int, context_len: int, device, sliding_window: int | None = None
+    num_queries: int,
+    context_len: int,
+    device,
+    sliding_window: int | None = None,
+    key_start: int = 0,
 ) -> torch.Tensor:
-    """[q, ctx] bool for queries at the last num_queries positions of the context."""
+    """[q, ctx - key_start] bool for queries at the last num_queries positions of the context.
+
+    Keys are the context positions [key_start, context_len).
+    """
     query_positions = torch.arange(context_len - num_queries, context_len, device=device)
-    key_positions = torch.arange(context_len, device=device)
+    key_positions = torch.arange(key_start, context_len, device=device)
     mask = key_positions[None, :] <= query_positions[:, None]
     if sliding_window is not None:
         mask &= key_positions[None, :] > query_positions[:, None] - sliding_window
     return mask
+
+
+def window_start(first_query_position: int, sliding_window: int | None) -> int:
+    """First key position a query at first_query_position (or later) can see."""
+    if sliding_window is None:
+        return 0
+    return max(0, first_query_position - sliding_window + 1)
+
+
+SINK_BIAS_BYTES = 64 * 2**20
+"""Largest per-head score bias the sink path materialises at once (queries are chunked)."""
+
+
+def attend(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA with GQA. queries [B, H, q, D]; keys, values [B, KVH, k, D]; mask bool
+    broadcastable to [B, H, q, k], or None for plain causal. Returns [B, H, q, D].
+
+    With sinks [H] the softmax denominator gains exp(sink_h): an extra all-zero key (score 0)
+    whose float-mask entry is sink_h, paired with an all-zero value. That bias is per head,
+    [B, H, q, k + 1], so long prefills run in query chunks of at most SINK_BIAS_BYTES.
+    """
+    if sinks is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(
+                queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
+            )
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    batch, num_heads, num_queries, _ = queries.shape
+    num_keys = keys.shape[2]
+    if mask is None:
+        mask = causal_mask(num_queries, num_keys, queries.device)
+    mask = mask.expand(batch, num_heads, num_queries, num_keys)
+    zero = keys.new_zeros(keys.shape[0], keys.shape[1], 1, keys.shape[3])  # [B, KVH, 1, D]
+    keys, values = torch.cat((keys, zero), dim=2), torch.cat((values, zero), dim=2)
+    sink_column = sinks.to(queries.dtype).view(1, num_heads, 1, 1)
+    row_bytes = batch * num_heads * (num_keys + 1) * queries.element_size()
+    rows = max(1, SINK_BIAS_BYTES // row_bytes)
+    out = []
+    for start in range(0, num_queries, rows):
+        part = mask[:, :, start : start + rows]  # [B, H, r, k]
+        bias = torch.zeros(part.shape, dtype=queries.dtype, device=queries.device)
+        bias.masked_fill_(~part, float("-inf"))
+        bias = torch.cat((bias, sink_column.expand(batch, num_heads, part.shape[2], 1)), dim=-1)
+        out.append(F.scaled_dot_product_attention(
+            queries[:, :, start : start + rows], keys, values, attn_mask=bias, scale=scale,
+            enable_gqa=True,
+        ))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def paged_attention(
@@ -68,47 +153,45 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Store this step's k/v in the cache, then attend. q: [T, H, D]; k, v: [T, KVH, D].
 
-    k_cache / v_cache: [num_slots, KVH, D]. Returns [T, H, D].
+    k_cache / v_cache: [num_slots, KVH, D]; sinks: optional [H] logits. Returns [T, H, D].
     """
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
     num_decode = meta.num_decode_tokens
     if num_decode:
-        table = meta.decode_slot_table
+        if sliding_window is not None and meta.decode_slot_table.shape[1] > sliding_window:
+            table, mask = meta.decode_window(sliding_window)
+        else:
+            table, mask = meta.decode_slot_table, meta.decode_mask(sliding_window)
         # [B, ctx, KVH, D] -> [B, KVH, ctx, D]
         keys = k_cache[table].transpose(1, 2)
         values = v_cache[table].transpose(1, 2)
         queries = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
-        attended = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask(sliding_window), scale=scale,
-            enable_gqa=True,
-        )
-        out[:num_decode] = attended.squeeze(2)
+        out[:num_decode] = attend(queries, keys, values, mask, scale, sinks).squeeze(2)
     for span in meta.prefills:
+        num_queries = span.token_end - span.token_start
         queries = q[span.token_start : span.token_end].transpose(0, 1).unsqueeze(0)
         if span.context_slots is None and sliding_window is None:
-            keys = k[span.token_start : span.token_end].transpose(0, 1).unsqueeze(0)
-            values = v[span.token_start : span.token_end].transpose(0, 1).unsqueeze(0)
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
-            )
+            keys = k[span.token_start : span.token_end]
+            values = v[span.token_start : span.token_end]
+            mask = None  # plain causal
         else:
-            if span.context_slots is None:
-                keys = k[span.token_start : span.token_end]
-                values = v[span.token_start : span.token_end]
+            key_start = window_start(span.context_len - num_queries, sliding_window)
+            if span.context_slots is None:  # the chunk is the whole context: fresh k/v
+                keys = k[span.token_start + key_start : span.token_end]
+                values = v[span.token_start + key_start : span.token_end]
             else:
-                keys = k_cache[span.context_slots]
-                values = v_cache[span.context_slots]
-            mask = causal_mask(
-                span.token_end - span.token_start, span.context_len, q.device, sliding_window
-            )
-            attended = F.scaled_dot_product_attention(
-                queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scale, enable_gqa=True,
-            )
+                keys = k_cache[span.context_slots[key_start:]]
+                values = v_cache[span.context_slots[key_start:]]
+            mask = causal_mask(num_queries, span.context_len, q.device, sliding_window,
+                               key_start)
+        # [k, KVH, D] -> [1, KVH, k, D]
+        keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
+        attended = attend(queries, keys, values, mask, scale, sinks)
         out[span.token_start : span.token_end] = attended.squeeze(0).transpose(0, 1)
     return out

@@ -51,6 +51,10 @@ class RotaryEmbedding(nn.Module):
 
     def build(self, device) -> None:
         """(Re)compute the tables on a device; called again after meta-device construction."""
+        with torch.device("cpu"):  # rope init functions allocate on the default device (meta)
+            self._build(device)
+
+    def _build(self, device) -> None:
         params = rope_config_parameters(self.config)
         rope_type = params["rope_type"]
         if rope_type in ("default", "dynamic"):

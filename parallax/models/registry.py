@@ -10,6 +10,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mistral": ("parallax.models.llama", "LlamaForCausalLM"),
     "qwen2": ("parallax.models.qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("parallax.models.qwen3", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("parallax.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("parallax.models.gpt_oss", "GptOssForCausalLM"),
+    "minimax_m2": ("parallax.models.minimax_m2", "MiniMaxM2ForCausalLM"),
 }
 
 

@@ -1,0 +1,67 @@
+"""Memory shape of a model from its config alone, for the scheduler's allocation.
+
+`estimate_layer_bytes` builds the model on the meta device (no memory, no weights) and counts
+the parameters each decoder layer really has in our implementation, so every family is sized
+by the same code that runs it: all experts of an MoE layer count (a node holds all of them),
+gpt-oss' MXFP4 experts count at the load dtype (they are dequantized at load), q/k norms,
+sinks and biases count. Model types without a family fall back to a formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parallax.models.llama import head_dim_of
+from parallax.models.registry import FAMILIES, family_for
+
+
+def kv_bytes_per_token_per_layer(config, dtype_bytes: int) -> int:
+    """K and V of one token in one layer."""
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * num_kv_heads * head_dim_of(config) * dtype_bytes
+
+
+def estimate_layer_bytes(config, dtype_bytes: int) -> tuple[int, int, int, int]:
+    """(layer_bytes, embedding_bytes, lm_head_bytes, kv_bytes_per_token_per_layer).
+
+    layer_bytes is the largest decoder layer (layers differ when some are dense, e.g. Qwen3-MoE
+    `mlp_only_layers`), so a node never gets more layers than fit. lm_head_bytes includes the
+    final norm and is the full matrix even with tied embeddings (a last stage that is not the
+    first holds its own copy). The KV figure is for a full-attention layer; sliding-window
+    layers hold at most their window once the engine frees old blocks.
+    """
+    kv = kv_bytes_per_token_per_layer(config, dtype_bytes)
+    if getattr(config, "model_type", None) not in FAMILIES:
+        layer, embedding, lm_head = formula_param_counts(config)
+        return layer * dtype_bytes, embedding * dtype_bytes, lm_head * dtype_bytes, kv
+    family = family_for(config.model_type)
+    with torch.device("meta"):
+        model = family(config, 0, config.num_hidden_layers)
+    layer = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
+    embedding = model.embed_tokens.weight.numel()
+    lm_head = model.lm_head.weight.numel() + sum(p.numel() for p in model.norm.parameters())
+    return layer * dtype_bytes, embedding * dtype_bytes, lm_head * dtype_bytes, kv
+
+
+def formula_param_counts(config) -> tuple[int, int, int]:
+    """(params per layer, embedding params, norm + LM head params) of a Llama-style decoder,
+    dense or MoE (all routed experts, shared expert if any, router), without building it."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = head_dim_of(config)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v, o
+    if getattr(config, "attention_bias", False):
+        attention += head_dim * (heads + 2 * kv_heads) + hidden
+    num_experts = (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+                   or getattr(config, "n_routed_experts", None) or 0)
+    if num_experts:
+        expert_size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        mlp = num_experts * 3 * hidden * expert_size + num_experts * hidden  # experts + router
+        shared = getattr(config, "shared_expert_intermediate_size", None) or 0
+        mlp += 3 * hidden * shared + (hidden if shared else 0)
+    else:
+        mlp = 3 * hidden * config.intermediate_size
+    layer = attention + mlp + 2 * hidden  # + two norms
+    embedding = config.vocab_size * hidden
+    return layer, embedding, embedding + hidden
