@@ -1,0 +1,133 @@
+"""Settings of every role, as frozen dataclasses validated once when built.
+
+The CLI builds these from flags; tests build them directly. `ExecutorConfig` also travels to the
+executor process as JSON (msgspec), never pickled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says what is allowed."""
+
+
+def parse_size(text: str | int | float, default_unit: str = "g") -> int:
+    """Bytes from "2GB", "512MB", "1.5g", "300M" or a bare number (in `default_unit`, GiB).
+
+    Units are binary (1 GB = 2**30 bytes), case-insensitive, with or without "i"/"B".
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(float(text) * _UNITS[default_unit])
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot read the size {text!r}: use e.g. 2GB, 512MB or 1.5")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower().replace("i", "")
+    unit = unit[:-1] if unit.endswith("b") and len(unit) > 1 else unit
+    scale = _UNITS[default_unit] if unit == "" else _UNITS[unit]
+    return int(number * scale)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto" -> bfloat16 on CUDA, float32 on CPU (the small built-in model needs fp32)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """What one executor process needs: which layers of which model, where, and engine limits."""
+
+    model: str | None = None
+    start_layer: int = 0
+    end_layer: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
+    kv_memory_bytes: int | None = None  # None: a share of free memory, chosen at load time
+    block_size: int = 16
+    max_batch_size: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    threads: int | None = None
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES[1:]:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES[1:])}, got {self.dtype!r}")
+        if self.start_layer < 0 or (self.end_layer is not None
+                                    and self.end_layer <= self.start_layer):
+            raise ConfigError(f"bad layer range [{self.start_layer}, {self.end_layer})")
+        for name in ("block_size", "max_batch_size", "max_num_batched_tokens"):
+            _check_positive(name, getattr(self, name), allow_none=False)
+        for name in ("kv_memory_bytes", "max_model_len", "threads"):
+            _check_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`parallax serve`: one node holding the whole model, with the OpenAI API in front."""
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 3000
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_waiting: int = 64  # admitted requests beyond the batch; more -> 429
+    kv_memory_bytes: int | None = None
+    threads: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 512
+    max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
+    max_restarts: int = 5  # consecutive failed executor starts before giving up
+    warmup: bool = True
+    executor: ExecutorConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_body_bytes",):
+            _check_positive(name, getattr(self, name), allow_none=False)
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
+        executor = ExecutorConfig(
+            model=self.model,
+            device=self.device,
+            dtype=resolve_dtype(self.dtype, self.device),
+            kv_memory_bytes=self.kv_memory_bytes,
+            max_batch_size=self.max_batch_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            threads=self.threads,
+            warmup=self.warmup,
+        )
+        object.__setattr__(self, "executor", executor)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests admitted at once (running + waiting); one more is answered 429."""
+        return self.max_batch_size + self.max_waiting

@@ -1,0 +1,1 @@
+"""A node: HTTP frontend process + executor process (model shard, KV cache, engine loop)."""

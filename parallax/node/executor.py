@@ -1,0 +1,314 @@
+"""The executor process: owns the model shard, the KV cache and the engine loop.
+
+Started by the frontend as `python -m parallax.node.executor --config JSON --input ADDR --output
+ADDR --parent-pid PID`. It connects a PULL socket to the frontend's `--input` address (requests,
+aborts) and a PUSH socket to `--output` (progress, ready, step outputs, crash report). One entry
+point, `run_executor_process`, wraps everything in a top-level handler that reports a crash to the
+frontend before exiting. The process dies with its parent (PR_SET_PDEATHSIG on Linux, and a
+parent-pid check in the loop everywhere).
+
+The loop: drain incoming messages without blocking while the engine has work (block with a short
+timeout while idle), run one engine step, send that step's outputs as one batch. A failing request
+fails alone: `add_request` errors and step errors become error outputs for the requests involved.
+
+Pipelines (later): a stage adds its activation links as more sockets on the same poller;
+`ExecutorLoop.handle` dispatches their messages (`add_hidden` / `append_token`) like the ipc ones,
+and `_publish` sends hidden states to the next stage instead of tokens to the frontend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from parallax import protocol as P
+from parallax.config import ExecutorConfig
+
+logger = logging.getLogger("parallax.executor")
+
+PROCESS_TITLE = "parallax-executor"
+IDLE_POLL_MS = 50
+PARENT_CHECK_S = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL us when the parent exits; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # optional nicety
+        pass
+
+
+def _default_kv_bytes(device: str) -> int:
+    """KV budget when none is given: half of free GPU memory, or min(1 GiB, 1/4 of free RAM)."""
+    import torch
+
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.5)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 * 2**30
+    return max(64 * 2**20, min(2**30, available // 4))
+
+
+def _eos_token_ids(config, source) -> list[int]:
+    """EOS ids from the model config, plus generation_config.json of a model directory."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(int(v) for v in value if isinstance(v, int))
+
+    add(getattr(config, "eos_token_id", None))
+    if source.kind == "dir":
+        path = os.path.join(source.path, "generation_config.json")
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    add(msgspec.json.decode(f.read()).get("eos_token_id"))
+            except (OSError, msgspec.DecodeError, AttributeError):
+                pass
+    return list(dict.fromkeys(ids))
+
+
+class ExecutorLoop:
+    """The engine loop of one executor; sockets are connected by the caller."""
+
+    def __init__(self, engine, pull: zmq.Socket, push: zmq.Socket,
+                 parent_pid: int | None = None) -> None:
+        self.engine = engine
+        self.pull = pull
+        self.push = push
+        self.parent_pid = parent_pid
+        self.poller = zmq.Poller()
+        self.poller.register(pull, zmq.POLLIN)
+        self.running = True
+        self._pending: list[P.TokenOutput] = []  # outputs produced outside a step
+        self._dirty = False  # stats changed without a step (abort): publish them
+        self._next_parent_check = 0.0
+
+    def handle(self, message: P.AddRequest | P.AbortRequest | P.Shutdown) -> None:
+        """Apply one control message to the engine; a bad request fails only itself."""
+        if isinstance(message, P.AddRequest):
+            try:
+                self.engine.add_request(message.rid, list(message.prompt_token_ids),
+                                        message.sampling_params)
+            except (ValueError, RuntimeError) as exc:
+                self._pending.append(P.TokenOutput(message.rid, finished=True,
+                                                   finish_reason="error", error=str(exc)))
+            self._dirty = True
+        elif isinstance(message, P.AbortRequest):
+            for rid in message.rids:
+                self.engine.abort(rid)
+            self._dirty = True
+        elif isinstance(message, P.Shutdown):
+            self.running = False
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = P.decode_to_executor(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("dropping an undecodable message (%d bytes): %s", len(data), exc)
+                continue
+            self.handle(message)
+
+    def _step(self) -> list[P.TokenOutput]:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # fail the requests of this engine, keep the process
+            logger.exception("engine step failed; failing every request in the engine")
+            return self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
+        return [
+            P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error)
+            for o in outputs
+        ]
+
+    def _fail_all(self, message: str) -> list[P.TokenOutput]:
+        failed = []
+        for rid in list(self.engine.sequences):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - state is broken anyway; report and go on
+                logger.exception("abort of %s failed", rid)
+                self.engine.sequences.pop(rid, None)
+            failed.append(P.TokenOutput(rid, finished=True, finish_reason="error", error=message))
+        return failed
+
+    def _publish(self, outputs: list[P.TokenOutput]) -> None:
+        e = self.engine
+        stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
+                                e.num_total_blocks)
+        self.push.send(P.encode(P.StepOutputs(outputs, stats)))
+
+    def _check_parent(self) -> None:
+        now = time.monotonic()
+        if now < self._next_parent_check:
+            return
+        self._next_parent_check = now + PARENT_CHECK_S
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            logger.warning("the frontend is gone; exiting")
+            self.running = False
+
+    def run_once(self, idle_timeout_ms: int = IDLE_POLL_MS) -> None:
+        """One iteration: take messages (wait up to the timeout only when idle), step, publish."""
+        timeout = 0 if self.engine.has_work() else idle_timeout_ms
+        if self.poller.poll(timeout):
+            self._drain()
+        outputs, self._pending = self._pending, []
+        if self.running and self.engine.has_work():
+            outputs.extend(self._step())
+        if outputs or self._dirty:
+            self._dirty = False
+            self._publish(outputs)
+
+    def run(self) -> None:
+        """Loop until Shutdown or until the parent process is gone."""
+        while self.running:
+            self.run_once()
+            self._check_parent()
+
+
+def _build_engine(config: ExecutorConfig, report):
+    """Load the shard, size the KV cache, warm up. Returns (engine, ready message)."""
+    import torch
+
+    from parallax.engine.engine import Engine, EngineConfig
+    from parallax.engine.sampling_params import SamplingParams
+    from parallax.models.loader import load_shard
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    dtype = getattr(torch, config.dtype)
+    started = time.perf_counter()
+    report(f"loading {config.model or 'the built-in model'} on {config.device} ({config.dtype})")
+    shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype)
+    load_seconds = time.perf_counter() - started
+    kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
+    eos_ids = _eos_token_ids(shard.config, shard.source)
+    engine = Engine(
+        shard.model,
+        EngineConfig(kv_memory_bytes=kv_bytes, block_size=config.block_size,
+                     max_num_seqs=config.max_batch_size,
+                     max_num_batched_tokens=config.max_num_batched_tokens,
+                     max_model_len=config.max_model_len,
+                     enable_prefix_caching=config.enable_prefix_caching,
+                     device=config.device, dtype=dtype),
+        eos_ids,
+    )
+    report(f"loaded {shard.source.name} in {load_seconds:.1f} s "
+           f"({shard.read_log.num_bytes / 1e6:.0f} MB read); KV cache "
+           f"{engine.num_total_blocks} blocks of {config.block_size} tokens "
+           f"({kv_bytes / 2**20:.0f} MiB)")
+    if config.warmup and engine.is_first and engine.is_last:
+        report("warming up")
+        engine.add_request("__warmup__", [1 + i % 7 for i in range(8)],
+                           SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+    end_layer = config.end_layer if config.end_layer is not None else \
+        shard.config.num_hidden_layers
+    ready = P.ExecutorReady(
+        pid=os.getpid(), model_name=shard.source.name,
+        model_type=str(getattr(shard.config, "model_type", "")),
+        start_layer=config.start_layer, end_layer=end_layer,
+        num_layers=int(shard.config.num_hidden_layers), max_model_len=engine.max_model_len,
+        block_size=config.block_size, num_total_blocks=engine.num_total_blocks,
+        eos_token_ids=eos_ids, tokenizer_path=shard.tokenizer_path, device=config.device,
+        dtype=config.dtype, load_seconds=round(load_seconds, 2),
+    )
+    return engine, ready
+
+
+def run_executor_process(
+    config: ExecutorConfig, input_address: str, output_address: str,
+    parent_pid: int | None = None,
+) -> int:
+    """Process entry: connect, load, announce ready, loop. Returns the exit code.
+
+    Any exception escaping start-up or the loop is sent to the frontend as `ExecutorError`
+    (with the traceback) before the process exits with code 1.
+    """
+    _die_with_parent(parent_pid)
+    _set_title(PROCESS_TITLE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when we stop
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.connect(input_address)
+    push.connect(output_address)
+    started = False
+    try:
+        engine, ready = _build_engine(
+            config, lambda text: push.send(P.encode(P.ExecutorProgress(text))))
+        push.send(P.encode(ready))
+        started = True
+        ExecutorLoop(engine, pull, push, parent_pid).run()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - report everything, then die
+        if started:  # start-up failures are reported by the frontend
+            logger.error("executor failed: %s", exc, exc_info=True)
+        message = str(exc) or type(exc).__name__
+        try:
+            push.send(P.encode(P.ExecutorError(os.getpid(), message, traceback.format_exc(),
+                                               during_startup=not started)))
+        except zmq.ZMQError:
+            pass
+        return 1
+    finally:
+        pull.close()
+        push.close()
+        context.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parallax.node.executor` (started by the frontend, not by users)."""
+    parser = argparse.ArgumentParser(prog="parallax-executor")
+    parser.add_argument("--config", required=True, help="ExecutorConfig as JSON")
+    parser.add_argument("--input", required=True, help="address to PULL requests from")
+    parser.add_argument("--output", required=True, help="address to PUSH outputs to")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = msgspec.json.decode(args.config.encode(), type=ExecutorConfig)
+    return run_executor_process(config, args.input, args.output, args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The frontend's side of the executor: its process, the two ZeroMQ sockets, per-request queues.
+
+`ExecutorClient` binds a PUSH socket (requests) and a PULL socket (outputs) on `ipc://` paths in a
+private temp dir, starts the executor process (which connects to both), and routes every
+`TokenOutput` to the asyncio queue of its request. It watches the process: when the executor
+crashes (an `ExecutorError` report or an exit), every in-flight request gets an `ExecutorLost`
+item, the state goes back to "loading" and a new executor is started. The state is "error" when
+the executor cannot be started (the first start failed, or `max_restarts` starts in a row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from parallax import protocol as P
+from parallax.config import ExecutorConfig
+
+logger = logging.getLogger("parallax.frontend")
+
+WATCH_INTERVAL_S = 0.1
+SHUTDOWN_GRACE_S = 3.0
+
+
+class ProcessHandle(Protocol):
+    """What the client needs of a started executor (subprocess.Popen fits)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
+Launcher = Callable[[ExecutorConfig, str, str], ProcessHandle]
+
+
+def launch_executor_process(config: ExecutorConfig, input_address: str,
+                            output_address: str) -> subprocess.Popen:
+    """Start `python -m parallax.node.executor` as a child of this process."""
+    command = [
+        sys.executable, "-m", "parallax.node.executor",
+        "--config", msgspec.json.encode(config).decode(),
+        "--input", input_address, "--output", output_address,
+        "--parent-pid", str(os.getpid()),
+    ]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+
+@dataclass(frozen=True)
+class ExecutorLost:
+    """Queue item: the executor died before this request finished."""
+
+    message: str
+
+
+class NotReadyError(Exception):
+    """The executor is not ready (loading, restarting or failed)."""
+
+
+class ExecutorClient:
+    """Owns the executor process and its sockets; one queue per in-flight request."""
+
+    def __init__(
+        self,
+        config: ExecutorConfig,
+        launcher: Launcher = launch_executor_process,
+        max_restarts: int = 5,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.launcher = launcher
+        self.max_restarts = max_restarts
+        self.on_progress = on_progress or (lambda text: None)
+        self.state = "loading"  # loading | ready | error | stopped
+        self.error: str | None = None
+        self.info: P.ExecutorReady | None = None  # the latest ready executor's facts
+        self.stats = P.ExecutorStats()
+        self.num_restarts = 0
+        self.requests: dict[str, asyncio.Queue] = {}
+        self._failed_starts = 0
+        self._process: ProcessHandle | None = None
+        self._ready_event = asyncio.Event()
+        self._dir = tempfile.mkdtemp(prefix="parallax-")
+        self.input_address = f"ipc://{self._dir}/to-executor"
+        self.output_address = f"ipc://{self._dir}/from-executor"
+        self._context = zmq.asyncio.Context()
+        self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a connected executor
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 100_000)
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._push.bind(self.input_address)
+        self._pull.bind(self.output_address)
+        self._dead: list[ProcessHandle] = []  # killed executors not yet reaped
+        self._tasks: list[asyncio.Task] = []
+        self._restart_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the executor and the receive / watch tasks (returns before it is ready)."""
+        self._spawn()
+        self._tasks = [asyncio.create_task(self._receive_loop(), name="executor-recv"),
+                       asyncio.create_task(self._watch_loop(), name="executor-watch")]
+
+    def _spawn(self) -> None:
+        self.state = "loading"
+        self.info = None
+        self.stats = P.ExecutorStats()
+        self._process = self.launcher(self.config, self.input_address, self.output_address)
+
+    async def wait_ready(self) -> P.ExecutorReady:
+        """Wait until an executor is ready; raise NotReadyError if it cannot start."""
+        await self._ready_event.wait()
+        if self.state != "ready" or self.info is None:
+            raise NotReadyError(self.error or "the executor did not start")
+        return self.info
+
+    async def close(self) -> None:
+        """Stop the executor (Shutdown, then kill after a grace period) and free the sockets."""
+        self.state = "stopped"
+        for task in [*self._tasks, self._restart_task]:
+            if task is not None:
+                task.cancel()
+        process = self._process
+        if process is not None and process.poll() is None:
+            self._send(P.Shutdown())
+            for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
+                if process.poll() is not None:
+                    break
+                await asyncio.sleep(WATCH_INTERVAL_S)
+            if process.poll() is None:
+                process.kill()
+        self._fail_all("the server is shutting down")
+        self._push.close()
+        self._pull.close()
+        self._context.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The executor's process id while one is alive."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    # ---- requests --------------------------------------------------------------------
+
+    def submit(self, rid: str, prompt_token_ids: list[int], params) -> asyncio.Queue:
+        """Send a request to the executor; its outputs arrive on the returned queue."""
+        if self.state != "ready":
+            raise NotReadyError(self.error or "the model is loading")
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.requests[rid] = queue
+        if not self._send(P.AddRequest(rid, prompt_token_ids, params)):
+            del self.requests[rid]
+            raise NotReadyError("the executor is not connected")
+        return queue
+
+    def abort(self, rid: str) -> bool:
+        """Forget a request and tell the executor to free it. Returns whether it was in flight."""
+        queue = self.requests.pop(rid, None)
+        if queue is None:
+            return False
+        self._send(P.AbortRequest([rid]))
+        queue.put_nowait(P.TokenOutput(rid, finished=True, finish_reason="abort"))
+        return True
+
+    def _send(self, message) -> bool:
+        try:
+            self._push.send(P.encode(message), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            logger.warning("cannot send to the executor: %s", exc)
+            return False
+
+    # ---- executor -> frontend --------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            data = await self._pull.recv()
+            try:
+                message = P.decode_from_executor(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("undecodable message from the executor: %s", exc)
+                continue
+            try:
+                self._dispatch(message)
+            except Exception:  # never let one message stop the loop
+                logger.exception("handling an executor message failed")
+
+    def _dispatch(self, message) -> None:
+        if isinstance(message, P.StepOutputs):
+            self.stats = message.stats
+            for output in message.outputs:
+                queue = self.requests.get(output.rid)
+                if queue is None:
+                    continue  # aborted or failed meanwhile
+                if output.finished:
+                    del self.requests[output.rid]
+                queue.put_nowait(output)
+        elif isinstance(message, P.ExecutorProgress):
+            self.on_progress(message.message)
+        elif isinstance(message, P.ExecutorReady):
+            if self._process is None or message.pid != self._process.pid:
+                return  # from an executor we already gave up on
+            self.info = message
+            self.stats = P.ExecutorStats(0, 0, message.num_total_blocks, message.num_total_blocks)
+            self.state, self.error = "ready", None
+            self._failed_starts = 0
+            self._ready_event.set()
+        elif isinstance(message, P.ExecutorError):
+            if self._process is not None and message.pid == self._process.pid:
+                if message.traceback and not message.during_startup:
+                    logger.error("executor %d crashed:\n%s", message.pid, message.traceback)
+                self._on_executor_down(message.message, message.during_startup)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            self._dead = [p for p in self._dead if p.poll() is None]  # reap zombies
+            process = self._process
+            if process is None or self.state in ("error", "stopped"):
+                continue
+            code = process.poll()
+            if code is not None:
+                self._on_executor_down(f"the executor process exited with code {code}",
+                                       during_startup=self.state == "loading")
+
+    def _on_executor_down(self, reason: str, during_startup: bool) -> None:
+        """Fail in-flight requests and restart (or give up when it cannot start)."""
+        process = self._process
+        self._process = None
+        if process is not None and process.poll() is None:
+            process.kill()
+            self._dead.append(process)
+        first_start = self.num_restarts == 0 and not self._ready_event.is_set()
+        if not first_start:  # a first start's failure is reported by whoever waits for it
+            logger.error("executor down: %s", reason)
+        self._fail_all(f"the executor failed: {reason}")
+        self.info = None
+        self.stats = P.ExecutorStats()
+        if during_startup:
+            self._failed_starts += 1
+        if first_start or self._failed_starts > self.max_restarts or self.state == "stopped":
+            if self.state != "stopped":
+                self.state, self.error = "error", reason
+            self._ready_event.set()
+            return
+        self.state, self.error = "loading", None
+        self.num_restarts += 1
+        delay = min(5.0, 0.5 * self._failed_starts)
+        self._restart_task = asyncio.create_task(self._restart(delay), name="executor-restart")
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.state == "loading" and self._process is None:
+            self.on_progress(f"restarting the executor (restart {self.num_restarts})")
+            self._spawn()
+
+    def _fail_all(self, message: str) -> None:
+        requests, self.requests = self.requests, {}
+        for queue in requests.values():
+            queue.put_nowait(ExecutorLost(message))

@@ -1,0 +1,383 @@
+"""The node's HTTP frontend: OpenAI chat API, tokenization, streaming text, health and metrics.
+
+`NodeFrontend` turns a chat request into prompt token ids (chat template with
+`chat_template_kwargs`), hands them to the executor through `ExecutorClient`, and turns the token
+ids coming back into text: incremental detokenization, stop strings (never leaked, even split
+across tokens), the reasoning / answer split of thinking models, then SSE chunks or one
+`chat.completion`. Admission is bounded (running + waiting); beyond it the answer is 429. A client
+that goes away (streaming or not) aborts its request in the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from parallax.config import ServeConfig
+from parallax.engine.sampling_params import SamplingParams
+from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
+from parallax.serving.detokenizer import IncrementalDetokenizer
+from parallax.serving.errors import APIError, error_body, install_error_handlers
+from parallax.serving.metrics import RequestTimer, ServingMetrics
+from parallax.serving.openai_schemas import (
+    ChatCompletionRequest,
+    check_model_name,
+    chunk,
+    completion,
+    models_list,
+    parse_chat_request,
+    parse_json_body,
+    to_sampling_params,
+    usage_dict,
+)
+from parallax.serving.reasoning import HARMONY_MODEL_TYPES, make_reasoning_parser
+from parallax.serving.sse import DONE, encode_event
+from parallax.serving.stop import StopStringMatcher
+
+logger = logging.getLogger("parallax.frontend")
+
+# Keys of apply_chat_template that the frontend sets itself.
+_RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "return_dict",
+                             "return_tensors", "padding", "truncation", "max_length")
+STATUS_CLIENT_GONE = 499
+
+
+@dataclass
+class ChatJob:
+    """One chat request between admission and its last byte."""
+
+    rid: str
+    model: str
+    created: int
+    prompt_ids: list[int]
+    queue: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher
+    parser: Any  # ThinkParser | HarmonyParser | None
+    timer: RequestTimer = field(default_factory=RequestTimer)
+    num_completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    error_status: int = 500
+    done: bool = False  # the executor side is over (finished, failed or aborted)
+    ended: bool = False  # metrics recorded, watcher stopped
+    watcher: asyncio.Task | None = None
+
+    def usage(self) -> dict[str, int]:
+        return usage_dict(len(self.prompt_ids), self.num_completion_tokens)
+
+
+class NodeFrontend:
+    """HTTP side of a node. `tokenizer` may be injected (tests); else it is loaded at start."""
+
+    def __init__(self, config: ServeConfig, client: ExecutorClient, model_name: str,
+                 tokenizer: Any = None) -> None:
+        self.config = config
+        self.client = client
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.metrics = ServingMetrics()
+        self.created = int(time.time())
+        self._tokenizer_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self, tokenizer_path: str | None = None) -> None:
+        """Start the executor; load the tokenizer meanwhile when its path is known already."""
+        await self.client.start()
+        if self.tokenizer is None and tokenizer_path is not None:
+            self._tokenizer_task = asyncio.create_task(self._load_tokenizer(tokenizer_path))
+
+    async def wait_ready(self) -> None:
+        """Wait for the executor and the tokenizer; raise NotReadyError if start-up failed."""
+        info = await self.client.wait_ready()
+        if self.tokenizer is None:
+            if self._tokenizer_task is None:
+                self._tokenizer_task = asyncio.create_task(
+                    self._load_tokenizer(info.tokenizer_path))
+            await self._tokenizer_task
+
+    async def _load_tokenizer(self, path: str) -> None:
+        from parallax.models.loader import load_tokenizer
+
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.client.state == "ready" and self.tokenizer is not None
+
+    def status(self) -> str:
+        """ready | loading | error | stopped."""
+        if self.client.state == "ready" and self.tokenizer is None:
+            return "loading"
+        return self.client.state
+
+    # ---- request handling ------------------------------------------------------------
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, or 413 once it exceeds the limit (by header or while reading)."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds the limit of {limit} bytes")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            state = self.status()
+            if state == "error":
+                raise APIError(503, f"the model failed to start: {self.client.error}")
+            raise APIError(503, "the model is loading; retry in a few seconds")
+
+    def render_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """Chat template (with the request's kwargs) and token ids; a template error is a 400."""
+        kwargs = {k: v for k, v in req.chat_template_kwargs.items()
+                  if k not in _RESERVED_TEMPLATE_KWARGS}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                req.template_messages(), tokenize=False, add_generation_prompt=True, **kwargs)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except Exception as exc:  # jinja errors raised by templates, bad kwargs...
+            raise APIError(400, f"the chat template rejected the request: {exc}") from None
+        return text, list(ids)
+
+    def _sampling_params(self, req: ChatCompletionRequest, num_prompt: int) -> SamplingParams:
+        info = self.client.info
+        assert info is not None
+        if num_prompt >= info.max_model_len:
+            raise APIError(400, f"the prompt has {num_prompt} tokens; the model's context is "
+                                f"{info.max_model_len} tokens including the answer")
+        capacity = info.num_total_blocks * info.block_size
+        if num_prompt + 1 > capacity:
+            raise APIError(400, f"the prompt has {num_prompt} tokens but this node's KV cache "
+                                f"holds {capacity}; restart it with a larger --kv-memory")
+        room = min(info.max_model_len, capacity) - num_prompt
+        eos: set[int] = set() if req.ignore_eos else set(info.eos_token_ids)
+        if not req.ignore_eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        params = to_sampling_params(req, room, sorted(eos))
+        if params.max_tokens > room:
+            params = msgspec.structs.replace(params, max_tokens=room)
+        return params
+
+    def admit(self, req: ChatCompletionRequest, timer: RequestTimer | None = None) -> ChatJob:
+        """Checks that need the model, then hand the request to the executor (no awaits)."""
+        self._check_ready()
+        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if rid in self.client.requests:
+            raise APIError(400, f"request id {rid!r} is already running; use a unique 'rid'")
+        if len(self.client.requests) >= self.config.max_in_flight:
+            raise APIError(429, f"the server is at capacity ({self.config.max_in_flight} "
+                                "requests running or waiting); retry later")
+        prompt_text, prompt_ids = self.render_prompt(req)
+        params = self._sampling_params(req, len(prompt_ids))
+        info = self.client.info
+        harmony = info.model_type in HARMONY_MODEL_TYPES
+        enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
+        try:
+            queue = self.client.submit(rid, prompt_ids, params)
+        except NotReadyError as exc:
+            raise APIError(503, str(exc)) from None
+        return ChatJob(
+            rid=rid, model=self.model_name, created=int(time.time()), prompt_ids=prompt_ids,
+            queue=queue,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                               skip_special_tokens=not harmony),
+            stop=StopStringMatcher(req.stop),
+            parser=make_reasoning_parser(info.model_type, prompt_text, enable_thinking),
+            timer=timer or RequestTimer(),
+        )
+
+    def _split(self, job: ChatJob, text: str, final: bool = False) -> tuple[str, str]:
+        """Text from the detokenizer -> stop strings -> (reasoning, content)."""
+        emit, _ = job.stop.feed(text)
+        if final:
+            emit += job.stop.flush()
+        if job.parser is None:
+            return "", emit
+        reasoning, content = job.parser.feed(emit) if emit else ("", "")
+        if final:
+            r, c = job.parser.flush()
+            reasoning, content = reasoning + r, content + c
+        return reasoning, content
+
+    async def deltas(self, job: ChatJob) -> AsyncIterator[tuple[str, str]]:
+        """Yield (reasoning, content) text deltas until the request ends; sets finish fields."""
+        while not job.done:
+            item = await job.queue.get()
+            if isinstance(item, ExecutorLost):
+                job.done, job.finish_reason = True, "error"
+                job.error, job.error_status = item.message, 503
+                break
+            if item.token_id is not None:
+                job.num_completion_tokens += 1
+                job.timer.mark_tokens(1)
+                reasoning, content = self._split(job, job.detokenizer.add(item.token_id))
+                if reasoning or content:
+                    yield reasoning, content
+                if job.stop.stopped:
+                    job.done, job.finish_reason = True, "stop"
+                    self.client.abort(job.rid)
+                    break
+            if item.finished:
+                job.done, job.finish_reason = True, item.finish_reason or "stop"
+                job.error = item.error
+                if job.finish_reason == "error" and not job.error:
+                    job.error = "the request failed in the executor"
+                break
+        reasoning, content = self._split(job, "" if job.stop.stopped else
+                                         job.detokenizer.flush(), final=True)
+        if reasoning or content:
+            yield reasoning, content
+
+    def _internal_error(self, job: ChatJob, exc: Exception) -> None:
+        logger.exception("request %s failed in the frontend", job.rid, exc_info=exc)
+        job.finish_reason, job.error_status = "error", 500
+        job.error = f"internal error while producing the answer: {type(exc).__name__}: {exc}"
+
+    def end(self, job: ChatJob, status: int | None = None) -> None:
+        """Abort if still running, stop the watcher, record metrics (idempotent)."""
+        if job.ended:
+            return
+        job.ended = True
+        if not job.done:
+            job.done, job.finish_reason = True, job.finish_reason or "abort"
+            self.client.abort(job.rid)
+        if job.watcher is not None:
+            job.watcher.cancel()
+        job.timer.finish()
+        if status is None:
+            status = {"abort": STATUS_CLIENT_GONE, "error": job.error_status}.get(
+                job.finish_reason or "", 200)
+        self.metrics.observe_request(status, job.finish_reason, len(job.prompt_ids), job.timer)
+
+    async def _watch_disconnect(self, request: Request, job: ChatJob) -> None:
+        """Abort the job as soon as the client goes away."""
+        while not job.done:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                if not job.done and self.client.abort(job.rid):
+                    logger.info("client of %s went away; aborted", job.rid)
+                return
+
+    def watch(self, request: Request, job: ChatJob) -> None:
+        job.watcher = asyncio.create_task(self._watch_disconnect(request, job))
+
+    async def stream(self, job: ChatJob) -> AsyncIterator[bytes]:
+        """SSE: role chunk, delta chunks, final chunk (finish_reason, metrics), [error,] [DONE]."""
+        try:
+            yield encode_event(chunk(job.rid, job.model, job.created,
+                                     {"role": "assistant", "content": ""}, None, job.usage()))
+            try:
+                async for reasoning, content in self.deltas(job):
+                    delta = {}
+                    if reasoning:
+                        delta["reasoning_content"] = reasoning
+                    if content:
+                        delta["content"] = content
+                    yield encode_event(chunk(job.rid, job.model, job.created, delta, None,
+                                             job.usage()))
+            except Exception as exc:  # a bug in text handling fails this request only
+                self._internal_error(job, exc)
+            job.timer.finish()
+            yield encode_event(chunk(job.rid, job.model, job.created, {}, job.finish_reason,
+                                     job.usage(), job.timer.metrics_dict()))
+            if job.finish_reason == "error":
+                yield encode_event(error_body(job.error_status, job.error or "error"))
+            yield DONE
+        finally:
+            self.end(job)
+
+    async def complete(self, job: ChatJob) -> JSONResponse:
+        """Non-streaming: collect everything, answer one chat.completion (or the error)."""
+        reasoning: list[str] = []
+        content: list[str] = []
+        try:
+            async for r, c in self.deltas(job):
+                reasoning.append(r)
+                content.append(c)
+        except Exception as exc:  # a bug in text handling fails this request only
+            self._internal_error(job, exc)
+        finally:
+            self.end(job)
+        if job.finish_reason == "error":
+            raise APIError(job.error_status, job.error or "the request failed")
+        body = completion(job.rid, job.model, job.created, "".join(content),
+                          "".join(reasoning) if job.parser is not None else None,
+                          job.finish_reason or "stop", job.usage(), job.timer.metrics_dict())
+        return JSONResponse(body)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.client.stats
+        return {
+            "status": self.status(),
+            "model": self.model_name,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_requests": len(self.client.requests),
+            "num_free_blocks": stats.num_free_blocks,
+            "num_total_blocks": stats.num_total_blocks,
+            "executor_pid": self.client.pid,
+            "executor_restarts": self.client.num_restarts,
+            "error": self.client.error,
+        }
+
+
+def build_app(frontend: NodeFrontend) -> FastAPI:
+    """The FastAPI app of a node (or of `parallax serve`)."""
+    app = FastAPI(title="Parallax node", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        timer = RequestTimer()
+        try:
+            body = await frontend.read_body(request)
+            req = parse_chat_request(parse_json_body(body))
+            check_model_name(req.model, frontend.model_name)
+            job = frontend.admit(req, timer)
+        except APIError as exc:
+            frontend.metrics.observe_request(exc.status, None)
+            raise
+        frontend.watch(request, job)
+        if req.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(frontend.stream(job), media_type="text/event-stream",
+                                     headers=headers)
+        return await frontend.complete(job)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return models_list(frontend.model_name, frontend.created)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = frontend.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = frontend.client.stats
+        frontend.metrics.set_queue(stats.num_running, stats.num_waiting)
+        content, content_type = frontend.metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app

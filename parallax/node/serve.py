@@ -1,0 +1,105 @@
+"""`parallax serve`: bind the port, start the executor, serve the OpenAI API until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from parallax.config import ServeConfig
+from parallax.models.hub import resolve
+from parallax.node.executor_client import ExecutorClient
+from parallax.node.frontend import NodeFrontend, build_app
+
+logger = logging.getLogger("parallax.serve")
+
+
+def say(text: str) -> None:
+    """One line of start-up progress for the operator."""
+    print(f"[parallax] {text}", file=sys.stderr, flush=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: serve_async owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _install_signal_handlers(server: uvicorn.Server) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port up front, so a busy port fails before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_async(config: ServeConfig) -> int:
+    """Run the node until SIGINT/SIGTERM; returns the process exit code."""
+    source = resolve(config.model)  # ValueError for an unknown model, before anything starts
+    sock = bind_socket(config.host, config.port)
+    port = sock.getsockname()[1]
+    client = ExecutorClient(config.executor, max_restarts=config.max_restarts, on_progress=say)
+    frontend = NodeFrontend(config, client, source.name)
+    server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
+                                           timeout_graceful_shutdown=3, lifespan="off"))
+    _install_signal_handlers(server)
+    await frontend.start(tokenizer_path=source.path if source.kind != "repo" else None)
+    serve_task = asyncio.create_task(server.serve(sockets=[sock]))
+    ready_task = asyncio.create_task(frontend.wait_ready())
+    code = 0
+    try:
+        await asyncio.wait({serve_task, ready_task}, return_when=asyncio.FIRST_COMPLETED)
+        if ready_task.done():
+            try:
+                ready_task.result()
+                say(f"Parallax node serving {source.name} on http://{url_host(config.host)}:"
+                    f"{port} (OpenAI API at /v1)")
+            except Exception as exc:  # NotReadyError, or the tokenizer failed to load
+                say(f"error: the model could not be started: {exc}")
+                server.should_exit = True
+                code = 1
+        else:
+            ready_task.cancel()
+        await serve_task
+    finally:
+        ready_task.cancel()
+        await frontend.close()
+        sock.close()
+    return code
+
+
+def run_serve(config: ServeConfig) -> int:
+    """Blocking entry used by the CLI."""
+    return asyncio.run(serve_async(config))

@@ -1,0 +1,197 @@
+"""Every message that crosses a process or host boundary, as typed msgspec structs.
+
+Wire format: one msgpack-encoded struct per ZeroMQ message (a multipart message later, when
+tensors travel: header frame + raw tensor byte frames). Structs are tagged (`"type"` field), so
+one decoder per direction turns bytes back into the right struct. Nothing here is ever pickled.
+
+Directions:
+
+- frontend -> executor (`ipc://`, PUSH/PULL): `AddRequest`, `AbortRequest`, `Shutdown`.
+- executor -> frontend (`ipc://`, PUSH/PULL): `ExecutorProgress`, `ExecutorReady`,
+  `StepOutputs` (one per engine step: the batch of `TokenOutput`s and `ExecutorStats`),
+  `ExecutorError` (the executor is going down; sent by its top-level handler).
+
+Stage-to-stage messages (activations over `tcp://`) join this module when pipelines land.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from parallax.engine.sampling_params import SamplingParams
+
+
+class AddRequest(msgspec.Struct, tag="add", frozen=True):
+    """Start generating for `rid` from `prompt_token_ids` (already templated and tokenized)."""
+
+    rid: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
+    """Drop these requests and free their KV blocks (client gone, stop string hit, ...)."""
+
+    rids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    """Finish the loop and exit cleanly."""
+
+
+class ExecutorProgress(msgspec.Struct, tag="progress", frozen=True):
+    """A start-up step ("loading ...", "warming up ...") for the operator's console."""
+
+    message: str
+
+
+class ExecutorReady(msgspec.Struct, tag="ready", frozen=True):
+    """The model is loaded and warmed up; requests may be sent from now on."""
+
+    pid: int
+    model_name: str
+    model_type: str
+    start_layer: int
+    end_layer: int
+    num_layers: int
+    max_model_len: int
+    block_size: int
+    num_total_blocks: int
+    eos_token_ids: list[int]
+    tokenizer_path: str
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
+    """The engine's load right after a step (or after handling control messages)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+
+
+class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """What one request produced in one step: a token, and/or the end of the request.
+
+    `finish_reason` is one of stop | length | abort | error; `error` says what went wrong.
+    """
+
+    rid: str
+    token_id: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class StepOutputs(msgspec.Struct, tag="outputs", frozen=True):
+    """All outputs of one step (possibly none, to publish fresh stats after an abort)."""
+
+    outputs: list[TokenOutput]
+    stats: ExecutorStats
+
+
+class ExecutorError(msgspec.Struct, tag="error", frozen=True):
+    """The executor failed as a whole (start-up or loop); it exits after sending this."""
+
+    pid: int
+    message: str
+    traceback: str = ""
+    during_startup: bool = False
+
+
+ToExecutor = Union[AddRequest, AbortRequest, Shutdown]  # noqa: UP007 (a runtime type)
+FromExecutor = Union[ExecutorProgress, ExecutorReady, StepOutputs, ExecutorError]  # noqa: UP007
+
+_encoder = msgspec.msgpack.Encoder()
+_to_executor = msgspec.msgpack.Decoder(ToExecutor)
+_from_executor = msgspec.msgpack.Decoder(FromExecutor)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """msgpack bytes of any message in this module."""
+    return _encoder.encode(message)
+
+
+def decode_to_executor(data: bytes) -> AddRequest | AbortRequest | Shutdown:
+    """Decode a frontend -> executor message (raises msgspec.DecodeError / ValidationError)."""
+    return _to_executor.decode(data)
+
+
+def decode_from_executor(
+    data: bytes,
+) -> ExecutorProgress | ExecutorReady | StepOutputs | ExecutorError:
+    """Decode an executor -> frontend message (raises msgspec.DecodeError / ValidationError)."""
+    return _from_executor.decode(data)
+
+
+# ---- cluster control plane (HTTP JSON bodies between nodes and the scheduler) -----------------
+#
+# POST /node/join      NodeJoin       -> JoinResponse
+# POST /node/heartbeat Heartbeat      -> HeartbeatResponse
+# POST /node/leave     NodeLeave      -> {"ok": true}
+# Each carries the cluster's join token, when one is set, in the header `X-Join-Token`.
+
+
+class Assignment(msgspec.Struct, frozen=True):
+    """The layers a node must hold: `model` is what it passes to load_shard."""
+
+    model: str
+    start_layer: int
+    end_layer: int
+    generation: int  # bumps with every allocation change
+
+
+class NodeJoin(msgspec.Struct, frozen=True):
+    node_id: str  # stable per machine + port: a restarted node replaces its old entry
+    device: str  # cpu | cuda
+    device_name: str
+    memory_bytes: int  # budget for weights + KV cache
+    gflops: float
+    bandwidth_gbps: float
+    http_url: str  # the node frontend, reachable by the scheduler
+    activation_endpoint: str  # tcp://host:port of its executor, reachable by other nodes
+    max_running_requests: int = 32
+
+
+class JoinResponse(msgspec.Struct, frozen=True):
+    node_id: str
+    heartbeat_interval_s: float
+    assignment: Assignment | None = None  # None: wait (more nodes needed, or standby)
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    node_id: str
+    state: str  # idle | loading | ready | error
+    running_requests: int = 0
+    waiting_requests: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    layer_latency_ms: float = 0.0  # measured per decoder layer (EWMA)
+    loaded_model: str | None = None  # what the executor has loaded and serves
+    loaded_start_layer: int | None = None
+    loaded_end_layer: int | None = None
+    error: str | None = None
+
+
+class HeartbeatResponse(msgspec.Struct, frozen=True):
+    known: bool  # False: the scheduler forgot this node (evicted, restarted): join again
+    assignment: Assignment | None = None
+
+
+class NodeLeave(msgspec.Struct, frozen=True):
+    node_id: str
+
+
+class RoutingEntry(msgspec.Struct, frozen=True):
+    """One stage of the pipeline chosen for a request, in order (the head first)."""
+
+    node_id: str
+    http_url: str
+    activation_endpoint: str
+    start_layer: int
+    end_layer: int
