@@ -77,12 +77,108 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_serve(config)
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run the scheduler: nodes join it, it splits the model and serves the API",
+        description="Start the scheduler. Nodes join with `parallax join -s HOST:PORT`; the "
+                    "scheduler splits the model's layers across them and serves the OpenAI "
+                    "chat API, the cluster status and the node join command.")
+    p.add_argument("-m", "--model", default=None,
+                   help="model to serve: built-in name, HF repo id, model dir or .gguf file "
+                        "(default: none yet; choose with POST /scheduler/init)")
+    p.add_argument("-n", "--init-nodes-num", type=_positive_int, default=1,
+                   help="nodes to wait for before the first allocation (default 1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: nodes on this machine only; "
+                        "0.0.0.0 lets other machines join)")
+    p.add_argument("--port", type=int, default=3001, help="HTTP port (default 3001)")
+    p.add_argument("--join-token", default=None,
+                   help="secret nodes must send to join (header X-Join-Token)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* requests")
+    p.add_argument("--retry-attempts", type=int, default=20,
+                   help="when every pipeline is busy, wait this many intervals before 429 "
+                        "(default 20)")
+    p.add_argument("--retry-interval", type=float, default=5.0,
+                   help="seconds between routing retries (default 5)")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0,
+                   help="seconds without a heartbeat before a node is evicted (default 15)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weight dtype nodes load (sizes memory figures; default float32, what "
+                        "CPU nodes use; bfloat16 for CUDA nodes)")
+    p.add_argument("--add-model", action="append", default=[], metavar="PATH",
+                   help="a local model dir or .gguf file to offer in /model/list (repeatable)")
+    p.add_argument("--no-mdns", action="store_true",
+                   help="do not advertise the scheduler on the local network")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=_run_scheduler)
+
+
+def _run_scheduler(args: argparse.Namespace) -> int:
+    from parallax.config import SchedulerConfig
+    from parallax.scheduler.server import run_scheduler_process
+
+    config = SchedulerConfig(
+        model=args.model, init_nodes_num=args.init_nodes_num, host=args.host, port=args.port,
+        join_token=args.join_token, api_key=args.api_key, retry_attempts=args.retry_attempts,
+        retry_interval_s=args.retry_interval, heartbeat_timeout_s=args.heartbeat_timeout,
+        dtype=args.dtype, mdns=not args.no_mdns, local_models=tuple(args.add_model),
+    )
+    return run_scheduler_process(config)
+
+
+def _add_join(sub) -> None:
+    p = sub.add_parser(
+        "join", help="join a scheduler as a node and serve the layers it assigns",
+        description="Join a Parallax cluster: measure this machine, report to the scheduler, "
+                    "load the layer range it assigns, and serve it.")
+    p.add_argument("-s", "--scheduler", default=None, metavar="HOST:PORT",
+                   help="the scheduler's address (default: find one on the local network)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; use 0.0.0.0 so nodes on "
+                        "other machines can reach this one)")
+    p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
+    p.add_argument("--activation-port", type=int, default=None,
+                   help="ZeroMQ port for activations from other nodes (default: port + 100)")
+    p.add_argument("--advertise-host", default=None,
+                   help="address other machines use to reach this node (default: from --host)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--memory", type=_size, default=None, metavar="SIZE",
+                   help="budget for weights + KV cache, e.g. 8GB (default: free memory)")
+    p.add_argument("--join-token", default=None, help="the cluster's join token, if it has one")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32,
+                   help="requests decoded together (default 32)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=_run_join)
+
+
+def _run_join(args: argparse.Namespace) -> int:
+    from parallax.config import JoinConfig
+    from parallax.node.join import run_join
+
+    config = JoinConfig(
+        scheduler=args.scheduler, host=args.host, port=args.port,
+        activation_port=args.activation_port, advertise_host=args.advertise_host,
+        device=args.device, dtype=args.dtype, memory_bytes=args.memory,
+        join_token=args.join_token, max_batch_size=args.max_batch_size, threads=args.threads,
+        warmup=not args.no_warmup,
+    )
+    return run_join(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parallax", description="Decentralized LLM inference: split a model's layers "
                                      "across ordinary machines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
+    _add_run(sub)
+    _add_join(sub)
     return parser
 
 

@@ -66,6 +66,10 @@ class ExecutorConfig:
     enable_prefix_caching: bool = True
     threads: int | None = None
     warmup: bool = True
+    # pipeline stage: where this executor's activation PULL socket binds, and the address
+    # other nodes use to reach it (None: a single node, no activation socket)
+    activation_bind: str | None = None
+    activation_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
@@ -131,3 +135,99 @@ class ServeConfig:
     def max_in_flight(self) -> int:
         """Requests admitted at once (running + waiting); one more is answered 429."""
         return self.max_batch_size + self.max_waiting
+
+
+SCHEDULER_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`parallax run`: the scheduler (node registry, allocation, routing, one OpenAI API)."""
+
+    model: str | None = None  # None: wait for POST /scheduler/init
+    init_nodes_num: int = 1  # the first allocation waits for this many nodes
+    host: str = "127.0.0.1"
+    port: int = 3001
+    join_token: str | None = None  # required from nodes (X-Join-Token) when set
+    api_key: str | None = None  # required on /v1/* (Authorization: Bearer) when set
+    retry_attempts: int = 20  # all pipelines busy: retry this many intervals, then 429
+    retry_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 15.0  # a node silent this long is evicted
+    dtype: str = "float32"  # what nodes load weights in: sizes /model/list and allocation
+    mdns: bool = True
+    local_models: tuple[str, ...] = ()  # extra model dirs / .gguf files offered in /model/list
+    connect_timeout_s: float = 5.0  # scheduler -> head node
+    read_timeout_s: float = 600.0  # longest silence of a head node's answer
+    max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
+    evict_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        _check_positive("init_nodes_num", self.init_nodes_num, allow_none=False)
+        _check_positive("max_body_bytes", self.max_body_bytes, allow_none=False)
+        if not isinstance(self.retry_attempts, int) or self.retry_attempts < 0:
+            raise ConfigError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
+        if self.retry_interval_s < 0:
+            raise ConfigError(f"retry_interval must be >= 0, got {self.retry_interval_s!r}")
+        for name in ("heartbeat_timeout_s", "connect_timeout_s", "read_timeout_s",
+                     "evict_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.dtype not in SCHEDULER_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SCHEDULER_DTYPES)}, "
+                              f"got {self.dtype!r}")
+        for name in ("join_token", "api_key"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty when given")
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often nodes are told to heartbeat: a third of the timeout, at most 5 s."""
+        return min(5.0, self.heartbeat_timeout_s / 3)
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """`parallax join`: a node that takes the layers the scheduler assigns to it."""
+
+    scheduler: str | None = None  # HOST:PORT; None: find one by mDNS
+    host: str = "127.0.0.1"
+    port: int = 3000
+    activation_port: int | None = None  # default: port + 100
+    advertise_host: str | None = None  # address other machines use; default: from --host
+    device: str = "cpu"
+    dtype: str = "auto"
+    memory_bytes: int | None = None  # budget for weights + KV cache; None: free memory
+    join_token: str | None = None
+    threads: int | None = None
+    max_batch_size: int = 32
+    max_waiting: int = 64
+    max_num_batched_tokens: int = 512
+    max_body_bytes: int = 4 * 2**20
+    max_restarts: int = 5
+    warmup: bool = True
+    discovery_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        if self.activation_port is not None and not 0 < self.activation_port <= 65535:
+            raise ConfigError(f"activation port must be in 1..65535, got {self.activation_port}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.scheduler is not None and not re.match(r"^[\w.\-\[\]:]+:\d+$", self.scheduler):
+            raise ConfigError(f"--scheduler must be HOST:PORT, got {self.scheduler!r}")
+        _check_positive("memory_bytes", self.memory_bytes)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.max_batch_size + self.max_waiting
+
+    @property
+    def compute_dtype(self) -> str:
+        return resolve_dtype(self.dtype, self.device)

@@ -24,11 +24,16 @@ from parallax.engine.sampling_params import SamplingParams
 
 
 class AddRequest(msgspec.Struct, tag="add", frozen=True):
-    """Start generating for `rid` from `prompt_token_ids` (already templated and tokenized)."""
+    """Start generating for `rid` from `prompt_token_ids` (already templated and tokenized).
+
+    `downstream`: activation endpoints of the pipeline's later stages, in order (empty when this
+    node holds the whole model).
+    """
 
     rid: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
+    downstream: list[str] = []
 
 
 class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
@@ -73,6 +78,7 @@ class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
     num_waiting: int = 0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    layer_latency_ms: float = 0.0  # step time per decoder layer of this shard (EWMA)
 
 
 class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -195,3 +201,54 @@ class RoutingEntry(msgspec.Struct, frozen=True):
     activation_endpoint: str
     start_layer: int
     end_layer: int
+
+
+# ---- data plane between executors (ZeroMQ tcp, PUSH -> PULL) -----------------------------------
+#
+# A message is a multipart ZeroMQ message: frame 0 is one of the structs below (msgpack);
+# StageActivations has a frame 1 with the raw bytes of the hidden states of all its entries,
+# concatenated in entry order ([sum of num tokens, hidden_size] in `dtype`). Nothing is pickled.
+
+
+class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """Hidden states of tokens [start_position, start_position + len(token_ids)) of `rid`.
+
+    A chunk with start_position 0 starts the request on the receiving stage (replacing any stale
+    state of the same rid) and carries what that stage needs: sampling params, prompt length,
+    the endpoints after it and the head's endpoint (where the last stage sends tokens).
+    """
+
+    rid: str
+    token_ids: list[int]
+    start_position: int
+    sampling_params: SamplingParams | None = None
+    num_prompt_tokens: int = 0
+    downstream: list[str] = []
+    head_endpoint: str = ""
+
+
+class StageActivations(msgspec.Struct, tag="activations", frozen=True):
+    entries: list[ActivationEntry]
+    dtype: str  # torch dtype name of frame 1, e.g. "float32"
+    hidden_size: int
+
+
+class StageTokens(msgspec.Struct, tag="tokens", frozen=True):
+    """Last stage -> head: sampled tokens (or per-request errors) of one step."""
+
+    outputs: list[TokenOutput]
+
+
+class StageRelease(msgspec.Struct, tag="release", frozen=True):
+    """Free these requests' KV on every later stage; travels the chain after the activations."""
+
+    rids: list[str]
+
+
+StageMessage = Union[StageActivations, StageTokens, StageRelease]  # noqa: UP007
+_stage_decoder = msgspec.msgpack.Decoder(StageMessage)
+
+
+def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease:
+    """Decode frame 0 of a stage-to-stage message."""
+    return _stage_decoder.decode(data)

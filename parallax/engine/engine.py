@@ -189,8 +189,8 @@ class Engine:
             yield StepOutput(
                 chunk.seq.request_id,
                 hidden=rows,
-                token_ids=chunk.seq.token_ids[chunk.start_position : offset and
-                                              chunk.start_position + chunk.num_tokens],
+                token_ids=chunk.seq.token_ids[
+                    chunk.start_position : chunk.start_position + chunk.num_tokens],
                 start_position=chunk.start_position,
             )
 
@@ -247,6 +247,10 @@ class Engine:
         """Request ids preempted since the last call (their KV on later stages is stale)."""
         preempted, self.scheduler.preempted_ids = self.scheduler.preempted_ids, []
         return preempted
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.model.end_layer - self.model.start_layer
 
     @property
     def num_running(self) -> int:

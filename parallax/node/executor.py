@@ -32,11 +32,14 @@ import zmq
 
 from parallax import protocol as P
 from parallax.config import ExecutorConfig
+from parallax.node.peers import PipelineLinks
+from parallax.node.stage import StageRouter
 
 logger = logging.getLogger("parallax.executor")
 
 PROCESS_TITLE = "parallax-executor"
 IDLE_POLL_MS = 50
+PEER_CHECK_S = 0.2
 PARENT_CHECK_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
@@ -102,13 +105,19 @@ class ExecutorLoop:
     """The engine loop of one executor; sockets are connected by the caller."""
 
     def __init__(self, engine, pull: zmq.Socket, push: zmq.Socket,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, links: PipelineLinks | None = None) -> None:
         self.engine = engine
         self.pull = pull
         self.push = push
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()
         self.poller.register(pull, zmq.POLLIN)
+        self.links = links
+        self.stage = StageRouter(engine, links) if links is not None else None
+        if links is not None:
+            self.poller.register(links.pull, zmq.POLLIN)
+        self.layer_latency_ms = 0.0
+        self._next_peer_check = 0.0
         self.running = True
         self._pending: list[P.TokenOutput] = []  # outputs produced outside a step
         self._dirty = False  # stats changed without a step (abort): publish them
@@ -118,20 +127,41 @@ class ExecutorLoop:
         """Apply one control message to the engine; a bad request fails only itself."""
         if isinstance(message, P.AddRequest):
             try:
-                self.engine.add_request(message.rid, list(message.prompt_token_ids),
-                                        message.sampling_params)
+                if message.downstream and self.stage is not None:
+                    self.stage.add_request(message)
+                elif message.downstream:
+                    raise ValueError("this node is not part of a pipeline")
+                else:
+                    self.engine.add_request(message.rid, list(message.prompt_token_ids),
+                                            message.sampling_params)
             except (ValueError, RuntimeError) as exc:
                 self._pending.append(P.TokenOutput(message.rid, finished=True,
                                                    finish_reason="error", error=str(exc)))
             self._dirty = True
         elif isinstance(message, P.AbortRequest):
-            for rid in message.rids:
-                self.engine.abort(rid)
+            if self.stage is not None:
+                self.stage.abort(list(message.rids))
+            else:
+                for rid in message.rids:
+                    self.engine.abort(rid)
             self._dirty = True
         elif isinstance(message, P.Shutdown):
             self.running = False
 
+    def _drain_links(self) -> None:
+        while self.links is not None:
+            try:
+                received = self.links.receive()
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+                logger.error("dropping an undecodable stage message: %s", exc)
+                continue
+            if received is None:
+                return
+            self._pending.extend(self.stage.on_message(*received))
+            self._dirty = True
+
     def _drain(self) -> None:
+        self._drain_links()
         while True:
             try:
                 data = self.pull.recv(zmq.NOBLOCK)
@@ -145,11 +175,19 @@ class ExecutorLoop:
             self.handle(message)
 
     def _step(self) -> list[P.TokenOutput]:
+        started = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # fail the requests of this engine, keep the process
             logger.exception("engine step failed; failing every request in the engine")
             return self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
+        if outputs:
+            num_layers = getattr(self.engine, "num_local_layers", 1) or 1
+            per_layer = (time.perf_counter() - started) * 1000 / num_layers
+            self.layer_latency_ms = per_layer if not self.layer_latency_ms else (
+                0.8 * self.layer_latency_ms + 0.2 * per_layer)
+        if self.stage is not None:
+            return self.stage.after_step(outputs)
         return [
             P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error)
             for o in outputs
@@ -169,7 +207,7 @@ class ExecutorLoop:
     def _publish(self, outputs: list[P.TokenOutput]) -> None:
         e = self.engine
         stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
-                                e.num_total_blocks)
+                                e.num_total_blocks, round(self.layer_latency_ms, 3))
         self.push.send(P.encode(P.StepOutputs(outputs, stats)))
 
     def _check_parent(self) -> None:
@@ -186,6 +224,9 @@ class ExecutorLoop:
         timeout = 0 if self.engine.has_work() else idle_timeout_ms
         if self.poller.poll(timeout):
             self._drain()
+        if self.stage is not None and time.monotonic() >= self._next_peer_check:
+            self._next_peer_check = time.monotonic() + PEER_CHECK_S
+            self._pending.extend(self.stage.check_peers())
         outputs, self._pending = self._pending, []
         if self.running and self.engine.has_work():
             outputs.extend(self._step())
@@ -273,12 +314,16 @@ def run_executor_process(
     pull.connect(input_address)
     push.connect(output_address)
     started = False
+    links = None
     try:
+        if config.activation_bind:
+            links = PipelineLinks(context, config.activation_bind,
+                                  config.activation_endpoint or config.activation_bind)
         engine, ready = _build_engine(
             config, lambda text: push.send(P.encode(P.ExecutorProgress(text))))
         push.send(P.encode(ready))
         started = True
-        ExecutorLoop(engine, pull, push, parent_pid).run()
+        ExecutorLoop(engine, pull, push, parent_pid, links).run()
         return 0
     except BaseException as exc:  # noqa: BLE001 - report everything, then die
         if started:  # start-up failures are reported by the frontend
@@ -291,6 +336,8 @@ def run_executor_process(
             pass
         return 1
     finally:
+        if links is not None:
+            links.close()
         pull.close()
         push.close()
         context.term()

@@ -75,7 +75,7 @@ class ExecutorClient:
 
     def __init__(
         self,
-        config: ExecutorConfig,
+        config: ExecutorConfig | None,
         launcher: Launcher = launch_executor_process,
         max_restarts: int = 5,
         on_progress: Callable[[str], None] | None = None,
@@ -84,7 +84,7 @@ class ExecutorClient:
         self.launcher = launcher
         self.max_restarts = max_restarts
         self.on_progress = on_progress or (lambda text: None)
-        self.state = "loading"  # loading | ready | error | stopped
+        self.state = "loading"  # idle | loading | ready | error | stopped
         self.error: str | None = None
         self.info: P.ExecutorReady | None = None  # the latest ready executor's facts
         self.stats = P.ExecutorStats()
@@ -112,8 +112,15 @@ class ExecutorClient:
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the executor and the receive / watch tasks (returns before it is ready)."""
-        self._spawn()
+        """Start the executor and the receive / watch tasks (returns before it is ready).
+
+        Without a config (a node waiting for its layers) the state is "idle" until
+        `reconfigure` gives it one.
+        """
+        if self.config is None:
+            self.state = "idle"
+        else:
+            self._spawn()
         self._tasks = [asyncio.create_task(self._receive_loop(), name="executor-recv"),
                        asyncio.create_task(self._watch_loop(), name="executor-watch")]
 
@@ -122,6 +129,28 @@ class ExecutorClient:
         self.info = None
         self.stats = P.ExecutorStats()
         self._process = self.launcher(self.config, self.input_address, self.output_address)
+
+    async def reconfigure(self, config: ExecutorConfig | None) -> None:
+        """Replace the executor (new layers, or none): in-flight requests fail, it reloads."""
+        self._fail_all("the node is switching to a new layer range")
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            self._send(P.Shutdown())
+            for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
+                if process.poll() is not None:
+                    break
+                await asyncio.sleep(WATCH_INTERVAL_S)
+            if process.poll() is None:
+                process.kill()
+                self._dead.append(process)
+        self.config = config
+        self._ready_event = asyncio.Event()
+        self.info, self.error, self._failed_starts = None, None, 0
+        self.stats = P.ExecutorStats()
+        if config is None:
+            self.state = "idle"
+        else:
+            self._spawn()
 
     async def wait_ready(self) -> P.ExecutorReady:
         """Wait until an executor is ready; raise NotReadyError if it cannot start."""
@@ -159,15 +188,19 @@ class ExecutorClient:
 
     # ---- requests --------------------------------------------------------------------
 
-    def submit(self, rid: str, prompt_token_ids: list[int], params) -> asyncio.Queue:
-        """Send a request to the executor; its outputs arrive on the returned queue."""
+    def submit(self, rid: str, prompt_token_ids: list[int], params,
+               downstream: list[str] | None = None) -> asyncio.Queue:
+        """Send a request to the executor; its outputs arrive on the returned queue.
+
+        `downstream`: activation endpoints of the later pipeline stages (none: whole model).
+        """
         if self.state != "ready":
             raise NotReadyError(self.error or "the model is loading")
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self.requests[rid] = queue
-        if not self._send(P.AddRequest(rid, prompt_token_ids, params)):
+        if not self._send(P.AddRequest(rid, prompt_token_ids, params, downstream or [])):
             del self.requests[rid]
             raise NotReadyError("the executor is not connected")
         return queue
@@ -237,7 +270,7 @@ class ExecutorClient:
             await asyncio.sleep(WATCH_INTERVAL_S)
             self._dead = [p for p in self._dead if p.poll() is None]  # reap zombies
             process = self._process
-            if process is None or self.state in ("error", "stopped"):
+            if process is None or self.state in ("idle", "error", "stopped"):
                 continue
             code = process.poll()
             if code is not None:

@@ -22,6 +22,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
@@ -87,6 +88,7 @@ class NodeFrontend:
         self.tokenizer = tokenizer
         self.metrics = ServingMetrics()
         self.created = int(time.time())
+        self.node_id: str | None = None  # set when this node is part of a cluster
         self._tokenizer_task: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -187,13 +189,14 @@ class NodeFrontend:
         if len(self.client.requests) >= self.config.max_in_flight:
             raise APIError(429, f"the server is at capacity ({self.config.max_in_flight} "
                                 "requests running or waiting); retry later")
+        downstream = self.downstream_endpoints(req.routing_table)
         prompt_text, prompt_ids = self.render_prompt(req)
         params = self._sampling_params(req, len(prompt_ids))
         info = self.client.info
         harmony = info.model_type in HARMONY_MODEL_TYPES
         enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
         try:
-            queue = self.client.submit(rid, prompt_ids, params)
+            queue = self.client.submit(rid, prompt_ids, params, downstream)
         except NotReadyError as exc:
             raise APIError(503, str(exc)) from None
         return ChatJob(
@@ -205,6 +208,36 @@ class NodeFrontend:
             parser=make_reasoning_parser(info.model_type, prompt_text, enable_thinking),
             timer=timer or RequestTimer(),
         )
+
+    def downstream_endpoints(self, routing_table: Any) -> list[str]:
+        """Activation endpoints after this node for a request routed by the scheduler.
+
+        The table must start with this node holding exactly its loaded layers and chain the
+        stages to the last layer; otherwise the cluster changed meanwhile (503: retry).
+        """
+        info = self.client.info
+        assert info is not None
+        whole = info.start_layer == 0 and info.end_layer == info.num_layers
+        if not routing_table:
+            if not whole:
+                raise APIError(503, f"this node holds layers [{info.start_layer}, "
+                                    f"{info.end_layer}) only; send requests to the scheduler")
+            return []
+        try:
+            entries = msgspec.convert(routing_table, list[P.RoutingEntry])
+        except msgspec.ValidationError as exc:
+            raise APIError(400, f"'routing_table' is malformed: {exc}") from None
+        head = entries[0] if entries else None
+        if (head is None or (self.node_id is not None and head.node_id != self.node_id)
+                or (head.start_layer, head.end_layer) != (info.start_layer, info.end_layer)):
+            raise APIError(503, "the routing table does not match this node's layers "
+                                "(the cluster is rebalancing); retry")
+        for previous, entry in zip(entries[:-1], entries[1:], strict=True):
+            if entry.start_layer != previous.end_layer:
+                raise APIError(400, "'routing_table' stages are not contiguous")
+        if entries[-1].end_layer != info.num_layers:
+            raise APIError(400, "'routing_table' does not reach the last layer")
+        return [entry.activation_endpoint for entry in entries[1:]]
 
     def _split(self, job: ChatJob, text: str, final: bool = False) -> tuple[str, str]:
         """Text from the detokenizer -> stop strings -> (reasoning, content)."""

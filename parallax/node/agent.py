@@ -1,0 +1,195 @@
+"""The node's control-plane agent: join the scheduler, heartbeat, load what it assigns, leave.
+
+Runs inside the frontend process. The scheduler never calls nodes: every change of assignment
+arrives in a heartbeat response, so a node behind NAT or a firewall only needs outbound HTTP to
+the scheduler (and its activation port reachable by its pipeline neighbours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+import msgspec
+
+from parallax import protocol as P
+from parallax.config import ExecutorConfig, JoinConfig
+from parallax.node.executor_client import ExecutorClient, NotReadyError
+from parallax.node.frontend import NodeFrontend
+
+logger = logging.getLogger("parallax.agent")
+
+REQUEST_TIMEOUT_S = 10.0
+RETRY_S = 2.0
+
+
+class JoinRejected(Exception):
+    """The scheduler refused this node (wrong join token): retrying cannot help."""
+
+
+def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int) -> int:
+    """Estimated bytes of the weights of layers [start, end) (+ embedding / LM head)."""
+    from parallax.models.hub import resolve
+    from parallax.models.loader import load_config
+    from parallax.models.sizing import estimate_layer_bytes
+
+    source = resolve(model)
+    if source.kind == "repo":
+        return 0  # unknown until downloaded; the KV budget falls back to the default
+    config = load_config(source)
+    layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes)
+    return (end - start) * layer + embedding * (start == 0) + lm_head * (
+        end == config.num_hidden_layers)
+
+
+class NodeAgent:
+    def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeFrontend,
+                 join: P.NodeJoin, scheduler_url: str, activation_bind: str,
+                 say: Callable[[str], None]) -> None:
+        self.config = config
+        self.client = client
+        self.frontend = frontend
+        self.join_message = join
+        self.scheduler_url = scheduler_url
+        self.activation_bind = activation_bind
+        self.say = say
+        self.assignment: P.Assignment | None = None
+        self.heartbeat_interval_s = 2.0
+        self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
+        self._ready_task: asyncio.Task | None = None
+        self._tokenizers: dict[str, object] = {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Join-Token": self.config.join_token} if self.config.join_token else {}
+
+    async def _post(self, path: str, message: msgspec.Struct, response_type):
+        response = await self.http.post(f"{self.scheduler_url}{path}",
+                                        content=msgspec.json.encode(message),
+                                        headers={**self.headers,
+                                                 "Content-Type": "application/json"})
+        if response.status_code == 401:
+            raise JoinRejected(f"the scheduler refused this node: {response.text}")
+        response.raise_for_status()
+        return msgspec.json.decode(response.content, type=response_type)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Join, then heartbeat forever (rejoining when the scheduler forgot this node)."""
+        while True:
+            await self._join()
+            while await self._heartbeat():
+                await asyncio.sleep(self.heartbeat_interval_s)
+            self.say("the scheduler forgot this node; joining again")
+
+    async def _join(self) -> None:
+        waiting_said = False
+        while True:
+            try:
+                answer = await self._post("/node/join", self.join_message, P.JoinResponse)
+                break
+            except (httpx.HTTPError, msgspec.DecodeError) as exc:
+                if not waiting_said:
+                    self.say(f"waiting for the scheduler at {self.scheduler_url} ({exc})")
+                    waiting_said = True
+                await asyncio.sleep(RETRY_S)
+        self.heartbeat_interval_s = answer.heartbeat_interval_s
+        self.say(f"joined {self.scheduler_url} as {answer.node_id}")
+        await self.apply(answer.assignment)
+
+    async def _heartbeat(self) -> bool:
+        """One heartbeat; False when the node must join again."""
+        try:
+            answer = await self._post("/node/heartbeat", self.heartbeat(),
+                                      P.HeartbeatResponse)
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            logger.warning("heartbeat failed: %s", exc)
+            return True
+        if not answer.known:
+            return False
+        await self.apply(answer.assignment)
+        return True
+
+    async def leave(self) -> None:
+        try:
+            await self._post("/node/leave", P.NodeLeave(self.join_message.node_id), dict)
+        except (httpx.HTTPError, JoinRejected, msgspec.DecodeError) as exc:
+            logger.info("leave not acknowledged: %s", exc)
+        await self.http.aclose()
+
+    # ---- state -------------------------------------------------------------------------
+
+    def heartbeat(self) -> P.Heartbeat:
+        stats, info = self.client.stats, self.client.info
+        ready = self.client.state == "ready" and self.frontend.ready and info is not None
+        assignment = self.assignment
+        return P.Heartbeat(
+            node_id=self.join_message.node_id,
+            state="ready" if ready else self.client.state,
+            running_requests=stats.num_running, waiting_requests=stats.num_waiting,
+            free_blocks=stats.num_free_blocks, total_blocks=stats.num_total_blocks,
+            layer_latency_ms=stats.layer_latency_ms,
+            loaded_model=assignment.model if ready and assignment is not None else None,
+            loaded_start_layer=info.start_layer if ready else None,
+            loaded_end_layer=info.end_layer if ready else None,
+            error=self.client.error,
+        )
+
+    def _same_layers(self, assignment: P.Assignment | None) -> bool:
+        current = self.assignment
+        if current is None or assignment is None:
+            return current is assignment
+        return (current.model, current.start_layer, current.end_layer) == (
+            assignment.model, assignment.start_layer, assignment.end_layer)
+
+    async def apply(self, assignment: P.Assignment | None) -> None:
+        """Load a new layer range when it changed (only then: nothing else moves)."""
+        if self._same_layers(assignment):
+            self.assignment = assignment
+            return
+        self.assignment = assignment
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        self.frontend.tokenizer = None
+        self.frontend._tokenizer_task = None
+        if assignment is None:
+            self.say("no layers assigned (standby)")
+            await self.client.reconfigure(None)
+            return
+        self.say(f"assigned {assignment.model} layers [{assignment.start_layer}, "
+                 f"{assignment.end_layer}); loading")
+        await self.client.reconfigure(await self._executor_config(assignment))
+        self._ready_task = asyncio.create_task(self._announce_ready(assignment))
+
+    async def _executor_config(self, assignment: P.Assignment) -> ExecutorConfig:
+        dtype = self.config.compute_dtype
+        kv_bytes = None
+        if self.config.memory_bytes:
+            weights = await asyncio.to_thread(
+                shard_weight_bytes, assignment.model, assignment.start_layer,
+                assignment.end_layer, 2 if dtype in ("bfloat16", "float16") else 4)
+            kv_bytes = max(32 * 2**20, int(self.config.memory_bytes * 0.9) - weights)
+        return ExecutorConfig(
+            model=assignment.model, start_layer=assignment.start_layer,
+            end_layer=assignment.end_layer, device=self.config.device, dtype=dtype,
+            kv_memory_bytes=kv_bytes, max_batch_size=self.config.max_batch_size,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            threads=self.config.threads, warmup=self.config.warmup,
+            activation_bind=self.activation_bind,
+            activation_endpoint=self.join_message.activation_endpoint,
+        )
+
+    async def _announce_ready(self, assignment: P.Assignment) -> None:
+        try:
+            await self.frontend.wait_ready()
+        except NotReadyError as exc:
+            self.say(f"error: loading layers failed: {exc}")
+            return
+        from parallax.models.hub import resolve
+
+        self.frontend.model_name = resolve(assignment.model).name
+        self.say(f"ready: {self.frontend.model_name} layers [{assignment.start_layer}, "
+                 f"{assignment.end_layer})")

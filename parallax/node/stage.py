@@ -1,0 +1,205 @@
+"""What one executor does as a stage of a multi-node pipeline, around its engine.
+
+- head (first stage): requests come from the frontend; hidden states go to the next stage;
+  tokens come back from the last stage and feed the next decode step.
+- middle: hidden states in, hidden states out.
+- last: hidden states in, sampled tokens out to the head.
+Finishing, aborting and preemption free the request on every stage: a StageRelease travels the
+same chain as the activations, so it always arrives after them. A link that drops fails the
+requests routed through it at once; the head tells its frontend, the others tell the head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from parallax import protocol as P
+from parallax.engine.engine import Engine, StepOutput
+from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
+
+logger = logging.getLogger("parallax.stage")
+
+
+def error_output(rid: str, message: str) -> P.TokenOutput:
+    return P.TokenOutput(rid, finished=True, finish_reason="error", error=message)
+
+
+class StageRouter:
+    """Routes one executor's engine outputs and peer messages. Returns frontend outputs."""
+
+    def __init__(self, engine: Engine, links: PipelineLinks) -> None:
+        self.engine = engine
+        self.links = links
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return self.links.routes
+
+    # ---- from the frontend (head only) -------------------------------------------------
+
+    def add_request(self, message: P.AddRequest) -> None:
+        """Register the route of a pipelined request, then admit it (ValueError passes up)."""
+        self.routes[message.rid] = Route(message.downstream[0], list(message.downstream[1:]),
+                                         self.links.own_endpoint)
+        try:
+            self.engine.add_request(message.rid, list(message.prompt_token_ids),
+                                    message.sampling_params)
+        except (ValueError, RuntimeError):
+            self.routes.pop(message.rid, None)
+            raise
+
+    def abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            self.engine.abort(rid)
+        self._release(rids)
+
+    # ---- from peers --------------------------------------------------------------------
+
+    def on_message(self, message, hidden: torch.Tensor | None) -> list[P.TokenOutput]:
+        if isinstance(message, P.StageActivations):
+            self._on_activations(message, hidden)
+            return []
+        if isinstance(message, P.StageTokens):
+            return self._on_tokens(message.outputs)
+        if isinstance(message, P.StageRelease):
+            self.abort(message.rids)
+        return []
+
+    def _on_activations(self, message: P.StageActivations, hidden: torch.Tensor) -> None:
+        offset = 0
+        for entry in message.entries:
+            rows = hidden[offset: offset + len(entry.token_ids)]
+            offset += len(entry.token_ids)
+            if entry.start_position == 0:  # (re)start: drop whatever stale state we hold
+                self.engine.abort(entry.rid)
+                next_endpoint = entry.downstream[0] if entry.downstream else None
+                self.routes[entry.rid] = Route(next_endpoint, list(entry.downstream[1:]),
+                                               entry.head_endpoint)
+            route = self.routes.get(entry.rid)
+            if route is None:
+                continue  # released meanwhile
+            try:
+                self.engine.add_hidden(
+                    entry.rid, list(entry.token_ids), entry.start_position, rows,
+                    entry.sampling_params, entry.num_prompt_tokens if entry.start_position == 0
+                    else None)
+            except (ValueError, RuntimeError) as exc:
+                self.engine.abort(entry.rid)
+                self._to_head(route.head_endpoint, [error_output(entry.rid, str(exc))])
+                self._release([entry.rid])
+
+    def _on_tokens(self, outputs: list[P.TokenOutput]) -> list[P.TokenOutput]:
+        """Head: tokens sampled by the last stage."""
+        finished = []
+        for output in outputs:
+            if output.finish_reason == "error":
+                self.engine.abort(output.rid)
+            elif output.token_id is not None:
+                self.engine.append_token(output.rid, output.token_id, output.finished,
+                                         output.finish_reason)
+            if output.finished:
+                finished.append(output.rid)
+        self._release(finished)
+        return list(outputs)
+
+    # ---- after a step ------------------------------------------------------------------
+
+    def after_step(self, outputs: list[StepOutput]) -> list[P.TokenOutput]:
+        """Send hidden states on / tokens back; return what the local frontend must see."""
+        for_frontend: list[P.TokenOutput] = []
+        preempted = self.engine.take_preempted()
+        if preempted:
+            self._release(preempted, keep_routes=True)
+        if self.engine.is_last:
+            by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
+            for o in outputs:
+                route = self.routes.get(o.request_id)
+                output = P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
+                                       o.error)
+                if o.finished:
+                    self.routes.pop(o.request_id, None)
+                if route is None or route.head_endpoint == self.links.own_endpoint:
+                    for_frontend.append(output)
+                else:
+                    by_head[route.head_endpoint].append(output)
+            for head, batch in by_head.items():
+                self._to_head(head, batch)
+            return for_frontend
+        by_next: dict[str, list[tuple[StepOutput, Route]]] = defaultdict(list)
+        for o in outputs:
+            route = self.routes.get(o.request_id)
+            if o.hidden is None:  # an error output of this stage (e.g. out of KV blocks)
+                for_frontend.extend(self._fail([o.request_id], o.error or "stage failed"))
+            elif route is not None and route.next_endpoint is not None:
+                by_next[route.next_endpoint].append((o, route))
+        for endpoint, items in by_next.items():
+            for_frontend.extend(self._send_activations(endpoint, items))
+        return for_frontend
+
+    def _send_activations(self, endpoint: str, items) -> list[P.TokenOutput]:
+        entries = []
+        for o, route in items:
+            first = o.start_position == 0
+            seq = self.engine.sequences.get(o.request_id)
+            entries.append(P.ActivationEntry(
+                o.request_id, list(o.token_ids), o.start_position,
+                seq.sampling_params if first and seq is not None else None,
+                seq.num_prompt_tokens if first and seq is not None else 0,
+                route.downstream_after_next if first else [],
+                route.head_endpoint if first else ""))
+        try:
+            self.links.send_activations(endpoint, entries, torch.cat([o.hidden for o, _ in items]))
+        except PeerUnreachable as exc:
+            return self._fail([o.request_id for o, _ in items], str(exc))
+        return []
+
+    # ---- failures ----------------------------------------------------------------------
+
+    def check_peers(self) -> list[P.TokenOutput]:
+        """Fail every request routed through a link that dropped."""
+        outputs = []
+        for endpoint in self.links.disconnected_peers():
+            rids = [rid for rid, r in self.routes.items() if r.next_endpoint == endpoint]
+            if rids:
+                logger.warning("lost the next stage %s; failing %d requests", endpoint, len(rids))
+                outputs.extend(self._fail(rids, f"lost the connection to the next stage "
+                                                f"({endpoint})"))
+        return outputs
+
+    def _fail(self, rids: list[str], message: str) -> list[P.TokenOutput]:
+        """Fail requests here; the head reports to its frontend, others to the head."""
+        for_frontend = []
+        by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
+        for rid in rids:
+            self.engine.abort(rid)
+            route = self.routes.pop(rid, None)
+            if route is None or route.head_endpoint == self.links.own_endpoint:
+                for_frontend.append(error_output(rid, message))
+            else:
+                by_head[route.head_endpoint].append(error_output(rid, message))
+        for head, batch in by_head.items():
+            self._to_head(head, batch)
+        return for_frontend
+
+    def _to_head(self, head_endpoint: str, outputs: list[P.TokenOutput]) -> None:
+        try:
+            self.links.send_message(head_endpoint, P.StageTokens(outputs))
+        except PeerUnreachable:
+            logger.warning("the head %s is unreachable; dropping %d outputs", head_endpoint,
+                           len(outputs))
+
+    def _release(self, rids: list[str], keep_routes: bool = False) -> None:
+        """Tell the next stage to free these requests (it forwards along the chain)."""
+        by_next: dict[str, list[str]] = defaultdict(list)
+        for rid in rids:
+            route = self.routes.get(rid) if keep_routes else self.routes.pop(rid, None)
+            if route is not None and route.next_endpoint is not None:
+                by_next[route.next_endpoint].append(rid)
+        for endpoint, batch in by_next.items():
+            try:
+                self.links.send_message(endpoint, P.StageRelease(batch))
+            except PeerUnreachable:
+                pass  # the peer is gone, and its KV with it

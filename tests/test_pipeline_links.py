@@ -1,0 +1,135 @@
+"""Three engines joined by real ZeroMQ tcp links on loopback, driven in one process."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import zmq
+from tiny_models import greedy_tokens, save_tiny_model
+
+from parallax import protocol as P
+from parallax.engine.engine import Engine, EngineConfig
+from parallax.engine.sampling_params import SamplingParams
+from parallax.models.loader import load_shard
+from parallax.node.peers import PipelineLinks
+from parallax.node.stage import StageRouter
+
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("links"), "llama")[0]
+
+
+class Cluster:
+    def __init__(self, model_path: str, ranges: list[tuple[int, int]]) -> None:
+        self.context = zmq.Context()
+        self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in ranges]
+        self.links = [PipelineLinks(self.context, e, e) for e in self.endpoints]
+        self.engines = [Engine(load_shard(model_path, a, b).model,
+                               EngineConfig(kv_memory_bytes=2**22)) for a, b in ranges]
+        self.routers = [StageRouter(e, link) for e, link in zip(self.engines, self.links,
+                                                                   strict=True)]
+        self.alive = [True] * len(ranges)
+
+    def add(self, rid: str, prompt: list[int], params: SamplingParams = PARAMS) -> None:
+        self.routers[0].add_request(P.AddRequest(rid, prompt, params, self.endpoints[1:]))
+
+    def kill(self, index: int) -> None:
+        self.alive[index] = False
+        self.links[index].close()
+
+    def run(self, until_s: float = 20.0) -> dict[str, list[P.TokenOutput]]:
+        """Drive every stage until all head requests finished; head frontend outputs by rid."""
+        out: dict[str, list[P.TokenOutput]] = {}
+        open_rids = set(self.engines[0].sequences)
+        deadline = time.monotonic() + until_s
+        while open_rids and time.monotonic() < deadline:
+            for index, (router, engine) in enumerate(zip(self.routers, self.engines,
+                                                         strict=True)):
+                if not self.alive[index]:
+                    continue
+                produced = []
+                while (received := router.links.receive()) is not None:
+                    produced += router.on_message(*received)
+                if engine.has_work():
+                    produced += router.after_step(engine.step())
+                produced += router.check_peers()
+                if index == 0:
+                    for o in produced:
+                        out.setdefault(o.rid, []).append(o)
+                        if o.finished:
+                            open_rids.discard(o.rid)
+            time.sleep(0.001)
+        return out
+
+    def close(self) -> None:
+        for index, link in enumerate(self.links):
+            if self.alive[index]:
+                link.close()
+        self.context.term()
+
+
+def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
+    prompts = [[5, 6, 7], [9] * 20, list(range(1, 41))]
+    expected = greedy_tokens(load_shard(model_path).model, prompts, max_tokens=10)
+    cluster = Cluster(model_path, [(0, 1), (1, 3), (3, 4)])
+    try:
+        for i, prompt in enumerate(prompts):
+            cluster.add(str(i), prompt)
+        out = cluster.run()
+        tokens = [[o.token_id for o in out[str(i)]] for i in range(3)]
+        assert tokens == expected
+        assert all(out[str(i)][-1].finish_reason == "length" for i in range(3))
+        cluster.run(until_s=0.3)  # let the releases travel
+        for engine in cluster.engines:
+            assert engine.num_free_blocks == engine.num_total_blocks
+            assert not engine.sequences
+    finally:
+        cluster.close()
+
+
+def test_abort_at_head_releases_every_stage(model_path):
+    cluster = Cluster(model_path, [(0, 2), (2, 4)])
+    try:
+        cluster.add("a", list(range(1, 30)),
+                    SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        for _ in range(3):
+            cluster.run(until_s=0.05)
+        cluster.routers[0].abort(["a"])
+        for _ in range(20):
+            cluster.run(until_s=0.01)
+            for router in cluster.routers:
+                while (received := router.links.receive()) is not None:
+                    router.on_message(*received)
+        assert all(not e.sequences for e in cluster.engines)
+        assert all(e.num_free_blocks == e.num_total_blocks for e in cluster.engines)
+    finally:
+        cluster.close()
+
+
+def test_dead_middle_stage_fails_requests_quickly(model_path):
+    cluster = Cluster(model_path, [(0, 1), (1, 3), (3, 4)])
+    try:
+        cluster.add("x", list(range(1, 12)),
+                    SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        cluster.run(until_s=0.2)
+        assert "x" in cluster.engines[0].sequences  # still decoding when the stage dies
+        cluster.kill(1)
+        started = time.monotonic()
+        out = cluster.run(until_s=8.0)
+        assert out["x"][-1].finish_reason == "error"
+        assert "next stage" in out["x"][-1].error
+        assert time.monotonic() - started < 5.0
+        assert not cluster.engines[0].sequences
+    finally:
+        cluster.close()
