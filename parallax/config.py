@@ -231,3 +231,53 @@ class JoinConfig:
     @property
     def compute_dtype(self) -> str:
         return resolve_dtype(self.dtype, self.device)
+
+
+_SCHEDULER_ADDRESS = re.compile(r"^(https?://)?[\w.\-\[\]:]+:\d+/?$")
+
+
+def _check_proxy_common(cfg: ChatConfig | GatewayConfig) -> None:
+    if not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port must be in 0..65535, got {cfg.port!r}")
+    if not cfg.host:
+        raise ConfigError("host must not be empty")
+    if not _SCHEDULER_ADDRESS.match(cfg.scheduler or ""):
+        raise ConfigError(f"--scheduler must be HOST:PORT, got {cfg.scheduler!r}")
+    for name in ("connect_timeout_s", "read_timeout_s"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """`parallax chat`: the web UI on another machine, proxying its API calls to the scheduler."""
+
+    scheduler: str = "127.0.0.1:3001"  # HOST:PORT of `parallax run`
+    host: str = "127.0.0.1"
+    port: int = 3002
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0  # longest silence of a proxied answer
+
+    def __post_init__(self) -> None:
+        _check_proxy_common(self)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """`parallax gateway`: password-protected backend for a phone app, in front of the scheduler."""
+
+    password: str | None = None  # required: every request sends `Authorization: Bearer <it>`
+    scheduler: str = "127.0.0.1:3001"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # sent to the scheduler as `Authorization: Bearer <key>`
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check_proxy_common(self)
+        if self.password is None or not self.password.strip():
+            raise ConfigError("the gateway needs a password: pass --password or set "
+                              "PARALLAX_GATEWAY_PASSWORD")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key must not be empty when given")

@@ -215,7 +215,8 @@ class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_default
 
     A chunk with start_position 0 starts the request on the receiving stage (replacing any stale
     state of the same rid) and carries what that stage needs: sampling params, prompt length,
-    the endpoints after it and the head's endpoint (where the last stage sends tokens).
+    the endpoints after it. Every chunk names the head's endpoint (where the last stage sends
+    tokens, and where any stage reports a request it cannot continue).
     """
 
     rid: str

@@ -107,10 +107,11 @@ def test_abort_at_head_releases_every_stage(model_path):
             cluster.run(until_s=0.05)
         cluster.routers[0].abort(["a"])
         for _ in range(20):
-            cluster.run(until_s=0.01)
+            cluster.run(until_s=0.01)  # returns at once: the head has no open request left
             for router in cluster.routers:
                 while (received := router.links.receive()) is not None:
                     router.on_message(*received)
+            time.sleep(0.01)  # give the release time to cross the tcp link
         assert all(not e.sequences for e in cluster.engines)
         assert all(e.num_free_blocks == e.num_total_blocks for e in cluster.engines)
     finally:

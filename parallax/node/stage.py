@@ -79,8 +79,11 @@ class StageRouter:
                 self.routes[entry.rid] = Route(next_endpoint, list(entry.downstream[1:]),
                                                entry.head_endpoint)
             route = self.routes.get(entry.rid)
-            if route is None:
-                continue  # released meanwhile
+            if route is None:  # released meanwhile, or state lost: tell the head
+                if entry.head_endpoint:
+                    self._to_head(entry.head_endpoint, [error_output(
+                        entry.rid, "a later stage has no state for this request")])
+                continue
             try:
                 self.engine.add_hidden(
                     entry.rid, list(entry.token_ids), entry.start_position, rows,
@@ -149,7 +152,7 @@ class StageRouter:
                 seq.sampling_params if first and seq is not None else None,
                 seq.num_prompt_tokens if first and seq is not None else 0,
                 route.downstream_after_next if first else [],
-                route.head_endpoint if first else ""))
+                route.head_endpoint))
         try:
             self.links.send_activations(endpoint, entries, torch.cat([o.hidden for o, _ in items]))
         except PeerUnreachable as exc:

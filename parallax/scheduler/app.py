@@ -1,0 +1,381 @@
+"""The scheduler's HTTP app: OpenAI API in front, node control plane behind, status on the side.
+
+Thin on purpose: allocation, routing and the status object live in pure modules; forwarding in
+`forward.py`. `SchedulerState` holds the registry and everything the endpoints share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from parallax.config import SchedulerConfig
+from parallax.protocol import (
+    Assignment,
+    Heartbeat,
+    HeartbeatResponse,
+    JoinResponse,
+    NodeJoin,
+    NodeLeave,
+)
+from parallax.scheduler.allocation import NodeInfo
+from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
+from parallax.scheduler.forward import Forwarder, effective_running
+from parallax.scheduler.registry import NodeRecord, Registry
+from parallax.scheduler.status import (
+    ClusterMetrics,
+    StatusHub,
+    cluster_status,
+    join_command,
+    status_events,
+)
+from parallax.serving.errors import APIError, install_error_handlers
+from parallax.serving.openai_schemas import (
+    check_model_name,
+    models_list,
+    parse_chat_request,
+    parse_json_body,
+)
+from parallax.web import mount_web_ui
+
+logger = logging.getLogger("parallax.scheduler")
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_JSON = msgspec.json.Encoder()
+
+
+def _msgspec_response(obj: Any) -> Response:
+    return Response(_JSON.encode(obj), media_type="application/json")
+
+
+class SchedulerState:
+    """Everything the endpoints share; one per app."""
+
+    def __init__(self, config: SchedulerConfig, *, catalog: ModelCatalog | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.registry = Registry(heartbeat_timeout_s=config.heartbeat_timeout_s,
+                                 init_nodes_num=config.init_nodes_num)
+        local = [*config.local_models]
+        if (config.model and config.model.endswith(".gguf")) or _is_dir(config.model):
+            local.insert(0, config.model)
+        self.catalog = catalog or ModelCatalog(config.dtype, local_models=local)
+        self.hub = StatusHub()
+        self.metrics = ClusterMetrics()
+        self.forwarder = Forwarder(self.registry, config, self.metrics,
+                                   on_change=self.changed, transport=transport)
+        self.node_states: dict[str, str] = {}  # last heartbeat `state` per node
+        self.is_local_network = True
+        self.join_command = join_command(config.host, config.port, config.join_token)
+        self._model_list: list[dict[str, Any]] | None = None
+        self._model_list_lock = asyncio.Lock()
+
+    def changed(self) -> None:
+        """Something the status shows changed: wake status streams and waiting requests."""
+        self.hub.notify()
+        self.forwarder.wake()
+
+    # ---- model ----------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str | None:
+        return None if self.registry.model is None else self.registry.model.name
+
+    def set_model(self, model: str | None, init_nodes_num: int | None = None) -> None:
+        """Size `model` (blocking; ValueError if unknown) and allocate it afresh."""
+        spec = self.catalog.spec(model)
+        if init_nodes_num is not None:
+            self.registry.init_nodes_num = init_nodes_num
+        self.registry.set_model(spec)
+        logger.info("model %s: %d layers; %s", spec.name, spec.num_layers,
+                    self.registry.allocation.reason if self.registry.allocation else "waiting")
+        self.changed()
+
+    async def model_list(self) -> list[dict[str, Any]]:
+        async with self._model_list_lock:
+            if self._model_list is None:
+                self._model_list = await asyncio.to_thread(self.catalog.entries)
+            entries = list(self._model_list)
+        current = self.registry.model
+        if current is not None and all(e["name"] != current.name for e in entries):
+            entries.insert(0, self.catalog.entry(current))
+        return entries
+
+    def check_model(self, requested: str | None) -> None:
+        """404 unless `requested` is absent, "default", or names the served model."""
+        served = self.model_name
+        if served is None:
+            raise APIError(503, "no model is selected yet; choose one with POST /scheduler/init")
+        try:
+            check_model_name(requested, served)
+        except APIError:
+            check_model_name(requested, display_name(served))
+
+    # ---- nodes ----------------------------------------------------------------------------
+
+    def assignment_of(self, node_id: str) -> Assignment | None:
+        layers = self.registry.assignment(node_id)
+        if layers is None or self.registry.model is None:
+            return None
+        return Assignment(self.registry.model.name, layers[0], layers[1], self.registry.generation)
+
+    def join(self, message: NodeJoin) -> JoinResponse:
+        now = self.clock()
+        previous = self.registry.nodes.get(message.node_id)
+        joined_at = previous.joined_at if previous is not None else now
+        info = NodeInfo(message.node_id, message.memory_bytes, message.gflops,
+                        message.bandwidth_gbps, joined_at)
+        record = NodeRecord(message.node_id, info, message.device, message.device_name,
+                            message.http_url.rstrip("/"), message.activation_endpoint,
+                            joined_at=joined_at, last_seen=now,
+                            max_running_requests=message.max_running_requests)
+        self.registry.join(record)
+        self.node_states[message.node_id] = "joined"
+        self.forwarder.inflight.forget(message.node_id)
+        logger.info("node %s joined%s (%s, %.2f GiB, %.0f GFLOP/s) -> %s", message.node_id,
+                    " again" if previous else "", message.device_name,
+                    message.memory_bytes / 2**30, message.gflops,
+                    self.registry.assignment(message.node_id))
+        self.changed()
+        return JoinResponse(message.node_id, self.config.heartbeat_interval_s,
+                            self.assignment_of(message.node_id))
+
+    def heartbeat(self, message: Heartbeat) -> HeartbeatResponse:
+        loaded = message.state not in ("loading", "error")
+        loaded_range = None
+        if loaded and message.loaded_start_layer is not None \
+                and message.loaded_end_layer is not None:
+            loaded_range = (message.loaded_start_layer, message.loaded_end_layer)
+        known = self.registry.heartbeat(
+            message.node_id, self.clock(), running_requests=message.running_requests,
+            waiting_requests=message.waiting_requests, free_blocks=message.free_blocks,
+            total_blocks=message.total_blocks, layer_latency_ms=message.layer_latency_ms,
+            loaded_model=message.loaded_model if loaded else None, loaded_range=loaded_range)
+        if not known:
+            return HeartbeatResponse(known=False)
+        self.forwarder.inflight.mark_heartbeat(message.node_id)
+        if message.state == "error" and self.node_states.get(message.node_id) != "error":
+            logger.warning("node %s reports an error: %s", message.node_id, message.error)
+        self.node_states[message.node_id] = message.state
+        self.changed()
+        return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id))
+
+    def leave(self, node_id: str) -> bool:
+        left = self.registry.leave(node_id)
+        self._forget(node_id)
+        if left:
+            logger.info("node %s left", node_id)
+            self.changed()
+        return left
+
+    def evict_silent(self) -> list[str]:
+        evicted = self.registry.evict_silent(self.clock())
+        for node_id in evicted:
+            logger.warning("node %s evicted: no heartbeat for %.0f s", node_id,
+                           self.config.heartbeat_timeout_s)
+            self._forget(node_id)
+        if evicted:
+            self.changed()
+        return evicted
+
+    def _forget(self, node_id: str) -> None:
+        self.node_states.pop(node_id, None)
+        self.forwarder.inflight.forget(node_id)
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return cluster_status(self.registry, node_join_command=self.join_command,
+                              running=effective_running(self.registry, self.forwarder.inflight),
+                              reported_states=self.node_states)
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        running = effective_running(self.registry, self.forwarder.inflight)
+        ready = {n: self.registry.is_ready(n) for n in self.registry.nodes}
+        self.metrics.set_nodes(running, ready, len(self.registry.ready_pipelines()),
+                               self.forwarder.queued)
+        return self.metrics.render()
+
+    async def evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.evict_interval_s)
+            try:
+                self.evict_silent()
+            except Exception:  # never let the sweeper die
+                logger.exception("evicting silent nodes failed")
+
+
+def _is_dir(model: str | None) -> bool:
+    import os
+
+    return bool(model) and os.path.isdir(os.path.expanduser(model))
+
+
+def _check_secret(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _decode(body: bytes, type_: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise APIError(400, f"bad {type_.__name__} body: {exc}") from None
+
+
+def build_app(state: SchedulerState) -> FastAPI:
+    """The FastAPI app of `parallax run` around `state`."""
+    config = state.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(state.evict_loop())
+        warm = asyncio.create_task(state.model_list())  # size the setup page's models early
+        try:
+            yield
+        finally:
+            for task in (sweeper, warm):
+                task.cancel()
+            await state.forwarder.aclose()
+
+    app = FastAPI(title="Parallax scheduler", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.scheduler = state
+    install_error_handlers(app)
+
+    def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not _check_secret(key.strip(), config.api_key):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    def require_join_token(request: Request) -> None:
+        if config.join_token is not None and not _check_secret(
+                request.headers.get("x-join-token"), config.join_token):
+            raise APIError(401, "missing or wrong join token (header X-Join-Token)")
+
+    # ---- OpenAI API -------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        require_api_key(request)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > config.max_body_bytes:
+            raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes")
+        body = parse_json_body(raw)
+        req = parse_chat_request(body)  # 400 on a malformed request, before routing
+        state.check_model(req.model)
+        payload = {k: v for k, v in body.items() if k not in ("model", "rid", "routing_table")}
+        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        try:
+            placed = await state.forwarder.place(payload, rid, request)
+        except APIError as exc:
+            state.metrics.requests.labels(status=str(exc.status)).inc()
+            raise
+        if placed is None:  # the client went away first
+            return Response(status_code=499)
+        ticket, response = placed
+        return await state.forwarder.respond(ticket, response, stream=req.stream, request=request)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        require_api_key(request)
+        if state.model_name is None:
+            return {"object": "list", "data": []}
+        return models_list(display_name(state.model_name))
+
+    # ---- status and setup -------------------------------------------------------------------
+
+    @app.get("/cluster/status")
+    async def cluster_status_stream() -> StreamingResponse:
+        return StreamingResponse(status_events(state.hub, state.status),
+                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.get("/cluster/status_json")
+    async def cluster_status_json() -> dict[str, Any]:
+        return state.status()
+
+    @app.get("/model/list")
+    async def model_list() -> dict[str, Any]:
+        return {"type": "model_list", "data": await state.model_list()}
+
+    @app.get("/node/join/command")
+    async def node_join_command() -> dict[str, Any]:
+        return {"type": "node_join_command", "data": {"command": state.join_command}}
+
+    @app.post("/scheduler/init")
+    async def scheduler_init(request: Request) -> dict[str, Any]:
+        body = parse_json_body(await request.body())
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object {model_name, init_nodes_num, "
+                                "is_local_network}")
+        model = body.get("model_name")
+        nodes = body.get("init_nodes_num", state.registry.init_nodes_num)
+        local = body.get("is_local_network", state.is_local_network)
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, f"'model_name' must be a string, got {model!r}")
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+            raise APIError(400, f"'init_nodes_num' must be a positive integer, got {nodes!r}")
+        if not isinstance(local, bool):
+            raise APIError(400, f"'is_local_network' must be true or false, got {local!r}")
+        name = canonical_model(model)
+        if name != state.model_name or nodes != state.registry.init_nodes_num:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(state.catalog.spec, name), 60)
+            except asyncio.TimeoutError:
+                raise APIError(503, f"sizing {name} took too long; retry") from None
+            except (ValueError, OSError) as exc:
+                raise APIError(400, str(exc)) from None
+            state.set_model(name, nodes)  # cached: instant
+        state.is_local_network = local
+        return {"type": "scheduler_init",
+                "data": {"model_name": state.model_name, "init_nodes_num": nodes,
+                         "is_local_network": local, "status": state.registry.status()}}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        content, content_type = state.render_metrics()
+        return Response(content, media_type=content_type)
+
+    # ---- node control plane -----------------------------------------------------------------
+
+    @app.post("/node/join")
+    async def node_join(request: Request) -> Response:
+        require_join_token(request)
+        message = _decode(await request.body(), NodeJoin)
+        if not message.node_id or not message.http_url.startswith(("http://", "https://")):
+            raise APIError(400, "node_id must be set and http_url must be an http(s) URL")
+        if message.memory_bytes < 0 or message.max_running_requests < 1:
+            raise APIError(400, "memory_bytes must be >= 0 and max_running_requests >= 1")
+        return _msgspec_response(state.join(message))
+
+    @app.post("/node/heartbeat")
+    async def node_heartbeat(request: Request) -> Response:
+        require_join_token(request)
+        return _msgspec_response(state.heartbeat(_decode(await request.body(), Heartbeat)))
+
+    @app.post("/node/leave")
+    async def node_leave(request: Request) -> JSONResponse:
+        require_join_token(request)
+        message = _decode(await request.body(), NodeLeave)
+        return JSONResponse({"ok": True, "known": state.leave(message.node_id)})
+
+    mount_web_ui(app)  # the setup / join / chat pages at /
+    return app

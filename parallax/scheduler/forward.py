@@ -1,0 +1,415 @@
+"""Forwarding a chat request: pick a pipeline (with waits and retries), send it to the head node
+with `rid` and `routing_table`, and relay the answer back byte for byte.
+
+Decisions stay in the pure modules: :func:`parallax.scheduler.routing.route` picks the pipeline
+from :func:`effective_loads`. Load is what heartbeats report plus what the scheduler itself has
+in flight: the part of a node's reported load the scheduler did not send (another client, a
+stale count) is kept as "external" load, and the scheduler's own count is always current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from parallax.config import SchedulerConfig
+from parallax.protocol import RoutingEntry
+from parallax.scheduler.allocation import Stage
+from parallax.scheduler.registry import Registry
+from parallax.scheduler.routing import NodeLoad, RouteDecision, route
+from parallax.scheduler.status import ClusterMetrics
+from parallax.serving.errors import APIError, error_body
+from parallax.serving.sse import DONE, encode_event
+
+logger = logging.getLogger("parallax.scheduler")
+
+_MAX_LINE = 1 << 20
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class InFlight:
+    """Requests the scheduler has sent and not yet seen finish, per node."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.at_heartbeat: dict[str, int] = {}  # our count when the node's last heartbeat came
+
+    def add(self, node_ids: tuple[str, ...], delta: int) -> None:
+        for node_id in node_ids:
+            count = self.counts.get(node_id, 0) + delta
+            if count > 0:
+                self.counts[node_id] = count
+            else:
+                self.counts.pop(node_id, None)
+
+    def mark_heartbeat(self, node_id: str) -> None:
+        self.at_heartbeat[node_id] = self.counts.get(node_id, 0)
+
+    def forget(self, node_id: str) -> None:
+        self.at_heartbeat.pop(node_id, None)
+
+
+def effective_running(registry: Registry, inflight: InFlight) -> dict[str, int]:
+    """Per node: our in-flight count + the reported load we did not send (never negative)."""
+    out = {}
+    for node_id, record in registry.nodes.items():
+        reported = record.running_requests + record.waiting_requests
+        external = max(0, reported - inflight.at_heartbeat.get(node_id, 0))
+        out[node_id] = inflight.counts.get(node_id, 0) + external
+    return out
+
+
+def effective_loads(registry: Registry, inflight: InFlight) -> dict[str, NodeLoad]:
+    """NodeLoad of every node serving its assigned layers (others are left out: not routable)."""
+    running = effective_running(registry, inflight)
+    return {
+        node_id: NodeLoad(node_id, running[node_id], 0, record.max_running_requests,
+                          record.layer_latency_ms)
+        for node_id, record in registry.nodes.items() if registry.is_ready(node_id)
+    }
+
+
+class StreamPeek:
+    """Watches SSE bytes go by (never changing them): `[DONE]`, error events, final chunks."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._skip = False  # inside an over-long line: ignore it
+        self.done = False
+        self.error: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        """Feed bytes; return the chunks that carry `metrics` (normally the final one)."""
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        finals: list[dict[str, Any]] = []
+        for line in lines:
+            skip, self._skip = self._skip, False
+            if skip or not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+            elif b'"metrics"' in payload or b'"error"' in payload:
+                try:
+                    obj = msgspec.json.decode(payload)
+                except msgspec.DecodeError:
+                    continue
+                if isinstance(obj, dict) and obj.get("object") == "error":
+                    self.error = obj
+                elif isinstance(obj, dict) and isinstance(obj.get("metrics"), dict):
+                    finals.append(obj)
+        if len(self._partial) > _MAX_LINE:
+            self._partial, self._skip = b"", True
+        return finals
+
+
+@dataclass
+class Ticket:
+    """One request placed on one pipeline."""
+
+    rid: str
+    index: int
+    pipeline: tuple[Stage, ...]
+    label: str
+    released: bool = False
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(stage.node_id for stage in self.pipeline)
+
+
+class _Retryable(Exception):
+    def __init__(self, error: APIError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error, self.reason = error, reason
+
+
+def _error_message(body: bytes, fallback: str) -> str:
+    try:
+        obj = msgspec.json.decode(body)
+        return str(obj.get("message") or fallback) if isinstance(obj, dict) else fallback
+    except msgspec.DecodeError:
+        return fallback
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Forwarder:
+    """Places requests on pipelines and relays the head node's answer."""
+
+    def __init__(self, registry: Registry, config: SchedulerConfig, metrics: ClusterMetrics,
+                 *, on_change: Callable[[], None] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self.inflight = InFlight()
+        self.queued = 0  # requests waiting for room
+        self._on_change = on_change or (lambda: None)
+        self._room = asyncio.Event()
+        self._last_index = -1
+        timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
+                                pool=config.connect_timeout_s)
+        self.client = httpx.AsyncClient(
+            transport=transport, timeout=timeout, trust_env=False,
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=64))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def wake(self) -> None:
+        """Wake requests waiting for room (a request ended, a pipeline became ready...)."""
+        self._room.set()
+        self._room = asyncio.Event()
+
+    # ---- placing ------------------------------------------------------------------------
+
+    def pick(self, excluded: Collection[int] = ()) -> RouteDecision:
+        """The route decision now, skipping pipeline indices in `excluded`."""
+        allocation = self.registry.allocation
+        if allocation is None:
+            return RouteDecision(None, "no_pipeline")
+        pipelines = [() if i in excluded else p for i, p in enumerate(allocation.pipelines)]
+        decision = route(pipelines, effective_loads(self.registry, self.inflight),
+                         last_index=self._last_index)
+        if decision.pipeline_index is not None:
+            self._last_index = decision.pipeline_index
+        return decision
+
+    def routing_table(self, pipeline: tuple[Stage, ...]) -> list[dict[str, Any]]:
+        """RoutingEntry objects (head first) as JSON-ready dicts."""
+        table = []
+        for stage in pipeline:
+            record = self.registry.nodes[stage.node_id]
+            table.append(msgspec.to_builtins(RoutingEntry(
+                stage.node_id, record.http_url, record.activation_endpoint, stage.start_layer,
+                stage.end_layer)))
+        return table
+
+    def _acquire(self, index: int, rid: str) -> Ticket:
+        pipeline = self.registry.allocation.pipelines[index]
+        ticket = Ticket(rid, index, pipeline, ">".join(s.node_id for s in pipeline))
+        self.inflight.add(ticket.node_ids, +1)
+        self.metrics.pipeline_requests.labels(pipeline=ticket.label).inc()
+        self._on_change()
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give the request's slots back (idempotent)."""
+        if not ticket.released:
+            ticket.released = True
+            self.inflight.add(ticket.node_ids, -1)
+            self.wake()
+            self._on_change()
+
+    async def open(self, payload: dict[str, Any], rid: str) -> tuple[Ticket, httpx.Response]:
+        """Route and send; returns the head's response (status 200 or an error to pass on).
+
+        All busy: wait for room (a request ending, or `retry_interval_s`) until
+        `retry_attempts × retry_interval_s` passed, then 429. A head that cannot be reached or
+        answers 429 / 503 costs one of `retry_attempts` and the request tries another pipeline
+        (or waits). No ready pipeline: 503 at once.
+        """
+        attempts, interval = self.config.retry_attempts, self.config.retry_interval_s
+        deadline = time.monotonic() + attempts * interval
+        failures, excluded = 0, set()
+        last: APIError | None = None
+        queued = False  # counted in `self.queued` (waiting for room)
+        try:
+            while True:
+                decision = self.pick(excluded)
+                if decision.pipeline_index is not None:
+                    if queued:
+                        self.queued, queued = self.queued - 1, False
+                    ticket = self._acquire(decision.pipeline_index, rid)
+                    try:
+                        return ticket, await self._send(ticket, payload)
+                    except _Retryable as exc:
+                        self.release(ticket)
+                        self.metrics.retries.labels(reason=exc.reason).inc()
+                        failures, last = failures + 1, exc.error
+                        logger.info("request %s: %s; retrying", rid, exc.error.message)
+                        if failures > attempts:
+                            raise exc.error from None
+                        excluded.add(decision.pipeline_index)
+                        continue
+                    except BaseException:
+                        self.release(ticket)
+                        raise
+                if not self.registry.ready_pipelines():
+                    raise last or APIError(503, self._unavailable_message())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise last or APIError(
+                        429, f"every pipeline is busy; gave up after {attempts} retries "
+                             f"{interval:g} s apart")
+                self.metrics.retries.labels(reason="all_busy").inc()
+                if not queued:
+                    self.queued, queued = self.queued + 1, True
+                    self._on_change()
+                room = self._room
+                try:
+                    await asyncio.wait_for(room.wait(), min(interval, remaining) or 0.001)
+                except asyncio.TimeoutError:
+                    excluded.clear()
+        finally:
+            if queued:
+                self.queued -= 1
+
+    async def place(self, payload: dict[str, Any], rid: str,
+                    request: Request) -> tuple[Ticket, httpx.Response] | None:
+        """:meth:`open`, abandoned (None) as soon as the client goes away.
+
+        A non-streaming answer sends no byte before the whole completion is ready, so without
+        this a client that gives up would leave the head generating (and its slots taken).
+        """
+        opening = asyncio.ensure_future(self.open(payload, rid))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not opening.done():
+                opening.cancel()
+                await asyncio.wait({opening})  # let it give its slots back and hang up
+        if opening.cancelled():
+            self.metrics.requests.labels(status="499").inc()
+            return None
+        return opening.result()
+
+    def _unavailable_message(self) -> str:
+        registry = self.registry
+        if registry.model is None:
+            return "no model is selected yet; choose one with POST /scheduler/init"
+        if registry.allocation is None or registry.allocation.need_more_nodes:
+            reason = registry.allocation.reason if registry.allocation else (
+                f"{len(registry.nodes)} of {registry.init_nodes_num} nodes joined")
+            return f"no complete pipeline: {reason}; join more nodes"
+        return "no pipeline is ready yet: nodes are loading their layers; retry shortly"
+
+    async def _send(self, ticket: Ticket, payload: dict[str, Any]) -> httpx.Response:
+        head = self.registry.nodes[ticket.pipeline[0].node_id]
+        url = head.http_url.rstrip("/") + "/v1/chat/completions"
+        body = {**payload, "rid": ticket.rid, "routing_table": self.routing_table(ticket.pipeline)}
+        request = self.client.build_request(
+            "POST", url, content=msgspec.json.encode(body),
+            headers={"content-type": "application/json"})
+        where = f"head node {head.node_id} ({url})"
+        try:
+            response = await self.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _Retryable(APIError(503, f"{where} is unreachable: {exc!r}"), "connect") from None
+        except httpx.TimeoutException:
+            raise APIError(503, f"{where} did not answer within "
+                                f"{self.config.read_timeout_s:g} s") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(APIError(503, f"{where} failed: {exc!r}"), "connect") from None
+        if response.status_code in (429, 503):
+            try:
+                text = await response.aread()
+            except httpx.HTTPError:
+                text = b""
+            finally:
+                await response.aclose()
+            reason = "busy" if response.status_code == 429 else "unavailable"
+            message = _error_message(text, f"{where} answered {response.status_code}")
+            raise _Retryable(APIError(response.status_code, message), reason)
+        return response
+
+    # ---- relaying -----------------------------------------------------------------------
+
+    async def _close(self, ticket: Ticket, response: httpx.Response) -> None:
+        self.release(ticket)
+        with anyio.CancelScope(shield=True):
+            try:
+                await response.aclose()
+            except Exception:  # closing a broken connection may fail; it is gone either way
+                pass
+
+    async def respond(self, ticket: Ticket, response: httpx.Response, *, stream: bool,
+                      request: Request) -> Response:
+        """The client's response: the SSE relay, or the head's whole body (any status)."""
+        if stream and response.status_code == 200:
+            return _Relay(self._relay(ticket, response), self, ticket, response,
+                          media_type="text/event-stream", headers=_SSE_HEADERS)
+        try:
+            return await self._whole(ticket, response, request)
+        finally:
+            await self._close(ticket, response)
+
+    async def _relay(self, ticket: Ticket, response: httpx.Response) -> AsyncIterator[bytes]:
+        peek = StreamPeek()
+        try:
+            try:
+                async for chunk in response.aiter_bytes():
+                    for final in peek.feed(chunk):
+                        self.metrics.observe_final(ticket.label, final)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                logger.warning("request %s: head stream broke: %r", ticket.rid, exc)
+            if not peek.done:
+                message = (f"the pipeline's head node {ticket.pipeline[0].node_id} ended the "
+                           "stream early (node lost?)")
+                yield encode_event(error_body(503, message)) + DONE
+            self.metrics.requests.labels(
+                status="200" if peek.done and peek.error is None else "error").inc()
+        finally:
+            await self._close(ticket, response)
+
+    async def _whole(self, ticket: Ticket, response: httpx.Response,
+                     request: Request) -> Response:
+        """Read the head's whole answer, abandoning it (closing upstream) if the client leaves."""
+        read = asyncio.ensure_future(response.aread())
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (read, gone):
+                task.cancel()
+        if not read.done() or read.cancelled():
+            self.metrics.requests.labels(status="499").inc()
+            return Response(status_code=499)
+        try:
+            body = read.result()
+        except httpx.HTTPError as exc:
+            self.metrics.requests.labels(status="503").inc()
+            error = error_body(503, f"the head node {ticket.pipeline[0].node_id} failed: {exc!r}")
+            return Response(msgspec.json.encode(error), status_code=503,
+                            media_type="application/json")
+        self.metrics.requests.labels(status=str(response.status_code)).inc()
+        if response.status_code == 200:
+            try:
+                self.metrics.observe_final(ticket.label, msgspec.json.decode(body))
+            except (msgspec.DecodeError, AttributeError):
+                pass
+        return Response(body, status_code=response.status_code,
+                        media_type=response.headers.get("content-type", "application/json"))
+
+
+class _Relay(StreamingResponse):
+    """A StreamingResponse that gives the ticket back even if its body never starts."""
+
+    def __init__(self, content: AsyncIterator[bytes], forwarder: Forwarder, ticket: Ticket,
+                 response: httpx.Response, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._forwarder, self._ticket, self._response = forwarder, ticket, response
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._forwarder._close(self._ticket, self._response)

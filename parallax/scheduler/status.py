@@ -1,0 +1,238 @@
+"""What the scheduler shows: the cluster status object, its change feed, the join command, and
+the scheduler's Prometheus metrics. Building the status object is a pure function of the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from parallax.scheduler.registry import Registry
+from parallax.serving.metrics import TPS_BUCKETS, TTFT_BUCKETS
+from parallax.serving.sse import encode_event
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def lan_address() -> str:
+    """This machine's address on its default-route interface (no packet is sent), else loopback."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))
+        return probe.getsockname()[0]
+    except OSError:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    finally:
+        probe.close()
+
+
+def join_command(host: str, port: int, join_token: str | None = None) -> str:
+    """`parallax join -s HOST:PORT [--join-token T]`, HOST reachable from other machines."""
+    address = lan_address() if host in WILDCARD_HOSTS else host
+    if ":" in address:  # IPv6 literal
+        address = f"[{address}]"
+    command = f"parallax join -s {address}:{port}"
+    return f"{command} --join-token {join_token}" if join_token else command
+
+
+def node_status(registry: Registry, node_id: str, reported_state: str | None) -> str:
+    """ready | loading | error | standby (holds no layers) | waiting (no allocation yet)."""
+    if registry.model is None or registry.allocation is None:
+        return "waiting"
+    if registry.assignment(node_id) is None:
+        return "standby"
+    if registry.is_ready(node_id):
+        return "ready"
+    return "error" if reported_state == "error" else "loading"
+
+
+def max_running_requests(registry: Registry) -> int:
+    """Requests the ready pipelines admit at once: Σ over them of their smallest node's limit."""
+    if registry.allocation is None:
+        return 0
+    total = 0
+    for index in registry.ready_pipelines():
+        pipeline = registry.allocation.pipelines[index]
+        total += min(registry.nodes[s.node_id].max_running_requests for s in pipeline)
+    return total
+
+
+def _reason(registry: Registry) -> str:
+    if registry.model is None:
+        return "no model selected: POST /scheduler/init"
+    if registry.allocation is None:
+        missing = registry.init_nodes_num - len(registry.nodes)
+        return f"waiting for {missing} more node(s) before the first allocation"
+    if registry.allocation.need_more_nodes:
+        return registry.allocation.reason
+    if not registry.ready_pipelines():
+        return "nodes are loading their layers"
+    return registry.allocation.reason
+
+
+def cluster_status(
+    registry: Registry,
+    *,
+    node_join_command: str,
+    running: Mapping[str, int] | None = None,
+    reported_states: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The `cluster_status` event: `{"type": "cluster_status", "data": {...}}`.
+
+    `running` overrides a node's running-request count (the scheduler's own, fresher figure);
+    `reported_states` holds each node's last heartbeat `state` (to show "error").
+    """
+    running = running or {}
+    reported_states = reported_states or {}
+    allocation = registry.allocation
+    need_more = registry.model is not None and (allocation is None or allocation.need_more_nodes)
+    nodes = []
+    for record in sorted(registry.nodes.values(), key=lambda r: (r.joined_at, r.node_id)):
+        layers = registry.assignment(record.node_id)
+        nodes.append({
+            "node_id": record.node_id,
+            "status": node_status(registry, record.node_id, reported_states.get(record.node_id)),
+            "device": record.device,
+            "device_name": record.device_name,
+            "memory_gb": round(record.info.memory_bytes / 2**30, 2),
+            "start_layer": None if layers is None else layers[0],
+            "end_layer": None if layers is None else layers[1],
+            "running_requests": running.get(record.node_id, record.running_requests),
+            "gflops": round(record.info.gflops, 1),
+            "layer_latency_ms": round(record.layer_latency_ms, 3),
+        })
+    pipelines = [] if allocation is None else [
+        [stage.node_id for stage in pipeline] for pipeline in allocation.pipelines]
+    return {
+        "type": "cluster_status",
+        "data": {
+            "status": registry.status(),
+            "model_name": None if registry.model is None else registry.model.name,
+            "init_nodes_num": registry.init_nodes_num,
+            "need_more_nodes": need_more,
+            "node_join_command": node_join_command,
+            "max_running_request": max_running_requests(registry),
+            "node_list": nodes,
+            "pipelines": pipelines,
+            "ready_pipelines": registry.ready_pipelines(),
+            "reason": _reason(registry),
+        },
+    }
+
+
+class StatusHub:
+    """A version counter with a wake-up: every change (join, heartbeat, request...) bumps it."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """Return once the version differs from `seen` or `timeout` seconds passed."""
+        if self.version == seen:
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.version
+
+
+async def status_events(
+    hub: StatusHub,
+    snapshot: Callable[[], dict[str, Any]],
+    *,
+    interval_s: float = 2.0,
+    min_gap_s: float = 0.1,
+) -> AsyncIterator[bytes]:
+    """SSE bytes: the status now, then on every change (at most every `min_gap_s`) and at least
+    every `interval_s`. Ends when the consumer stops iterating (client gone)."""
+    last: dict[str, Any] | None = None
+    sent_at = 0.0
+    seen = hub.version
+    while True:
+        current = snapshot()
+        now = time.monotonic()
+        if current != last or now - sent_at >= interval_s:
+            yield encode_event(current)
+            last, sent_at = current, now
+            await asyncio.sleep(min_gap_s)
+        remaining = interval_s - (time.monotonic() - sent_at)
+        seen = await hub.wait(seen, max(0.01, remaining))
+
+
+class ClusterMetrics:
+    """The scheduler's Prometheus metrics, in a registry of its own (many apps per process OK)."""
+
+    def __init__(self, namespace: str = "parallax_scheduler") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, namespace
+        self.node_running = Gauge("node_running_requests", "Requests running on a node "
+                                  "(the scheduler's count plus load the node reports)",
+                                  ["node"], namespace=ns, registry=r)
+        self.node_ready = Gauge("node_ready", "1 when the node serves its assigned layers",
+                                ["node"], namespace=ns, registry=r)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for a pipeline with room",
+                                 namespace=ns, registry=r)
+        self.pipelines_ready = Gauge("pipelines_ready", "Pipelines able to serve",
+                                     namespace=ns, registry=r)
+        self.requests = Counter("requests", "Chat requests by outcome (HTTP status)",
+                                ["status"], namespace=ns, registry=r)
+        self.pipeline_requests = Counter("pipeline_requests", "Requests forwarded to a pipeline",
+                                         ["pipeline"], namespace=ns, registry=r)
+        self.pipeline_tokens = Counter("pipeline_completion_tokens", "Completion tokens a "
+                                       "pipeline produced (from final chunks' usage)",
+                                       ["pipeline"], namespace=ns, registry=r)
+        self.retries = Counter("route_retries", "Routing waits and head-node retries",
+                               ["reason"], namespace=ns, registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "TTFT reported by head nodes",
+                              buckets=TTFT_BUCKETS, namespace=ns, registry=r)
+        self.tps = Histogram("tokens_per_second", "Decode speed reported by head nodes",
+                             buckets=TPS_BUCKETS, namespace=ns, registry=r)
+
+    def observe_final(self, pipeline: str, final: Mapping[str, Any]) -> None:
+        """Record a final chunk / completion body's `metrics` and `usage`."""
+        metrics = final.get("metrics") or {}
+        if isinstance(metrics.get("ttft_ms"), (int, float)):
+            self.ttft.observe(metrics["ttft_ms"] / 1000.0)
+        if isinstance(metrics.get("tps"), (int, float)) and metrics["tps"] > 0:
+            self.tps.observe(metrics["tps"])
+        usage = final.get("usage") or {}
+        tokens = usage.get("completion_tokens")
+        if isinstance(tokens, int) and tokens > 0:
+            self.pipeline_tokens.labels(pipeline=pipeline).inc(tokens)
+
+    def set_nodes(self, running: Mapping[str, int], ready: Mapping[str, bool],
+                  pipelines_ready: int, queue_depth: int) -> None:
+        """Refresh the gauges (before a scrape); nodes gone since the last one disappear."""
+        self.node_running.clear()
+        self.node_ready.clear()
+        for node_id, count in running.items():
+            self.node_running.labels(node=node_id).set(count)
+        for node_id, flag in ready.items():
+            self.node_ready.labels(node=node_id).set(1 if flag else 0)
+        self.pipelines_ready.set(pipelines_ready)
+        self.queue_depth.set(queue_depth)
+
+    def render(self) -> tuple[bytes, str]:
+        """Text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

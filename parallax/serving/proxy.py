@@ -1,0 +1,190 @@
+"""Forwarding HTTP requests to the scheduler (used by `parallax chat` and `parallax gateway`).
+
+Streams are passed through as their bytes arrive; when the client goes away Starlette cancels the
+response's body iterator and the upstream response is closed with it, so the scheduler sees the
+disconnect too. A scheduler that cannot be reached answers 503 with the OpenAI error body.
+
+Also holds the small uvicorn runner both servers use (no torch import: these servers run on
+machines that are not nodes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from parallax.serving.errors import APIError, error_body
+from parallax.serving.sse import DONE, encode_event
+
+logger = logging.getLogger(__name__)
+
+# request headers worth forwarding upstream; hop-by-hop and host headers are dropped
+FORWARD_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id")
+# response headers worth passing back; length/encoding are recomputed by our server
+FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-request-id", "retry-after",
+                            "www-authenticate")
+
+
+def scheduler_url(address: str) -> str:
+    """`HOST:PORT` (or a full http(s) URL) → base URL without a trailing slash."""
+    address = address.strip().rstrip("/")
+    if address.startswith(("http://", "https://")):
+        return address
+    return f"http://{address}"
+
+
+def make_client(base_url: str, connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
+    """The one upstream client of a proxy server: timeouts on every call, no env proxies."""
+    timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
+                            write=connect_timeout_s, pool=connect_timeout_s)
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False,
+                             limits=httpx.Limits(max_connections=1000,
+                                                 max_keepalive_connections=50))
+
+
+def unreachable(exc: Exception, target: str) -> APIError:
+    """The 503 answered when the scheduler cannot be reached (or stops answering)."""
+    what = "did not answer in time" if isinstance(exc, httpx.TimeoutException) else "is unreachable"
+    return APIError(503, f"the scheduler at {target} {what} ({type(exc).__name__})")
+
+
+def _pass_headers(upstream: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() in FORWARD_RESPONSE_HEADERS}
+
+
+async def open_upstream(client: httpx.AsyncClient, method: str, path: str, *,
+                        headers: dict[str, str] | None = None, content: bytes | None = None,
+                        json: object = None, read_timeout_s: float | None = None,
+                        ) -> httpx.Response:
+    """Send a request upstream with streaming on; raises APIError(503) when unreachable."""
+    extra = {}
+    if read_timeout_s is not None:
+        extra["timeout"] = httpx.Timeout(client.timeout.connect, read=read_timeout_s,
+                                         write=client.timeout.write, pool=client.timeout.pool)
+    request = client.build_request(method, path, headers=headers, content=content, json=json,
+                                   **extra)
+    try:
+        return await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise unreachable(exc, str(client.base_url)) from None
+
+
+async def stream_body(upstream: httpx.Response, *, sse: bool,
+                      on_done: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+    """Yield the upstream body as it arrives; always close the upstream response.
+
+    When an SSE stream breaks off (read timeout, connection lost) before `[DONE]`, a final error
+    event and `[DONE]` are added, so clients see a well-formed end.
+    """
+    tail = b""
+    try:
+        async for chunk in upstream.aiter_raw():
+            if chunk:
+                tail = (tail + chunk)[-64:]
+                yield chunk
+    except httpx.HTTPError as exc:
+        logger.warning("upstream stream broke off: %r", exc)
+        if sse and DONE.strip() not in tail:
+            yield encode_event(error_body(503, f"the scheduler stream broke off "
+                                               f"({type(exc).__name__})"))
+            yield DONE
+    finally:
+        await upstream.aclose()
+        if on_done is not None:
+            on_done()
+
+
+async def forward(request: Request, client: httpx.AsyncClient, path: str, *,
+                  read_timeout_s: float | None = None,
+                  extra_headers: dict[str, str] | None = None) -> Response:
+    """Forward `request` (method, body, selected headers, query) to `path` on the scheduler."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST_HEADERS}
+    if extra_headers:
+        headers.update(extra_headers)
+    body = await request.body() if request.method in ("POST", "PUT", "PATCH") else None
+    if request.url.query:
+        path = f"{path}?{request.url.query}"
+    upstream = await open_upstream(client, request.method, path, headers=headers, content=body,
+                                   read_timeout_s=read_timeout_s)
+    content_type = upstream.headers.get("content-type", "")
+    sse = content_type.startswith("text/event-stream")
+    return StreamingResponse(stream_body(upstream, sse=sse), status_code=upstream.status_code,
+                             headers=_pass_headers(upstream), media_type=None)
+
+
+def error_json(exc: APIError) -> JSONResponse:
+    """JSONResponse for an APIError (for code paths outside the exception handlers)."""
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+# --- running a small server -------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    """One line of start-up progress for the operator."""
+    print(f"[parallax] {text}", file=sys.stderr, flush=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve_app` owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port up front so a busy port fails with a clear message."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def url_host(host: str) -> str:
+    """A host usable in a URL the operator can click (wildcards → loopback)."""
+    if host == "0.0.0.0":
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_app(app: FastAPI, host: str, port: int, banner: str) -> int:
+    """Serve `app` on host:port until SIGINT/SIGTERM; `banner` gets `{url}` filled in."""
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                                    lifespan="on"))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop)
+    say(banner.format(url=f"http://{url_host(host)}:{bound_port}"))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+    return 0

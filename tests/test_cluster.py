@@ -1,0 +1,206 @@
+"""A real loopback cluster: `parallax run` + three `parallax join` nodes on the built-in model.
+
+Each node gets 600 MB, less than the whole model needs in fp32, so the scheduler builds one
+pipeline of two nodes and keeps the third on standby. Greedy answers through the scheduler
+equal the whole model in one process; killing a pipeline node fails its in-flight request
+quickly, and the cluster heals with the standby node without any manual step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from parallax.engine.engine import Engine, EngineConfig
+from parallax.engine.sampling_params import SamplingParams
+from parallax.models.hub import builtin_gguf_path
+from parallax.models.loader import load_shard, load_tokenizer
+from parallax.serving.sse import parse_sse_lines
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 240
+PROMPTS = ["What is the capital of France?", "List three primary colors.",
+           "Explain recursion in one sentence."]
+
+
+def _die_with_pytest() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, tmp_path, num_nodes: int, memory: str) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.memory = memory
+        self.env = {**os.environ, "TMPDIR": str(tmp_path)}
+        self.scheduler = self._spawn("scheduler", ["run", "-m", "SmolLM2-135M-Instruct", "-n",
+                                                   "2", "--port", str(self.port), "--no-mdns",
+                                                   "--retry-attempts", "3",
+                                                   "--retry-interval", "1",
+                                                   "--heartbeat-timeout", "6"])
+        self.node_ports = [free_port() for _ in range(num_nodes)]
+        self.nodes = {port: self.start_node(port) for port in self.node_ports}
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "parallax.cli", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=self.env,
+                                preexec_fn=_die_with_pytest)
+
+    def start_node(self, port: int) -> subprocess.Popen:
+        return self._spawn(f"node-{port}", [
+            "join", "-s", f"127.0.0.1:{self.port}", "--port", str(port), "--activation-port",
+            str(free_port()), "--memory", self.memory, "--max-batch-size", "8", "--no-warmup"])
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/cluster/status_json", timeout=5).json()["data"]
+
+    def wait_status(self, wanted: set[str], timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if last["status"] in wanted:
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not {wanted} after {timeout} s: {last}")
+
+    def close(self) -> None:
+        for proc in [*self.nodes.values(), self.scheduler]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.nodes.values(), self.scheduler]:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), num_nodes=3, memory="600MB")
+    try:
+        cluster.wait_status({"available"}, START_TIMEOUT_S)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def reference_answers():
+    """Greedy answers of the whole model in this process (what `parallax serve` returns)."""
+    path = builtin_gguf_path()
+    tokenizer = load_tokenizer(path)
+    engine = Engine(load_shard(path).model, EngineConfig(kv_memory_bytes=64 * 2**20),
+                    eos_token_ids=[tokenizer.eos_token_id])
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=False)
+        engine.add_request(str(i), tokenizer.encode(ids, add_special_tokens=False),
+                           SamplingParams(temperature=0, max_tokens=24))
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).append(o.token_id)
+    return [tokenizer.decode(tokens[str(i)], skip_special_tokens=True) for i in range(len(PROMPTS))]
+
+
+def test_split_across_two_nodes_with_a_standby(cluster):
+    status = cluster.status()
+    assert len(status["pipelines"]) == 1 and len(status["pipelines"][0]) == 2
+    ranges = sorted((n["start_layer"], n["end_layer"]) for n in status["node_list"]
+                    if n["start_layer"] is not None)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 30 and ranges[0][1] == ranges[1][0]
+    assert len(status["node_list"]) == 3
+
+
+def test_greedy_answers_equal_whole_model(cluster, reference_answers):
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
+    for prompt, expected in zip(PROMPTS, reference_answers, strict=True):
+        answer = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": prompt}], temperature=0,
+            max_tokens=24)
+        assert answer.choices[0].message.content == expected
+    streamed = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0,
+        max_tokens=24, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == reference_answers[0] and "Paris" in text
+
+
+def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):
+    status = cluster.status()
+    pipeline = status["pipelines"][0]
+    tail_id = pipeline[-1]
+    tail_port = next(p for p in cluster.node_ports if tail_id.endswith(f"-{p}"))
+    body = {"model": "default", "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body,
+                      timeout=30) as response:
+        lines = response.iter_lines()
+        for event in parse_sse_lines(lines):
+            events.append(event)
+            if len(events) == 5:
+                break
+        proc = cluster.nodes[tail_port]
+        # the node's executor is its child: kill the whole node, as a power cut would
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        killed_at = time.monotonic()
+        proc.kill()
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        for event in parse_sse_lines(lines):
+            events.append(event)
+        ended_after = time.monotonic() - killed_at
+    finals = [e for e in events if isinstance(e, dict) and e.get("choices")
+              and e["choices"][0].get("finish_reason")]
+    assert finals and finals[-1]["choices"][0]["finish_reason"] == "error"
+    assert events[-1] == "[DONE]"
+    assert ended_after < 5.0
+    # the scheduler evicts the silent node (heartbeat timeout 6 s), then reallocates
+    deadline = time.monotonic() + 30
+    while tail_id in [n["node_id"] for n in cluster.status()["node_list"]]:
+        assert time.monotonic() < deadline, "the dead node was never evicted"
+        time.sleep(0.5)
+    healed = cluster.wait_status({"available"}, START_TIMEOUT_S)
+    assert tail_id not in {n for p in healed["pipelines"] for n in p}
+    assert len(healed["pipelines"][0]) == 2  # the standby node took the lost layers
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
+    answer = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0,
+        max_tokens=8)
+    assert answer.choices[0].message.content
+    # the killed node comes back with the same identity: listed once, not twice
+    cluster.nodes[tail_port] = cluster.start_node(tail_port)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ids = [n["node_id"] for n in cluster.status()["node_list"]]
+        if tail_id in ids:
+            break
+        time.sleep(0.5)
+    ids = [n["node_id"] for n in cluster.status()["node_list"]]
+    assert ids.count(tail_id) == 1 and len(ids) == len(set(ids)) == 3

@@ -1,0 +1,578 @@
+"""The scheduler app end to end, without a model: the real app on uvicorn (its own thread) and fake
+nodes that join and heartbeat through the real endpoints and answer chat requests with scripted
+SSE streams. The user message scripts the fake head: `HOLD` waits for `release`, `SLOW` streams
+for seconds, `DROP` breaks the connection mid-stream; anything else answers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from parallax.cli import build_parser
+from parallax.config import ConfigError, SchedulerConfig
+from parallax.scheduler.allocation import ModelSpec
+from parallax.scheduler.app import SchedulerState, build_app
+from parallax.scheduler.catalog import CURATED_CONFIGS, ModelCatalog
+from parallax.scheduler.forward import StreamPeek
+from parallax.serving.errors import error_body
+from parallax.serving.sse import DONE, encode_event, parse_sse_lines
+
+MB = 2**20
+SPEC = ModelSpec("test-model", num_layers=8, layer_bytes=10 * MB, embedding_bytes=10 * MB,
+                 lm_head_bytes=10 * MB, kv_bytes_per_token_per_layer=0)
+OTHER = ModelSpec("other-model", num_layers=6, layer_bytes=10 * MB, embedding_bytes=10 * MB,
+                  lm_head_bytes=10 * MB, kv_bytes_per_token_per_layer=0)
+HALF = 70  # MB: a node holds 4 of 8 layers as first or last stage, so 2 nodes make a pipeline
+WHOLE = 200  # MB: one node holds the whole model
+METRICS = {"ttft_ms": 12.5, "tps": 40.0, "duration_ms": 60.0}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class ServerThread:
+    """A uvicorn server on a free 127.0.0.1 port, in a daemon thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, what="server start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+def _chunk(rid: str, delta: dict, finish: str | None = None, **extra: Any) -> bytes:
+    return encode_event({"id": rid, "object": "chat.completion.chunk", "created": 0,
+                         "model": "test-model",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                   "total_tokens": 5}, **extra})
+
+
+class FakeNodes:
+    """Every fake node's HTTP frontend, one app: node X answers under /n/X."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict]] = []
+        self.cancelled: list[str] = []
+        self.busy: set[str] = set()
+        self.release = threading.Event()
+        self.server = ServerThread(self._app())
+
+    def url(self, node_id: str) -> str:
+        return f"{self.server.url}/n/{node_id}"
+
+    def heads(self) -> list[str]:
+        return [node_id for node_id, _ in self.received]
+
+    def _app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/n/{node_id}/v1/chat/completions")
+        async def chat(node_id: str, request: Request):
+            body = await request.json()
+            self.received.append((node_id, body))
+            if node_id in self.busy:
+                return JSONResponse(error_body(429, f"{node_id} is full"), status_code=429)
+            if not body.get("stream") and body["messages"][-1]["content"] == "HOLD":
+                for _ in range(500):  # a non-streaming answer computed for up to 5 s
+                    if await request.is_disconnected():
+                        self.cancelled.append(body["rid"])
+                        return JSONResponse({}, status_code=499)
+                    await asyncio.sleep(0.01)
+            if not body.get("stream"):
+                return {"id": body["rid"], "object": "chat.completion", "model": "test-model",
+                        "choices": [{"index": 0, "message": {"role": "assistant",
+                                                             "content": "Hello there"},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                  "total_tokens": 5}, "metrics": METRICS}
+            text = body["messages"][-1]["content"]
+            return StreamingResponse(self._stream(body["rid"], text),
+                                     media_type="text/event-stream")
+
+        return app
+
+    async def _stream(self, rid: str, text: str):
+        finished = False
+        try:
+            yield _chunk(rid, {"role": "assistant", "content": ""})
+            if text == "HOLD":
+                for _ in range(1000):  # at most 10 s
+                    if self.release.is_set():
+                        break
+                    await asyncio.sleep(0.01)
+            elif text == "SLOW":
+                for _ in range(200):  # 10 s unless the scheduler hangs up
+                    yield _chunk(rid, {"content": "."})
+                    await asyncio.sleep(0.05)
+            elif text == "DROP":
+                raise RuntimeError("the fake node dies mid-stream")
+            yield _chunk(rid, {"content": "Hello"})
+            yield _chunk(rid, {"content": " there"})
+            yield _chunk(rid, {}, "stop", metrics=METRICS)
+            yield DONE
+            finished = True
+        finally:
+            if not finished:
+                self.cancelled.append(rid)
+
+
+@pytest.fixture
+def nodes() -> Iterator[FakeNodes]:
+    fake = FakeNodes()
+    yield fake
+    fake.release.set()
+    fake.server.stop()
+
+
+class Scheduler:
+    """A scheduler app on uvicorn plus a client that plays the node agents."""
+
+    def __init__(self, nodes: FakeNodes, model: str | None = "test-model", **overrides: Any):
+        settings = {"retry_attempts": 2, "retry_interval_s": 0.05, "mdns": False, **overrides}
+        self.config = SchedulerConfig(**settings)
+        catalog = ModelCatalog(known={"test-model": SPEC, "other-model": OTHER}, curated={},
+                               include_builtin=False)
+        self.state = SchedulerState(self.config, catalog=catalog)
+        if model is not None:
+            self.state.set_model(model, self.config.init_nodes_num)
+        self.nodes = nodes
+        self.server = ServerThread(build_app(self.state))
+        self.url = self.server.url
+        token = self.config.join_token
+        self.http = httpx.Client(base_url=self.url, timeout=10,
+                                 headers={"X-Join-Token": token} if token else {})
+
+    def join(self, node_id: str, memory_mb: int, max_running: int = 32, **fields: Any) -> dict:
+        body = {"node_id": node_id, "device": "cpu", "device_name": "fake cpu",
+                "memory_bytes": memory_mb * MB, "gflops": 100.0, "bandwidth_gbps": 10.0,
+                "http_url": self.nodes.url(node_id), "activation_endpoint": f"tcp://x/{node_id}",
+                "max_running_requests": max_running, **fields}
+        response = self.http.post("/node/join", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def heartbeat(self, node_id: str, loaded: dict | None = None, **fields: Any) -> dict:
+        body = {"node_id": node_id, "state": "ready" if loaded else "loading", **fields}
+        if loaded:
+            body.update(loaded_model=loaded["model"], loaded_start_layer=loaded["start_layer"],
+                        loaded_end_layer=loaded["end_layer"])
+        response = self.http.post("/node/heartbeat", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def bring_up(self, memory: dict[str, int], max_running: int = 32) -> dict[str, dict | None]:
+        """Join every node, then report each one's assigned range as loaded."""
+        for node_id, memory_mb in memory.items():
+            self.join(node_id, memory_mb, max_running)
+        assignments = {n: self.heartbeat(n)["assignment"] for n in memory}
+        for node_id, assignment in assignments.items():
+            if assignment is not None:
+                self.heartbeat(node_id, assignment)
+        return assignments
+
+    def status(self) -> dict:
+        body = self.http.get("/cluster/status_json").json()
+        assert body["type"] == "cluster_status"
+        return body["data"]
+
+    def chat(self, text: str = "hi", stream: bool = True, **extra: Any) -> httpx.Response:
+        body = {"messages": [{"role": "user", "content": text}], "stream": stream, **extra}
+        return self.http.post("/v1/chat/completions", json=body)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def scheduler(nodes: FakeNodes) -> Iterator[Callable[..., Scheduler]]:
+    started: list[Scheduler] = []
+
+    def start(**kwargs: Any) -> Scheduler:
+        started.append(Scheduler(nodes, **kwargs))
+        return started[-1]
+
+    yield start
+    nodes.release.set()
+    for s in started:
+        s.stop()
+
+
+def sse_events(response: httpx.Response) -> list:
+    return list(parse_sse_lines(response.text.splitlines()))
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
+    s = scheduler(init_nodes_num=2)
+    first = s.join("a", HALF)
+    assert first["assignment"] is None and first["heartbeat_interval_s"] > 0
+    status = s.status()
+    assert status["status"] == "waiting" and status["need_more_nodes"] is True
+    assert [n["status"] for n in status["node_list"]] == ["waiting"]
+    second = s.join("b", HALF)
+    assert second["assignment"]["model"] == "test-model"
+    assert s.status()["status"] == "rebalancing" and s.chat().status_code == 503
+    assignments = {n: s.heartbeat(n)["assignment"] for n in ("a", "b")}
+    for node_id, assignment in assignments.items():
+        s.heartbeat(node_id, assignment, running_requests=0, layer_latency_ms=0.5)
+    status = s.status()
+    assert status["status"] == "available" and status["need_more_nodes"] is False
+    assert status["max_running_request"] == 32 and len(status["pipelines"]) == 1
+    ranges = sorted((n["start_layer"], n["end_layer"]) for n in status["node_list"])
+    assert ranges[0][0] == 0 and ranges[-1][1] == 8 and ranges[0][1] == ranges[1][0]
+    node = status["node_list"][0]
+    assert set(node) == {"node_id", "status", "device", "device_name", "memory_gb",
+                         "start_layer", "end_layer", "running_requests", "gflops",
+                         "layer_latency_ms"}
+    assert node["status"] == "ready" and node["device_name"] == "fake cpu"
+
+    # the official openai client streams through the scheduler
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Hello there"
+    assert [m.id for m in client.models.list().data] == ["test-model"]
+    head, body = nodes.received[-1]
+    assert head == status["pipelines"][0][0]
+    assert body["rid"].startswith("chatcmpl-") and "model" not in body
+    table = body["routing_table"]
+    assert [e["node_id"] for e in table] == status["pipelines"][0]
+    assert table[0]["start_layer"] == 0 and table[-1]["end_layer"] == 8
+    assert table[0]["http_url"] == nodes.url(head) and table[0]["activation_endpoint"]
+
+    # non-streaming, a client-chosen rid, model names
+    response = s.chat(stream=False, rid="my-rid", model="default")
+    assert response.status_code == 200 and response.json()["metrics"] == METRICS
+    assert nodes.received[-1][1]["rid"] == "my-rid"
+    missing = s.chat(model="nope")
+    assert missing.status_code == 404 and missing.json()["object"] == "error"
+    assert s.chat(model="test-model").status_code == 200
+
+    metrics = s.http.get("/metrics").text
+    pipeline = ">".join(status["pipelines"][0])
+    assert f'parallax_scheduler_pipeline_requests_total{{pipeline="{pipeline}"}} 3.0' in metrics
+    assert "parallax_scheduler_time_to_first_token_seconds_count 3.0" in metrics
+    assert "parallax_scheduler_tokens_per_second_count 3.0" in metrics
+    assert f'parallax_scheduler_pipeline_completion_tokens_total{{pipeline="{pipeline}"}} 6.0' \
+        in metrics
+    assert 'parallax_scheduler_node_running_requests{node="a"} 0.0' in metrics
+    assert "parallax_scheduler_queue_depth 0.0" in metrics
+    assert 'parallax_scheduler_requests_total{status="503"} 1.0' in metrics
+    assert 'parallax_scheduler_requests_total{status="404"}' not in metrics  # never routed
+
+
+def test_requests_spread_over_two_pipelines(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": HALF, "b": HALF, "c": HALF, "d": HALF})
+    status = s.status()
+    assert len(status["pipelines"]) == 2 and len(status["ready_pipelines"]) == 2
+    threads = [in_thread(lambda: s.chat("HOLD")) for _ in range(2)]
+    wait_until(lambda: len(nodes.received) == 2, what="two requests at the heads")
+    heads = set(nodes.heads())
+    assert heads == {p[0] for p in status["pipelines"]}
+    assert sorted(n["running_requests"] for n in s.status()["node_list"]) == [1, 1, 1, 1]
+    for node_id, body in nodes.received:
+        table = body["routing_table"]
+        assert table[0]["node_id"] == node_id and [e["node_id"] for e in table] in \
+            status["pipelines"]
+    nodes.release.set()
+    for thread, out in threads:
+        thread.join(timeout=5)
+        assert out[0].status_code == 200 and sse_events(out[0])[-1] == "[DONE]"
+    wait_until(lambda: all(n["running_requests"] == 0 for n in s.status()["node_list"]),
+               what="slots given back")
+
+
+def test_all_busy_waits_then_succeeds_when_room_frees(scheduler, nodes):
+    s = scheduler(retry_attempts=100, retry_interval_s=0.05)
+    s.bring_up({"a": WHOLE}, max_running=1)
+    first, first_out = in_thread(lambda: s.chat("HOLD"))
+    wait_until(lambda: len(nodes.received) == 1, what="first request at the node")
+    second, second_out = in_thread(lambda: s.chat("hi"))
+    wait_until(lambda: "parallax_scheduler_queue_depth 1.0" in s.http.get("/metrics").text,
+               what="second request queued")
+    time.sleep(0.2)
+    assert len(nodes.received) == 1  # still waiting for room
+    nodes.release.set()
+    for thread, out in ((first, first_out), (second, second_out)):
+        thread.join(timeout=5)
+        assert out[0].status_code == 200 and sse_events(out[0])[-1] == "[DONE]"
+    assert len(nodes.received) == 2
+
+
+def test_retries_exhausted_answer_429(scheduler, nodes):
+    s = scheduler(retry_attempts=3, retry_interval_s=0.05)
+    s.bring_up({"a": WHOLE}, max_running=1)
+    first, out = in_thread(lambda: s.chat("HOLD"))
+    wait_until(lambda: len(nodes.received) == 1, what="first request at the node")
+    started = time.monotonic()
+    response = s.chat("hi")
+    assert response.status_code == 429
+    assert response.json()["object"] == "error" and response.json()["code"] == 429
+    assert 0.1 <= time.monotonic() - started < 3
+    nodes.release.set()
+    first.join(timeout=5)
+    assert out[0].status_code == 200
+
+
+def test_head_failures_retry_on_another_pipeline_then_give_up(scheduler, nodes):
+    s = scheduler(retry_attempts=3, retry_interval_s=0.02)
+    s.bring_up({"a": WHOLE, "b": WHOLE})
+    assert len(s.status()["pipelines"]) == 2
+    nodes.busy.add("a")  # answers 429: the scheduler must try b
+    for _ in range(3):
+        assert s.chat().status_code == 200
+    assert set(nodes.heads()) <= {"a", "b"} and nodes.heads().count("b") == 3
+    nodes.busy.add("b")
+    response = s.chat()
+    assert response.status_code == 429 and "full" in response.json()["message"]
+
+
+def test_unreachable_head_is_skipped_and_no_pipeline_is_503(scheduler, nodes):
+    s = scheduler(retry_attempts=2, retry_interval_s=0.02)
+    assert s.chat().status_code == 503  # no nodes at all
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    s.join("dead", WHOLE, http_url=dead_url)
+    s.heartbeat("dead", s.heartbeat("dead")["assignment"])
+    response = s.chat()
+    assert response.status_code == 503 and "unreachable" in response.json()["message"]
+    s.bring_up({"b": WHOLE})
+    assert all(s.chat().status_code == 200 for _ in range(2))
+    assert nodes.heads() == ["b", "b"]
+
+
+def test_head_dying_mid_stream_ends_with_an_error_event(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": WHOLE})
+    events = sse_events(s.chat("DROP"))
+    assert events[-1] == "[DONE]" and events[-2]["object"] == "error"
+    assert s.status()["node_list"][0]["running_requests"] == 0
+
+
+def test_node_endpoints_require_the_join_token(scheduler, nodes):
+    s = scheduler(join_token="s3cret")
+    join = {"node_id": "x", "device": "cpu", "device_name": "cpu", "memory_bytes": WHOLE * MB,
+            "gflops": 1.0, "bandwidth_gbps": 1.0, "http_url": nodes.url("x"),
+            "activation_endpoint": "tcp://x"}
+    for headers in ({}, {"X-Join-Token": "wrong"}):
+        response = httpx.post(f"{s.url}/node/join", json=join, headers=headers)
+        assert response.status_code == 401 and response.json()["object"] == "error"
+        for path, body in (("/node/heartbeat", {"node_id": "x", "state": "idle"}),
+                           ("/node/leave", {"node_id": "x"})):
+            assert httpx.post(f"{s.url}{path}", json=body, headers=headers).status_code == 401
+    assert s.status()["node_list"] == []
+    assert s.join("x", WHOLE)["node_id"] == "x"  # s.http sends the token
+    assert [n["node_id"] for n in s.status()["node_list"]] == ["x"]
+    command = s.http.get("/node/join/command").json()
+    assert command == {"type": "node_join_command",
+                       "data": {"command": f"parallax join -s 127.0.0.1:{s.config.port} "
+                                           "--join-token s3cret"}}
+    bad = s.http.post("/node/join", content=b'{"node_id": 3}')
+    assert bad.status_code == 400 and bad.json()["object"] == "error"
+
+
+def test_rejoin_replaces_and_leave_removes(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": WHOLE})
+    s.join("a", WHOLE, device_name="restarted")  # same identity after a restart
+    status = s.status()
+    assert [n["node_id"] for n in status["node_list"]] == ["a"]
+    assert status["node_list"][0]["device_name"] == "restarted"
+    assert status["status"] == "rebalancing"  # must report its layers loaded again
+    assert s.http.post("/node/leave", json={"node_id": "a"}).json() == {"ok": True,
+                                                                        "known": True}
+    assert s.status()["node_list"] == [] and s.status()["status"] == "waiting"
+    assert s.heartbeat("a")["known"] is False
+
+
+def test_silent_node_is_evicted(scheduler, nodes):
+    s = scheduler(heartbeat_timeout_s=0.3, evict_interval_s=0.05)
+    s.bring_up({"a": WHOLE, "b": WHOLE})
+    assert s.status()["status"] == "available"
+    for _ in range(10):  # keep b alive, let a go silent
+        s.heartbeat("b", s.heartbeat("b")["assignment"])
+        time.sleep(0.05)
+    wait_until(lambda: [n["node_id"] for n in s.status()["node_list"]] == ["b"],
+               what="a evicted")
+    assert s.heartbeat("a")["known"] is False
+    assert s.status()["status"] == "available" and s.status()["pipelines"] == [["b"]]
+
+
+def test_scheduler_init_switches_the_model(scheduler, nodes):
+    s = scheduler(model=None)
+    status = s.status()
+    assert status["model_name"] is None and status["status"] == "waiting"
+    assert status["need_more_nodes"] is False
+    assert s.chat().status_code == 503
+    assert s.http.get("/v1/models").json() == {"object": "list", "data": []}
+    bad = s.http.post("/scheduler/init", json={"model_name": "no such thing!"})
+    assert bad.status_code == 400 and bad.json()["object"] == "error"
+    init = s.http.post("/scheduler/init", json={"model_name": "test-model", "init_nodes_num": 1,
+                                                "is_local_network": True})
+    assert init.status_code == 200 and init.json()["data"]["model_name"] == "test-model"
+    before = s.bring_up({"a": WHOLE})["a"]
+    assert before == {"model": "test-model", "start_layer": 0, "end_layer": 8,
+                      "generation": before["generation"]}
+    assert s.status()["status"] == "available"
+    s.http.post("/scheduler/init", json={"model_name": "other-model", "init_nodes_num": 1})
+    assert s.status()["status"] == "rebalancing" and s.status()["model_name"] == "other-model"
+    after = s.heartbeat("a", before)["assignment"]  # still holding the old model
+    assert after["model"] == "other-model" and (after["start_layer"], after["end_layer"]) == (0, 6)
+    assert after["generation"] > before["generation"]
+    s.heartbeat("a", after)
+    assert s.status()["status"] == "available"
+    assert s.chat(model="other-model").status_code == 200
+
+
+def test_client_disconnect_closes_the_upstream_stream(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": WHOLE})
+    with s.http.stream("POST", "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "SLOW"}],
+                             "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        rid = nodes.received[-1][1]["rid"]
+    wait_until(lambda: rid in nodes.cancelled, timeout=5, what="the fake head's stream cancelled")
+    wait_until(lambda: s.status()["node_list"][0]["running_requests"] == 0, what="slot back")
+
+
+def test_client_leaving_a_non_streaming_request_hangs_up_on_the_head(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": WHOLE})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{s.url}/v1/chat/completions", timeout=0.5,
+                   json={"messages": [{"role": "user", "content": "HOLD"}]})
+    rid = nodes.received[-1][1]["rid"]
+    wait_until(lambda: rid in nodes.cancelled, timeout=5, what="the fake head sees the hang-up")
+    wait_until(lambda: s.status()["node_list"][0]["running_requests"] == 0, what="slot back")
+
+
+def test_api_key_guards_v1_only(scheduler, nodes):
+    s = scheduler(api_key="k3y")
+    s.bring_up({"a": WHOLE})
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"}):
+        response = httpx.get(f"{s.url}/v1/models", headers=headers)
+        assert response.status_code == 401 and response.json()["type"] == "authentication_error"
+    assert s.chat().status_code == 401
+    ok = {"Authorization": "Bearer k3y"}
+    assert httpx.get(f"{s.url}/v1/models", headers=ok).status_code == 200
+    response = httpx.post(f"{s.url}/v1/chat/completions", headers=ok,
+                          json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200 and response.json()["choices"]
+    assert httpx.get(f"{s.url}/cluster/status_json").status_code == 200
+    assert httpx.get(f"{s.url}/model/list").status_code == 200
+
+
+def test_cluster_status_stream_emits_on_change(scheduler, nodes):
+    s = scheduler()
+    with httpx.Client(timeout=5) as client, \
+            client.stream("GET", f"{s.url}/cluster/status") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        first = json.loads(next(lines)[6:])
+        assert first["type"] == "cluster_status" and first["data"]["node_list"] == []
+        s.join("a", WHOLE)
+        for _ in range(20):
+            event = json.loads(next(lines)[6:])["data"]
+            if event["node_list"]:
+                break
+        assert event["node_list"][0]["node_id"] == "a"
+        started = time.monotonic()
+        json.loads(next(lines)[6:])  # nothing changes: still an event within ~2 s
+        assert time.monotonic() - started < 3
+
+
+def test_model_list_and_join_command_shapes(scheduler, nodes):
+    s = scheduler()
+    listing = s.http.get("/model/list").json()
+    assert listing["type"] == "model_list"
+    assert [e["name"] for e in listing["data"]] == ["test-model", "other-model"]
+    entry = listing["data"][0]
+    assert entry["num_layers"] == 8 and entry["dtype"] == "float32"
+    assert entry["memory_gb"] > entry["weights_gb"] > 0
+    command = s.http.get("/node/join/command").json()
+    assert command["data"]["command"] == f"parallax join -s 127.0.0.1:{s.config.port}"
+
+
+def test_catalog_sizes_curated_ids_without_the_network():
+    catalog = ModelCatalog(curated={"Qwen/Qwen3-0.6B": CURATED_CONFIGS["Qwen/Qwen3-0.6B"]},
+                           include_builtin=False)
+    fp32 = catalog.spec("Qwen/Qwen3-0.6B")
+    assert fp32.num_layers == 28 and fp32.tie_word_embeddings
+    assert 0.55e9 < fp32.total_bytes / 4 < 0.65e9  # ~0.6 B parameters (tied embedding once)
+    bf16 = ModelCatalog("bfloat16", curated=catalog.curated, include_builtin=False)
+    assert bf16.spec("Qwen/Qwen3-0.6B").layer_bytes * 2 == fp32.layer_bytes
+    assert [e["name"] for e in catalog.entries()] == ["Qwen/Qwen3-0.6B"]
+    with pytest.raises(ValueError):
+        catalog.spec("not a model")
+
+
+def test_stream_peek_sees_done_errors_and_metrics_across_chunk_borders():
+    data = _chunk("r", {"content": "x"}) + _chunk("r", {}, "stop", metrics=METRICS) + DONE
+    peek, finals = StreamPeek(), []
+    for i in range(0, len(data), 7):
+        finals += peek.feed(data[i:i + 7])
+    assert peek.done and peek.error is None and finals[0]["metrics"] == METRICS
+    peek = StreamPeek()
+    peek.feed(encode_event(error_body(500, "boom")))
+    assert peek.error["code"] == 500 and not peek.done
+
+
+def test_run_command_builds_the_scheduler_config():
+    args = build_parser().parse_args(
+        ["run", "-m", "test-model", "-n", "3", "--host", "0.0.0.0", "--join-token", "t",
+         "--api-key", "k", "--retry-attempts", "4", "--retry-interval", "0.5",
+         "--heartbeat-timeout", "9", "--dtype", "bfloat16", "--no-mdns"])
+    assert args.command == "run" and args.init_nodes_num == 3 and args.no_mdns
+    with pytest.raises(ConfigError):
+        SchedulerConfig(retry_attempts=-1)
+    with pytest.raises(ConfigError):
+        SchedulerConfig(dtype="float16")
+    assert SchedulerConfig(heartbeat_timeout_s=9).heartbeat_interval_s == 3
