@@ -226,6 +226,7 @@ class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_default
     num_prompt_tokens: int = 0
     downstream: list[str] = []
     head_endpoint: str = ""
+    due: bool = False  # the last stage samples a token after this chunk
 
 
 class StageActivations(msgspec.Struct, tag="activations", frozen=True):

@@ -134,27 +134,36 @@ def test_prompt_larger_than_cache_is_rejected_not_hung(model):
         engine.add_request("x", list(range(1, 100)), GREEDY)
 
 
-def run_pipeline(model_path, prompts, boundaries, max_tokens=12):
-    """Chain engines for [0,a), [a,b), ... like a multi-node pipeline, in one process."""
+def run_pipeline(model_path, prompts, boundaries, max_tokens=12, **config):
+    """Chain engines for [0,a), [a,b), ... like a multi-node pipeline, in one process.
+
+    Mirrors the stage protocol: a chunk at position 0 restarts the request downstream, the
+    head's `due` flag says when the last stage samples, preemption releases downstream state.
+    """
     ranges = list(zip([0, *boundaries], [*boundaries, 4], strict=True))
-    engines = [Engine(load_shard(model_path, a, b).model, EngineConfig(kv_memory_bytes=2**22))
-               for a, b in ranges]
+    kv = config.pop("kv", 2**22)
+    engines = [Engine(load_shard(model_path, a, b).model,
+                      EngineConfig(kv_memory_bytes=kv if i == 0 else 2**22, **config))
+               for i, (a, b) in enumerate(ranges)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engines[0].add_request(str(i), p, params)
-    seen, out = set(), {str(i): [] for i in range(len(prompts))}
-    for _ in range(2000):
+    out = {str(i): [] for i in range(len(prompts))}
+    for _ in range(5000):
         if not any(e.has_work() for e in engines):
             break
         for index, engine in enumerate(engines):
-            for o in engine.step():
+            outputs = engine.step()
+            for rid in engine.take_preempted():  # released before this step's chunks travel
+                for later in engines[index + 1:]:
+                    later.abort(rid)
+            for o in outputs:
                 if index + 1 < len(engines):
-                    first = (index, o.request_id) not in seen
-                    seen.add((index, o.request_id))
-                    engines[index + 1].add_hidden(
-                        o.request_id, o.token_ids, o.start_position, o.hidden,
-                        params if first else None, len(prompts[int(o.request_id)]),
-                    )
+                    downstream = engines[index + 1]
+                    if o.start_position == 0:
+                        downstream.abort(o.request_id)
+                    downstream.add_hidden(o.request_id, o.token_ids, o.start_position, o.hidden,
+                                          params, len(prompts[int(o.request_id)]), o.due)
                 else:
                     out[o.request_id].append(o.token_id)
                     engines[0].append_token(o.request_id, o.token_id, o.finished, o.finish_reason)
@@ -238,3 +247,16 @@ def test_bf16_engine_runs(model_path):
     model = load_shard(model_path, dtype=torch.bfloat16).model
     tokens = greedy_tokens(model, prompts_of_lengths([5, 9]), max_tokens=6, dtype=torch.bfloat16)
     assert [len(t) for t in tokens] == [6, 6]
+
+
+def test_pipeline_with_chunked_prefill_and_preemption_replay(model_path, model):
+    """The head replays a preempted request (prompt + generated) in chunks: the last stage
+    must sample only where the head says a token is due."""
+    prompts = prompts_of_lengths([30, 30, 30])
+    expected = greedy_tokens(model, prompts, max_tokens=40)
+    per_block = 2 * 2 * 2 * 16 * 16 * 4  # K+V, head's 2 layers, kv heads, head dim, block, fp32
+    tokens, engines = run_pipeline(model_path, prompts, [2], max_tokens=40,
+                                   kv=8 * per_block, max_num_batched_tokens=8)
+    assert engines[0].num_total_blocks == 8
+    assert engines[0].scheduler.num_preemptions > 0
+    assert tokens == expected

@@ -72,6 +72,20 @@ class Cluster:
             time.sleep(0.001)
         return out
 
+    def settle(self, seconds: float = 0.5) -> None:
+        """Keep every live stage receiving and stepping for a while (releases in flight)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for index, (router, engine) in enumerate(zip(self.routers, self.engines,
+                                                         strict=True)):
+                if not self.alive[index]:
+                    continue
+                while (received := router.links.receive()) is not None:
+                    router.on_message(*received)
+                if engine.has_work():
+                    router.after_step(engine.step())
+            time.sleep(0.005)
+
     def close(self) -> None:
         for index, link in enumerate(self.links):
             if self.alive[index]:
@@ -90,7 +104,7 @@ def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
         tokens = [[o.token_id for o in out[str(i)]] for i in range(3)]
         assert tokens == expected
         assert all(out[str(i)][-1].finish_reason == "length" for i in range(3))
-        cluster.run(until_s=0.3)  # let the releases travel
+        cluster.settle()  # let the releases travel
         for engine in cluster.engines:
             assert engine.num_free_blocks == engine.num_total_blocks
             assert not engine.sequences
@@ -106,12 +120,7 @@ def test_abort_at_head_releases_every_stage(model_path):
         for _ in range(3):
             cluster.run(until_s=0.05)
         cluster.routers[0].abort(["a"])
-        for _ in range(20):
-            cluster.run(until_s=0.01)  # returns at once: the head has no open request left
-            for router in cluster.routers:
-                while (received := router.links.receive()) is not None:
-                    router.on_message(*received)
-            time.sleep(0.01)  # give the release time to cross the tcp link
+        cluster.settle()
         assert all(not e.sequences for e in cluster.engines)
         assert all(e.num_free_blocks == e.num_total_blocks for e in cluster.engines)
     finally:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallax.engine.block_manager import BlockManager
+from parallax.engine.block_manager import BlockManager, GroupedBlockManager
 from parallax.engine.sequence import Sequence, SequenceStatus
 
 
@@ -26,6 +26,7 @@ class ScheduledChunk:
     start_position: int
     num_tokens: int
     hidden: torch.Tensor | None = None  # inputs from the previous stage
+    due: bool | None = None  # later stages: whether the head wants a token after this chunk
 
     @property
     def is_decode(self) -> bool:
@@ -33,24 +34,34 @@ class ScheduledChunk:
 
     @property
     def completes_sequence(self) -> bool:
-        """Whether this chunk reaches the last known token (so a next token is due)."""
+        """Whether a next token is due after this chunk.
+
+        The first stage knows: the chunk reaches the sequence's last token. A later stage only
+        knows the tokens that arrived so far (a prefill split in chunks, or a preempted request
+        replayed with its generated tokens, ends there too), so the head says it per chunk."""
+        if self.due is not None:
+            return self.due
         return self.start_position + self.num_tokens == len(self.seq)
 
 
 class Scheduler:
     def __init__(
         self,
-        block_manager: BlockManager,
+        block_manager: BlockManager | GroupedBlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         is_first_stage: bool = True,
     ) -> None:
         self.block_manager = block_manager
+        # Sliding-window KV groups take blocks per chunk (GroupedBlockManager); a shard of
+        # full-attention layers only keeps the plain path.
+        self.windowed = isinstance(block_manager, GroupedBlockManager)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.is_first_stage = is_first_stage
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # observable: how often KV pressure forced a recompute
         self.preempted_ids: list[str] = []  # since the last step; other stages must drop them
         self.out_of_blocks: list[Sequence] = []  # non-first stages: no room for arrived input
 
@@ -62,7 +73,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.block_table:
+        if seq.block_table or seq.window_tables:
             self.block_manager.deallocate(seq)
 
     def schedule(self) -> list[ScheduledChunk]:
@@ -79,7 +90,7 @@ class Scheduler:
         for seq in [s for s in ready if len(s) - s.num_computed_tokens == 1]:
             if len(chunks) >= self.max_num_seqs or budget <= 0:
                 break
-            if seq.status != SequenceStatus.RUNNING or not self._ensure_slots(seq, chunks):
+            if seq.status != SequenceStatus.RUNNING or not self._ensure_slots(seq, chunks, len(seq)):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
             budget -= 1
@@ -89,14 +100,25 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            if self.windowed and not self._ensure_slots(
+                seq, chunks, seq.num_computed_tokens + num_tokens, 0
+            ):
+                continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            if self.windowed:  # no prefix caching here: the first chunk starts at 0
+                first_chunk_end = min(len(seq), budget)
+                if not self.block_manager.can_allocate(seq, first_chunk_end):
+                    break
+                self.waiting.popleft()
+                self.block_manager.allocate(seq, first_chunk_end)
+            else:
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.waiting.popleft()
+                self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
@@ -104,16 +126,24 @@ class Scheduler:
             budget -= num_tokens
         return chunks
 
-    def _ensure_slots(self, seq: Sequence, scheduled: list[ScheduledChunk]) -> bool:
-        """Make room for seq's next token, preempting the newest other sequences if needed."""
-        while not self.block_manager.can_append(seq):
+    def _ensure_slots(
+        self, seq: Sequence, scheduled: list[ScheduledChunk], end: int, num_new_tokens: int = 1
+    ) -> bool:
+        """Make room for seq's chunk ending at `end` (a decode: its next token too), preempting
+        the newest other sequences if needed."""
+        manager = self.block_manager
+        while not (manager.can_extend(seq, end, num_new_tokens) if self.windowed
+                   else manager.can_append(seq, num_new_tokens)):
             busy = {id(c.seq) for c in scheduled}
             victims = [s for s in self.running if id(s) not in busy and not s.awaiting_token]
             victim = max(victims, key=lambda s: s.arrival)
             self._preempt(victim)
             if victim is seq:
                 return False
-        self.block_manager.append_slots(seq)
+        if self.windowed:
+            manager.extend(seq, end)
+        else:
+            manager.append_slots(seq)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -122,6 +152,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.preempted_ids.append(seq.request_id)
+        self.num_preemptions += 1
 
     # ---- later stages ------------------------------------------------------------------
 
@@ -138,12 +169,19 @@ class Scheduler:
             pending = seq.pending_inputs[0]
             if chunks and budget < len(pending.token_ids):
                 break
-            if not self.block_manager.can_append(seq, 0):
-                self.out_of_blocks.append(seq)
-                continue
-            self.block_manager.append_slots(seq)
+            end = pending.start_position + len(pending.token_ids)
+            if self.windowed:
+                if not self.block_manager.can_extend(seq, end, 0):
+                    self.out_of_blocks.append(seq)
+                    continue
+                self.block_manager.extend(seq, end)
+            else:
+                if not self.block_manager.can_append(seq, 0):
+                    self.out_of_blocks.append(seq)
+                    continue
+                self.block_manager.append_slots(seq)
             seq.pending_inputs.pop(0)
             chunks.append(ScheduledChunk(seq, pending.start_position, len(pending.token_ids),
-                                         pending.hidden))
+                                         pending.hidden, pending.due))
             budget -= len(pending.token_ids)
         return chunks

@@ -128,3 +128,143 @@ class BlockManager:
             if block.hash is None:
                 block.hash, block.token_ids = seq.last_block_hash, tuple(token_ids)
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
+
+
+class WindowBlockManager:
+    """Blocks of one sliding-window KV group (layers that only read the last `window` keys).
+
+    A sequence's table for the group (`seq.window_tables[window]`) is indexed by block position
+    like the full group's (entry i holds positions [i * block_size, (i + 1) * block_size)), but
+    it only ever holds blocks the layers can still read: blocks are taken per scheduled chunk
+    (never for the whole prompt at once), and after each step every block whose positions all lie
+    before `next_query_position - window + 1` goes back to the pool and its entry becomes -1.
+    A sequence therefore holds at most ceil((window - 1 + chunk) / block_size) + 1 blocks.
+    No prefix caching here: a window's blocks are gone by the time a later request could reuse
+    them.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, window: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError("the sliding-window KV cache has no blocks: raise the KV budget")
+        self.block_size = block_size
+        self.window = window
+        self.num_blocks = num_blocks
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def num_live_blocks(self, seq: Sequence) -> int:
+        table = seq.window_tables.get(self.window, ())
+        return len(table) - seq.window_released.get(self.window, 0)
+
+    def _first_live_block(self, query_position: int) -> int:
+        """First block holding a key a query at query_position (or later) can read."""
+        return max(0, query_position - self.window + 1) // self.block_size
+
+    def blocks_to_reserve(self, seq: Sequence, end: int) -> int:
+        """New blocks seq needs so that positions up to `end` have slots."""
+        table = seq.window_tables.get(self.window, ())
+        return max(0, -(-end // self.block_size) - len(table))
+
+    def can_reserve(self, seq: Sequence, end: int) -> bool:
+        return self.blocks_to_reserve(seq, end) <= len(self.free_block_ids)
+
+    def reserve(self, seq: Sequence, end: int) -> None:
+        table = seq.window_tables.setdefault(self.window, [])
+        for _ in range(self.blocks_to_reserve(seq, end)):
+            table.append(self.free_block_ids.popleft())
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks no query from seq.num_computed_tokens on will read."""
+        table = seq.window_tables.get(self.window)
+        if not table:
+            return
+        released = seq.window_released.get(self.window, 0)
+        upto = min(self._first_live_block(seq.num_computed_tokens), len(table))
+        for index in range(released, upto):
+            self.free_block_ids.append(table[index])
+            table[index] = -1
+        if upto > released:
+            seq.window_released[self.window] = upto
+
+    def deallocate(self, seq: Sequence) -> None:
+        table = seq.window_tables.pop(self.window, None)
+        released = seq.window_released.pop(self.window, 0)
+        if table:
+            self.free_block_ids.extend(table[released:])
+
+
+class GroupedBlockManager:
+    """The KV groups of a shard with sliding-window layers: at most one full-attention group
+    (a BlockManager over seq.block_table, prefix caching off: a prefix hit would skip tokens
+    whose windowed KV the sliding groups never computed) and one WindowBlockManager per window.
+
+    Same interface as BlockManager for the scheduler and the engine, except that the sliding
+    groups take blocks per chunk: allocate / can_allocate take the first chunk's end and
+    can_extend / extend make room for a chunk that ends at `end`. Counters (num_blocks,
+    num_free_blocks) are the primary group's: the full group, else the first window group.
+    """
+
+    def __init__(self, full: BlockManager | None, windows: list[WindowBlockManager]) -> None:
+        assert windows
+        self.full = full
+        self.windows = windows
+        self.primary = full if full is not None else windows[0]
+        self.block_size = windows[0].block_size
+        self.num_prefix_hit_tokens = 0
+
+    def for_window(self, window: int | None) -> BlockManager | WindowBlockManager:
+        if window is None:
+            if self.full is None:
+                raise KeyError("this shard has no full-attention layers")
+            return self.full
+        for manager in self.windows:
+            if manager.window == window:
+                return manager
+        raise KeyError(f"no KV group for window {window}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.primary.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.primary.num_free_blocks
+
+    def can_allocate(self, seq: Sequence, first_chunk_end: int) -> bool:
+        if self.full is not None and not self.full.can_allocate(seq):
+            return False
+        return all(w.can_reserve(seq, first_chunk_end) for w in self.windows)
+
+    def allocate(self, seq: Sequence, first_chunk_end: int) -> None:
+        if self.full is not None:
+            self.full.allocate(seq)
+        else:
+            seq.num_cached_tokens = seq.num_computed_tokens = 0
+        for window in self.windows:
+            window.reserve(seq, first_chunk_end)
+
+    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int) -> bool:
+        if self.full is not None and not self.full.can_append(seq, num_new_tokens):
+            return False
+        return all(w.can_reserve(seq, end) for w in self.windows)
+
+    def extend(self, seq: Sequence, end: int) -> None:
+        if self.full is not None:
+            self.full.append_slots(seq)
+        for window in self.windows:
+            window.reserve(seq, end)
+
+    def deallocate(self, seq: Sequence) -> None:
+        if self.full is not None:
+            self.full.deallocate(seq)
+        for window in self.windows:
+            window.deallocate(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
+    def register_computed(self, seq: Sequence) -> None:
+        """After a step: the sliding groups drop the blocks that left every future window."""
+        for window in self.windows:
+            window.release(seq)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from parallax.engine.batcher import ScheduledChunk, Scheduler
-from parallax.engine.block_manager import BlockManager
-from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token
+from parallax.engine.block_manager import BlockManager, GroupedBlockManager, WindowBlockManager
+from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
 from parallax.engine.sampler import sample
 from parallax.engine.sampling_params import SamplingParams
 from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
@@ -44,6 +44,7 @@ class StepOutput:
     hidden: torch.Tensor | None = None  # other stages: [num_tokens, hidden] for the next stage
     token_ids: list[int] | None = None  # the input token ids the hidden states belong to
     start_position: int = 0
+    due: bool = False  # hidden outputs: a token is due once the last stage has run them
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
@@ -59,19 +60,74 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         model_len = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_model_len = min(config.max_model_len or model_len, model_len)
-        per_block = kv_bytes_per_token(model, config.dtype) * config.block_size
-        num_blocks = config.kv_memory_bytes // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"KV memory {config.kv_memory_bytes} bytes is below one block ({per_block} bytes)"
+        windows = [w for w in layer_windows(model) if w is not None]
+        self.has_full_attention = None in layer_windows(model)
+        if not windows:  # every dense model: one KV group, as it always was
+            per_block = kv_bytes_per_token(model, config.dtype) * config.block_size
+            num_blocks = config.kv_memory_bytes // per_block
+            if num_blocks < 1:
+                raise ValueError(f"KV memory {config.kv_memory_bytes} bytes is below one block "
+                                 f"({per_block} bytes)")
+            # A later stage cannot reuse a prefix the head skipped (it never saw those hidden
+            # states), so only a whole-model engine reuses cached prefixes.
+            self.block_manager = BlockManager(
+                num_blocks, config.block_size,
+                config.enable_prefix_caching and self.is_first and self.is_last)
+            window_blocks = None
+        else:
+            num_blocks, window_blocks = self._split_kv_budget(windows)
+            self.block_manager = GroupedBlockManager(
+                BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
+                if self.has_full_attention else None,
+                [WindowBlockManager(window_blocks[w], config.block_size, w) for w in windows],
             )
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, is_first_stage=self.is_first)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.device, config.dtype)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
+                                  config.dtype, window_blocks)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
+
+    def _split_kv_budget(self, windows: list[int]) -> tuple[int, dict[int, int]]:
+        """Blocks of the full-attention group and of each sliding-window group.
+
+        The rule (all in blocks of block_size tokens):
+        - A window-W group never needs more than
+              need_W = max_num_seqs * (ceil((W - 1) / block_size) + 2)
+                       + ceil(max_num_batched_tokens / block_size)
+          blocks: after a step each sequence keeps the blocks of its last W - 1 keys, and the
+          chunks of one step add at most max_num_batched_tokens tokens.
+        - It gets min(need_W, legacy) blocks, where legacy = budget // (KV bytes per token of
+          all layers * block_size) is what every layer had when all layers shared one pool; and
+          at least one sequence's worth, ceil((W - 1 + max_num_batched_tokens) / block_size) + 1.
+        - The full-attention group gets every byte left. So no group ever has fewer blocks than
+          under one shared pool, and the memory the windows do not need goes to full attention.
+          Without full-attention layers the rest of the budget stays unallocated.
+        """
+        config, size = self.config, self.config.block_size
+        chunk = config.max_num_batched_tokens
+        legacy = config.kv_memory_bytes // (kv_bytes_per_token(self.model, config.dtype) * size)
+        block_bytes = {w: kv_bytes_per_token(self.model, config.dtype, w) * size
+                       for w in [None, *windows]}
+        window_blocks = {}
+        for w in windows:
+            need = config.max_num_seqs * (-(-(w - 1) // size) + 2) + -(-chunk // size)
+            floor = -(-(w - 1 + chunk) // size) + 1
+            window_blocks[w] = max(min(need, legacy), floor)
+        left = config.kv_memory_bytes - sum(window_blocks[w] * block_bytes[w] for w in windows)
+        num_blocks = left // block_bytes[None] if self.has_full_attention else 0
+        if left < 0 or (self.has_full_attention and num_blocks < 1):
+            raise ValueError(f"KV memory {config.kv_memory_bytes} bytes cannot hold one sequence's "
+                             f"sliding-window blocks and one full-attention block")
+        return num_blocks, window_blocks
+
+    def block_manager_for(self, window: int | None) -> BlockManager | WindowBlockManager:
+        """The block pool of the layers with this sliding window (None: full attention)."""
+        if isinstance(self.block_manager, GroupedBlockManager):
+            return self.block_manager.for_window(window)
+        if window is not None:
+            raise KeyError(f"no KV group for window {window}")
+        return self.block_manager
 
     # ---- input ---------------------------------------------------------------------------
 
@@ -97,7 +153,7 @@ class Engine:
                 f"{self.max_model_len} tokens including the answer"
             )
         needed = -(-(len(prompt) + 1) // self.config.block_size)
-        if needed > self.block_manager.num_blocks:
+        if self.has_full_attention and needed > self.block_manager.num_blocks:
             raise ValueError(
                 f"the prompt needs {needed} KV blocks but the cache has "
                 f"{self.block_manager.num_blocks}; raise the KV memory budget"
@@ -112,6 +168,7 @@ class Engine:
         hidden: torch.Tensor,
         sampling_params: SamplingParams | None = None,
         num_prompt_tokens: int | None = None,
+        due: bool | None = None,
     ) -> None:
         """Later stages: hidden states for tokens [start_position, +len) of a request.
 
@@ -130,7 +187,10 @@ class Engine:
                 f"{request_id!r}: input at position {start_position}, expected {len(seq)}"
             )
         seq.token_ids.extend(token_ids)
-        seq.pending_inputs.append(PendingInput(list(token_ids), start_position, hidden))
+        if due is None:  # no word from the head: due when the known prompt is complete
+            end = start_position + len(token_ids)
+            due = end == len(seq.token_ids) and end >= seq.num_prompt_tokens
+        seq.pending_inputs.append(PendingInput(list(token_ids), start_position, hidden, due))
 
     def append_token(self, request_id: str, token_id: int, finished: bool = False,
                      finish_reason: str | None = None) -> None:
@@ -192,6 +252,7 @@ class Engine:
                 token_ids=chunk.seq.token_ids[
                     chunk.start_position : chunk.start_position + chunk.num_tokens],
                 start_position=chunk.start_position,
+                due=chunk.completes_sequence,
             )
 
     def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor):

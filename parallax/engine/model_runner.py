@@ -1,19 +1,34 @@
-"""Runs one scheduled batch through the shard: builds inputs, attention metadata, the KV cache."""
+"""Runs one scheduled batch through the shard: builds inputs, attention metadata, the KV cache.
+
+Shards with sliding-window layers have one KV group per window (plus the full-attention group):
+each group's layers have their own cache tensors and block tables, and get their own
+AttentionMetadata (through `by_window`), listing only the keys their window reads.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from parallax.engine.batcher import ScheduledChunk
-from parallax.models.attention import AttentionMetadata, PrefillSpan
+from parallax.models.attention import AttentionMetadata, PrefillSpan, window_start
 
 
-def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of K and V one token takes across the shard's layers."""
+def kv_bytes_per_token(
+    model: torch.nn.Module, dtype: torch.dtype, window: int | None | str = "all"
+) -> int:
+    """Bytes of K and V one token takes across the shard's layers (or only the layers whose
+    sliding_window equals `window`; None: the full-attention layers)."""
     element = torch.empty((), dtype=dtype).element_size()
     return sum(
         2 * layer.num_kv_heads * layer.head_dim * element for layer in model.attention_layers
+        if window == "all" or getattr(layer, "sliding_window", None) == window
     )
+
+
+def layer_windows(model: torch.nn.Module) -> list[int | None]:
+    """Distinct attention windows of the shard's layers, None (full attention) first."""
+    windows = {getattr(layer, "sliding_window", None) for layer in model.attention_layers}
+    return sorted(windows, key=lambda w: (w is not None, w or 0))
 
 
 class ModelRunner:
@@ -24,14 +39,21 @@ class ModelRunner:
         block_size: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        window_blocks: dict[int, int] | None = None,
     ) -> None:
+        """num_blocks: blocks of the full-attention layers. window_blocks: when given, layers
+        with a sliding window W get their own cache of window_blocks[W] blocks, addressed by
+        seq.window_tables[W] (KV groups); otherwise every layer shares seq.block_table."""
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
-        num_slots = num_blocks * block_size
+        self.window_blocks = window_blocks or {}
+        self.has_full_layers = None in layer_windows(model)
         for layer in model.attention_layers:
-            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
+            window = getattr(layer, "sliding_window", None)
+            blocks = self.window_blocks.get(window, num_blocks) if window else num_blocks
+            shape = (blocks * block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
@@ -41,20 +63,69 @@ class ModelRunner:
         slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
         return slots[start:end]
 
+    def _window_meta(self, chunks: list[ScheduledChunk], window: int) -> AttentionMetadata:
+        """Metadata of one sliding-window group: only the slots of keys inside the window."""
+        block_size = self.block_size
+        slot_mapping, decode_rows, prefills = [], [], []
+        offset = 0
+        for chunk in chunks:
+            table = chunk.seq.window_tables[window]
+            start, end = chunk.start_position, chunk.start_position + chunk.num_tokens
+            first = window_start(start, window)  # first key position this chunk reads
+            first_block = first // block_size
+            blocks = torch.tensor(table[first_block : (end - 1) // block_size + 1])
+            slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+            slots = slots[first - first_block * block_size : end - first_block * block_size]
+            slot_mapping.append(slots[start - first :])
+            if chunk.is_decode:
+                decode_rows.append(slots)
+            else:
+                prefills.append(PrefillSpan(offset, offset + chunk.num_tokens, end,
+                                            None if start == 0 else slots.to(self.device),
+                                            context_start=first))
+            offset += chunk.num_tokens
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device),
+                                 prefills=prefills)
+        if decode_rows:
+            # right-aligned rows: the query's own key last, padding (slot 0) masked out in front
+            table = torch.nn.utils.rnn.pad_sequence(decode_rows, batch_first=True,
+                                                    padding_side="left")
+            lens = torch.tensor([len(row) for row in decode_rows])
+            width = table.shape[1]
+            valid = torch.arange(width)[None, :] >= (width - lens)[:, None]
+            meta.num_decode_tokens = len(decode_rows)
+            meta.window_decode = (table.to(self.device), valid[:, None, None, :].to(self.device))
+        return meta
+
     def prepare(self, chunks: list[ScheduledChunk], is_first: bool):
         """Flat inputs, positions and attention metadata; decode chunks must come first."""
+        inputs, positions, meta = self._prepare(chunks, is_first, bool(self.window_blocks))
+        if self.window_blocks:
+            # one metadata per KV group; paged_attention picks its layer's by window
+            groups = {window: self._window_meta(chunks, window) for window in self.window_blocks}
+            if meta is not None:
+                groups[None] = meta
+            primary = groups[None] if meta is not None else next(iter(groups.values()))
+            primary.by_window = groups
+            meta = primary
+        return inputs, positions, meta
+
+    def _prepare(self, chunks: list[ScheduledChunk], is_first: bool, grouped: bool):
         positions, slot_mapping, token_ids, hiddens = [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
+        full = not grouped or self.has_full_layers
         offset = 0
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start_position, chunk.start_position + chunk.num_tokens
-            context_slots = self._slots(seq.block_table, 0, end)
             positions.append(torch.arange(start, end))
-            slot_mapping.append(context_slots[start:end])
             if is_first:
                 token_ids.extend(seq.token_ids[start:end])
             else:
                 hiddens.append(chunk.hidden)
+            if not full:
+                continue
+            context_slots = self._slots(seq.block_table, 0, end)
+            slot_mapping.append(context_slots[start:end])
             if chunk.is_decode:
                 decode_tables.append(context_slots)
                 decode_lens.append(end)
@@ -62,6 +133,13 @@ class ModelRunner:
                 prefills.append(PrefillSpan(offset, offset + chunk.num_tokens, end,
                                             None if start == 0 else context_slots))
             offset += chunk.num_tokens
+        if is_first:
+            inputs = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        else:
+            inputs = torch.cat(hiddens).to(device=self.device, dtype=self.dtype)
+        positions = torch.cat(positions).to(self.device)
+        if not full:
+            return inputs, positions, None
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device))
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
@@ -73,11 +151,7 @@ class ModelRunner:
             if span.context_slots is not None:
                 span.context_slots = span.context_slots.to(self.device)
         meta.prefills = prefills
-        if is_first:
-            inputs = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        else:
-            inputs = torch.cat(hiddens).to(device=self.device, dtype=self.dtype)
-        return inputs, torch.cat(positions).to(self.device), meta
+        return inputs, positions, meta
 
     @torch.inference_mode()
     def run(

@@ -24,6 +24,7 @@ class PendingInput:
     token_ids: list[int]
     start_position: int
     hidden: torch.Tensor  # [len(token_ids), hidden_size]
+    due: bool  # the head expects a token after this chunk (it ends its known sequence)
 
 
 class Sequence:
@@ -45,7 +46,11 @@ class Sequence:
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.arrival = next(self._arrival)
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # full-attention KV group (the only one of most models)
+        # Sliding-window KV groups, by window: position-indexed tables whose leading
+        # window_released[window] entries were released (-1); see WindowBlockManager.
+        self.window_tables: dict[int, list[int]] = {}
+        self.window_released: dict[int, int] = {}
         self.num_computed_tokens = 0  # tokens whose KV is in this stage's cache
         self.num_cached_tokens = 0  # of those, reused from the prefix cache
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache

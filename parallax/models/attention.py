@@ -27,6 +27,9 @@ class PrefillSpan:
     # Slots of all context_len keys (cached prefix + this chunk); None when the chunk is the
     # whole context, so the fresh k/v can be used directly with a causal mask.
     context_slots: torch.Tensor | None
+    # Position of context_slots[0]: a sliding-window KV group only lists the keys its window
+    # reads (the blocks before were released).
+    context_start: int = 0
 
 
 @dataclass
@@ -38,6 +41,12 @@ class AttentionMetadata:
     decode_slot_table: torch.Tensor | None = None  # [B, max_ctx] slots, padded with 0
     decode_context_lens: torch.Tensor | None = None  # [B]
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Sliding-window KV group: ([B, W] slots of each decode's last keys, right-aligned, and
+    # their [B, 1, 1, W] validity) instead of decode_slot_table.
+    window_decode: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Shards with several KV groups: the metadata of each group by window (None: full
+    # attention); paged_attention picks its layer's.
+    by_window: dict | None = field(default=None, repr=False)
     _decode_masks: dict = field(default_factory=dict, repr=False)
 
     def decode_mask(self, sliding_window: int | None = None) -> torch.Tensor:
@@ -159,12 +168,16 @@ def paged_attention(
 
     k_cache / v_cache: [num_slots, KVH, D]; sinks: optional [H] logits. Returns [T, H, D].
     """
+    if meta.by_window is not None:
+        meta = meta.by_window[sliding_window]
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
     num_decode = meta.num_decode_tokens
     if num_decode:
-        if sliding_window is not None and meta.decode_slot_table.shape[1] > sliding_window:
+        if meta.window_decode is not None:
+            table, mask = meta.window_decode
+        elif sliding_window is not None and meta.decode_slot_table.shape[1] > sliding_window:
             table, mask = meta.decode_window(sliding_window)
         else:
             table, mask = meta.decode_slot_table, meta.decode_mask(sliding_window)
@@ -186,8 +199,8 @@ def paged_attention(
                 keys = k[span.token_start + key_start : span.token_end]
                 values = v[span.token_start + key_start : span.token_end]
             else:
-                keys = k_cache[span.context_slots[key_start:]]
-                values = v_cache[span.context_slots[key_start:]]
+                keys = k_cache[span.context_slots[key_start - span.context_start :]]
+                values = v_cache[span.context_slots[key_start - span.context_start :]]
             mask = causal_mask(num_queries, span.context_len, q.device, sliding_window,
                                key_start)
         # [k, KVH, D] -> [1, KVH, k, D]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallax.models.attention import AttentionMetadata, paged_attention
-from parallax.models.layers import RMSNorm, RotaryEmbedding
+from parallax.models.layers import RMSNorm, RotaryEmbedding, rope_config_parameters
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -169,7 +169,11 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def make_rotary(config) -> RotaryEmbedding:
-        rotary_dim = int(head_dim_of(config) * getattr(config, "partial_rotary_factor", 1.0))
+        # transformers 5 keeps partial_rotary_factor in rope_parameters (the attribute is None)
+        factor = rope_config_parameters(config).get("partial_rotary_factor")
+        if factor is None:
+            factor = getattr(config, "partial_rotary_factor", None) or 1.0
+        rotary_dim = int(head_dim_of(config) * factor)
         return RotaryEmbedding(config, head_dim_of(config), rotary_dim)
 
     @property

@@ -259,7 +259,6 @@ def _build_engine(config: ExecutorConfig, report):
     shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype)
     load_seconds = time.perf_counter() - started
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
-    whole_model = shard.model.is_first and shard.model.is_last
     eos_ids = _eos_token_ids(shard.config, shard.source)
     engine = Engine(
         shard.model,
@@ -267,9 +266,7 @@ def _build_engine(config: ExecutorConfig, report):
                      max_num_seqs=config.max_batch_size,
                      max_num_batched_tokens=config.max_num_batched_tokens,
                      max_model_len=config.max_model_len,
-                     # Later stages cannot reuse a prefix the head skipped (they never saw
-                     # its hidden states), so only a whole-model node caches prefixes.
-                     enable_prefix_caching=config.enable_prefix_caching and whole_model,
+                     enable_prefix_caching=config.enable_prefix_caching,
                      device=config.device, dtype=dtype),
         eos_ids,
     )

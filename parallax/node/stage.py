@@ -88,7 +88,7 @@ class StageRouter:
                 self.engine.add_hidden(
                     entry.rid, list(entry.token_ids), entry.start_position, rows,
                     entry.sampling_params, entry.num_prompt_tokens if entry.start_position == 0
-                    else None)
+                    else None, entry.due)
             except (ValueError, RuntimeError) as exc:
                 self.engine.abort(entry.rid)
                 self._to_head(route.head_endpoint, [error_output(entry.rid, str(exc))])
@@ -152,7 +152,7 @@ class StageRouter:
                 seq.sampling_params if first and seq is not None else None,
                 seq.num_prompt_tokens if first and seq is not None else 0,
                 route.downstream_after_next if first else [],
-                route.head_endpoint))
+                route.head_endpoint, o.due))
         try:
             self.links.send_activations(endpoint, entries, torch.cat([o.hidden for o, _ in items]))
         except PeerUnreachable as exc:
