@@ -3,15 +3,19 @@
     .venv/bin/python benchmarks/engine_bench.py [--dtype float32|bfloat16] [--new-tokens 128]
 
 Prints a markdown table: batch-1 decode tok/s, aggregate tok/s at 8 and 32 concurrent requests,
-prefill tok/s for a 512-token prompt, RSS growth, and our ratio to each baseline.
+prefill tok/s for a 512-token prompt, peak RSS, and our ratio to each baseline. Each system runs
+in its own child process, one after the other, so its peak RSS is its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib.util
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import torch
@@ -22,10 +26,10 @@ from parallax.models.hub import builtin_gguf_path
 from parallax.models.loader import load_shard
 
 
-def rss_mb() -> float:
+def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -121,34 +125,42 @@ def measure(system, new_tokens: int) -> dict[str, float]:
     return row
 
 
+SYSTEMS = {cls.name: cls for cls in (ParallaxSystem, TransformersSystem, LlamaCppSystem)}
+
+
+def run_one(name: str, dtype_name: str, new_tokens: int, threads: int) -> dict[str, float]:
+    """Measure one system in this process; prints its row as JSON on the last line."""
+    torch.set_num_threads(threads)
+    system = SYSTEMS[name](builtin_gguf_path(), getattr(torch, dtype_name))
+    row = measure(system, new_tokens)
+    row["peak RSS MB"] = peak_rss_mb()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip", nargs="*", default=[], help="systems to skip")
+    parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    path = builtin_gguf_path()
-    systems = [ParallaxSystem, TransformersSystem]
-    try:
-        import llama_cpp  # noqa: F401
-
-        systems.append(LlamaCppSystem)
-    except ImportError:
+    if args.system:
+        print(json.dumps(run_one(args.system, args.dtype, args.new_tokens, args.threads)))
+        return
+    names = ["parallax", "transformers"]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        names.append("llama.cpp")
+    else:
         print("llama-cpp-python not installed: skipping llama.cpp")
     rows: dict[str, dict[str, float]] = {}
-    for system_class in systems:
-        if system_class.name in args.skip:
-            continue
-        gc.collect()
-        before = rss_mb()
-        system = system_class(path, dtype)
-        rows[system_class.name] = measure(system, args.new_tokens)
-        rows[system_class.name]["RSS growth MB"] = rss_mb() - before
-        print(system_class.name, rows[system_class.name], flush=True)
-        del system
+    for name in [n for n in names if n not in args.skip]:
+        result = subprocess.run(
+            [sys.executable, __file__, "--system", name, "--dtype", args.dtype,
+             "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+            capture_output=True, text=True, check=True)
+        rows[name] = json.loads(result.stdout.strip().splitlines()[-1])
+        print(name, rows[name], flush=True)
     metrics = list(next(iter(rows.values())))
     names = list(rows)
     print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.threads} threads, "
