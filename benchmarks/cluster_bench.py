@@ -6,14 +6,17 @@ For each size it starts `parallax run` and N `parallax join` nodes with memory l
 force an N-way split, then measures batch-1 decode tok/s and aggregate tok/s at 16 concurrent
 streams through the scheduler, and prints a markdown table with ratios to one node. It also
 measures the ZeroMQ hop alone (PipelineLinks round trip of one decode step's activations).
-All nodes share this machine's cores, so the multi-node rows show overhead, not speed-up.
+All nodes share this machine's cores (each gets cores / N threads), so the multi-node rows show
+the cost of the hops and of sharing, not the speed-up separate machines would give.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,17 +39,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In each child: SIGTERM when this benchmark dies, so no node outlives it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def start_cluster(num_nodes: int, logdir: str) -> tuple[str, list[subprocess.Popen]]:
     port = free_port()
     cli = [sys.executable, "-m", "parallax.cli"]
     log = open(os.path.join(logdir, f"cluster-{num_nodes}.log"), "ab")
     procs = [subprocess.Popen([*cli, "run", "-m", "SmolLM2-135M-Instruct", "-n", str(num_nodes),
-                               "--port", str(port), "--no-mdns"], stdout=log, stderr=log)]
+                               "--port", str(port), "--no-mdns"], stdout=log, stderr=log,
+                              preexec_fn=_die_with_parent)]
     for _ in range(num_nodes):
         procs.append(subprocess.Popen(
             [*cli, "join", "-s", f"127.0.0.1:{port}", "--port", str(free_port()),
-             "--activation-port", str(free_port()), "--memory", MEMORY_FOR_SPLIT[num_nodes]],
-            stdout=log, stderr=log))
+             "--activation-port", str(free_port()), "--memory", MEMORY_FOR_SPLIT[num_nodes],
+             # nodes sharing this machine share its cores, as separate machines would not
+             "--threads", str(max(1, (os.cpu_count() or 1) // num_nodes))],
+            stdout=log, stderr=log, preexec_fn=_die_with_parent))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
