@@ -130,19 +130,23 @@ class ExecutorClient:
         self.stats = P.ExecutorStats()
         self._process = self.launcher(self.config, self.input_address, self.output_address)
 
+    async def _stop_process(self, process: ProcessHandle | None) -> None:
+        """Ask an executor to shut down; kill it after the grace period."""
+        if process is None or process.poll() is not None:
+            return
+        self._send(P.Shutdown())
+        for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
+            if process.poll() is not None:
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        process.kill()
+        self._dead.append(process)
+
     async def reconfigure(self, config: ExecutorConfig | None) -> None:
         """Replace the executor (new layers, or none): in-flight requests fail, it reloads."""
         self._fail_all("the node is switching to a new layer range")
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            self._send(P.Shutdown())
-            for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
-                if process.poll() is not None:
-                    break
-                await asyncio.sleep(WATCH_INTERVAL_S)
-            if process.poll() is None:
-                process.kill()
-                self._dead.append(process)
+        await self._stop_process(process)
         self.config = config
         self._ready_event = asyncio.Event()
         self.info, self.error, self._failed_starts = None, None, 0
@@ -165,15 +169,7 @@ class ExecutorClient:
         for task in [*self._tasks, self._restart_task]:
             if task is not None:
                 task.cancel()
-        process = self._process
-        if process is not None and process.poll() is None:
-            self._send(P.Shutdown())
-            for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
-                if process.poll() is not None:
-                    break
-                await asyncio.sleep(WATCH_INTERVAL_S)
-            if process.poll() is None:
-                process.kill()
+        await self._stop_process(self._process)
         self._fail_all("the server is shutting down")
         self._push.close()
         self._pull.close()

@@ -13,7 +13,8 @@ from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
-from parallax.node.serve import _install_signal_handlers, _Server, bind_socket, say
+from parallax.node.serve import _install_signal_handlers
+from parallax.serving.proxy import _Server, bind_socket, say
 
 
 def lan_address() -> str:

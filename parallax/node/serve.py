@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
-import sys
 
 import uvicorn
 
@@ -15,21 +13,9 @@ from parallax.config import ServeConfig
 from parallax.models.hub import resolve
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
+from parallax.serving.proxy import _Server, bind_socket, say, url_host
 
 logger = logging.getLogger("parallax.serve")
-
-
-def say(text: str) -> None:
-    """One line of start-up progress for the operator."""
-    print(f"[parallax] {text}", file=sys.stderr, flush=True)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: serve_async owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 def _install_signal_handlers(server: uvicorn.Server) -> None:
@@ -43,26 +29,6 @@ def _install_signal_handlers(server: uvicorn.Server) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop)
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the HTTP port up front, so a busy port fails before the model loads."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(False)
-    return sock
-
-
-def url_host(host: str) -> str:
-    if host in ("0.0.0.0", "::"):
-        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 async def serve_async(config: ServeConfig) -> int:
