@@ -221,7 +221,11 @@ def test_chat_client_disconnect_frees_the_request_on_every_node(
     with httpx.stream("POST", chat_url + "/v1/chat/completions", json=body,
                       timeout=60) as response:
         assert response.status_code == 200
-        for event in parse_sse_lines(response.iter_lines()):
+        # keep the iterators referenced: a dropped httpx line iterator closes the connection,
+        # which would abort the request before the busy check below
+        lines = response.iter_lines()
+        events = parse_sse_lines(lines)
+        for event in events:
             assert event != DONE_MARKER, "the long answer ended before the test could leave"
             chunks += 1
             if chunks >= 5:
