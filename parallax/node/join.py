@@ -13,8 +13,7 @@ from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
-from parallax.node.serve import _install_signal_handlers
-from parallax.serving.proxy import _Server, bind_socket, say
+from parallax.serving.proxy import _Server, bind_socket, install_signal_handlers, say
 
 
 def lan_address() -> str:
@@ -70,7 +69,7 @@ async def join_async(config: JoinConfig) -> int:
                       f"tcp://{config.host}:{activation_port}", say)
     server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
                                     timeout_graceful_shutdown=3, lifespan="off"))
-    _install_signal_handlers(server)
+    install_signal_handlers(server)
     await frontend.start(None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     agent_task = asyncio.create_task(agent.run())

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 
 import uvicorn
 
@@ -13,22 +11,9 @@ from parallax.config import ServeConfig
 from parallax.models.hub import resolve
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
-from parallax.serving.proxy import _Server, bind_socket, say, url_host
+from parallax.serving.proxy import _Server, bind_socket, install_signal_handlers, say, url_host
 
 logger = logging.getLogger("parallax.serve")
-
-
-def _install_signal_handlers(server: uvicorn.Server) -> None:
-    loop = asyncio.get_running_loop()
-
-    def stop() -> None:
-        if server.should_exit:
-            server.force_exit = True
-        server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop)
 
 
 async def serve_async(config: ServeConfig) -> int:
@@ -40,7 +25,7 @@ async def serve_async(config: ServeConfig) -> int:
     frontend = NodeFrontend(config, client, source.name)
     server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
                                            timeout_graceful_shutdown=3, lifespan="off"))
-    _install_signal_handlers(server)
+    install_signal_handlers(server)
     await frontend.start(tokenizer_path=source.path if source.kind != "repo" else None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     ready_task = asyncio.create_task(frontend.wait_ready())

@@ -166,12 +166,8 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve_app(app: FastAPI, host: str, port: int, banner: str) -> int:
-    """Serve `app` on host:port until SIGINT/SIGTERM; `banner` gets `{url}` filled in."""
-    sock = bind_socket(host, port)
-    bound_port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                                    lifespan="on"))
+def install_signal_handlers(server: uvicorn.Server) -> None:
+    """SIGINT/SIGTERM stop the server gracefully; a second one forces the exit."""
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -182,6 +178,15 @@ async def serve_app(app: FastAPI, host: str, port: int, banner: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop)
+
+
+async def serve_app(app: FastAPI, host: str, port: int, banner: str) -> int:
+    """Serve `app` on host:port until SIGINT/SIGTERM; `banner` gets `{url}` filled in."""
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                                    lifespan="on"))
+    install_signal_handlers(server)
     say(banner.format(url=f"http://{url_host(host)}:{bound_port}"))
     try:
         await server.serve(sockets=[sock])
