@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallax.models.attention import AttentionMetadata, paged_attention
 from parallax.models.layers import RMSNorm
 from parallax.models.llama import Attention, LlamaForCausalLM
 from parallax.models.moe import FusedExperts
@@ -46,21 +45,6 @@ class GptOssAttention(Attention):
     def __init__(self, config, layer_index: int, rotary) -> None:
         super().__init__(config, layer_index, rotary)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = paged_attention(
-            q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
-            sinks=self.sinks,
-        )
-        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
 
 def clamped_swiglu(alpha: float, limit: float):

@@ -70,6 +70,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = sliding_window_of(config, layer_index)
+        self.sinks: torch.Tensor | None = None  # per-head attention-sink logits (gpt-oss)
         self.k_cache: torch.Tensor | None = None  # [num_slots, KVH, D], set by the runner
         self.v_cache: torch.Tensor | None = None
 
@@ -94,7 +95,8 @@ class Attention(nn.Module):
         q, k = self.project_qk(q, k)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(
-            q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window
+            q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+            sinks=self.sinks,
         )
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
