@@ -242,10 +242,3 @@ def serving(app: FastAPI) -> Iterator[str]:
         yield url
     finally:
         stop_server(server, thread)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (for "scheduler down" tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_scheduler import XSS, FakeScheduler, free_port, serving
+from fake_scheduler import XSS, FakeScheduler, serving
+from processes import free_port
 
 from parallax.chat.server import build_chat_app
 from parallax.cli import main as cli_main

@@ -8,7 +8,6 @@ quickly, and the cluster heals with the standby node without any manual step.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import time
 import httpx
 import openai
 import pytest
+from processes import die_with_pytest, free_port
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
@@ -32,17 +32,8 @@ PROMPTS = ["What is the capital of France?", "List three primary colors.",
            "Explain recursion in one sentence."]
 
 
-def _die_with_pytest() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -64,7 +55,7 @@ class LocalCluster:
         log = open(self.tmp_path / f"{name}.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "parallax.cli", *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=self.env,
-                                preexec_fn=_die_with_pytest)
+                                preexec_fn=die_with_pytest)
 
     def start_node(self, port: int) -> subprocess.Popen:
         return self._spawn(f"node-{port}", [

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_cluster import START_TIMEOUT_S, LocalCluster, _die_with_pytest, free_port
+from processes import die_with_pytest, free_port
+from test_cluster import START_TIMEOUT_S, LocalCluster
 
 from parallax.serving.sse import DONE_MARKER, parse_sse_lines
 
@@ -66,7 +67,7 @@ def _spawn_proxy(cluster: LocalCluster, name: str, args: list[str], ready_path: 
     proc = subprocess.Popen(
         [sys.executable, "-m", "parallax.cli", name, "-s", f"127.0.0.1:{cluster.port}",
          "--port", str(port), *args],
-        stdout=log, stderr=subprocess.STDOUT, env=cluster.env, preexec_fn=_die_with_pytest)
+        stdout=log, stderr=subprocess.STDOUT, env=cluster.env, preexec_fn=die_with_pytest)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import zmq
+from processes import free_port
 from tiny_models import greedy_tokens, save_tiny_model
 
 from parallax import protocol as P
@@ -19,10 +19,6 @@ from parallax.node.stage import StageRouter
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

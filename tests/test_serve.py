@@ -8,10 +8,8 @@ runs last because it makes the server reload the model.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import time
 import httpx
 import openai
 import pytest
+from processes import die_with_pytest, free_port
 
 from parallax.models.hub import DEFAULT_MODEL, builtin_gguf_path
 from parallax.models.loader import load_tokenizer
@@ -33,16 +32,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "List three primary colors.", "Explain recursion in one sentence."]
 
 
-def _die_with_pytest() -> None:
-    """In the server child: get SIGTERM when pytest dies, so no server outlives a killed run."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_health(url: str, timeout: float, proc: subprocess.Popen | None = None) -> dict:
@@ -72,7 +63,7 @@ def serve_url(tmp_path_factory):
     # TMPDIR: the ipc sockets' private dir lands under pytest's tmp dir, even after a SIGKILL
     env = {**os.environ, "TMPDIR": str(log_path.parent)}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_die_with_pytest)
+                            preexec_fn=die_with_pytest)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_health(url, START_TIMEOUT_S, proc)
