@@ -33,6 +33,12 @@ def _size(text: str) -> int:
     return value
 
 
+def _add_relay(p) -> None:
+    p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
+                   help="P2P relay server (/ip4/.../tcp/N/p2p/12D3KooW...) for peers behind "
+                        "NAT; also used to find peers (repeatable)")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a whole model on this machine (OpenAI API, no scheduler)",
@@ -110,6 +116,12 @@ def _add_run(sub) -> None:
                    help="a local model dir or .gguf file to offer in /model/list (repeatable)")
     p.add_argument("--no-mdns", action="store_true",
                    help="do not advertise the scheduler on the local network")
+    p.add_argument("--p2p", action="store_true",
+                   help="also run a Lattica peer so nodes can join across the internet by "
+                        "peer id (the join command then names it)")
+    p.add_argument("--p2p-port", type=int, default=3003,
+                   help="tcp port of the P2P peer (default 3003; open it for remote nodes)")
+    _add_relay(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_scheduler)
 
@@ -123,6 +135,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         join_token=args.join_token, api_key=args.api_key, retry_attempts=args.retry_attempts,
         retry_interval_s=args.retry_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         dtype=args.dtype, mdns=not args.no_mdns, local_models=tuple(args.add_model),
+        p2p=args.p2p, p2p_port=args.p2p_port, relays=tuple(args.relay),
     )
     return run_scheduler_process(config)
 
@@ -132,8 +145,10 @@ def _add_join(sub) -> None:
         "join", help="join a scheduler as a node and serve the layers it assigns",
         description="Join a Parallax cluster: measure this machine, report to the scheduler, "
                     "load the layer range it assigns, and serve it.")
-    p.add_argument("-s", "--scheduler", default=None, metavar="HOST:PORT",
-                   help="the scheduler's address (default: find one on the local network)")
+    p.add_argument("-s", "--scheduler", default=None, metavar="HOST:PORT|PEER",
+                   help="the scheduler's address, or its P2P peer id / multiaddr "
+                        "(/ip4/.../tcp/3003/p2p/12D3KooW...) for a `parallax run --p2p` "
+                        "scheduler (default: find one on the local network)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1; use 0.0.0.0 so nodes on "
                         "other machines can reach this one)")
@@ -153,6 +168,10 @@ def _add_join(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
+    p.add_argument("--p2p-port", type=int, default=None,
+                   help="tcp port of this node's P2P peer when -s names a peer "
+                        "(default: port + 200)")
+    _add_relay(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_join)
 
@@ -166,7 +185,7 @@ def _run_join(args: argparse.Namespace) -> int:
         activation_port=args.activation_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, memory_bytes=args.memory,
         join_token=args.join_token, max_batch_size=args.max_batch_size, threads=args.threads,
-        warmup=not args.no_warmup,
+        warmup=not args.no_warmup, p2p_port=args.p2p_port, relays=tuple(args.relay),
     )
     return run_join(config)
 
@@ -176,12 +195,16 @@ def _add_chat(sub) -> None:
         "chat", help="serve the web chat on this machine, proxying to a scheduler",
         description="Serve the web UI (setup, nodes, chat) on a machine that is not a node; its "
                     "API calls are proxied to the scheduler, streams as they arrive.")
-    p.add_argument("-s", "--scheduler", default="127.0.0.1:3001", metavar="HOST:PORT",
-                   help="the scheduler (`parallax run`) to talk to (default 127.0.0.1:3001)")
+    p.add_argument("-s", "--scheduler", default="127.0.0.1:3001", metavar="HOST:PORT|PEER",
+                   help="the scheduler (`parallax run`) to talk to, or its P2P peer id / "
+                        "multiaddr (default 127.0.0.1:3001)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; "
                         "0.0.0.0 to open the chat to the network)")
     p.add_argument("--port", type=int, default=3002, help="HTTP port (default 3002)")
+    p.add_argument("--p2p-port", type=int, default=0,
+                   help="tcp port of the P2P peer when -s names a peer (default: any free)")
+    _add_relay(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_chat)
 
@@ -190,7 +213,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     from parallax.chat.server import run_chat
     from parallax.config import ChatConfig
 
-    return run_chat(ChatConfig(scheduler=args.scheduler, host=args.host, port=args.port))
+    return run_chat(ChatConfig(scheduler=args.scheduler, host=args.host, port=args.port,
+                               p2p_port=args.p2p_port, relays=tuple(args.relay)))
 
 
 def _add_gateway(sub) -> None:

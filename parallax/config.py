@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from parallax.p2p.peer import MULTIADDR_RE, is_p2p_target
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -160,12 +162,16 @@ class SchedulerConfig:
     read_timeout_s: float = 600.0  # longest silence of a head node's answer
     max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
     evict_interval_s: float = 1.0
+    p2p: bool = False  # also run a Lattica peer: nodes and chat servers join by peer id
+    p2p_port: int = 3003  # the peer's tcp port (fixed, so its address can be advertised)
+    relays: tuple[str, ...] = ()  # relay server multiaddrs for peers behind NAT
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
         if not self.host:
             raise ConfigError("host must not be empty")
+        _check_p2p(self.p2p_port, self.relays)
         _check_positive("init_nodes_num", self.init_nodes_num, allow_none=False)
         _check_positive("max_body_bytes", self.max_body_bytes, allow_none=False)
         if not isinstance(self.retry_attempts, int) or self.retry_attempts < 0:
@@ -210,18 +216,23 @@ class JoinConfig:
     max_restarts: int = 5
     warmup: bool = True
     discovery_timeout_s: float = 15.0
+    p2p_port: int | None = None  # P2P mode (-s PEER): the Lattica peer's port; default port + 200
+    relays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        _check_p2p(self.p2p_port, self.relays)
         if self.activation_port is not None and not 0 < self.activation_port <= 65535:
             raise ConfigError(f"activation port must be in 1..65535, got {self.activation_port}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.scheduler is not None and not re.match(r"^[\w.\-\[\]:]+:\d+$", self.scheduler):
-            raise ConfigError(f"--scheduler must be HOST:PORT, got {self.scheduler!r}")
+        if self.scheduler is not None and not (re.match(r"^[\w.\-\[\]:]+:\d+$", self.scheduler)
+                                               or is_p2p_target(self.scheduler)):
+            raise ConfigError(f"--scheduler must be HOST:PORT, a peer id or a /p2p/ multiaddr, "
+                              f"got {self.scheduler!r}")
         _check_positive("memory_bytes", self.memory_bytes)
 
     @property
@@ -236,12 +247,22 @@ class JoinConfig:
 _SCHEDULER_ADDRESS = re.compile(r"^(https?://)?[\w.\-\[\]:]+:\d+/?$")
 
 
+def _check_p2p(port: int | None, relays: tuple[str, ...], allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if port is not None and (not isinstance(port, int) or not low <= port <= 65535):
+        raise ConfigError(f"--p2p-port must be in {low}..65535, got {port!r}")
+    for relay in relays:
+        if not MULTIADDR_RE.match(relay):
+            raise ConfigError(f"--relay must be a multiaddr ending in /p2p/<peer id>, got {relay!r}")
+
+
 def _check_proxy_common(cfg: ChatConfig | GatewayConfig) -> None:
     if not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port must be in 0..65535, got {cfg.port!r}")
     if not cfg.host:
         raise ConfigError("host must not be empty")
-    if not _SCHEDULER_ADDRESS.match(cfg.scheduler or ""):
+    if not _SCHEDULER_ADDRESS.match(cfg.scheduler or "") and not (
+            isinstance(cfg, ChatConfig) and is_p2p_target(cfg.scheduler)):
         raise ConfigError(f"--scheduler must be HOST:PORT, got {cfg.scheduler!r}")
     for name in ("connect_timeout_s", "read_timeout_s"):
         if not getattr(cfg, name) > 0:
@@ -252,14 +273,17 @@ def _check_proxy_common(cfg: ChatConfig | GatewayConfig) -> None:
 class ChatConfig:
     """`parallax chat`: the web UI on another machine, proxying its API calls to the scheduler."""
 
-    scheduler: str = "127.0.0.1:3001"  # HOST:PORT of `parallax run`
+    scheduler: str = "127.0.0.1:3001"  # HOST:PORT of `parallax run`, or its peer id / multiaddr
     host: str = "127.0.0.1"
     port: int = 3002
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0  # longest silence of a proxied answer
+    p2p_port: int = 0  # P2P mode: this server's Lattica port (0: any free port)
+    relays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_proxy_common(self)
+        _check_p2p(self.p2p_port, self.relays, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,14 @@ class ExecutorError(msgspec.Struct, tag="error", frozen=True):
     during_startup: bool = False
 
 
-ToExecutor = Union[AddRequest, AbortRequest, Shutdown]  # noqa: UP007 (a runtime type)
+class SetLinkAliases(msgspec.Struct, tag="aliases", frozen=True):
+    """P2P mode: send what is addressed to a peer's activation endpoint (key) to a local relay
+    endpoint (value) instead, because that peer cannot be reached over tcp from here."""
+
+    aliases: dict[str, str]
+
+
+ToExecutor = Union[AddRequest, AbortRequest, Shutdown, SetLinkAliases]  # noqa: UP007
 FromExecutor = Union[ExecutorProgress, ExecutorReady, StepOutputs, ExecutorError]  # noqa: UP007
 
 _encoder = msgspec.msgpack.Encoder()
@@ -123,7 +130,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_to_executor(data: bytes) -> AddRequest | AbortRequest | Shutdown:
+def decode_to_executor(data: bytes) -> AddRequest | AbortRequest | Shutdown | SetLinkAliases:
     """Decode a frontend -> executor message (raises msgspec.DecodeError / ValidationError)."""
     return _to_executor.decode(data)
 
@@ -162,6 +169,7 @@ class NodeJoin(msgspec.Struct, frozen=True):
     http_url: str  # the node frontend, reachable by the scheduler
     activation_endpoint: str  # tcp://host:port of its executor, reachable by other nodes
     max_running_requests: int = 32
+    peer_id: str | None = None  # P2P mode: the scheduler reaches this node over Lattica
 
 
 class JoinResponse(msgspec.Struct, frozen=True):
@@ -184,9 +192,18 @@ class Heartbeat(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
+class PeerEndpoint(msgspec.Struct, frozen=True):
+    """A P2P node's executor endpoint and the Lattica peer that can relay to it."""
+
+    activation_endpoint: str
+    peer_id: str
+    ready: bool = False  # it has loaded its layers, so its executor listens
+
+
 class HeartbeatResponse(msgspec.Struct, frozen=True):
     known: bool  # False: the scheduler forgot this node (evicted, restarted): join again
     assignment: Assignment | None = None
+    peers: list[PeerEndpoint] = []  # P2P mode: the other P2P nodes, to probe for direct reach
 
 
 class NodeLeave(msgspec.Struct, frozen=True):
@@ -254,3 +271,60 @@ _stage_decoder = msgspec.msgpack.Decoder(StageMessage)
 def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease:
     """Decode frame 0 of a stage-to-stage message."""
     return _stage_decoder.decode(data)
+
+
+# ---- P2P mode: HTTP over a Lattica stream (parallax/p2p/bridge.py) -----------------------------
+#
+# The caller sends one BridgeRequest (msgpack) to the peer's `HttpBridge.http` stream method; the
+# peer answers with a stream of BridgeFrame: one BridgeHead, any number of BridgeBody, and one
+# BridgeEnd. A stream that stops without BridgeEnd was cut (peer gone). Lattica pickles by
+# default; these bytes are ours, so nothing is unpickled on either side.
+
+
+class BridgeRequest(msgspec.Struct, frozen=True):
+    method: str
+    path: str  # path and query, e.g. /node/heartbeat
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+class BridgeHead(msgspec.Struct, tag="head", frozen=True):
+    status: int
+    headers: list[tuple[str, str]]
+
+
+class BridgeBody(msgspec.Struct, tag="body", frozen=True):
+    data: bytes
+
+
+class BridgeEnd(msgspec.Struct, tag="end", frozen=True):
+    error: str | None = None  # the local server failed mid-answer
+
+
+BridgeFrame = Union[BridgeHead, BridgeBody, BridgeEnd]  # noqa: UP007
+_bridge_request_decoder = msgspec.msgpack.Decoder(BridgeRequest)
+_bridge_frame_decoder = msgspec.msgpack.Decoder(BridgeFrame)
+
+
+def decode_bridge_request(data: bytes) -> BridgeRequest:
+    return _bridge_request_decoder.decode(data)
+
+
+def decode_bridge_frame(data: bytes) -> BridgeHead | BridgeBody | BridgeEnd:
+    return _bridge_frame_decoder.decode(data)
+
+
+class SchedulerRecord(msgspec.Struct, frozen=True):
+    """What a P2P scheduler publishes in the DHT under `parallax/scheduler/<peer id>`."""
+
+    peer_id: str
+    addresses: list[str]  # multiaddrs it listens on
+    model: str | None = None
+
+
+class RelayedMessage(msgspec.Struct, frozen=True):
+    """A stage message carried over Lattica (ActivationRelay in parallax/p2p/relay.py): the
+    ZeroMQ frames as they were sent, for the executor of `target_peer_id`."""
+
+    target_peer_id: str
+    frames: list[bytes]

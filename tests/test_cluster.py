@@ -32,10 +32,6 @@ PROMPTS = ["What is the capital of France?", "List three primary colors.",
            "Explain recursion in one sentence."]
 
 
-
-
-
-
 class LocalCluster:
     def __init__(self, tmp_path, num_nodes: int, memory: str) -> None:
         self.tmp_path = tmp_path
@@ -47,9 +43,18 @@ class LocalCluster:
                                                    "2", "--port", str(self.port), "--no-mdns",
                                                    "--retry-attempts", "3",
                                                    "--retry-interval", "1",
-                                                   "--heartbeat-timeout", "6"])
+                                                   "--heartbeat-timeout", "6",
+                                                   *self.scheduler_args()])
+        self.join_target = self.scheduler_target()
         self.node_ports = [free_port() for _ in range(num_nodes)]
         self.nodes = {port: self.start_node(port) for port in self.node_ports}
+
+    def scheduler_args(self) -> list[str]:
+        return []
+
+    def scheduler_target(self) -> str:
+        """What nodes pass as `-s`."""
+        return f"127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp_path / f"{name}.log", "ab")
@@ -59,8 +64,12 @@ class LocalCluster:
 
     def start_node(self, port: int) -> subprocess.Popen:
         return self._spawn(f"node-{port}", [
-            "join", "-s", f"127.0.0.1:{self.port}", "--port", str(port), "--activation-port",
-            str(free_port()), "--memory", self.memory, "--max-batch-size", "8", "--no-warmup"])
+            "join", "-s", self.join_target, "--port", str(port), "--activation-port",
+            str(free_port()), "--memory", self.memory, "--max-batch-size", "8", "--no-warmup",
+            *self.node_args()])
+
+    def node_args(self) -> list[str]:
+        return []
 
     def status(self) -> dict:
         return httpx.get(f"{self.url}/cluster/status_json", timeout=5).json()["data"]
@@ -87,6 +96,36 @@ class LocalCluster:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def kill_node_mid_stream(cluster: LocalCluster, port: int, events_before: int = 5) -> float:
+    """Kill node `port` (frontend and executor, as a power cut would) while a stream runs;
+    check that the stream ends with an error event and [DONE]; return how long that took."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body,
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        for event in parse_sse_lines(lines):
+            events.append(event)
+            if len(events) == events_before:
+                break
+        proc = cluster.nodes[port]
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        killed_at = time.monotonic()
+        proc.kill()
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        for event in parse_sse_lines(lines):
+            events.append(event)
+        ended_after = time.monotonic() - killed_at
+    finals = [e for e in events if isinstance(e, dict) and e.get("choices")
+              and e["choices"][0].get("finish_reason")]
+    assert finals and finals[-1]["choices"][0]["finish_reason"] == "error"
+    assert events[-1] == "[DONE]"
+    return ended_after
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +166,19 @@ def test_split_across_two_nodes_with_a_standby(cluster):
     assert len(status["node_list"]) == 3
 
 
-def test_greedy_answers_equal_whole_model(cluster, reference_answers):
+def assert_greedy_answers(cluster: LocalCluster, reference_answers: list[str]) -> openai.OpenAI:
+    """Each prompt's greedy answer through the scheduler equals the whole model's."""
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
     for prompt, expected in zip(PROMPTS, reference_answers, strict=True):
         answer = client.chat.completions.create(
             model="default", messages=[{"role": "user", "content": prompt}], temperature=0,
             max_tokens=24)
         assert answer.choices[0].message.content == expected
+    return client
+
+
+def test_greedy_answers_equal_whole_model(cluster, reference_answers):
+    client = assert_greedy_answers(cluster, reference_answers)
     streamed = client.chat.completions.create(
         model="default", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0,
         max_tokens=24, stream=True)
@@ -146,31 +191,7 @@ def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):
     pipeline = status["pipelines"][0]
     tail_id = pipeline[-1]
     tail_port = next(p for p in cluster.node_ports if tail_id.endswith(f"-{p}"))
-    body = {"model": "default", "messages": [{"role": "user", "content": "Count to a thousand."}],
-            "max_tokens": 400, "temperature": 0, "stream": True}
-    events = []
-    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body,
-                      timeout=30) as response:
-        lines = response.iter_lines()
-        for event in parse_sse_lines(lines):
-            events.append(event)
-            if len(events) == 5:
-                break
-        proc = cluster.nodes[tail_port]
-        # the node's executor is its child: kill the whole node, as a power cut would
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                  text=True).stdout.split()
-        killed_at = time.monotonic()
-        proc.kill()
-        for child in children:
-            os.kill(int(child), signal.SIGKILL)
-        for event in parse_sse_lines(lines):
-            events.append(event)
-        ended_after = time.monotonic() - killed_at
-    finals = [e for e in events if isinstance(e, dict) and e.get("choices")
-              and e["choices"][0].get("finish_reason")]
-    assert finals and finals[-1]["choices"][0]["finish_reason"] == "error"
-    assert events[-1] == "[DONE]"
+    ended_after = kill_node_mid_stream(cluster, tail_port)
     assert ended_after < 5.0
     # the scheduler evicts the silent node (heartbeat timeout 6 s), then reallocates
     deadline = time.monotonic() + 30

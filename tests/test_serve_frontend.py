@@ -305,6 +305,18 @@ def test_executor_crash_fails_in_flight_then_503_then_recovers():
     run(scenario())
 
 
+def test_executor_dying_during_shutdown_is_not_restarted():
+    """SIGTERM reaches the executor too (same process group): no restart while stopping."""
+    async def scenario():
+        async with Harness() as h:
+            h.frontend.client.begin_shutdown()
+            await h.chat("CRASH")
+            await asyncio.sleep(1.0)  # the watch loop has seen the exit by now
+            assert len(h.launched) == 1 and h.frontend.client.num_restarts == 0
+
+    run(scenario())
+
+
 def test_not_ready_is_503_and_health_says_loading():
     async def scenario():
         async with Harness(send_ready=False) as h:

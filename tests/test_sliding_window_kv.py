@@ -35,13 +35,7 @@ BLOCK = 4
 LONG_PROMPTS = [61, 40, 23, 75]  # all much longer than the window
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_DECODE_STEPS + 1, ignore_eos=True)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

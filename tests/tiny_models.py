@@ -70,3 +70,101 @@ def greedy_tokens(model, prompts: list[list[int]], max_tokens: int, **config) ->
         for o in engine.step():
             out[o.request_id].append(o.token_id)
     return [out[str(i)] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------- scripted "successor" models
+#
+# A random model's text is gibberish; end-to-end tests of text handling (reasoning split, stop
+# tokens) need a model that writes an exact script. A *successor model* does: its residual stream
+# is the current token's one-hot embedding (attention and MLP outputs are zero), so the LM head
+# maps token i straight to the logits of its scripted successor and greedy decoding follows the
+# chain `successors[i]` whatever came before. A token can have one successor only; `branches`
+# lift that limit where a script must revisit a token (harmony headers): one attention head per
+# flag word sets a residual flag once that word is anywhere in the context, and the flag moves
+# the argmax from the token's successor to an alternative.
+
+WORD_PIECES = r" ?[A-Za-z]+|\n+|[^A-Za-z\n]"  # words with their leading space, newline runs, chars
+
+
+def save_word_tokenizer(path, words: list[str], special: list[str], added: list[str],
+                        eos: str, chat_template: str):
+    """A word-level fast tokenizer (decode concatenates pieces) saved into `path`.
+
+    `words` are plain vocabulary pieces (see WORD_PIECES), `special` become special tokens (left
+    out by `skip_special_tokens`), `added` are added tokens that stay in decoded text (`<think>`).
+    Ids follow the order special, added, words. Returns the transformers tokenizer.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", *special, *added, *words]
+    assert len(set(pieces)) == len(pieces), "duplicate vocabulary entries"
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECES), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token=eos)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_successor_model(path, model_type: str, tokenizer, script: list[str],
+                         branches: list[tuple[str, str, str]] = (), **overrides) -> str:
+    """Save a one-layer `model_type` model into `path` whose greedy output follows `script`.
+
+    `script` is a chain of tokens: each one's successor is the next (a token may appear twice only
+    if a branch tells its visits apart). A branch (token, flag, alternative) makes `token` continue
+    with `alternative` once `flag` occurred anywhere before, itself included (tried on gpt_oss;
+    it needs attention biases: the query is a constant bias). The vocabulary plus one dimension
+    per flag must fit in hidden_size. The config's eos_token_id is the tokenizer's eos.
+    Returns `path` as a string.
+    """
+    from transformers import AutoModelForCausalLM
+
+    vocabulary = tokenizer.get_vocab()
+    unknown = {t for t in [*script, *(t for branch in branches for t in branch)]
+               if t not in vocabulary}
+    assert not unknown, f"not in the tokenizer's vocabulary: {sorted(unknown)}"
+    ids = vocabulary.__getitem__
+    flags = list(dict.fromkeys(flag for _, flag, _ in branches))
+    vocab = len(tokenizer)
+    kwargs = dict(hidden_size=64, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, vocab_size=vocab,
+                  max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
+    kwargs.update(overrides)
+    config = tiny_config(model_type, **kwargs)
+    hidden, head_dim = config.hidden_size, config.head_dim
+    assert vocab + len(flags) <= hidden and len(flags) <= config.num_key_value_heads
+    assert not flags or getattr(config, "attention_bias", False), "branches need q biases"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    weight = 4.0  # logits: weight x the normalised one-hot (sqrt(hidden) without flags)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        params["model.embed_tokens.weight"][:, :vocab] = torch.eye(vocab)
+        lm_head = params["lm_head.weight"]
+        successors: dict[int, int] = {}
+        branched = {(token, alternative) for token, _, alternative in branches}
+        for current, following in zip(script[:-1], script[1:], strict=True):
+            if (current, following) in branched:
+                continue
+            if successors.setdefault(ids(current), ids(following)) != ids(following):
+                raise ValueError(f"{current!r} has two successors in the script; add a branch")
+            lm_head[ids(following), ids(current)] = weight
+        attn = "model.layers.0.self_attn."
+        low_freq = head_dim // 2 - 1  # the slowest RoPE pair: q.k stays put across positions
+        for h, flag in enumerate(flags):
+            row = h * head_dim
+            params[attn + "q_proj.bias"][row + low_freq] = 4.0
+            params[attn + "k_proj.weight"][row + low_freq, ids(flag)] = 2.0  # score 4*16/4 = 16
+            params[attn + "v_proj.weight"][row, ids(flag)] = hidden**-0.5  # v = 1 at the flag
+            params[attn + "o_proj.weight"][hidden - 1 - h, row] = 1.0  # residual flag dimension
+        for token, flag, alternative in branches:
+            lm_head[ids(alternative), ids(token)] = weight / 2
+            lm_head[ids(alternative), hidden - 1 - flags.index(flag)] = weight * 3 / 4
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)

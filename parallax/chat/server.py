@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request, Response
 
 from parallax.config import ChatConfig
+from parallax.p2p.peer import is_p2p_target
 from parallax.serving.errors import install_error_handlers
 from parallax.serving.proxy import forward, make_client, scheduler_url, serve_app
 from parallax.web import mount_web_ui
@@ -32,16 +33,27 @@ PROXIED_ROUTES: tuple[tuple[str, str, float | None], ...] = (
 
 def build_chat_app(config: ChatConfig) -> FastAPI:
     """The FastAPI app of `parallax chat`."""
-    base = scheduler_url(config.scheduler)
+    p2p, transport, base = None, None, None
+    if is_p2p_target(config.scheduler):
+        from parallax.p2p.bridge import LatticaTransport
+        from parallax.p2p.roles import start_client_peer
+
+        p2p, scheduler_peer_id = start_client_peer(config.p2p_port, config.scheduler,
+                                                   config.relays)
+        transport, base = LatticaTransport(p2p.peer, scheduler_peer_id), "http://scheduler.p2p"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await app.state.client.aclose()
+        if p2p is not None:
+            p2p.close()
 
     app = FastAPI(title="Parallax chat", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.state.client = make_client(base, config.connect_timeout_s, config.read_timeout_s)
+    app.state.client = make_client(base or scheduler_url(config.scheduler),
+                                   config.connect_timeout_s, config.read_timeout_s,
+                                   transport=transport)
     install_error_handlers(app)
 
     def route(path: str, read_timeout_s: float | None):
@@ -60,6 +72,8 @@ def build_chat_app(config: ChatConfig) -> FastAPI:
 def run_chat(config: ChatConfig) -> int:
     """Blocking entry used by the CLI."""
     app = build_chat_app(config)
-    banner = (f"Parallax chat on {{url}} (scheduler: {scheduler_url(config.scheduler)}); "
+    target = config.scheduler if is_p2p_target(config.scheduler) else scheduler_url(
+        config.scheduler)
+    banner = (f"Parallax chat on {{url}} (scheduler: {target}); "
               f"Ctrl-C stops it")
     return asyncio.run(serve_app(app, config.host, config.port, banner))

@@ -22,6 +22,7 @@ from parallax.node.frontend import NodeFrontend
 logger = logging.getLogger("parallax.agent")
 
 REQUEST_TIMEOUT_S = 10.0
+LEAVE_TIMEOUT_S = 3.0
 RETRY_S = 2.0
 
 
@@ -47,7 +48,8 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int) -> in
 class NodeAgent:
     def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeFrontend,
                  join: P.NodeJoin, scheduler_url: str, activation_bind: str,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None],
+                 transport: httpx.AsyncBaseTransport | None = None, links=None) -> None:
         self.config = config
         self.client = client
         self.frontend = frontend
@@ -57,19 +59,25 @@ class NodeAgent:
         self.say = say
         self.assignment: P.Assignment | None = None
         self.heartbeat_interval_s = 2.0
-        self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
+        # P2P mode passes a LatticaTransport: the same calls then travel to the scheduler's peer
+        self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, transport=transport)
         self._ready_task: asyncio.Task | None = None
+        self._apply_task: asyncio.Task | None = None
+        self._latest_assignment: P.Assignment | None = None
+        self.links = links  # P2P mode: p2p.relay.RelayedLinks, which peers need a relay
         self._tokenizers: dict[str, object] = {}
 
     @property
     def headers(self) -> dict[str, str]:
         return {"X-Join-Token": self.config.join_token} if self.config.join_token else {}
 
-    async def _post(self, path: str, message: msgspec.Struct, response_type):
+    async def _post(self, path: str, message: msgspec.Struct, response_type,
+                    timeout_s: float = REQUEST_TIMEOUT_S):
         response = await self.http.post(f"{self.scheduler_url}{path}",
                                         content=msgspec.json.encode(message),
                                         headers={**self.headers,
-                                                 "Content-Type": "application/json"})
+                                                 "Content-Type": "application/json"},
+                                        timeout=timeout_s)
         if response.status_code == 401:
             raise JoinRejected(f"the scheduler refused this node: {response.text}")
         response.raise_for_status()
@@ -98,7 +106,7 @@ class NodeAgent:
                 await asyncio.sleep(RETRY_S)
         self.heartbeat_interval_s = answer.heartbeat_interval_s
         self.say(f"joined {self.scheduler_url} as {answer.node_id}")
-        await self.apply(answer.assignment)
+        self._apply_soon(answer.assignment)
 
     async def _heartbeat(self) -> bool:
         """One heartbeat; False when the node must join again."""
@@ -110,12 +118,42 @@ class NodeAgent:
             return True
         if not answer.known:
             return False
-        await self.apply(answer.assignment)
+        self._apply_soon(answer.assignment)
+        await self._update_links(answer.peers)
         return True
 
+    def _apply_soon(self, assignment: P.Assignment | None) -> None:
+        """Apply the latest assignment in the background: stopping and starting an executor
+        can take many seconds on a busy machine, and heartbeats must go on meanwhile (or the
+        scheduler evicts a node for loading)."""
+        self._latest_assignment = assignment
+        if self._apply_task is None or self._apply_task.done():
+            self._apply_task = asyncio.create_task(self._apply_latest())
+
+    async def _apply_latest(self) -> None:
+        applied = object()
+        while self._latest_assignment is not applied:  # an assignment may arrive meanwhile
+            applied = self._latest_assignment
+            try:
+                await self.apply(applied)
+            except Exception:  # a failed load is reported by the executor client's state
+                logger.exception("applying assignment %s failed", applied)
+
+    async def _update_links(self, peers: list[P.PeerEndpoint]) -> None:
+        """P2P mode: activations to peers not reachable over tcp go through Lattica relays."""
+        if self.links is None:
+            return
+        aliases = await self.links.update(peers, self.join_message.activation_endpoint)
+        if aliases is not None:
+            self.client.set_link_aliases(aliases)
+
     async def leave(self) -> None:
+        if self._apply_task is not None:
+            self._apply_task.cancel()
         try:
-            await self._post("/node/leave", P.NodeLeave(self.join_message.node_id), dict)
+            # short: a scheduler stopping at the same time must not hold up this node's exit
+            await self._post("/node/leave", P.NodeLeave(self.join_message.node_id), dict,
+                             timeout_s=LEAVE_TIMEOUT_S)
         except (httpx.HTTPError, JoinRejected, msgspec.DecodeError) as exc:
             logger.info("leave not acknowledged: %s", exc)
         await self.http.aclose()

@@ -123,7 +123,7 @@ class ExecutorLoop:
         self._dirty = False  # stats changed without a step (abort): publish them
         self._next_parent_check = 0.0
 
-    def handle(self, message: P.AddRequest | P.AbortRequest | P.Shutdown) -> None:
+    def handle(self, message) -> None:
         """Apply one control message to the engine; a bad request fails only itself."""
         if isinstance(message, P.AddRequest):
             try:
@@ -145,6 +145,9 @@ class ExecutorLoop:
                 for rid in message.rids:
                     self.engine.abort(rid)
             self._dirty = True
+        elif isinstance(message, P.SetLinkAliases):
+            if self.links is not None:
+                self.links.set_aliases(dict(message.aliases))
         elif isinstance(message, P.Shutdown):
             self.running = False
 

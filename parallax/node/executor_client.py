@@ -108,6 +108,8 @@ class ExecutorClient:
         self._dead: list[ProcessHandle] = []  # killed executors not yet reaped
         self._tasks: list[asyncio.Task] = []
         self._restart_task: asyncio.Task | None = None
+        self.link_aliases: dict[str, str] = {}
+        self.shutting_down = False  # set on SIGTERM: an executor dying now is not restarted
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -163,6 +165,10 @@ class ExecutorClient:
             raise NotReadyError(self.error or "the executor did not start")
         return self.info
 
+    def begin_shutdown(self) -> None:
+        """The process is stopping (SIGTERM reaches the executor too): do not restart it."""
+        self.shutting_down = True
+
     async def close(self) -> None:
         """Stop the executor (Shutdown, then kill after a grace period) and free the sockets."""
         self.state = "stopped"
@@ -200,6 +206,12 @@ class ExecutorClient:
             del self.requests[rid]
             raise NotReadyError("the executor is not connected")
         return queue
+
+    def set_link_aliases(self, aliases: dict[str, str]) -> None:
+        """P2P mode: peers' endpoints that must go through local relays (kept across restarts)."""
+        self.link_aliases = dict(aliases)
+        if self.state == "ready":
+            self._send(P.SetLinkAliases(self.link_aliases))
 
     def abort(self, rid: str) -> bool:
         """Forget a request and tell the executor to free it. Returns whether it was in flight."""
@@ -254,6 +266,8 @@ class ExecutorClient:
             self.stats = P.ExecutorStats(0, 0, message.num_total_blocks, message.num_total_blocks)
             self.state, self.error = "ready", None
             self._failed_starts = 0
+            if self.link_aliases:  # a fresh executor learns the relays its peers need
+                self._send(P.SetLinkAliases(self.link_aliases))
             self._ready_event.set()
         elif isinstance(message, P.ExecutorError):
             if self._process is not None and message.pid == self._process.pid:
@@ -288,7 +302,8 @@ class ExecutorClient:
         self.stats = P.ExecutorStats()
         if during_startup:
             self._failed_starts += 1
-        if first_start or self._failed_starts > self.max_restarts or self.state == "stopped":
+        if (first_start or self._failed_starts > self.max_restarts or self.state == "stopped"
+                or self.shutting_down):
             if self.state != "stopped":
                 self.state, self.error = "error", reason
             self._ready_event.set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
 import uvicorn
@@ -13,15 +12,9 @@ from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
+from parallax.p2p.peer import is_p2p_target
+from parallax.scheduler.status import lan_address
 from parallax.serving.proxy import _Server, bind_socket, install_signal_handlers, say
-
-
-def lan_address() -> str:
-    """This machine's address on its default route (no packet is sent)."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only
-        return s.getsockname()[0]
-    return "127.0.0.1"
 
 
 def advertised_host(config: JoinConfig) -> str:
@@ -59,17 +52,26 @@ async def join_async(config: JoinConfig) -> int:
     say(f"{measured.device_name}: {measured.gflops:.0f} GFLOP/s, {measured.bandwidth_gbps:.0f} "
         f"GB/s, {measured.memory_bytes / 2**30:.1f} GiB for the model")
     node_id = f"{socket.gethostname()}-{port}"
+    p2p, transport, scheduler_url = None, None, f"http://{scheduler}"
+    if is_p2p_target(scheduler):
+        from parallax.p2p.relay import RelayedLinks
+
+        p2p, transport = await asyncio.to_thread(_start_p2p, config, scheduler, port, host,
+                                                activation_port)
+        scheduler_url = "http://scheduler.p2p"  # the transport sends it to the scheduler's peer
     join = P.NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
                       measured.gflops, measured.bandwidth_gbps, f"http://{host}:{port}",
-                      f"tcp://{host}:{activation_port}", config.max_batch_size)
+                      f"tcp://{host}:{activation_port}", config.max_batch_size,
+                      peer_id=p2p.peer_id if p2p else None)
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
     frontend = NodeFrontend(config, client, "(no model yet)")
     frontend.node_id = node_id
-    agent = NodeAgent(config, client, frontend, join, f"http://{scheduler}",
-                      f"tcp://{config.host}:{activation_port}", say)
+    agent = NodeAgent(config, client, frontend, join, scheduler_url,
+                      f"tcp://{config.host}:{activation_port}", say, transport=transport,
+                      links=RelayedLinks(p2p.relay, say) if p2p else None)
     server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
                                     timeout_graceful_shutdown=3, lifespan="off"))
-    install_signal_handlers(server)
+    install_signal_handlers(server, on_stop=client.begin_shutdown)
     await frontend.start(None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     agent_task = asyncio.create_task(agent.run())
@@ -88,7 +90,24 @@ async def join_async(config: JoinConfig) -> int:
         await agent.leave()
         await frontend.close()
         sock.close()
+        if p2p is not None:
+            p2p.close()
     return code
+
+
+def _start_p2p(config: JoinConfig, scheduler: str, port: int, host: str, activation_port: int):
+    """P2P mode: this node's peer (serving its frontend to the scheduler, relaying activations
+    to its executor) and the transport its agent uses to reach the scheduler's peer."""
+    from parallax.p2p.bridge import LatticaTransport
+    from parallax.p2p.roles import local_host, local_url, start_node_peer
+
+    p2p_port = config.p2p_port or port + 200
+    p2p, scheduler_peer_id = start_node_peer(
+        p2p_port, local_url(config.host, port),
+        f"tcp://{local_host(config.host)}:{activation_port}", scheduler, config.relays, host,
+        f"node-{port}")
+    say(f"P2P peer {p2p.peer_id} on tcp port {p2p_port}; scheduler peer {scheduler_peer_id}")
+    return p2p, LatticaTransport(p2p.peer, scheduler_peer_id)
 
 
 def run_join(config: JoinConfig) -> int:

@@ -51,6 +51,7 @@ class PipelineLinks:
         self.pushes: dict[str, zmq.Socket] = {}
         self.monitors: dict[zmq.Socket, str] = {}
         self.routes: dict[str, Route] = {}
+        self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
 
     def close(self) -> None:
         for socket in [self.pull, *self.pushes.values(), *self.monitors]:
@@ -69,10 +70,16 @@ class PipelineLinks:
             socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            socket.connect(endpoint)
+            socket.connect(self.aliases.get(endpoint, endpoint))
             self.pushes[endpoint] = socket
             self.monitors[monitor] = endpoint
         return socket
+
+    def set_aliases(self, aliases: dict[str, str]) -> None:
+        """Route these endpoints through local relays from now on (reconnecting if needed)."""
+        for endpoint in set(aliases.items()) ^ set(self.aliases.items()):
+            self._drop(endpoint[0])
+        self.aliases = dict(aliases)
 
     def send(self, endpoint: str, frames: list) -> None:
         """Send a multipart message; PeerUnreachable when the peer does not take it in time."""

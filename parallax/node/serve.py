@@ -25,7 +25,7 @@ async def serve_async(config: ServeConfig) -> int:
     frontend = NodeFrontend(config, client, source.name)
     server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
                                            timeout_graceful_shutdown=3, lifespan="off"))
-    install_signal_handlers(server)
+    install_signal_handlers(server, on_stop=client.begin_shutdown)
     await frontend.start(tokenizer_path=source.path if source.kind != "repo" else None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     ready_task = asyncio.create_task(frontend.wait_ready())

@@ -28,6 +28,7 @@ from parallax.protocol import (
     JoinResponse,
     NodeJoin,
     NodeLeave,
+    PeerEndpoint,
 )
 from parallax.scheduler.allocation import NodeInfo
 from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
@@ -141,7 +142,8 @@ class SchedulerState:
         record = NodeRecord(message.node_id, info, message.device, message.device_name,
                             message.http_url.rstrip("/"), message.activation_endpoint,
                             joined_at=joined_at, last_seen=now,
-                            max_running_requests=message.max_running_requests)
+                            max_running_requests=message.max_running_requests,
+                            peer_id=message.peer_id)
         self.registry.join(record)
         self.node_states[message.node_id] = "joined"
         self.forwarder.inflight.forget(message.node_id)
@@ -171,7 +173,16 @@ class SchedulerState:
             logger.warning("node %s reports an error: %s", message.node_id, message.error)
         self.node_states[message.node_id] = message.state
         self.changed()
-        return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id))
+        return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id),
+                                 peers=self.p2p_peers(message.node_id))
+
+    def p2p_peers(self, node_id: str) -> list[PeerEndpoint]:
+        """The other nodes that joined over P2P (empty for a node that did not)."""
+        if self.registry.nodes[node_id].peer_id is None:
+            return []
+        return [PeerEndpoint(r.activation_endpoint, r.peer_id, self.registry.is_ready(other))
+                for other, r in self.registry.nodes.items()
+                if other != node_id and r.peer_id is not None]
 
     def leave(self, node_id: str) -> bool:
         left = self.registry.leave(node_id)

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from parallax.config import SchedulerConfig
+from parallax.p2p.peer import PEER_HEADER
 from parallax.protocol import RoutingEntry
 from parallax.scheduler.allocation import Stage
 from parallax.scheduler.registry import Registry
@@ -305,10 +306,12 @@ class Forwarder:
         head = self.registry.nodes[ticket.pipeline[0].node_id]
         url = head.http_url.rstrip("/") + "/v1/chat/completions"
         body = {**payload, "rid": ticket.rid, "routing_table": self.routing_table(ticket.pipeline)}
-        request = self.client.build_request(
-            "POST", url, content=msgspec.json.encode(body),
-            headers={"content-type": "application/json"})
-        where = f"head node {head.node_id} ({url})"
+        headers = {"content-type": "application/json"}
+        if head.peer_id:  # P2P mode: the transport carries it over Lattica to this peer
+            headers[PEER_HEADER] = head.peer_id
+        request = self.client.build_request("POST", url, content=msgspec.json.encode(body),
+                                            headers=headers)
+        where = f"head node {head.node_id} ({head.peer_id or url})"
         try:
             response = await self.client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

@@ -31,6 +31,7 @@ class NodeRecord:
     layer_latency_ms: float = 0.0
     loaded_model: str | None = None  # what the node reports as loaded and ready
     loaded_range: tuple[int, int] | None = None
+    peer_id: str | None = None  # P2P mode: requests reach this node over Lattica
 
 
 @dataclass

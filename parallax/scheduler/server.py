@@ -7,10 +7,14 @@ import logging
 import socket
 import sys
 
+import httpx
 import uvicorn
 
+from parallax import protocol as P
 from parallax.config import SchedulerConfig
+from parallax.p2p.peer import peer_addresses
 from parallax.scheduler.app import SchedulerState, build_app
+from parallax.scheduler.status import lan_address
 
 logger = logging.getLogger("parallax.scheduler")
 
@@ -39,9 +43,36 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _start_p2p(config: SchedulerConfig):
+    """The scheduler's Lattica peer (P2P mode): serves its API to peers through a bridge."""
+    from parallax.p2p.roles import local_url, start_scheduler_peer
+
+    return start_scheduler_peer(config.p2p_port, local_url(config.host, config.port),
+                                config.relays, lan_address())
+
+
+def _p2p_transport(p2p) -> httpx.AsyncBaseTransport:
+    """Requests to nodes that joined over P2P go through Lattica, the rest over plain HTTP."""
+    from parallax.p2p.bridge import LatticaTransport
+
+    fallback = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=64))
+    return LatticaTransport(p2p.peer, fallback=fallback)
+
+
 async def serve(config: SchedulerConfig, state: SchedulerState | None = None) -> None:
     """Run the scheduler until cancelled or stopped by a signal."""
-    state = state or SchedulerState(config)
+    p2p = await asyncio.to_thread(_start_p2p, config) if config.p2p else None
+    try:
+        state = state or SchedulerState(
+            config, transport=_p2p_transport(p2p) if p2p is not None else None)
+        await _serve(config, state, p2p)
+    finally:
+        if p2p is not None:
+            p2p.close()
+
+
+async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
     if config.model is not None and state.registry.model is None:
         await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num)
     sock = _bind(config.host, config.port)
@@ -55,6 +86,19 @@ async def serve(config: SchedulerConfig, state: SchedulerState | None = None) ->
         await task
         raise OSError(f"the scheduler could not start on {config.host}:{config.port}")
     where = f"http://{config.host}:{config.port}"
+    publishing = None
+    if p2p is not None:
+        from parallax.p2p import roles
+
+        state.join_command = roles.join_command(p2p, lan_address(), config.p2p_port,
+                                                config.relays, config.join_token)
+        where += f" and P2P peer {p2p.peer_id} (tcp port {config.p2p_port})"
+
+        def record() -> P.SchedulerRecord:
+            return P.SchedulerRecord(p2p.peer_id, peer_addresses(
+                p2p.peer, lan_address(), config.p2p_port), state.model_name)
+
+        publishing = asyncio.create_task(roles.keep_published(p2p, record))
     model = state.model_name or "none yet (POST /scheduler/init)"
     print(f"Parallax scheduler listening on {where} (model: {model}); nodes join with: "
           f"{state.join_command}", flush=True)
@@ -63,6 +107,8 @@ async def serve(config: SchedulerConfig, state: SchedulerState | None = None) ->
     try:
         await task
     finally:
+        if publishing is not None:
+            publishing.cancel()
         if advertiser is not None:
             await asyncio.to_thread(advertiser.close)
 

@@ -43,11 +43,13 @@ def scheduler_url(address: str) -> str:
     return f"http://{address}"
 
 
-def make_client(base_url: str, connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
+def make_client(base_url: str, connect_timeout_s: float, read_timeout_s: float,
+                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The one upstream client of a proxy server: timeouts on every call, no env proxies."""
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                             write=connect_timeout_s, pool=connect_timeout_s)
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False,
+                             transport=transport,  # P2P mode: a LatticaTransport
                              limits=httpx.Limits(max_connections=1000,
                                                  max_keepalive_connections=50))
 
@@ -166,13 +168,17 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def install_signal_handlers(server: uvicorn.Server) -> None:
-    """SIGINT/SIGTERM stop the server gracefully; a second one forces the exit."""
+def install_signal_handlers(server: uvicorn.Server,
+                            on_stop: Callable[[], None] | None = None) -> None:
+    """SIGINT/SIGTERM stop the server gracefully (calling `on_stop` first); a second one
+    forces the exit."""
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         if server.should_exit:
             server.force_exit = True
+        elif on_stop is not None:
+            on_stop()
         server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):

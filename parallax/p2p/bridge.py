@@ -1,0 +1,210 @@
+"""HTTP over Lattica streams, so P2P mode reuses every HTTP endpoint as it is.
+
+A peer that serves (the scheduler; a node for chat forwarding) registers `HttpBridge`, which
+replays each incoming `BridgeRequest` against its own local HTTP server, for an allow-list of
+paths only, and streams the answer back frame by frame. A caller mounts `LatticaTransport` in
+an httpx client: requests then travel to a peer instead of a socket, and streamed answers (SSE)
+arrive as they are produced. Authentication is unchanged: the join token and API key travel as
+the same headers and the local server checks them.
+
+Every frame is msgpack we encode ourselves (protocol.Bridge*); raw `_handle_*` methods bypass
+Lattica's pickling in both directions. A peer's handler that raises would be retried three
+times by Lattica and its error swallowed mid-stream, so failures are sent as frames instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+from lattica import ConnectionHandler, rpc_stream_iter
+
+from parallax import protocol as P
+from parallax.p2p.peer import PEER_HEADER
+
+logger = logging.getLogger("parallax.p2p")
+
+METHOD = "HttpBridge.http"
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host",
+                PEER_HEADER}
+
+# POST /scheduler/init is left out: it has no key, and a peer id is reachable from anywhere
+SCHEDULER_PATHS = ("/node/join", "/node/heartbeat", "/node/leave", "/v1/chat/completions",
+                   "/v1/models", "/cluster/status", "/cluster/status_json", "/model/list",
+                   "/node/join/command")
+NODE_PATHS = ("/v1/chat/completions", "/health")
+
+
+def _pass(headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+def _error_frames(status: int, message: str) -> list[bytes]:
+    body = json.dumps({"object": "error", "message": message, "type": "p2p_error",
+                       "code": status}).encode()
+    return [P.encode(P.BridgeHead(status, [("content-type", "application/json")])),
+            P.encode(P.BridgeBody(body)), P.encode(P.BridgeEnd())]
+
+
+class HttpBridge(ConnectionHandler):
+    """Serves `HttpBridge.http` by replaying requests against `local_url` (allowed paths only)."""
+
+    @rpc_stream_iter
+    def http(self, data):  # declared for Lattica; the raw handler below does the work
+        raise NotImplementedError
+
+    def __init__(self, peer, local_url: str, allowed_paths: tuple[str, ...],
+                 read_timeout_s: float = 600.0) -> None:
+        self.allowed_paths = allowed_paths
+        self.client = httpx.Client(
+            base_url=local_url, trust_env=False,
+            timeout=httpx.Timeout(read_timeout_s, connect=5.0, pool=30.0))
+        super().__init__(peer)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def serve(self, data: bytes) -> Iterator[bytes]:
+        """One incoming call: the answer's frames (never raises)."""
+        try:
+            request = P.decode_bridge_request(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return iter(_error_frames(400, f"malformed bridge request: {exc}"))
+        path = request.path.split("?", 1)[0]
+        if path not in self.allowed_paths:
+            return iter(_error_frames(404, f"{path} is not served over P2P"))
+        return self._relay(request)
+
+    def _relay(self, request: P.BridgeRequest) -> Iterator[bytes]:
+        head_sent = False
+        try:
+            with self.client.stream(request.method, request.path, content=request.body,
+                                    headers=_pass(request.headers)) as response:
+                yield P.encode(P.BridgeHead(response.status_code,
+                                            _pass(response.headers.multi_items())))
+                head_sent = True
+                for chunk in response.iter_raw():
+                    yield P.encode(P.BridgeBody(chunk))
+            yield P.encode(P.BridgeEnd())
+        except httpx.HTTPError as exc:
+            logger.warning("P2P bridge: %s %s failed: %r", request.method, request.path, exc)
+            if head_sent:
+                yield P.encode(P.BridgeEnd(error=f"the local server failed: {exc!r}"))
+            else:
+                yield from _error_frames(502, f"the local server failed: {exc!r}")
+
+
+# Lattica's metaclass overwrites `_handle_stream_iter_<name>` defined in the class body with its
+# own pickling handler, so the raw handler is attached after the class exists.
+HttpBridge._handle_stream_iter_http = HttpBridge.serve
+
+
+class _FrameStream(httpx.AsyncByteStream):
+    """The body of a bridged response: BridgeBody frames until BridgeEnd."""
+
+    def __init__(self, call, frames, read_timeout_s: float | None) -> None:
+        self.call = call
+        self.frames = frames
+        self.read_timeout_s = read_timeout_s
+        self.done = False
+
+    async def __aiter__(self):
+        while not self.done:
+            frame = await _next_frame(self.frames, self.read_timeout_s, self.call)
+            if isinstance(frame, P.BridgeBody):
+                yield frame.data
+                continue
+            self.done = True
+            if frame is None:
+                raise httpx.RemoteProtocolError("the peer's stream was cut mid-answer")
+            if isinstance(frame, P.BridgeEnd) and frame.error:
+                raise httpx.RemoteProtocolError(frame.error)
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.call.cancel()  # the peer's handler stops, closing its local request
+
+
+async def _next_frame(frames, timeout_s: float | None, call):
+    """The next decoded frame, None at the end of the stream; httpx errors otherwise."""
+    try:
+        data = await asyncio.wait_for(frames.__anext__(), timeout_s)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        call.cancel()
+        raise httpx.ReadTimeout(f"the peer sent nothing for {timeout_s:g} s") from None
+    except RuntimeError as exc:  # Lattica: the peer is unreachable or the call failed
+        raise httpx.ConnectError(f"P2P call failed: {exc}".split("\n")[0]) from None
+    try:
+        return P.decode_bridge_frame(bytes(data))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        call.cancel()
+        raise httpx.RemoteProtocolError(f"malformed frame from the peer: {exc}") from None
+
+
+class LatticaTransport(httpx.AsyncBaseTransport):
+    """Sends httpx requests to a peer's HttpBridge: the one named in the `x-parallax-peer`
+    header, else `default_peer_id`; requests naming no peer go to `fallback` (plain HTTP)."""
+
+    def __init__(self, peer, default_peer_id: str | None = None,
+                 fallback: httpx.AsyncBaseTransport | None = None) -> None:
+        self.peer = peer
+        self.default_peer_id = default_peer_id
+        self.fallback = fallback
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        peer_id = request.headers.get(PEER_HEADER) or self.default_peer_id
+        if peer_id is None:
+            if self.fallback is None:
+                raise httpx.ConnectError("no P2P peer named for this request", request=request)
+            return await self.fallback.handle_async_request(request)
+        timeouts = request.extensions.get("timeout", {})
+        first_timeout = _sum(timeouts.get("connect"), timeouts.get("read"))
+        message = P.BridgeRequest(request.method, request.url.raw_path.decode("ascii"),
+                                  _pass(request.headers.multi_items()), await request.aread())
+        call = await self._open(peer_id, P.encode(message), timeouts.get("connect"), request)
+        frames = call.__aiter__()
+        try:
+            head = await _next_frame(frames, first_timeout, call)
+        except httpx.HTTPError as exc:
+            exc.request = request
+            raise
+        if not isinstance(head, P.BridgeHead):
+            call.cancel()
+            raise httpx.RemoteProtocolError(f"peer {peer_id} closed the stream before answering",
+                                            request=request)
+        return httpx.Response(head.status, headers=head.headers,
+                              stream=_FrameStream(call, frames, timeouts.get("read")),
+                              request=request)
+
+    async def _open(self, peer_id: str, data: bytes, timeout_s: float | None,
+                    request: httpx.Request):
+        """Start the call, retrying while the peer is being dialled (nothing was sent yet)."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else 30.0)
+        delay = 0.05
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    lambda: self.peer.get_client(peer_id).call_stream_iter(METHOD, data))
+            except RuntimeError as exc:
+                if time.monotonic() + delay > deadline:
+                    reason = str(exc).split("\n")[0]
+                    raise httpx.ConnectError(f"cannot reach peer {peer_id}: {reason}",
+                                             request=request) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def aclose(self) -> None:
+        if self.fallback is not None:
+            await self.fallback.aclose()
+
+
+def _sum(*values: float | None) -> float | None:
+    return None if any(v is None for v in values) else sum(values)

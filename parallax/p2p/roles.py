@@ -1,0 +1,144 @@
+"""The Lattica side of each role: the scheduler's peer, a node's peer, a chat server's peer.
+
+The scheduler serves its HTTP API to peers through an HttpBridge and publishes a
+SchedulerRecord in the DHT; a node serves its frontend (chat forwarding) the same way and talks
+to the scheduler through a LatticaTransport; a chat server only calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from parallax import protocol as P
+from parallax.p2p.peer import (
+    PeerConfig,
+    peer_addresses,
+    split_target,
+    start_peer,
+)
+
+logger = logging.getLogger("parallax.p2p")
+
+DHT_PREFIX = "parallax/scheduler/"
+RECORD_TTL_S = 600.0
+PUBLISH_INTERVAL_S = 240.0
+
+
+@dataclass
+class P2PPeer:
+    """A running peer and, when it serves, its bridge; close() stops both."""
+
+    peer: Any  # lattica.Lattica
+    bridge: Any = None  # HttpBridge
+    relay: Any = None  # ActivationRelay
+
+    @property
+    def peer_id(self) -> str:
+        return self.peer.peer_id()
+
+    def close(self) -> None:
+        for part in (self.bridge, self.relay):
+            if part is not None:
+                part.close()
+        with contextlib.suppress(RuntimeError):
+            self.peer.close()
+
+
+def local_host(host: str) -> str:
+    """How a server bound to `host` is reached from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def local_url(host: str, port: int) -> str:
+    return f"http://{local_host(host)}:{port}"
+
+
+def start_serving_peer(config: PeerConfig, http_url: str, paths: tuple[str, ...],
+                       activation_endpoint: str | None = None,
+                       scheduler_peer_id: str | None = None) -> P2PPeer:
+    """A peer serving `paths` of `http_url`, and relaying activations (to the executor at
+    `activation_endpoint` on a node; between nodes on the scheduler)."""
+    from parallax.p2p.bridge import HttpBridge
+    from parallax.p2p.relay import ActivationRelay
+
+    peer = start_peer(config)
+    return P2PPeer(peer, HttpBridge(peer, http_url, paths),
+                   ActivationRelay(peer, activation_endpoint, scheduler_peer_id))
+
+
+def start_scheduler_peer(port: int, http_url: str, relays: tuple[str, ...],
+                         advertise_host: str) -> P2PPeer:
+    from parallax.p2p.bridge import SCHEDULER_PATHS
+
+    return start_serving_peer(
+        PeerConfig(port, f"scheduler-{port}", relays=relays, advertise_host=advertise_host),
+        http_url, SCHEDULER_PATHS)
+
+
+def start_node_peer(port: int, http_url: str, activation_endpoint: str, scheduler: str,
+                    relays: tuple[str, ...], advertise_host: str,
+                    key_name: str) -> tuple[P2PPeer, str]:
+    """The node's serving peer, dialling the scheduler; returns it and the scheduler's peer id."""
+    from parallax.p2p.bridge import NODE_PATHS
+
+    scheduler_peer_id, address = split_target(scheduler)
+    config = PeerConfig(port, key_name, bootstraps=(address,) if address else (), relays=relays,
+                        advertise_host=advertise_host, mdns=address is None and not relays)
+    return start_serving_peer(config, http_url, NODE_PATHS, activation_endpoint,
+                              scheduler_peer_id), scheduler_peer_id
+
+
+def start_client_peer(port: int, scheduler: str, relays: tuple[str, ...]) -> tuple[P2PPeer, str]:
+    """A peer that only calls the scheduler (parallax chat); returns it and the scheduler id."""
+    scheduler_peer_id, address = split_target(scheduler)
+    # port 0: a throwaway identity, so two chat servers on one machine never share a peer id
+    key_root = Path(tempfile.mkdtemp(prefix="parallax-p2p-")) if port == 0 else None
+    config = PeerConfig(port, f"client-{port}", bootstraps=(address,) if address else (),
+                        relays=relays, mdns=address is None and not relays, key_root=key_root)
+    return P2PPeer(start_peer(config)), scheduler_peer_id
+
+
+def join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...],
+                 join_token: str | None) -> str:
+    """What a node runs to join this scheduler over P2P."""
+    if relays:  # behind NAT: dial through a relay, by peer id
+        command = f"parallax join -s {peer.peer_id}" + "".join(f" --relay {r}" for r in relays)
+    else:
+        command = f"parallax join -s {peer_addresses(peer.peer, host, port)[0]}"
+    return f"{command} --join-token {join_token}" if join_token else command
+
+
+def publish_scheduler(peer: P2PPeer, record: P.SchedulerRecord) -> None:
+    """Store the record under parallax/scheduler/<peer id> (raw msgpack: never pickled)."""
+    peer.peer._lattica_instance.store_with_subkey(  # Lattica.store() would pickle the value
+        DHT_PREFIX + record.peer_id, P.encode(record), time.time() + RECORD_TTL_S, None)
+
+
+def read_scheduler_record(peer: P2PPeer, scheduler_peer_id: str) -> P.SchedulerRecord | None:
+    """The record a scheduler published, or None (absent, expired or not ours)."""
+    found = peer.peer._lattica_instance.get_with_subkey(DHT_PREFIX + scheduler_peer_id)
+    if not found or isinstance(found, dict):
+        return None
+    try:
+        return msgspec.msgpack.decode(bytes(found[0]), type=P.SchedulerRecord)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+async def keep_published(peer: P2PPeer, record_of) -> None:
+    """Republish the scheduler's record before it expires, until cancelled."""
+    while True:
+        try:
+            await asyncio.to_thread(publish_scheduler, peer, record_of())
+        except RuntimeError as exc:
+            logger.warning("publishing the scheduler in the DHT failed: %s", exc)
+        await asyncio.sleep(PUBLISH_INTERVAL_S)

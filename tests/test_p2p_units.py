@@ -1,0 +1,154 @@
+"""P2P mode pieces that need no Lattica peer: targets, config, peer lists, link aliases,
+the restricted unpickler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+import zmq
+from processes import free_port
+
+from parallax import protocol as P
+from parallax.config import ChatConfig, ConfigError, JoinConfig, SchedulerConfig
+from parallax.node.peers import PipelineLinks
+from parallax.p2p.peer import is_p2p_target, split_target
+from parallax.p2p.safety import restricted_loads
+from parallax.scheduler.app import SchedulerState
+from parallax.scheduler.catalog import ModelCatalog
+
+PEER = "12D3KooWGzh8g2xJvDbCFGXpQ4L7t6P1vMJVsa5xr5fNCGdkzYyq"
+MADDR = f"/ip4/10.0.0.5/tcp/3003/p2p/{PEER}"
+
+
+def test_targets_are_parsed():
+    assert split_target(PEER) == (PEER, None)
+    assert split_target(MADDR) == (PEER, MADDR)
+    assert is_p2p_target(PEER) and is_p2p_target(MADDR)
+    for not_p2p in ("10.0.0.5:3001", "localhost:3001", "12D3KooW", "", None,
+                    "/ip4/10.0.0.5/tcp/3003"):
+        assert not is_p2p_target(not_p2p)
+    with pytest.raises(ValueError, match="peer id"):
+        split_target("10.0.0.5:3001")
+
+
+def test_config_accepts_peers_and_names_the_fix():
+    assert JoinConfig(scheduler=MADDR, relays=(MADDR,)).scheduler == MADDR
+    assert ChatConfig(scheduler=PEER).scheduler == PEER
+    with pytest.raises(ConfigError, match="peer id or a /p2p/ multiaddr"):
+        JoinConfig(scheduler="not an address")
+    with pytest.raises(ConfigError, match="--relay must be a multiaddr"):
+        SchedulerConfig(p2p=True, relays=("10.0.0.9:4001",))
+    with pytest.raises(ConfigError, match="--p2p-port"):
+        SchedulerConfig(p2p=True, p2p_port=70000)
+
+
+def _join(state: SchedulerState, node_id: str, peer_id: str | None) -> None:
+    state.join(P.NodeJoin(node_id, "cpu", "cpu", 2**30, 100.0, 10.0, f"http://{node_id}:3000",
+                          f"tcp://{node_id}:3100", peer_id=peer_id))
+
+
+def test_heartbeats_tell_p2p_nodes_about_the_other_p2p_nodes():
+    state = SchedulerState(SchedulerConfig(mdns=False),
+                           catalog=ModelCatalog(known={}, curated={}, include_builtin=False))
+    _join(state, "a", PEER)
+    _join(state, "b", PEER.replace("G", "H"))
+    _join(state, "direct", None)
+    answer = state.heartbeat(P.Heartbeat("a", "idle"))
+    assert answer.peers == [P.PeerEndpoint("tcp://b:3100", PEER.replace("G", "H"), ready=False)]
+    assert state.heartbeat(P.Heartbeat("direct", "idle")).peers == []
+
+
+def test_aliased_endpoint_is_sent_to_its_relay():
+    context = zmq.Context.instance()
+    relay = context.socket(zmq.PULL)
+    relay_address = f"ipc:///tmp/parallax-test-relay-{os.getpid()}"
+    relay.bind(relay_address)
+    links = PipelineLinks(context, f"tcp://127.0.0.1:{free_port()}", "tcp://self:1")
+    unreachable = "tcp://10.255.255.1:9"  # never dialled: the alias replaces it
+    try:
+        links.set_aliases({unreachable: relay_address})
+        links.send_message(unreachable, P.StageRelease(["r1"]))
+        assert relay.poll(5000)
+        frames = relay.recv_multipart()
+        assert P.decode_stage(frames[0]) == P.StageRelease(["r1"])
+        # dropping the alias reconnects to the endpoint itself (nothing more reaches the relay)
+        links.set_aliases({})
+        assert unreachable not in links.pushes
+    finally:
+        links.close()
+        relay.close(linger=0)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (time.sleep, (30,))
+
+
+def test_restricted_unpickler_refuses_every_global():
+    assert restricted_loads(pickle.dumps([1, "a", b"b", {"k": (1.5, None)}])) == [
+        1, "a", b"b", {"k": (1.5, None)}]
+    for crafted in (pickle.dumps(_Boom()), pickle.dumps(set), pickle.dumps(os.getcwd)):
+        with pytest.raises(pickle.UnpicklingError, match="refused to unpickle"):
+            restricted_loads(crafted)
+
+
+def test_probe_tells_open_from_refused():
+    import asyncio
+    import socket
+
+    from parallax.p2p.relay import probe_tcp
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        assert asyncio.run(probe_tcp(f"tcp://127.0.0.1:{open_port}")) == "open"
+    assert asyncio.run(probe_tcp(f"tcp://127.0.0.1:{free_port()}")) == "refused"
+    # "unreachable" (no route) is what tests/p2p/test_p2p_fallback.py's namespaces produce
+
+
+class _FakeRelay:
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, str]] = []
+        self.closed: list[str] = []
+
+    def open(self, endpoint: str, peer_id: str) -> str:
+        self.opened.append((endpoint, peer_id))
+        return f"ipc:///tmp/relay-{len(self.opened)}"
+
+    def close_endpoint(self, endpoint: str) -> None:
+        self.closed.append(endpoint)
+
+
+def test_relayed_links_follow_the_probes():
+    import asyncio
+    import socket
+
+    from parallax.p2p.relay import RelayedLinks
+
+    relay = _FakeRelay()
+    links = RelayedLinks(relay, say=lambda _: None)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_endpoint = f"tcp://127.0.0.1:{listening.getsockname()[1]}"
+        closed_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        loading = P.PeerEndpoint(closed_endpoint, PEER, ready=False)
+        direct = P.PeerEndpoint(open_endpoint, PEER.replace("G", "H"), ready=True)
+        own = P.PeerEndpoint("tcp://127.0.0.1:1", PEER.replace("G", "J"), ready=True)
+        # a peer still loading (refused, not ready) is left for the next heartbeat
+        assert asyncio.run(links.update([loading, direct, own], own.activation_endpoint)) is None
+        assert relay.opened == [] and set(links.probed) == {open_endpoint}
+        # ready but refusing: its port is blocked from here, so it gets a relay
+        blocked = P.PeerEndpoint(closed_endpoint, PEER, ready=True)
+        aliases = asyncio.run(links.update([blocked, direct], own.activation_endpoint))
+        assert aliases == {closed_endpoint: "ipc:///tmp/relay-1"}
+        assert relay.opened == [(closed_endpoint, PEER)]
+        # nothing new: no change, no probe of known peers
+        assert asyncio.run(links.update([blocked, direct], own.activation_endpoint)) is None
+        # the relayed peer leaves: its relay closes and the alias goes
+        assert asyncio.run(links.update([direct], own.activation_endpoint)) == {}
+        assert relay.closed == [closed_endpoint]
