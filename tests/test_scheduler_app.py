@@ -82,6 +82,7 @@ class FakeNodes:
 
     def __init__(self) -> None:
         self.received: list[tuple[str, dict]] = []
+        self.join_tokens: list[str | None] = []  # X-Join-Token of each chat request
         self.cancelled: list[str] = []
         self.busy: set[str] = set()
         self.release = threading.Event()
@@ -100,6 +101,7 @@ class FakeNodes:
         async def chat(node_id: str, request: Request):
             body = await request.json()
             self.received.append((node_id, body))
+            self.join_tokens.append(request.headers.get("x-join-token"))
             if node_id in self.busy:
                 return JSONResponse(error_body(429, f"{node_id} is full"), status_code=429)
             if not body.get("stream") and body["messages"][-1]["content"] == "HOLD":
@@ -415,6 +417,15 @@ def test_node_endpoints_require_the_join_token(scheduler, nodes):
                                            "--join-token s3cret"}}
     bad = s.http.post("/node/join", content=b'{"node_id": 3}')
     assert bad.status_code == 400 and bad.json()["object"] == "error"
+
+
+def test_chats_to_nodes_carry_the_join_token(scheduler, nodes):
+    """Nodes of a cluster with a token answer only their scheduler, which sends it."""
+    s = scheduler(join_token="s3cret")
+    assignment = s.join("a", WHOLE)["assignment"]
+    s.heartbeat("a", assignment)
+    assert s.chat(stream=False).status_code == 200
+    assert nodes.join_tokens == ["s3cret"]
 
 
 def test_rejoin_replaces_and_leave_removes(scheduler, nodes):

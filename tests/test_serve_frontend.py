@@ -317,6 +317,21 @@ def test_executor_dying_during_shutdown_is_not_restarted():
     run(scenario())
 
 
+def test_cluster_node_requires_the_join_token():
+    async def scenario():
+        async with Harness() as h:
+            h.frontend.join_token = "s3cret"
+            for headers in ({}, {"X-Join-Token": "wrong"}):
+                r = await h.http.post("/v1/chat/completions", headers=headers, json={
+                    "messages": [{"role": "user", "content": "REPLY:x"}]})
+                assert r.status_code == 401 and r.json()["object"] == "error"
+            r = await h.http.post("/v1/chat/completions", headers={"X-Join-Token": "s3cret"},
+                                  json={"messages": [{"role": "user", "content": "REPLY:ok"}]})
+            assert r.json()["choices"][0]["message"]["content"] == "ok"
+
+    run(scenario())
+
+
 def test_not_ready_is_503_and_health_says_loading():
     async def scenario():
         async with Harness(send_ready=False) as h:

@@ -55,6 +55,8 @@ class NodeAgent:
         self.frontend = frontend
         self.join_message = join
         self.scheduler_url = scheduler_url
+        # what messages call the scheduler: its URL, or in P2P mode its peer id
+        self.scheduler_label = getattr(transport, "default_peer_id", None) or scheduler_url
         self.activation_bind = activation_bind
         self.say = say
         self.assignment: P.Assignment | None = None
@@ -101,11 +103,11 @@ class NodeAgent:
                 break
             except (httpx.HTTPError, msgspec.DecodeError) as exc:
                 if not waiting_said:
-                    self.say(f"waiting for the scheduler at {self.scheduler_url} ({exc})")
+                    self.say(f"waiting for the scheduler {self.scheduler_label} ({exc})")
                     waiting_said = True
                 await asyncio.sleep(RETRY_S)
         self.heartbeat_interval_s = answer.heartbeat_interval_s
-        self.say(f"joined {self.scheduler_url} as {answer.node_id}")
+        self.say(f"joined {self.scheduler_label} as {answer.node_id}")
         self._apply_soon(answer.assignment)
 
     async def _heartbeat(self) -> bool:

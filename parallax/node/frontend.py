@@ -27,7 +27,12 @@ from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
 from parallax.serving.detokenizer import IncrementalDetokenizer
-from parallax.serving.errors import APIError, error_body, install_error_handlers
+from parallax.serving.errors import (
+    APIError,
+    error_body,
+    install_error_handlers,
+    require_join_token,
+)
 from parallax.serving.metrics import RequestTimer, ServingMetrics
 from parallax.serving.openai_schemas import (
     ChatCompletionRequest,
@@ -89,6 +94,7 @@ class NodeFrontend:
         self.metrics = ServingMetrics()
         self.created = int(time.time())
         self.node_id: str | None = None  # set when this node is part of a cluster
+        self.join_token: str | None = None  # the cluster's: required from whoever sends chats
         self._tokenizer_task: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -383,6 +389,8 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         timer = RequestTimer()
         try:
+            # a node of a cluster with a join token serves only its scheduler (which sends it)
+            require_join_token(request, frontend.join_token)
             body = await frontend.read_body(request)
             req = parse_chat_request(parse_json_body(body))
             check_model_name(req.model, frontend.model_name)

@@ -66,6 +66,7 @@ async def join_async(config: JoinConfig) -> int:
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
     frontend = NodeFrontend(config, client, "(no model yet)")
     frontend.node_id = node_id
+    frontend.join_token = config.join_token
     agent = NodeAgent(config, client, frontend, join, scheduler_url,
                       f"tcp://{config.host}:{activation_port}", say, transport=transport,
                       links=RelayedLinks(p2p.relay, say) if p2p else None)

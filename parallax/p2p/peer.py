@@ -80,7 +80,9 @@ def start_peer(config: PeerConfig):
     try:
         peer = builder.build()
     except RuntimeError as exc:
-        raise OSError(f"cannot start the P2P peer on port {config.listen_port}: {exc}") from None
+        reason = "the port is in use" if "AddrInUse" in str(exc) else str(exc).splitlines()[0]
+        raise OSError(f"cannot start the P2P peer on tcp port {config.listen_port}: {reason}"
+                      ) from None
     key_file = key_dir / "p2p.key"
     if key_file.exists():
         key_file.chmod(0o600)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -41,7 +40,12 @@ from parallax.scheduler.status import (
     join_command,
     status_events,
 )
-from parallax.serving.errors import APIError, install_error_handlers
+from parallax.serving.errors import (
+    APIError,
+    check_secret,
+    install_error_handlers,
+    require_join_token,
+)
 from parallax.serving.openai_schemas import (
     check_model_name,
     models_list,
@@ -235,10 +239,6 @@ def _is_dir(model: str | None) -> bool:
     return bool(model) and os.path.isdir(os.path.expanduser(model))
 
 
-def _check_secret(given: str | None, expected: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
-
-
 def _decode(body: bytes, type_: type) -> Any:
     try:
         return msgspec.json.decode(body, type=type_)
@@ -271,13 +271,8 @@ def build_app(state: SchedulerState) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not _check_secret(key.strip(), config.api_key):
+        if scheme.lower() != "bearer" or not check_secret(key.strip(), config.api_key):
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
-
-    def require_join_token(request: Request) -> None:
-        if config.join_token is not None and not _check_secret(
-                request.headers.get("x-join-token"), config.join_token):
-            raise APIError(401, "missing or wrong join token (header X-Join-Token)")
 
     # ---- OpenAI API -------------------------------------------------------------------------
 
@@ -369,7 +364,7 @@ def build_app(state: SchedulerState) -> FastAPI:
 
     @app.post("/node/join")
     async def node_join(request: Request) -> Response:
-        require_join_token(request)
+        require_join_token(request, config.join_token)
         message = _decode(await request.body(), NodeJoin)
         if not message.node_id or not message.http_url.startswith(("http://", "https://")):
             raise APIError(400, "node_id must be set and http_url must be an http(s) URL")
@@ -379,12 +374,12 @@ def build_app(state: SchedulerState) -> FastAPI:
 
     @app.post("/node/heartbeat")
     async def node_heartbeat(request: Request) -> Response:
-        require_join_token(request)
+        require_join_token(request, config.join_token)
         return _msgspec_response(state.heartbeat(_decode(await request.body(), Heartbeat)))
 
     @app.post("/node/leave")
     async def node_leave(request: Request) -> JSONResponse:
-        require_join_token(request)
+        require_join_token(request, config.join_token)
         message = _decode(await request.body(), NodeLeave)
         return JSONResponse({"ok": True, "known": state.leave(message.node_id)})
 

@@ -307,6 +307,8 @@ class Forwarder:
         url = head.http_url.rstrip("/") + "/v1/chat/completions"
         body = {**payload, "rid": ticket.rid, "routing_table": self.routing_table(ticket.pipeline)}
         headers = {"content-type": "application/json"}
+        if self.config.join_token:  # nodes of a cluster with a token serve only their scheduler
+            headers["x-join-token"] = self.config.join_token
         if head.peer_id:  # P2P mode: the transport carries it over Lattica to this peer
             headers[PEER_HEADER] = head.peer_id
         request = self.client.build_request("POST", url, content=msgspec.json.encode(body),

@@ -75,6 +75,11 @@ async def serve(config: SchedulerConfig, state: SchedulerState | None = None) ->
 async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
     if config.model is not None and state.registry.model is None:
         await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num)
+    if p2p is not None:  # before the first request can ask for it
+        from parallax.p2p.roles import join_command
+
+        state.join_command = join_command(p2p, lan_address(), config.p2p_port, config.relays,
+                                          config.join_token)
     sock = _bind(config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         build_app(state), host=config.host, port=config.port, log_level="warning",
@@ -88,17 +93,15 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
     where = f"http://{config.host}:{config.port}"
     publishing = None
     if p2p is not None:
-        from parallax.p2p import roles
+        from parallax.p2p.roles import keep_published
 
-        state.join_command = roles.join_command(p2p, lan_address(), config.p2p_port,
-                                                config.relays, config.join_token)
         where += f" and P2P peer {p2p.peer_id} (tcp port {config.p2p_port})"
 
         def record() -> P.SchedulerRecord:
             return P.SchedulerRecord(p2p.peer_id, peer_addresses(
                 p2p.peer, lan_address(), config.p2p_port), state.model_name)
 
-        publishing = asyncio.create_task(roles.keep_published(p2p, record))
+        publishing = asyncio.create_task(keep_published(p2p, record))
     model = state.model_name or "none yet (POST /scheduler/init)"
     print(f"Parallax scheduler listening on {where} (model: {model}); nodes join with: "
           f"{state.join_command}", flush=True)

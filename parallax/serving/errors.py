@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
@@ -46,6 +47,18 @@ class APIError(Exception):
 
     def __repr__(self) -> str:
         return f"APIError({self.status}, {self.message!r}, {self.type!r})"
+
+
+def check_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a secret the client sent with the expected one."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def require_join_token(request: Request, join_token: str | None) -> None:
+    """401 unless the request carries the cluster's join token (X-Join-Token), when it has one."""
+    if join_token is not None and not check_secret(request.headers.get("x-join-token"),
+                                                   join_token):
+        raise APIError(401, "missing or wrong join token (header X-Join-Token)")
 
 
 def error_body(status: int, message: str, type_: str | None = None) -> dict[str, Any]:

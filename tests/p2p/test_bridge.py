@@ -197,3 +197,14 @@ def test_crafted_pickle_from_a_peer_executes_nothing(peers, tmp_path):
     # and the unrestricted unpickler would have run it: the test can fail
     pickle.loads(crafted)
     assert marker.exists()
+
+
+def test_taken_port_is_a_plain_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"tcp port {port}: the port is in use"):
+            start_peer(PeerConfig(port, "taken", key_root=tmp_path))
