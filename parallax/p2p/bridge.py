@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import msgspec
@@ -149,6 +150,12 @@ async def _next_frame(frames, timeout_s: float | None, call):
         raise httpx.RemoteProtocolError(f"malformed frame from the peer: {exc}") from None
 
 
+# Opening a Lattica call blocks a thread while it dials; a call made during another dial of
+# the same peer was seen to block for good. Its own pool keeps such a thread from starving
+# asyncio's default executor; the caller gives up after its connect timeout.
+_OPENERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lattica-open")
+
+
 class LatticaTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests to a peer's HttpBridge: the one named in the `x-parallax-peer`
     header, else `default_peer_id`; requests naming no peer go to `fallback` (plain HTTP)."""
@@ -189,10 +196,16 @@ class LatticaTransport(httpx.AsyncBaseTransport):
         """Start the call, retrying while the peer is being dialled (nothing was sent yet)."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 30.0)
         delay = 0.05
+        loop = asyncio.get_running_loop()
         while True:
+            opening = loop.run_in_executor(
+                _OPENERS, lambda: self.peer.get_client(peer_id).call_stream_iter(METHOD, data))
             try:
-                return await asyncio.to_thread(
-                    lambda: self.peer.get_client(peer_id).call_stream_iter(METHOD, data))
+                # bounded: Lattica can block here (see _OPENERS) instead of failing
+                return await asyncio.wait_for(opening, max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                raise httpx.ConnectError(f"cannot reach peer {peer_id}: no answer in time",
+                                         request=request) from None
             except RuntimeError as exc:
                 if time.monotonic() + delay > deadline:
                     reason = str(exc).split("\n")[0]

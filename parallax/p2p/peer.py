@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("parallax.p2p")
 
+BOOTSTRAP_WAIT_S = 5.0
 PEER_HEADER = "x-parallax-peer"  # names the peer an HTTP request goes to (p2p/bridge.py)
 
 # libp2p peer ids: base58btc multihash (Ed25519 keys give 12D3KooW..., RSA keys Qm...)
@@ -86,8 +88,20 @@ def start_peer(config: PeerConfig):
     key_file = key_dir / "p2p.key"
     if key_file.exists():
         key_file.chmod(0o600)
+    _wait_for_bootstrap(peer, bootstraps)
     logger.info("P2P peer %s listening on tcp port %d", peer.peer_id(), config.listen_port)
     return peer
+
+
+def _wait_for_bootstrap(peer, bootstraps: list[str], timeout_s: float = BOOTSTRAP_WAIT_S) -> None:
+    """Give the dial of the bootstrap peers a moment: a call made while that first dial is
+    under way can block in Lattica 1.0.21 instead of failing."""
+    wanted = {address.rsplit("/p2p/", 1)[-1] for address in bootstraps}
+    deadline = time.monotonic() + timeout_s
+    while wanted and time.monotonic() < deadline:
+        if wanted & set(peer.get_all_peers()):
+            return
+        time.sleep(0.01)
 
 
 def peer_addresses(peer, host: str, port: int) -> list[str]:
