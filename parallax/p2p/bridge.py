@@ -105,6 +105,12 @@ class HttpBridge(ConnectionHandler):
 HttpBridge._handle_stream_iter_http = HttpBridge.serve
 
 
+def _cancel(call) -> None:
+    """Cancel a Lattica stream call without waiting: StreamIter.cancel() can block for good
+    (seen on a stream whose peer had gone), and it must never block the event loop."""
+    _OPENERS.submit(call.cancel)
+
+
 class _FrameStream(httpx.AsyncByteStream):
     """The body of a bridged response: BridgeBody frames until BridgeEnd."""
 
@@ -129,7 +135,7 @@ class _FrameStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         if not self.done:
             self.done = True
-            self.call.cancel()  # the peer's handler stops, closing its local request
+            _cancel(self.call)  # the peer's handler stops, closing its local request
 
 
 async def _next_frame(frames, timeout_s: float | None, call):
@@ -139,14 +145,14 @@ async def _next_frame(frames, timeout_s: float | None, call):
     except StopAsyncIteration:
         return None
     except TimeoutError:
-        call.cancel()
+        _cancel(call)
         raise httpx.ReadTimeout(f"the peer sent nothing for {timeout_s:g} s") from None
     except RuntimeError as exc:  # Lattica: the peer is unreachable or the call failed
         raise httpx.ConnectError(f"P2P call failed: {exc}".split("\n")[0]) from None
     try:
         return P.decode_bridge_frame(bytes(data))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        call.cancel()
+        _cancel(call)
         raise httpx.RemoteProtocolError(f"malformed frame from the peer: {exc}") from None
 
 
@@ -184,7 +190,8 @@ class LatticaTransport(httpx.AsyncBaseTransport):
             exc.request = request
             raise
         if not isinstance(head, P.BridgeHead):
-            call.cancel()
+            if head is not None:  # an ended stream has nothing to cancel
+                _cancel(call)
             raise httpx.RemoteProtocolError(f"peer {peer_id} closed the stream before answering",
                                             request=request)
         return httpx.Response(head.status, headers=head.headers,

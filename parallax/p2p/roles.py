@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,20 @@ class P2PPeer:
     def peer_id(self) -> str:
         return self.peer.peer_id()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Stop serving and close the peer; never blocks longer than `timeout_s` (Lattica's
+        close and cancel calls were seen to block for good once a peer had gone)."""
         for part in (self.bridge, self.relay):
             if part is not None:
                 part.close()
-        with contextlib.suppress(RuntimeError):
-            self.peer.close()
+
+        def close_peer() -> None:
+            with contextlib.suppress(RuntimeError):
+                self.peer.close()
+
+        closer = threading.Thread(target=close_peer, name="lattica-close", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
 
 
 def local_host(host: str) -> str:

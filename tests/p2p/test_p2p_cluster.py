@@ -146,3 +146,15 @@ def test_chat_server_reaches_the_scheduler_by_peer(cluster, reference_answers): 
     finally:
         chat.terminate()
         chat.wait(10)
+
+
+def test_everything_stops_promptly_on_sigterm(cluster):
+    """Scheduler and nodes stopped together: a node's leave meets a peer that is going away
+    (Lattica's cancel/close calls then block for good unless bounded). Runs last."""
+    processes = [*cluster.nodes.values(), cluster.scheduler]
+    started = time.monotonic()
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(max(0.1, 20 - (time.monotonic() - started)))  # TimeoutExpired fails it
+    assert time.monotonic() - started < 20
