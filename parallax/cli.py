@@ -33,7 +33,8 @@ def _size(text: str) -> int:
     return value
 
 
-def _add_relay(p) -> None:
+def _add_p2p_options(p, port_default: int | None, port_help: str) -> None:
+    p.add_argument("--p2p-port", type=int, default=port_default, help=port_help)
     p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
                    help="P2P relay server (/ip4/.../tcp/N/p2p/12D3KooW...) for peers behind "
                         "NAT; also used to find peers (repeatable)")
@@ -119,9 +120,7 @@ def _add_run(sub) -> None:
     p.add_argument("--p2p", action="store_true",
                    help="also run a Lattica peer so nodes can join across the internet by "
                         "peer id (the join command then names it)")
-    p.add_argument("--p2p-port", type=int, default=3003,
-                   help="tcp port of the P2P peer (default 3003; open it for remote nodes)")
-    _add_relay(p)
+    _add_p2p_options(p, 3003, "tcp port of the P2P peer (default 3003; open it for remote nodes)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_scheduler)
 
@@ -168,10 +167,8 @@ def _add_join(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
-    p.add_argument("--p2p-port", type=int, default=None,
-                   help="tcp port of this node's P2P peer when -s names a peer "
-                        "(default: port + 200)")
-    _add_relay(p)
+    _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
+                              "(default: port + 200)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_join)
 
@@ -202,9 +199,7 @@ def _add_chat(sub) -> None:
                    help="interface to listen on (default 127.0.0.1: this machine only; "
                         "0.0.0.0 to open the chat to the network)")
     p.add_argument("--port", type=int, default=3002, help="HTTP port (default 3002)")
-    p.add_argument("--p2p-port", type=int, default=0,
-                   help="tcp port of the P2P peer when -s names a peer (default: any free)")
-    _add_relay(p)
+    _add_p2p_options(p, 0, "tcp port of the P2P peer when -s names a peer (default: any free)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_chat)
 

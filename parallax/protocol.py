@@ -328,3 +328,15 @@ class RelayedMessage(msgspec.Struct, frozen=True):
 
     target_peer_id: str
     frames: list[bytes]
+
+
+_relayed_decoder = msgspec.msgpack.Decoder(RelayedMessage)
+_scheduler_record_decoder = msgspec.msgpack.Decoder(SchedulerRecord)
+
+
+def decode_relayed(data: bytes) -> RelayedMessage:
+    return _relayed_decoder.decode(data)
+
+
+def decode_scheduler_record(data: bytes) -> SchedulerRecord:
+    return _scheduler_record_decoder.decode(data)

@@ -73,7 +73,7 @@ def run_chat(config: ChatConfig) -> int:
     """Blocking entry used by the CLI."""
     app = build_chat_app(config)
     target = config.scheduler if is_p2p_target(config.scheduler) else scheduler_url(
-        config.scheduler)
+        config.scheduler)  # a peer id / multiaddr is shown as given
     banner = (f"Parallax chat on {{url}} (scheduler: {target}); "
               f"Ctrl-C stops it")
     return asyncio.run(serve_app(app, config.host, config.port, banner))

@@ -7,9 +7,8 @@ rows with an index_add. There is no per-token Python loop; the loop is over expe
 iterations, usually fewer on decode batches), with one host sync for the group sizes.
 
 With PARALLAX_PACK_CPU_EXPERTS=1, CPU expert matmuls run on oneDNN-packed copies of the weights
-(see `pack_for_onednn`):
-a decode step gives each expert only a few rows, and a plain matmul re-packs the whole weight
-on every call, which costs more than the multiply itself.
+(see `pack_for_onednn`): a decode step gives each expert only a few rows, and a plain matmul
+re-packs the whole weight on every call, which costs more than the multiply itself.
 """
 
 from __future__ import annotations
@@ -73,6 +72,16 @@ def pack_for_onednn(weights: torch.Tensor) -> list[torch.Tensor]:
         return [torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) for w in weights]
 
 
+def _packed_linear(rows: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear on a weight packed by `pack_for_onednn`."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
+    return None if bias is None else bias[expert]
+
+
 class FusedExperts(nn.Module):
     """E experts as gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I].
 
@@ -117,32 +126,22 @@ class FusedExperts(nn.Module):
         # a token's K expert outputs add up in fp32, whatever x's dtype: one rounding at the end
         # (as transformers' sum over K), not one per expert
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        project = self._projector()
+        packed = self._packed_weights()
+        gate_up, down = packed if packed is not None else (self.gate_up_proj, self.down_proj)
+        linear = _packed_linear if packed is not None else F.linear
+        gate_up_bias, down_bias = self.gate_up_proj_bias, self.down_proj_bias
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             end = start + count
-            hidden = self.activation(project("gate_up_proj", expert, rows[start:end]))
-            out = project("down_proj", expert, hidden) * weights[start:end]  # [count, H]
+            hidden = self.activation(linear(rows[start:end], gate_up[expert],
+                                            _row(gate_up_bias, expert)))
+            out = linear(hidden, down[expert], _row(down_bias, expert)) * weights[start:end]
             # scattered as each expert finishes: no [T*K, H] buffer to copy into and weight
             total.index_add_(0, token_of[start:end], out.float())
             start = end
         return total.to(x.dtype)
-
-    def _projector(self) -> Callable[[str, int, torch.Tensor], torch.Tensor]:
-        """project(name, expert, rows [N, in]) -> rows @ W[expert]^T + b[expert]: [N, out]."""
-        packed = self._packed_weights()
-
-        def project(name: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
-            bias = getattr(self, f"{name}_bias")
-            bias = None if bias is None else bias[expert]
-            if packed is None:
-                return F.linear(rows, getattr(self, name)[expert], bias)
-            weight = packed[0 if name == "gate_up_proj" else 1][expert]
-            return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
-
-        return project
 
     def _packed_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """The oneDNN-packed weights, (re)made when the weights changed; None off CPU and

@@ -49,14 +49,14 @@ class NodeAgent:
     def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeFrontend,
                  join: P.NodeJoin, scheduler_url: str, activation_bind: str,
                  say: Callable[[str], None],
-                 transport: httpx.AsyncBaseTransport | None = None, links=None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, links=None,
+                 scheduler_label: str | None = None) -> None:
         self.config = config
         self.client = client
         self.frontend = frontend
         self.join_message = join
         self.scheduler_url = scheduler_url
-        # what messages call the scheduler: its URL, or in P2P mode its peer id
-        self.scheduler_label = getattr(transport, "default_peer_id", None) or scheduler_url
+        self.scheduler_label = scheduler_label or scheduler_url  # how messages name it
         self.activation_bind = activation_bind
         self.say = say
         self.assignment: P.Assignment | None = None

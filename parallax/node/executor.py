@@ -123,7 +123,7 @@ class ExecutorLoop:
         self._dirty = False  # stats changed without a step (abort): publish them
         self._next_parent_check = 0.0
 
-    def handle(self, message) -> None:
+    def handle(self, message: P.ToExecutor) -> None:
         """Apply one control message to the engine; a bad request fails only itself."""
         if isinstance(message, P.AddRequest):
             try:

@@ -69,7 +69,8 @@ async def join_async(config: JoinConfig) -> int:
     frontend.join_token = config.join_token
     agent = NodeAgent(config, client, frontend, join, scheduler_url,
                       f"tcp://{config.host}:{activation_port}", say, transport=transport,
-                      links=RelayedLinks(p2p.relay, say) if p2p else None)
+                      links=RelayedLinks(p2p.relay, say) if p2p else None,
+                      scheduler_label=transport.default_peer_id if p2p else None)
     server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
                                     timeout_graceful_shutdown=3, lifespan="off"))
     install_signal_handlers(server, on_stop=client.begin_shutdown)

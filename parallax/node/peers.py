@@ -77,8 +77,9 @@ class PipelineLinks:
 
     def set_aliases(self, aliases: dict[str, str]) -> None:
         """Route these endpoints through local relays from now on (reconnecting if needed)."""
-        for endpoint in set(aliases.items()) ^ set(self.aliases.items()):
-            self._drop(endpoint[0])
+        for endpoint in aliases.keys() | self.aliases.keys():
+            if aliases.get(endpoint) != self.aliases.get(endpoint):
+                self._drop(endpoint)  # reconnects to the new target when next used
         self.aliases = dict(aliases)
 
     def send(self, endpoint: str, frames: list) -> None:

@@ -41,6 +41,13 @@ SCHEDULER_PATHS = ("/node/join", "/node/heartbeat", "/node/leave", "/v1/chat/com
 NODE_PATHS = ("/v1/chat/completions", "/health")
 
 
+# Lattica calls that can block run here, never on the event loop: opening a call blocks while
+# it dials (one made during another dial of the same peer was seen to block for good), and so
+# can cancelling one. A pool of their own keeps such threads from starving asyncio's default
+# executor; callers give up after their timeout.
+_BLOCKING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lattica-call")
+
+
 def _pass(headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
 
@@ -108,7 +115,7 @@ HttpBridge._handle_stream_iter_http = HttpBridge.serve
 def _cancel(call) -> None:
     """Cancel a Lattica stream call without waiting: StreamIter.cancel() can block for good
     (seen on a stream whose peer had gone), and it must never block the event loop."""
-    _OPENERS.submit(call.cancel)
+    _BLOCKING.submit(call.cancel)
 
 
 class _FrameStream(httpx.AsyncByteStream):
@@ -156,12 +163,6 @@ async def _next_frame(frames, timeout_s: float | None, call):
         raise httpx.RemoteProtocolError(f"malformed frame from the peer: {exc}") from None
 
 
-# Opening a Lattica call blocks a thread while it dials; a call made during another dial of
-# the same peer was seen to block for good. Its own pool keeps such a thread from starving
-# asyncio's default executor; the caller gives up after its connect timeout.
-_OPENERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lattica-open")
-
-
 class LatticaTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests to a peer's HttpBridge: the one named in the `x-parallax-peer`
     header, else `default_peer_id`; requests naming no peer go to `fallback` (plain HTTP)."""
@@ -206,9 +207,9 @@ class LatticaTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         while True:
             opening = loop.run_in_executor(
-                _OPENERS, lambda: self.peer.get_client(peer_id).call_stream_iter(METHOD, data))
+                _BLOCKING, lambda: self.peer.get_client(peer_id).call_stream_iter(METHOD, data))
             try:
-                # bounded: Lattica can block here (see _OPENERS) instead of failing
+                # bounded: Lattica can block here (see _BLOCKING) instead of failing
                 return await asyncio.wait_for(opening, max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 raise httpx.ConnectError(f"cannot reach peer {peer_id}: no answer in time",

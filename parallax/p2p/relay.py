@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -53,10 +54,6 @@ async def probe_tcp(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
     return "open"
 
 
-def _decode(data: bytes) -> P.RelayedMessage:
-    return msgspec.msgpack.decode(data, type=P.RelayedMessage)
-
-
 class ActivationRelay(ConnectionHandler):
     """Inbound: deliver relayed frames to this node's executor, or (on the scheduler) pass them
     on to the target peer. Outbound: one relay thread per unreachable peer."""
@@ -81,7 +78,7 @@ class ActivationRelay(ConnectionHandler):
             self.local_push.setsockopt(zmq.LINGER, 0)
             self.local_push.setsockopt(zmq.SNDHWM, 10_000)
             self.local_push.connect(local_endpoint)
-        self.directory = tempfile.mkdtemp(prefix="parallax-relay-")
+        self.directory: str | None = None  # ipc sockets of outbound relays, made on first use
         self.outbound: dict[str, _Outbound] = {}  # endpoint -> its relay
         self.target_locks: dict[str, threading.Lock] = {}
         self._names = itertools.count()
@@ -94,7 +91,7 @@ class ActivationRelay(ConnectionHandler):
         if self.local_push is None:
             return b"error: no executor here"
         try:
-            message = _decode(data)
+            message = P.decode_relayed(data)
             if not message.frames:
                 return OK  # a liveness ping
             with self.lock:
@@ -106,7 +103,7 @@ class ActivationRelay(ConnectionHandler):
     def on_forward(self, data: bytes) -> bytes:
         """Scheduler: pass a message on to the peer it is for."""
         try:
-            target = _decode(data).target_peer_id
+            target = P.decode_relayed(data).target_peer_id
             with self._target_lock(target):  # one call in flight per target (see the module doc)
                 result = self.peer.get_client(target).call_stream(PUSH_METHOD, data).result(
                     timeout=CALL_TIMEOUT_S)
@@ -128,6 +125,7 @@ class ActivationRelay(ConnectionHandler):
         if relay is None or relay.peer_id != peer_id:
             if relay is not None:
                 relay.stop()
+            self.directory = self.directory or tempfile.mkdtemp(prefix="parallax-relay-")
             path = os.path.join(self.directory, f"out-{next(self._names)}")
             relay = _Outbound(self, f"ipc://{path}", peer_id)
             self.outbound[endpoint] = relay
@@ -167,6 +165,8 @@ class ActivationRelay(ConnectionHandler):
             relay.stop()
         if self.local_push is not None:
             self.local_push.close(linger=0)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 ActivationRelay._handle_stream_push = ActivationRelay.on_push

@@ -138,7 +138,7 @@ def read_scheduler_record(peer: P2PPeer, scheduler_peer_id: str) -> P.SchedulerR
     if not found or isinstance(found, dict):
         return None
     try:
-        return msgspec.msgpack.decode(bytes(found[0]), type=P.SchedulerRecord)
+        return P.decode_scheduler_record(bytes(found[0]))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 

@@ -149,6 +149,9 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+# connections to head nodes (a transport passed in ignores the client's limits: give it these)
+NODE_LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=64)
+
 class Forwarder:
     """Places requests on pipelines and relays the head node's answer."""
 
@@ -165,9 +168,8 @@ class Forwarder:
         self._last_index = -1
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
                                 pool=config.connect_timeout_s)
-        self.client = httpx.AsyncClient(
-            transport=transport, timeout=timeout, trust_env=False,
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=64))
+        self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
+                                        limits=NODE_LIMITS)
 
     async def aclose(self) -> None:
         await self.client.aclose()

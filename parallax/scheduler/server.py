@@ -54,10 +54,9 @@ def _start_p2p(config: SchedulerConfig):
 def _p2p_transport(p2p) -> httpx.AsyncBaseTransport:
     """Requests to nodes that joined over P2P go through Lattica, the rest over plain HTTP."""
     from parallax.p2p.bridge import LatticaTransport
+    from parallax.scheduler.forward import NODE_LIMITS
 
-    fallback = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=64))
-    return LatticaTransport(p2p.peer, fallback=fallback)
+    return LatticaTransport(p2p.peer, fallback=httpx.AsyncHTTPTransport(limits=NODE_LIMITS))
 
 
 async def serve(config: SchedulerConfig, state: SchedulerState | None = None) -> None:
