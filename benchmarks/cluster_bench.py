@@ -50,7 +50,8 @@ import torch
 import zmq
 
 from parallax import protocol as P
-from parallax.node.peers import PipelineLinks
+from parallax.node.link_auth import LinkSecurity
+from parallax.node.peers import PipelineLinks, StageLimits
 
 MEMORY_FOR_SPLIT = {1: "2GB", 2: "600MB", 3: "400MB"}
 NETNS_MARKER = "PARALLAX_NETNS"  # "1" inside the loopback-only namespace (as tests/p2p use it)
@@ -344,19 +345,20 @@ def hop_latency_ms(hidden_size: int = 576, rounds: int = 200) -> float:
     """Round trip of one decode step's activations between two PipelineLinks on loopback."""
     context = zmq.Context()
     a_endpoint, b_endpoint = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    a = PipelineLinks(context, a_endpoint, a_endpoint)
-    b = PipelineLinks(context, b_endpoint, b_endpoint)
+    limits = StageLimits(hidden_size, 4096, 8192, 2**20)
+    key, endpoints = os.urandom(32), [a_endpoint, b_endpoint]
+    a, b = (PipelineLinks(context, e, e, limits, LinkSecurity(key, endpoints)) for e in endpoints)
     hidden = torch.randn(1, hidden_size)
-    entry = [P.ActivationEntry("r", [1], 5)]
+    entry = [P.ActivationEntry("r", [1], 5, head_endpoint=a_endpoint)]
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()
         a.send_activations(b_endpoint, entry, hidden)
         while (got := b.receive()) is None:
-            pass
+            a.flush()  # the first message waits for the connection
         b.send_activations(a_endpoint, entry, got[1])
         while a.receive() is None:
-            pass
+            b.flush()
         samples.append((time.perf_counter() - start) * 1000 / 2)
     a.close()
     b.close()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from parallax.config import DTYPES, ConfigError, ServeConfig, parse_size
 from parallax.models.hub import DEFAULT_MODEL
@@ -31,6 +33,45 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
+
+
+def _add_secret(p, flag: str, env: str, what: str) -> None:
+    """`--X` and `--X-file` for a secret that may also come from the environment variable
+    `env` (a flag's value is visible to every user of the machine in `ps`)."""
+    p.add_argument(flag, default=None,
+                   help=f"{what} (default: ${env}; prefer that or {flag}-file: a flag shows "
+                        "in the process list)")
+    p.add_argument(f"{flag}-file", default=None, metavar="PATH",
+                   help=f"read {what} from this file (its first line)")
+
+
+def _secret(args: argparse.Namespace, flag: str, env: str) -> str | None:
+    """The secret of `_add_secret`: from the flag, else its file, else the environment."""
+    name = flag.lstrip("-").replace("-", "_")
+    value, path = getattr(args, name), getattr(args, f"{name}_file")
+    if value is not None and path is not None:
+        raise ConfigError(f"give {flag} or {flag}-file, not both")
+    if path is not None:
+        try:
+            lines = Path(path).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {flag}-file {path}: {exc.strerror or exc}") from None
+        value = lines[0].strip() if lines else ""
+        if not value:
+            raise ConfigError(f"{flag}-file {path} is empty")
+        return value
+    return value if value is not None else (os.environ.get(env) or None)
+
+
+def _add_allowed_hosts(p) -> None:
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST...]",
+                   help="when listening on a non-loopback address, answer only requests whose "
+                        "Host header names one of these (default: any; loopback names always "
+                        "work; a server on loopback answers only loopback names)")
+
+
+def _hosts(values: list[str]) -> tuple[str, ...]:
+    return tuple(h.strip() for value in values for h in value.split(",") if h.strip())
 
 
 def _add_p2p_options(p, port_default: int | None, port_help: str) -> None:
@@ -68,6 +109,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest accepted request body in MB; larger ones get 413 (default 4)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
+    _add_allowed_hosts(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_serve)
 
@@ -80,6 +122,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
         kv_memory_bytes=args.kv_memory, threads=args.threads, max_model_len=args.max_model_len,
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), warmup=not args.no_warmup,
+        allowed_hosts=_hosts(args.allowed_hosts),
     )
     return run_serve(config)
 
@@ -99,10 +142,11 @@ def _add_run(sub) -> None:
                    help="interface to listen on (default 127.0.0.1: nodes on this machine only; "
                         "0.0.0.0 lets other machines join)")
     p.add_argument("--port", type=int, default=3001, help="HTTP port (default 3001)")
-    p.add_argument("--join-token", default=None,
-                   help="secret nodes must send to join (header X-Join-Token)")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/* requests")
+    _add_secret(p, "--join-token", "PARALLAX_JOIN_TOKEN",
+                "secret nodes must send to join (header X-Join-Token)")
+    _add_secret(p, "--api-key", "PARALLAX_API_KEY",
+                "require `Authorization: Bearer KEY` on /v1/* requests; also the operator's "
+                "credential for the setup (POST /scheduler/init) and the join token")
     p.add_argument("--retry-attempts", type=int, default=20,
                    help="when every pipeline is busy, wait this many intervals before 429 "
                         "(default 20)")
@@ -121,6 +165,10 @@ def _add_run(sub) -> None:
                    help="also run a Lattica peer so nodes can join across the internet by "
                         "peer id (the join command then names it)")
     _add_p2p_options(p, 3003, "tcp port of the P2P peer (default 3003; open it for remote nodes)")
+    p.add_argument("--max-queued", type=_positive_int, default=1024,
+                   help="requests that may wait for a busy cluster; more get 429 at once "
+                        "(default 1024)")
+    _add_allowed_hosts(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_scheduler)
 
@@ -131,10 +179,13 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
     config = SchedulerConfig(
         model=args.model, init_nodes_num=args.init_nodes_num, host=args.host, port=args.port,
-        join_token=args.join_token, api_key=args.api_key, retry_attempts=args.retry_attempts,
+        join_token=_secret(args, "--join-token", "PARALLAX_JOIN_TOKEN"),
+        api_key=_secret(args, "--api-key", "PARALLAX_API_KEY"),
+        retry_attempts=args.retry_attempts,
         retry_interval_s=args.retry_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         dtype=args.dtype, mdns=not args.no_mdns, local_models=tuple(args.add_model),
         p2p=args.p2p, p2p_port=args.p2p_port, relays=tuple(args.relay),
+        max_queued=args.max_queued, allowed_hosts=_hosts(args.allowed_hosts),
     )
     return run_scheduler_process(config)
 
@@ -161,7 +212,8 @@ def _add_join(sub) -> None:
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                    help="budget for weights + KV cache, e.g. 8GB (default: free memory)")
-    p.add_argument("--join-token", default=None, help="the cluster's join token, if it has one")
+    _add_secret(p, "--join-token", "PARALLAX_JOIN_TOKEN",
+                "the cluster's join token, if it has one")
     p.add_argument("--max-batch-size", type=_positive_int, default=32,
                    help="requests decoded together (default 32)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -169,6 +221,7 @@ def _add_join(sub) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
     _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
                               "(default: port + 200)")
+    _add_allowed_hosts(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_join)
 
@@ -181,8 +234,10 @@ def _run_join(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, host=args.host, port=args.port,
         activation_port=args.activation_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, memory_bytes=args.memory,
-        join_token=args.join_token, max_batch_size=args.max_batch_size, threads=args.threads,
+        join_token=_secret(args, "--join-token", "PARALLAX_JOIN_TOKEN"),
+        max_batch_size=args.max_batch_size, threads=args.threads,
         warmup=not args.no_warmup, p2p_port=args.p2p_port, relays=tuple(args.relay),
+        allowed_hosts=_hosts(args.allowed_hosts),
     )
     return run_join(config)
 
@@ -200,6 +255,7 @@ def _add_chat(sub) -> None:
                         "0.0.0.0 to open the chat to the network)")
     p.add_argument("--port", type=int, default=3002, help="HTTP port (default 3002)")
     _add_p2p_options(p, 0, "tcp port of the P2P peer when -s names a peer (default: any free)")
+    _add_allowed_hosts(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_chat)
 
@@ -209,7 +265,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     from parallax.config import ChatConfig
 
     return run_chat(ChatConfig(scheduler=args.scheduler, host=args.host, port=args.port,
-                               p2p_port=args.p2p_port, relays=tuple(args.relay)))
+                               p2p_port=args.p2p_port, relays=tuple(args.relay),
+                               allowed_hosts=_hosts(args.allowed_hosts)))
 
 
 def _add_gateway(sub) -> None:
@@ -223,26 +280,24 @@ def _add_gateway(sub) -> None:
                    help="interface to listen on (default 127.0.0.1; 0.0.0.0 so a phone on the "
                         "network can reach it)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--password", default=None,
-                   help="password clients send as `Authorization: Bearer PASSWORD` "
-                        "(default: $PARALLAX_GATEWAY_PASSWORD; required)")
-    p.add_argument("--api-key", default=None,
-                   help="the scheduler's API key, sent upstream as a Bearer token "
-                        "(default: $PARALLAX_API_KEY)")
+    _add_secret(p, "--password", "PARALLAX_GATEWAY_PASSWORD",
+                "password clients send as `Authorization: Bearer PASSWORD` (required)")
+    _add_secret(p, "--api-key", "PARALLAX_API_KEY",
+                "the scheduler's API key, sent upstream as a Bearer token")
+    _add_allowed_hosts(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_gateway)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    import os
-
     from parallax.config import GatewayConfig
     from parallax.gateway.server import run_gateway
 
     config = GatewayConfig(
         scheduler=args.scheduler, host=args.host, port=args.port,
-        password=args.password or os.environ.get("PARALLAX_GATEWAY_PASSWORD") or None,
-        api_key=args.api_key or os.environ.get("PARALLAX_API_KEY") or None,
+        password=_secret(args, "--password", "PARALLAX_GATEWAY_PASSWORD"),
+        api_key=_secret(args, "--api-key", "PARALLAX_API_KEY"),
+        allowed_hosts=_hosts(args.allowed_hosts),
     )
     return run_gateway(config)
 

@@ -17,6 +17,9 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
+MAX_INIT_NODES = 256  # the most nodes a cluster may be told to wait for (-n, /scheduler/init)
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says what is allowed."""
 
@@ -105,6 +108,7 @@ class ServeConfig:
     max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
     max_restarts: int = 5  # consecutive failed executor starts before giving up
     warmup: bool = True
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     executor: ExecutorConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,7 @@ class ServeConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
         if not self.host:
             raise ConfigError("host must not be empty")
+        _check_allowed_hosts(self.allowed_hosts)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_body_bytes",):
@@ -165,6 +170,8 @@ class SchedulerConfig:
     p2p: bool = False  # also run a Lattica peer: nodes and chat servers join by peer id
     p2p_port: int = 3003  # the peer's tcp port (fixed, so its address can be advertised)
     relays: tuple[str, ...] = ()  # relay server multiaddrs for peers behind NAT
+    max_queued: int = 1024  # requests waiting for a pipeline with room; one more -> 429
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -172,8 +179,13 @@ class SchedulerConfig:
         if not self.host:
             raise ConfigError("host must not be empty")
         _check_p2p(self.p2p_port, self.relays)
+        _check_allowed_hosts(self.allowed_hosts)
         _check_positive("init_nodes_num", self.init_nodes_num, allow_none=False)
+        if self.init_nodes_num > MAX_INIT_NODES:
+            raise ConfigError(f"init_nodes_num must be at most {MAX_INIT_NODES}, "
+                              f"got {self.init_nodes_num}")
         _check_positive("max_body_bytes", self.max_body_bytes, allow_none=False)
+        _check_positive("max_queued", self.max_queued, allow_none=False)
         if not isinstance(self.retry_attempts, int) or self.retry_attempts < 0:
             raise ConfigError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
         if self.retry_interval_s < 0:
@@ -218,11 +230,15 @@ class JoinConfig:
     discovery_timeout_s: float = 15.0
     p2p_port: int | None = None  # P2P mode (-s PEER): the Lattica peer's port; default port + 200
     relays: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
         _check_p2p(self.p2p_port, self.relays)
+        _check_allowed_hosts(self.allowed_hosts)
+        if self.join_token is not None and not self.join_token.strip():
+            raise ConfigError("join_token must not be empty when given")
         if self.activation_port is not None and not 0 < self.activation_port <= 65535:
             raise ConfigError(f"activation port must be in 1..65535, got {self.activation_port}")
         if self.dtype not in DTYPES:
@@ -256,11 +272,23 @@ def _check_p2p(port: int | None, relays: tuple[str, ...], allow_zero: bool = Fal
             raise ConfigError(f"--relay must be a multiaddr ending in /p2p/<peer id>, got {relay!r}")
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
+
+
+def _check_allowed_hosts(hosts: tuple[str, ...]) -> None:
+    for host in hosts:
+        if not isinstance(host, str) or not _HOST_NAME.match(host):
+            raise ConfigError(f"--allowed-hosts takes host names or IP addresses (no port or "
+                              f"scheme), got {host!r}")
+
+
 def _check_proxy_common(cfg: ChatConfig | GatewayConfig) -> None:
     if not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port must be in 0..65535, got {cfg.port!r}")
     if not cfg.host:
         raise ConfigError("host must not be empty")
+    _check_allowed_hosts(cfg.allowed_hosts)
+    _check_positive("max_body_bytes", cfg.max_body_bytes, allow_none=False)
     if not _SCHEDULER_ADDRESS.match(cfg.scheduler or "") and not (
             isinstance(cfg, ChatConfig) and is_p2p_target(cfg.scheduler)):
         raise ConfigError(f"--scheduler must be HOST:PORT, got {cfg.scheduler!r}")
@@ -280,6 +308,8 @@ class ChatConfig:
     read_timeout_s: float = 600.0  # longest silence of a proxied answer
     p2p_port: int = 0  # P2P mode: this server's Lattica port (0: any free port)
     relays: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
 
     def __post_init__(self) -> None:
         _check_proxy_common(self)
@@ -297,9 +327,18 @@ class GatewayConfig:
     api_key: str | None = None  # sent to the scheduler as `Authorization: Bearer <key>`
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
+    max_failed_auth: int = 10  # wrong passwords per client within the window; then 429
+    failed_auth_window_s: float = 60.0  # ... and the client stays blocked this long
+    tls: bool = False  # serves https (no plain-HTTP warning when bound beyond loopback)
 
     def __post_init__(self) -> None:
         _check_proxy_common(self)
+        _check_positive("max_failed_auth", self.max_failed_auth, allow_none=False)
+        if not self.failed_auth_window_s > 0:
+            raise ConfigError(f"failed_auth_window_s must be > 0, got "
+                              f"{self.failed_auth_window_s!r}")
         if self.password is None or not self.password.strip():
             raise ConfigError("the gateway needs a password: pass --password or set "
                               "PARALLAX_GATEWAY_PASSWORD")

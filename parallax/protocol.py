@@ -117,7 +117,17 @@ class SetLinkAliases(msgspec.Struct, tag="aliases", frozen=True):
     aliases: dict[str, str]
 
 
-ToExecutor = Union[AddRequest, AbortRequest, Shutdown, SetLinkAliases]  # noqa: UP007
+class SetLinkSecurity(msgspec.Struct, tag="link_security", frozen=True):
+    """The key that signs and checks this stage's activation links (hex, from the scheduler's
+    heartbeat answer; "" = none: every stage message is dropped) and the activation endpoints
+    of its pipeline, the only ones it may send to."""
+
+    key: str
+    peers: list[str]
+
+
+ToExecutor = Union[AddRequest, AbortRequest, Shutdown, SetLinkAliases,  # noqa: UP007
+                   SetLinkSecurity]
 FromExecutor = Union[ExecutorProgress, ExecutorReady, StepOutputs, ExecutorError]  # noqa: UP007
 
 _encoder = msgspec.msgpack.Encoder()
@@ -130,7 +140,9 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_to_executor(data: bytes) -> AddRequest | AbortRequest | Shutdown | SetLinkAliases:
+def decode_to_executor(
+    data: bytes,
+) -> AddRequest | AbortRequest | Shutdown | SetLinkAliases | SetLinkSecurity:
     """Decode a frontend -> executor message (raises msgspec.DecodeError / ValidationError)."""
     return _to_executor.decode(data)
 
@@ -147,7 +159,8 @@ def decode_from_executor(
 # POST /node/join      NodeJoin       -> JoinResponse
 # POST /node/heartbeat Heartbeat      -> HeartbeatResponse
 # POST /node/leave     NodeLeave      -> {"ok": true}
-# Each carries the cluster's join token, when one is set, in the header `X-Join-Token`.
+# Each carries the cluster's join token, when one is set, in the header `X-Join-Token`, and
+# (after the join) the node's own secret from its JoinResponse in the header `X-Node-Secret`.
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -176,6 +189,9 @@ class JoinResponse(msgspec.Struct, frozen=True):
     node_id: str
     heartbeat_interval_s: float
     assignment: Assignment | None = None  # None: wait (more nodes needed, or standby)
+    # this node's own secret: its heartbeats and leave (and a re-join while its entry is
+    # alive) send it as `X-Node-Secret`, so another token holder cannot speak for it
+    node_secret: str = ""
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -190,6 +206,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     loaded_start_layer: int | None = None
     loaded_end_layer: int | None = None
     error: str | None = None
+    link_key_id: str = ""  # fingerprint of the link key its executor holds (link_keys.key_id)
 
 
 class PeerEndpoint(msgspec.Struct, frozen=True):
@@ -204,6 +221,10 @@ class HeartbeatResponse(msgspec.Struct, frozen=True):
     known: bool  # False: the scheduler forgot this node (evicted, restarted): join again
     assignment: Assignment | None = None
     peers: list[PeerEndpoint] = []  # P2P mode: the other P2P nodes, to probe for direct reach
+    # its pipeline's stage-link key (hex; "" when it is in no pipeline of two or more stages)
+    # and the activation endpoints of that pipeline, the only ones its executor sends to
+    link_key: str = ""
+    link_peers: list[str] = []
 
 
 class NodeLeave(msgspec.Struct, frozen=True):
@@ -222,9 +243,22 @@ class RoutingEntry(msgspec.Struct, frozen=True):
 
 # ---- data plane between executors (ZeroMQ tcp, PUSH -> PULL) -----------------------------------
 #
-# A message is a multipart ZeroMQ message: frame 0 is one of the structs below (msgpack);
-# StageActivations has a frame 1 with the raw bytes of the hidden states of all its entries,
-# concatenated in entry order ([sum of num tokens, hidden_size] in `dtype`). Nothing is pickled.
+# A message is a multipart ZeroMQ message: frame 0 is a StageSeal (msgpack), frame 1 one of
+# the structs below (msgpack); StageActivations has a frame 2 with the raw bytes of the hidden
+# states of all its entries, concatenated in entry order ([sum of num tokens, hidden_size] in
+# `dtype`). The seal authenticates frames 1.. (parallax/node/link_auth.py). Nothing is pickled.
+
+
+class StageSeal(msgspec.Struct, frozen=True, array_like=True):
+    """HMAC-SHA256 under the pipeline's link key over `session`, `seq` and every later frame.
+
+    `session`: random per sending PipelineLinks; `seq`: increases with every message it sends,
+    so a receiver drops a replayed message (not newer than the last one of that session).
+    """
+
+    session: bytes
+    seq: int
+    mac: bytes
 
 
 class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -268,9 +302,17 @@ StageMessage = Union[StageActivations, StageTokens, StageRelease]  # noqa: UP007
 _stage_decoder = msgspec.msgpack.Decoder(StageMessage)
 
 
+_seal_decoder = msgspec.msgpack.Decoder(StageSeal)
+
+
 def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease:
-    """Decode frame 0 of a stage-to-stage message."""
+    """Decode the header frame (frame 1) of a stage-to-stage message."""
     return _stage_decoder.decode(data)
+
+
+def decode_seal(data: bytes) -> StageSeal:
+    """Decode frame 0 of a stage-to-stage message."""
+    return _seal_decoder.decode(data)
 
 
 # ---- P2P mode: HTTP over a Lattica stream (parallax/p2p/bridge.py) -----------------------------

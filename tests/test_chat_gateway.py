@@ -172,6 +172,30 @@ def test_gateway_requires_the_password(fake: FakeScheduler) -> None:
         assert fake.chat_bodies == []
 
 
+def test_gateway_blocks_a_client_that_guesses_passwords(fake: FakeScheduler) -> None:
+    """Issue 11 item 6: 10 wrong passwords within a minute → 429 + Retry-After for that address
+    only (another address still gets in), the right password included, until the window ends."""
+    now = [5000.0]
+    config = GatewayConfig(scheduler=_address(fake.url), port=0, password=PASSWORD)
+    guesser = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=10)
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.1"), timeout=10)
+    with serving(build_gateway_app(config, clock=lambda: now[0])) as url, guesser, other:
+        wrong = {"Authorization": "Bearer guess"}
+        codes = [guesser.get(url + "/cluster/status", headers=wrong).status_code
+                 for _ in range(11)]
+        assert codes == [401] * 10 + [429]
+        blocked = guesser.get(url + "/cluster/status", headers=AUTH)
+        assert blocked.status_code == 429 and blocked.json()["code"] == 429
+        assert blocked.headers["Retry-After"] == "60" and "retry in 60 s" in \
+            blocked.json()["message"]
+        assert other.get(url + "/cluster/status", headers=AUTH).status_code == 200
+        now[0] += 59
+        assert guesser.get(url + "/cluster/status", headers=AUTH).status_code == 429
+        now[0] += 2  # the window has passed
+        assert guesser.get(url + "/cluster/status", headers=AUTH).status_code == 200
+        assert guesser.get(url + "/cluster/status", headers=wrong).status_code == 401
+
+
 def test_gateway_chat_assembles_text_and_metrics(fake: FakeScheduler) -> None:
     with _gateway(fake) as url:
         r = httpx.post(url + "/chat", headers=AUTH, timeout=10,

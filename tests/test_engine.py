@@ -260,3 +260,91 @@ def test_pipeline_with_chunked_prefill_and_preemption_replay(model_path, model):
     assert engines[0].num_total_blocks == 8
     assert engines[0].scheduler.num_preemptions > 0
     assert tokens == expected
+
+
+# ---------------------------------------------------------------- degenerate sampling (issue 11)
+
+
+def test_sampler_fails_nan_and_inf_rows_alone():
+    from parallax.engine.sampler import RowFailure, sample
+
+    logits = torch.randn(5, 32)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :16] = float("-inf")  # masked vocabulary is fine: the rest is finite
+    greedy = SamplingParams(temperature=0)
+    for params in ([greedy] * 5,
+                   [SamplingParams(temperature=0.8, top_p=0.9, seed=1)] * 5,
+                   [SamplingParams(temperature=0, frequency_penalty=1.0)] * 5):
+        tokens = sample(logits, params, [[1, 2]] * 5, [None] * 5)
+        assert [isinstance(t, RowFailure) for t in tokens] == [False, True, True, True, False]
+        assert "NaN or infinite" in tokens[1].message
+        assert 0 <= tokens[0] < 32 and 16 <= tokens[4] < 32
+    assert sample(logits[[0, 4]], [greedy] * 2, [[], []], [None] * 2) == \
+        logits[[0, 4]].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-45, seed=3),  # divides into inf: greedy instead
+    SamplingParams(temperature=1e-6, top_p=1e-9, seed=3),
+    SamplingParams(temperature=2.0, min_p=1.0, top_k=1, seed=3),
+    SamplingParams(temperature=1e-5, top_p=1e-9, min_p=1.0, frequency_penalty=2.0,
+                   presence_penalty=2.0, seed=3),
+])
+def test_sampler_degenerate_params_give_a_token(params):
+    from parallax.engine.sampler import sample
+
+    logits = torch.randn(2, 64) * 30
+    tokens = sample(logits, [params, SamplingParams(temperature=0)], [[5, 5], [5]], [None, None])
+    assert all(isinstance(t, int) and 0 <= t < 64 for t in tokens)
+    assert tokens[1] == int(logits[1].argmax())
+
+
+def test_sampler_error_in_one_row_spares_the_others(monkeypatch):
+    from parallax.engine import sampler
+
+    calls = []
+
+    def multinomial(probs, num_samples, generator=None):
+        calls.append(probs)
+        if len(calls) == 1:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return probs.argmax().reshape(1)
+
+    monkeypatch.setattr(sampler.torch, "multinomial", multinomial)
+    params = [SamplingParams(temperature=1.0)] * 2
+    tokens = sampler.sample(torch.randn(2, 16), params, [[], []], [None, None])
+    assert isinstance(tokens[0], sampler.RowFailure) and "inf, nan" in tokens[0].message
+    assert isinstance(tokens[1], int)
+
+
+def test_tiny_temperature_is_greedy_and_nan_params_are_refused():
+    assert SamplingParams(temperature=1e-45).is_greedy
+    assert SamplingParams(temperature=9.9e-6).is_greedy
+    assert not SamplingParams(temperature=1e-5).is_greedy
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            SamplingParams(**{name: float("nan")}).validate()
+
+
+def test_nan_logits_fail_one_request_not_its_batch(model):
+    """A request whose hidden states turn NaN (here: a poisoned embedding row) fails alone; the
+    requests sharing its steps get the same greedy tokens as without it."""
+    prompts = prompts_of_lengths([7, 12, 20])
+    alone = greedy_tokens(model, prompts, max_tokens=12)
+    poison = 255
+    with torch.no_grad():
+        model.embed_tokens.weight[poison] = float("nan")
+    engine = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20))
+    engine.add_request("bad", [poison, 3, 4], GREEDY)  # first: it holds KV block 0
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    out: dict[str, list] = {}
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o)
+    assert [(o.finish_reason, o.token_id) for o in out["bad"]] == [("error", None)]
+    assert "NaN" in out["bad"][0].error
+    assert [[o.token_id for o in out[str(i)]] for i in range(3)] == alone
+    assert engine.num_free_blocks == engine.num_total_blocks

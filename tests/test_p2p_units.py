@@ -13,7 +13,8 @@ from processes import free_port
 
 from parallax import protocol as P
 from parallax.config import ChatConfig, ConfigError, JoinConfig, SchedulerConfig
-from parallax.node.peers import PipelineLinks
+from parallax.node.link_auth import LinkSecurity
+from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.p2p.peer import is_p2p_target, split_target
 from parallax.p2p.safety import restricted_loads
 from parallax.scheduler.app import SchedulerState
@@ -66,14 +67,19 @@ def test_aliased_endpoint_is_sent_to_its_relay():
     relay = context.socket(zmq.PULL)
     relay_address = f"ipc:///tmp/parallax-test-relay-{os.getpid()}"
     relay.bind(relay_address)
-    links = PipelineLinks(context, f"tcp://127.0.0.1:{free_port()}", "tcp://self:1")
     unreachable = "tcp://10.255.255.1:9"  # never dialled: the alias replaces it
+    links = PipelineLinks(context, f"tcp://127.0.0.1:{free_port()}", "tcp://self:1",
+                          StageLimits(8, 64, 128, 100),
+                          LinkSecurity(bytes(32), [unreachable]))
     try:
         links.set_aliases({unreachable: relay_address})
         links.send_message(unreachable, P.StageRelease(["r1"]))
-        assert relay.poll(5000)
+        deadline = time.monotonic() + 5
+        while not relay.poll(10) and time.monotonic() < deadline:
+            links.flush()  # sends never block: a link still connecting is flushed by the loop
+        assert relay.poll(0)
         frames = relay.recv_multipart()
-        assert P.decode_stage(frames[0]) == P.StageRelease(["r1"])
+        assert P.decode_stage(frames[1]) == P.StageRelease(["r1"])  # frame 0: the seal
         # dropping the alias reconnects to the endpoint itself (nothing more reaches the relay)
         links.set_aliases({})
         assert unreachable not in links.pushes
@@ -152,3 +158,117 @@ def test_relayed_links_follow_the_probes():
         # the relayed peer leaves: its relay closes and the alias goes
         assert asyncio.run(links.update([direct], own.activation_endpoint)) == {}
         assert relay.closed == [closed_endpoint]
+
+
+# ---- activation relays admit only sealed, well-formed messages (issue 11 item 9) -------------
+
+
+class _FakeLattica:
+    """What ActivationRelay uses of a Lattica peer; calls to other peers are scripted."""
+
+    def __init__(self, peer_id: str, answer=lambda data: b"ok") -> None:
+        self.id = peer_id
+        self.answer = answer
+        self.calls: list[tuple[str, str]] = []
+
+    def register_service(self, service) -> None:
+        pass
+
+    def peer_id(self) -> str:
+        return self.id
+
+    def get_client(self, target: str):
+        peer = self
+
+        class _Call:
+            def __init__(self, method: str, data: bytes) -> None:
+                peer.calls.append((target, method))
+                self.data = data
+
+            def result(self, timeout: float):
+                return peer.answer(self.data)
+
+        class _Client:
+            def call_stream(self, method: str, data: bytes):
+                return _Call(method, data)
+
+        return _Client()
+
+
+RELAY_KEY = bytes(range(32))
+
+
+def _relayed(target: str, frames: list[bytes]) -> bytes:
+    return P.encode(P.RelayedMessage(target, frames))
+
+
+def _sealed(frames: list[bytes], key: bytes = RELAY_KEY) -> list[bytes]:
+    from parallax.node.link_auth import LinkSecurity
+
+    return [LinkSecurity(key, ()).seal(frames), *frames]
+
+
+def test_a_node_relay_passes_on_only_sealed_messages_for_it():
+    from parallax.p2p.relay import ActivationRelay
+
+    context = zmq.Context.instance()
+    executor = context.socket(zmq.PULL)
+    address = f"ipc:///tmp/parallax-test-relay-in-{os.getpid()}"
+    executor.bind(address)
+    relay = ActivationRelay(_FakeLattica(PEER), address)
+    release = [P.encode(P.StageRelease(["r1"]))]
+    try:
+        good = _sealed(release)
+        refused = {
+            "no key yet": _relayed(PEER, good),
+            "garbage": b"\x00garbage",
+            "another target": _relayed(PEER.replace("G", "H"), good),
+            "5 frames": _relayed(PEER, [b"x"] * 5),
+            "unsigned": _relayed(PEER, [b"no seal", *release]),
+            "wrong key": _relayed(PEER, _sealed(release, bytes(32))),
+        }
+        for case, data in refused.items():
+            assert relay.on_push(data).startswith(b"error"), case
+            if case == "no key yet":
+                relay.set_link_key(RELAY_KEY.hex())
+        assert not executor.poll(100)  # nothing reached the executor
+        assert relay.on_push(_relayed(PEER, [])) == b"ok"  # a ping
+        assert relay.on_push(_relayed(PEER, good)) == b"ok"
+        assert executor.poll(2000) and executor.recv_multipart() == good
+        assert relay.on_push(_relayed(PEER, good)).startswith(b"error: refused: replayed")
+    finally:
+        relay.close()
+        executor.close(linger=0)
+
+
+def test_the_scheduler_relay_forwards_only_to_joined_peers_and_never_waits_long(monkeypatch):
+    import threading
+
+    from parallax.p2p import relay as relay_module
+
+    gate = threading.Event()
+    lattica = _FakeLattica("scheduler", answer=lambda data: gate.wait(5) and b"ok")
+    relay = relay_module.ActivationRelay(lattica)
+    release = [P.encode(P.StageRelease(["r1"]))]
+    stranger = PEER.replace("G", "H")
+    assert relay.on_forward(_relayed(PEER, _sealed(release))).startswith(b"error: refused")
+    relay.forward_keys = lambda peer: [RELAY_KEY] if peer == PEER else None
+    for data in (_relayed(stranger, _sealed(release)), _relayed(stranger, []),
+                 _relayed(PEER, [b"no seal", *release]), _relayed(PEER, _sealed(release, bytes(32))),
+                 b"\x00", _relayed(PEER, [b"x"] * 4)):
+        assert relay.on_forward(data).startswith(b"error"), data[:40]
+    assert lattica.calls == []  # nothing refused was passed on
+    monkeypatch.setattr(relay_module, "MAX_RELAY_BYTES", 1000)
+    assert b"too large" in relay.on_forward(_relayed(PEER, [b"x" * 600, b"y" * 600]))
+    monkeypatch.setattr(relay_module, "LOCK_WAIT_S", 0.2)
+    # one caller's call hangs: another caller to the same target is answered "busy" at once
+    first = threading.Thread(target=relay.on_forward, args=(_relayed(PEER, _sealed(release)),))
+    first.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert relay.on_forward(_relayed(PEER, _sealed(release))).startswith(b"error: busy")
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    first.join(5)
+    assert relay.on_forward(_relayed(PEER, _sealed(release))) == b"ok"
+    assert lattica.calls == [(PEER, relay_module.PUSH_METHOD)] * 2

@@ -1,4 +1,6 @@
-"""Three engines joined by real ZeroMQ tcp links on loopback, driven in one process."""
+"""Three engines joined by real ZeroMQ tcp links on loopback, driven in one process.
+
+The links carry the pipeline's link key, as the scheduler hands it out (link_auth.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,19 @@ from parallax import protocol as P
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node.peers import PipelineLinks
+from parallax.node.link_auth import LinkSecurity
+from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.node.stage import StageRouter
 
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+KEY = bytes(range(32))
 
 
+def keyed_links(context: zmq.Context, endpoints: list[str], engines: list[Engine],
+                key: bytes = KEY) -> list[PipelineLinks]:
+    """One PipelineLinks per engine, bound to its endpoint, all holding the pipeline's key."""
+    return [PipelineLinks(context, e, e, StageLimits.of(engine), LinkSecurity(key, endpoints))
+            for e, engine in zip(endpoints, engines, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +39,9 @@ class Cluster:
     def __init__(self, model_path: str, ranges: list[tuple[int, int]]) -> None:
         self.context = zmq.Context()
         self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in ranges]
-        self.links = [PipelineLinks(self.context, e, e) for e in self.endpoints]
         self.engines = [Engine(load_shard(model_path, a, b).model,
                                EngineConfig(kv_memory_bytes=2**22)) for a, b in ranges]
+        self.links = keyed_links(self.context, self.endpoints, self.engines)
         self.routers = [StageRouter(e, link) for e, link in zip(self.engines, self.links,
                                                                    strict=True)]
         self.alive = [True] * len(ranges)
@@ -80,6 +89,7 @@ class Cluster:
                     router.on_message(*received)
                 if engine.has_work():
                     router.after_step(engine.step())
+                router.links.flush()  # messages to a peer still connecting
             time.sleep(0.005)
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ style, and the script makes the model write the markup itself:
 
 - qwen3 (`<think>` template): `<think>User wants the capital of France.</think>\n\nIt is Paris!`
   then `<|im_end|>`; the template's `enable_thinking=False` closes an empty block in the prompt
-  (the model goes straight to the answer), and `think_in_prompt=True` opens `<think>` in the
+  (the model goes straight to the answer), and `thinking=True` opens `<think>` in the
   prompt as Qwen3-Thinking-2507 templates do (the model starts inside the reasoning).
 - gpt_oss (harmony): `<|channel|>analysis<|message|>User wants the capital of France.<|end|>`
   `<|start|>assistant<|channel|>final<|message|>It is Paris!<|return|>`.
@@ -50,7 +50,7 @@ QWEN3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
     "{{- '<think>\n\n</think>\n\n' }}"
-    "{%- elif think_in_prompt is defined and think_in_prompt %}{{- '<think>' }}"
+    "{%- elif thinking is defined and thinking %}{{- '<think>' }}"
     "{%- endif %}{%- endif %}"
 )
 # The prompt ends with "assistant\n" ("\n" -> <think>), or with "</think>\n\n" when thinking is
@@ -93,7 +93,7 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("family, kwargs, expected", [
     ("qwen3", {}, "<think>User wants the capital of France.</think>\n\nIt is Paris!<|im_end|>"),
     ("qwen3", {"enable_thinking": False}, "It is Paris!<|im_end|>"),
-    ("qwen3", {"think_in_prompt": True},
+    ("qwen3", {"thinking": True},
      "User wants the capital of France.</think>\n\nIt is Paris!<|im_end|>"),
     ("gpt_oss", {}, "<|channel|>analysis<|message|>User wants the capital of France.<|end|>"
                     "<|start|>assistant<|channel|>final<|message|>It is Paris!<|return|>"),
@@ -203,7 +203,7 @@ def complete_split(client, **kwargs):
 QWEN3_CASES = {
     "model opens <think>": ({}, REASONING_TEXT, 1 + len(REASONING) + 2 + len(ANSWER) + 1),
     "thinking disabled": ({"enable_thinking": False}, "", len(ANSWER) + 1),
-    "template opens <think>": ({"think_in_prompt": True}, REASONING_TEXT,
+    "template opens <think>": ({"thinking": True}, REASONING_TEXT,
                                len(REASONING) + 2 + len(ANSWER) + 1),
 }
 

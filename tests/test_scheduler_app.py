@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from parallax.cli import build_parser
 from parallax.config import ConfigError, SchedulerConfig
+from parallax.node.link_auth import key_id, parse_key
 from parallax.scheduler.allocation import ModelSpec
 from parallax.scheduler.app import SchedulerState, build_app
 from parallax.scheduler.catalog import CURATED_CONFIGS, ModelCatalog
@@ -50,16 +51,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "
 
 
 class ServerThread:
-    """A uvicorn server on a free 127.0.0.1 port, in a daemon thread."""
+    """A uvicorn server on free 127.0.0.1 ports (`num_ports` of them), in a daemon thread."""
 
-    def __init__(self, app: FastAPI) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
+    def __init__(self, app: FastAPI, num_ports: int = 1) -> None:
+        sockets = []
+        for _ in range(num_ports):
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
+        self.ports = [sock.getsockname()[1] for sock in sockets]
+        self.port = self.ports[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on",
                                                     timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets},
                                        daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, what="server start")
@@ -78,18 +82,24 @@ def _chunk(rid: str, delta: dict, finish: str | None = None, **extra: Any) -> by
 
 
 class FakeNodes:
-    """Every fake node's HTTP frontend, one app: node X answers under /n/X."""
+    """Every fake node's HTTP frontend, one app on several ports: each node gets its own port
+    (a node's http_url is `http://host:port`, nothing more)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_ports: int = 8) -> None:
         self.received: list[tuple[str, dict]] = []
         self.join_tokens: list[str | None] = []  # X-Join-Token of each chat request
         self.cancelled: list[str] = []
         self.busy: set[str] = set()
         self.release = threading.Event()
-        self.server = ServerThread(self._app())
+        self.server = ServerThread(self._app(), num_ports)
+        self.node_of_port: dict[int, str] = {}
 
     def url(self, node_id: str) -> str:
-        return f"{self.server.url}/n/{node_id}"
+        port = next((p for p, n in self.node_of_port.items() if n == node_id), None)
+        if port is None:
+            port = next(p for p in self.server.ports if p not in self.node_of_port)
+            self.node_of_port[port] = node_id
+        return f"http://127.0.0.1:{port}"
 
     def heads(self) -> list[str]:
         return [node_id for node_id, _ in self.received]
@@ -97,8 +107,9 @@ class FakeNodes:
     def _app(self) -> FastAPI:
         app = FastAPI()
 
-        @app.post("/n/{node_id}/v1/chat/completions")
-        async def chat(node_id: str, request: Request):
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            node_id = self.node_of_port[request.scope["server"][1]]
             body = await request.json()
             self.received.append((node_id, body))
             self.join_tokens.append(request.headers.get("x-join-token"))
@@ -173,22 +184,43 @@ class Scheduler:
         token = self.config.join_token
         self.http = httpx.Client(base_url=self.url, timeout=10,
                                  headers={"X-Join-Token": token} if token else {})
+        self.secrets: dict[str, str] = {}  # node_secret of each node's last join
+        self.link_key_ids: dict[str, str] = {}  # what each node's executor would hold
+
+    def join_body(self, node_id: str, memory_mb: int, max_running: int = 32,
+                  **fields: Any) -> dict:
+        return {"node_id": node_id, "device": "cpu", "device_name": "fake cpu",
+                "memory_bytes": memory_mb * MB, "gflops": 100.0, "bandwidth_gbps": 10.0,
+                "http_url": self.nodes.url(node_id),
+                "activation_endpoint": f"tcp://{node_id}.test:5000",
+                "max_running_requests": max_running, **fields}
+
+    def node_headers(self, node_id: str) -> dict[str, str]:
+        return {"X-Node-Secret": self.secrets[node_id]} if node_id in self.secrets else {}
 
     def join(self, node_id: str, memory_mb: int, max_running: int = 32, **fields: Any) -> dict:
-        body = {"node_id": node_id, "device": "cpu", "device_name": "fake cpu",
-                "memory_bytes": memory_mb * MB, "gflops": 100.0, "bandwidth_gbps": 10.0,
-                "http_url": self.nodes.url(node_id), "activation_endpoint": f"tcp://x/{node_id}",
-                "max_running_requests": max_running, **fields}
-        response = self.http.post("/node/join", json=body)
+        response = self.http.post("/node/join", headers=self.node_headers(node_id),
+                                  json=self.join_body(node_id, memory_mb, max_running, **fields))
         assert response.status_code == 200, response.text
+        self.secrets[node_id] = response.json()["node_secret"]
         return response.json()
 
     def heartbeat(self, node_id: str, loaded: dict | None = None, **fields: Any) -> dict:
-        body = {"node_id": node_id, "state": "ready" if loaded else "loading", **fields}
+        body = {"node_id": node_id, "state": "ready" if loaded else "loading",
+                "link_key_id": self.link_key_ids.get(node_id, ""), **fields}
         if loaded:
             body.update(loaded_model=loaded["model"], loaded_start_layer=loaded["start_layer"],
                         loaded_end_layer=loaded["end_layer"])
-        response = self.http.post("/node/heartbeat", json=body)
+        response = self.http.post("/node/heartbeat", json=body,
+                                  headers=self.node_headers(node_id))
+        assert response.status_code == 200, response.text
+        # as a node agent does: its executor takes the pipeline's link key from the answer
+        self.link_key_ids[node_id] = key_id(parse_key(response.json().get("link_key", "")))
+        return response.json()
+
+    def leave(self, node_id: str) -> dict:
+        response = self.http.post("/node/leave", json={"node_id": node_id},
+                                  headers=self.node_headers(node_id))
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -285,10 +317,10 @@ def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
     assert table[0]["start_layer"] == 0 and table[-1]["end_layer"] == 8
     assert table[0]["http_url"] == nodes.url(head) and table[0]["activation_endpoint"]
 
-    # non-streaming, a client-chosen rid, model names
+    # non-streaming, a client-chosen rid (ignored: the scheduler names requests), model names
     response = s.chat(stream=False, rid="my-rid", model="default")
     assert response.status_code == 200 and response.json()["metrics"] == METRICS
-    assert nodes.received[-1][1]["rid"] == "my-rid"
+    assert nodes.received[-1][1]["rid"].startswith("chatcmpl-")
     missing = s.chat(model="nope")
     assert missing.status_code == 404 and missing.json()["object"] == "error"
     assert s.chat(model="test-model").status_code == 200
@@ -411,10 +443,15 @@ def test_node_endpoints_require_the_join_token(scheduler, nodes):
     assert s.status()["node_list"] == []
     assert s.join("x", WHOLE)["node_id"] == "x"  # s.http sends the token
     assert [n["node_id"] for n in s.status()["node_list"]] == ["x"]
+    # a direct loopback client of a scheduler without an API key is its operator
     command = s.http.get("/node/join/command").json()
     assert command == {"type": "node_join_command",
                        "data": {"command": f"parallax join -s 127.0.0.1:{s.config.port} "
                                            "--join-token s3cret"}}
+    # one relayed by our own proxies is not: the token is replaced by a placeholder
+    relayed = s.http.get("/node/join/command", headers={"X-Parallax-Relayed": "chat"}).json()
+    assert relayed["data"]["command"] == (f"parallax join -s 127.0.0.1:{s.config.port} "
+                                          "--join-token <token>")
     bad = s.http.post("/node/join", content=b'{"node_id": 3}')
     assert bad.status_code == 400 and bad.json()["object"] == "error"
 
@@ -436,8 +473,7 @@ def test_rejoin_replaces_and_leave_removes(scheduler, nodes):
     assert [n["node_id"] for n in status["node_list"]] == ["a"]
     assert status["node_list"][0]["device_name"] == "restarted"
     assert status["status"] == "rebalancing"  # must report its layers loaded again
-    assert s.http.post("/node/leave", json={"node_id": "a"}).json() == {"ok": True,
-                                                                        "known": True}
+    assert s.leave("a") == {"ok": True, "known": True}
     assert s.status()["node_list"] == [] and s.status()["status"] == "waiting"
     assert s.heartbeat("a")["known"] is False
 
@@ -507,7 +543,7 @@ def test_client_leaving_a_non_streaming_request_hangs_up_on_the_head(scheduler, 
 
 
 def test_api_key_guards_v1_only(scheduler, nodes):
-    s = scheduler(api_key="k3y")
+    s = scheduler(api_key="k3y", join_token="t0ken-s3cret")
     s.bring_up({"a": WHOLE})
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"}):
         response = httpx.get(f"{s.url}/v1/models", headers=headers)
@@ -518,8 +554,13 @@ def test_api_key_guards_v1_only(scheduler, nodes):
     response = httpx.post(f"{s.url}/v1/chat/completions", headers=ok,
                           json={"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200 and response.json()["choices"]
-    assert httpx.get(f"{s.url}/cluster/status_json").status_code == 200
+    public = httpx.get(f"{s.url}/cluster/status_json")
+    assert public.status_code == 200
+    assert "t0ken-s3cret" not in public.text and "--join-token <token>" in public.text
     assert httpx.get(f"{s.url}/model/list").status_code == 200
+    # the API key is also the operator's credential: it reveals the join command
+    assert "--join-token t0ken-s3cret" in httpx.get(f"{s.url}/cluster/status_json",
+                                                    headers=ok).text
 
 
 def test_cluster_status_stream_emits_on_change(scheduler, nodes):

@@ -291,6 +291,11 @@ BAD_INPUTS = [
     (b'{"messages": [{"role": "user", "content": "' + b"hello " * 9000 + b'"}]}', 400,
      "context"),
     (b'{"messages": [{"role": "user", "content": "' + b"x" * 300_000 + b'"}]}', 413, "limit"),
+    # a caller-written template (here a loop of 9**9 rounds) must never reach Jinja
+    (b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": '
+     b'{"chat_template": "{% for i in range(9**9) %}x{% endfor %}"}}', 400, "enable_thinking"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["' + b"s" * 300 + b'"]}', 400,
+     "at most 256 characters"),
 ]
 
 
@@ -331,6 +336,53 @@ def test_models_health_and_metrics_endpoints(serve_url, oai):
     assert 'parallax_requests_total{finish_reason="none",status="400"}' in text
     assert "parallax_time_to_first_token_seconds_bucket" in text
     assert "parallax_tokens_per_second_bucket" in text
+
+
+DEGENERATE = [  # sampling settings that once turned logits into NaN / inf
+    {"temperature": 1e-45},
+    {"temperature": 1e-45, "top_p": 1e-9, "min_p": 1.0},
+    {"temperature": 1e-5, "top_p": 1e-9, "min_p": 1.0, "top_k": 1,
+     "frequency_penalty": 2, "presence_penalty": 2},
+    {"temperature": 1e-4, "frequency_penalty": -2, "presence_penalty": -2, "seed": 1},
+]
+
+
+def test_degenerate_sampling_beside_a_stream_fails_nothing(serve_url):
+    """Issue 11: degenerate requests next to a running greedy stream. The stream ends with the
+    same text as alone, each degenerate request gets an answer, the executor is the same.
+
+    The settings of test_16_concurrent_streams (prompt, 16 tokens): greedy text is the same in a
+    batch as alone there; longer answers may flip a near-tie with any neighbour at all."""
+    content, max_tokens = PROMPTS[1], 16
+    alone = greedy_stream(serve_url, content, max_tokens)
+    pid = _health(serve_url)["executor_pid"]
+    body = {"messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=serve_url, timeout=60) as client:
+            attacks: list[asyncio.Task] = []
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = []
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if len(lines) == 4 and not attacks:  # decoding now: send the attack
+                        attacks = [asyncio.create_task(client.post(
+                            "/v1/chat/completions",
+                            json={"messages": FRANCE, "max_tokens": 8, **params}))
+                            for params in DEGENERATE]
+            events = list(parse_sse_lines(lines))
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            return (text, events[-2]["choices"][0]["finish_reason"]), await asyncio.gather(
+                *attacks)
+
+    streamed, answers = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert streamed == alone
+    for params, r in zip(DEGENERATE, answers, strict=True):
+        assert r.status_code == 200, (params, r.text)
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), params
+    health = _health(serve_url)
+    assert health["executor_pid"] == pid and health["executor_restarts"] == 0
 
 
 def test_killed_executor_fails_in_flight_then_503_then_recovers(serve_url, oai):

@@ -137,7 +137,7 @@ class Harness:
         if self.send_ready:
             await asyncio.wait_for(self.frontend.wait_ready(), 5)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(self.frontend)),
-                                      base_url="http://fake", timeout=10)
+                                      base_url="http://127.0.0.1", timeout=10)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -156,3 +156,60 @@ def test_executor_loop_abort_publishes_fresh_stats(loop_sockets):
     assert not loop.running
     message = P.decode_from_executor(front_pull.recv())
     assert message.stats == P.ExecutorStats(0, 0, 8, 8)
+
+
+def test_executor_loop_fails_only_the_batch_whose_forward_failed(loop_sockets):
+    """A StepFailed names the batch's requests: those fail, the others keep decoding."""
+    from parallax.engine.engine import StepFailed
+
+    front_push, loop_pull, loop_push, front_pull = loop_sockets
+    engine = StubEngine()
+    loop = ExecutorLoop(engine, loop_pull, loop_push)
+    for rid in ("a", "b"):
+        engine.sequences[rid] = 0
+    real_step = engine.step
+
+    def step():
+        engine.step = real_step
+        raise StepFailed(["b"], RuntimeError("fp16 overflow in this batch"))
+
+    engine.step = step
+    loop.run_once(idle_timeout_ms=0)
+    failed = _collect(front_pull)
+    assert [(o.rid, o.finish_reason) for o in failed] == [("b", "error")]
+    assert "fp16 overflow" in failed[0].error
+    loop.run_once(idle_timeout_ms=0)
+    assert P.TokenOutput("a", 11) in _collect(front_pull)  # "a" goes on
+
+
+class RecordingStage:
+    """Stands in for StageRouter: records what a later stage hands it after a step."""
+
+    def __init__(self) -> None:
+        self.after = []
+
+    def after_step(self, outputs):
+        self.after.extend(outputs)
+        return []  # a later stage sends errors to each request's head, not to its frontend
+
+    def check_peers(self):
+        return []
+
+
+def test_failures_on_a_later_stage_go_to_the_head_not_the_local_frontend(loop_sockets):
+    """The last stage samples: when its step fails, the heads must hear (before, the errors
+    went to the last node's own frontend, which never had those requests, and the client
+    waited forever)."""
+    _, loop_pull, loop_push, front_pull = loop_sockets
+    engine = StubEngine()
+    engine.is_first = False
+    engine.sequences.update({"x": 0, "y": 0})
+    engine.fail_next_step = True
+    loop = ExecutorLoop(engine, loop_pull, loop_push)
+    loop.stage = RecordingStage()
+    loop.run_once(idle_timeout_ms=0)
+    assert {(o.request_id, o.finish_reason) for o in loop.stage.after} == {
+        ("x", "error"), ("y", "error")}
+    assert all("kernel exploded" in o.error for o in loop.stage.after)
+    assert not engine.sequences
+    assert _collect(front_pull) == []  # stats only, no outputs for the local frontend

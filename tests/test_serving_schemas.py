@@ -12,6 +12,10 @@ import pytest
 from parallax.engine.sampling_params import SamplingParams
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import (
+    ALLOWED_TEMPLATE_KWARGS,
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     ChatCompletionRequest,
     check_model_name,
     chunk,
@@ -142,7 +146,12 @@ def test_max_completion_tokens_wins() -> None:
         (body(top_k=2.5), ["'top_k'", "integer"]),
         (body(min_p=1.5), ["'min_p'", "[0, 1]"]),
         (body(stop=5), ["'stop'", "string"]),
-        (body(stop=["a", "b", "c", "d", "e"]), ["'stop'", "at most 4"]),
+        (body(stop=[str(i) for i in range(MAX_STOP_STRINGS + 1)]),
+         ["'stop'", f"at most {MAX_STOP_STRINGS}"]),
+        (body(stop=["ok", "x" * (MAX_STOP_CHARS + 1)]),
+         ["stop[1]", f"at most {MAX_STOP_CHARS} characters"]),
+        ({"messages": USER * (MAX_MESSAGES + 1)}, ["'messages'", f"at most {MAX_MESSAGES}"]),
+        (body(top_k=2**64), ["'top_k'", "2147483647"]),
         (body(stop=["a", 1]), ["stop[1]", "string"]),
         (body(stop=[""]), ["stop[0]", "empty"]),
         (body(seed="x"), ["'seed'", "integer"]),
@@ -152,6 +161,14 @@ def test_max_completion_tokens_wins() -> None:
         (body(stream_options=[]), ["'stream_options'", "object"]),
         (body(stream_options={"include_usage": "y"}), ["stream_options.include_usage", "boolean"]),
         (body(chat_template_kwargs="x"), ["'chat_template_kwargs'", "object"]),
+        (body(chat_template_kwargs={"chat_template": "{% for i in range(9**9) %}{% endfor %}"}),
+         ["chat_template_kwargs.chat_template", "not accepted", *ALLOWED_TEMPLATE_KWARGS]),
+        (body(chat_template_kwargs={"enable_thinking": False, "tools": []}),
+         ["chat_template_kwargs.tools", "not accepted", "enable_thinking"]),
+        (body(chat_template_kwargs={"enable_thinking": {"a": 1}}),
+         ["chat_template_kwargs.enable_thinking", "boolean", "object"]),
+        (body(chat_template_kwargs={"reasoning_effort": "x" * 65}),
+         ["chat_template_kwargs.reasoning_effort", "at most 64"]),
         (body(model=3), ["'model'", "string"]),
         (body(rid=""), ["'rid'"]),
         (body(rid=5), ["'rid'"]),
@@ -168,7 +185,11 @@ def test_invalid_requests_name_the_field(payload: Any, fragments: list[str]) -> 
 def test_boundaries_accepted() -> None:
     req = parse_chat_request(body(top_p=1, temperature=0, top_k=-1, min_p=0, max_tokens=1, seed=-1))
     assert req.top_p == 1.0 and req.temperature == 0.0 and req.max_tokens == 1
-    assert parse_chat_request(body(stop=["a", "b", "c", "d"])).stop == ["a", "b", "c", "d"]
+    stops = [chr(65 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
+    assert parse_chat_request(body(stop=stops)).stop == stops
+    assert len(parse_chat_request({"messages": USER * MAX_MESSAGES}).messages) == MAX_MESSAGES
+    kwargs = {"enable_thinking": True, "thinking": None, "reasoning_effort": "high"}
+    assert parse_chat_request(body(chat_template_kwargs=kwargs)).chat_template_kwargs == kwargs
     assert parse_chat_request(body(max_tokens=4.0)).max_tokens == 4
     assert parse_chat_request(body(stream=None, stop=None, n=1)).stream is False
 
@@ -203,6 +224,8 @@ def test_to_sampling_params_values() -> None:
     )
     params = to_sampling_params(req, 128, ())
     assert params.is_greedy
+    tiny = to_sampling_params(parse_chat_request(body(temperature=1e-45)), 8, ())
+    assert tiny.is_greedy and tiny.temperature == 1e-45  # too small to divide by: greedy
     assert (params.top_p, params.top_k, params.min_p, params.seed) == (0.9, 0, 0.05, 3)
     assert (params.presence_penalty, params.frequency_penalty) == (1.0, 0.5)
     assert params.max_tokens == 7 and params.ignore_eos and params.stop_token_ids == ()

@@ -22,6 +22,15 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def dequantized_weights():
+    """Exact equality with transformers needs its fp32 weights: the dequantizing GGUF path
+    (the packed path is compared with this one in test_gguf_packed.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def gguf():
     path = builtin_gguf_path()

@@ -2,7 +2,9 @@
 
 Every proxied call passes the client's `Authorization` header through (the scheduler's API key
 is the user's business, not this server's), streams bytes as they arrive and closes the upstream
-response when the client goes away. A scheduler that cannot be reached answers 503.
+response when the client goes away. A scheduler that cannot be reached answers 503. Every call
+is marked as relayed, so the scheduler never takes it for its own machine's operator: without
+the API key the setup is refused and the join command shows a placeholder for the token.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from parallax.config import ChatConfig
 from parallax.p2p.peer import is_p2p_target
 from parallax.serving.errors import install_error_handlers
 from parallax.serving.proxy import forward, make_client, scheduler_url, serve_app
+from parallax.serving.security import install_security
 from parallax.web import mount_web_ui
 
 # (method, path, read timeout override or None for the client default)
@@ -59,6 +62,7 @@ def build_chat_app(config: ChatConfig) -> FastAPI:
     def route(path: str, read_timeout_s: float | None):
         async def proxy(request: Request) -> Response:
             return await forward(request, app.state.client, path,
+                                 max_body_bytes=config.max_body_bytes,
                                  read_timeout_s=read_timeout_s)
         return proxy
 
@@ -66,6 +70,7 @@ def build_chat_app(config: ChatConfig) -> FastAPI:
         app.add_api_route(path, route(path, read_timeout_s), methods=[method],
                           include_in_schema=False)
     mount_web_ui(app)
+    install_security(app, config.host, config.allowed_hosts)
     return app
 
 

@@ -16,7 +16,7 @@ import torch
 from parallax.engine.batcher import ScheduledChunk, Scheduler
 from parallax.engine.block_manager import BlockManager, GroupedBlockManager, WindowBlockManager
 from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
-from parallax.engine.sampler import sample
+from parallax.engine.sampler import RowFailure, sample
 from parallax.engine.sampling_params import SamplingParams
 from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
 
@@ -33,6 +33,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+
+
+class StepFailed(RuntimeError):
+    """The model forward of one batch raised: only the requests of that batch are lost.
+
+    Requests outside the batch are untouched (their KV cache was not written this step), so the
+    executor fails `request_ids` and goes on.
+    """
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -178,6 +190,7 @@ class Engine:
         if seq is None:
             if sampling_params is None or num_prompt_tokens is None:
                 raise ValueError(f"first input of {request_id!r} lacks sampling params")
+            sampling_params.validate()  # they came over the wire from the head
             seq = Sequence(request_id, [], sampling_params, self.config.block_size)
             seq.num_prompt_tokens = num_prompt_tokens
             self.sequences[request_id] = seq
@@ -228,7 +241,10 @@ class Engine:
         if not chunks:
             return outputs
         chunks.sort(key=lambda c: not c.is_decode)  # attention metadata wants decodes first
-        hidden, logits, due = self.runner.run(chunks, self.is_first, self.is_last)
+        try:
+            hidden, logits, due = self.runner.run(chunks, self.is_first, self.is_last)
+        except Exception as exc:  # noqa: BLE001 - handed up with the batch's request ids
+            raise StepFailed([c.seq.request_id for c in chunks], exc) from exc
         self.num_steps += 1
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start_position + chunk.num_tokens
@@ -264,6 +280,13 @@ class Engine:
             [s.generator for s in seqs],
         )
         for seq, token_id in zip(seqs, token_ids, strict=True):
+            if isinstance(token_id, RowFailure):  # this request fails, its neighbours go on
+                logger.warning("request %s failed in sampling: %s", seq.request_id,
+                               token_id.message)
+                self._finish(seq, "error")
+                yield StepOutput(seq.request_id, finished=True, finish_reason="error",
+                                 error=token_id.message)
+                continue
             reason = self._finish_reason(seq, token_id)
             output = StepOutput(seq.request_id, token_id=token_id, finished=reason is not None,
                                 finish_reason=reason)

@@ -31,6 +31,21 @@ def layer_windows(model: torch.nn.Module) -> list[int | None]:
     return sorted(windows, key=lambda w: (w is not None, w or 0))
 
 
+def pad_slot_rows(rows: list[torch.Tensor], left: bool = False) -> torch.Tensor:
+    """[B, max_len] from slot rows of unequal length, each padded with one of its own slots.
+
+    Padded keys are masked, but SDPA still multiplies their values by a zero weight, and
+    0 * NaN is NaN: padding with another sequence's slot (slot 0) would let one request whose
+    KV went NaN poison every decode that shares its steps.
+    """
+    width = max(len(row) for row in rows)
+    padded = []
+    for row in rows:
+        fill = (row[:1] if left else row[-1:]).expand(width - len(row))
+        padded.append(torch.cat((fill, row) if left else (row, fill)))
+    return torch.stack(padded)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -87,9 +102,8 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device),
                                  prefills=prefills)
         if decode_rows:
-            # right-aligned rows: the query's own key last, padding (slot 0) masked out in front
-            table = torch.nn.utils.rnn.pad_sequence(decode_rows, batch_first=True,
-                                                    padding_side="left")
+            # right-aligned rows: the query's own key last, padding masked out in front
+            table = pad_slot_rows(decode_rows, left=True)
             lens = torch.tensor([len(row) for row in decode_rows])
             width = table.shape[1]
             valid = torch.arange(width)[None, :] >= (width - lens)[:, None]
@@ -143,9 +157,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device))
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
-            meta.decode_slot_table = torch.nn.utils.rnn.pad_sequence(
-                decode_tables, batch_first=True
-            ).to(self.device)
+            meta.decode_slot_table = pad_slot_rows(decode_tables).to(self.device)
             meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
         for span in prefills:
             if span.context_slots is not None:

@@ -2,13 +2,32 @@
 
 All-greedy batches (the common benchmark case) are one argmax. Penalties follow OpenAI's
 definition: presence and frequency of tokens in the generated text so far.
+
+A row that cannot be sampled (NaN or +inf logits from the model, a distribution that filtering
+left empty or non-finite, an error inside torch) becomes a `RowFailure`: only its request fails,
+the other rows of the batch get their tokens. Nothing non-finite ever reaches
+`torch.multinomial`, which on CUDA would be a device-side assert that poisons the process.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from parallax.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    """A row that got no token; `message` tells the user why (their request fails alone)."""
+
+    message: str
+
+
+NON_FINITE_LOGITS = RowFailure(
+    "the model produced NaN or infinite logits for this request (numerical overflow); "
+    "retry, or run the model in float32 or bfloat16")
 
 
 def apply_penalties(
@@ -41,23 +60,41 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def _sample_row(row: torch.Tensor, params: SamplingParams, generated: list[int],
+                generator: torch.Generator | None) -> int | RowFailure:
+    row = apply_penalties(row, params, generated)
+    if params.is_greedy:
+        return int(row.argmax())
+    probs = filter_logits(row, params).softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return RowFailure("sampling found no valid token distribution for this request "
+                          f"(temperature {params.temperature}, top_p {params.top_p}, "
+                          f"min_p {params.min_p}); use temperature 0 for greedy decoding")
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generated: list[list[int]],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """logits: [N, V] fp32, one row per sequence due a token. Returns N token ids."""
+) -> list[int | RowFailure]:
+    """logits: [N, V] fp32, one row per sequence due a token. Returns N token ids or failures."""
+    best, argmax = logits.max(dim=-1)  # max propagates NaN: one reduction finds the bad rows
+    finite = torch.isfinite(best)
     if all(p.is_greedy and p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params):
-        return logits.argmax(dim=-1).tolist()
-    tokens: list[int] = []
-    for row, p, gen_ids, generator in zip(logits, params, generated, generators, strict=True):
-        row = apply_penalties(row, p, gen_ids)
-        if p.is_greedy:
-            tokens.append(int(row.argmax()))
+        ids = torch.where(finite, argmax, -1).tolist()  # one device sync for the whole batch
+        return [NON_FINITE_LOGITS if i < 0 else i for i in ids]
+    tokens: list[int | RowFailure] = []
+    for row, ok, p, gen_ids, generator in zip(logits, finite.tolist(), params, generated,
+                                              generators, strict=True):
+        if not ok:
+            tokens.append(NON_FINITE_LOGITS)
             continue
-        probs = filter_logits(row, p).softmax(-1)
-        if generator is not None and generator.device != probs.device:
-            probs = probs.cpu()
-        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+        try:
+            tokens.append(_sample_row(row, p, gen_ids, generator))
+        except (RuntimeError, ValueError) as exc:  # torch refused this row: fail it alone
+            tokens.append(RowFailure(f"sampling failed for this request: {exc}"))
     return tokens

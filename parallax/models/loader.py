@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from parallax.models import gguf as gguf_format
 from parallax.models.hub import ModelSource, download_for_shard, resolve
+from parallax.models.quant import loading as quant_loading
 from parallax.models.registry import family_for
 from parallax.models.weights import ReadLog, iter_safetensors
 
@@ -69,20 +70,30 @@ def load_shard(
     end = config.num_hidden_layers if end_layer is None else end_layer
     with torch.device("meta"):
         shard = family(config, start_layer, end)
-    shard.to_empty(device=device)
-    shard.to(dtype)
-    shard.rotary.build(device)
 
     def owns(name: str) -> bool:
         return family.owns_tensor(name, start_layer, end, config)
 
+    packed = stripped = None
+    if source.kind == "gguf" and not gguf_format.dequantize_requested():
+        # decided on the meta shard, so the float weights packed ones replace never exist
+        reader = gguf_format.open_reader(source.path)
+        packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
+        stripped = quant_loading.strip(shard, packed)
+    shard.to_empty(device=device)
+    shard.to(dtype)
+    shard.rotary.build(device)
+
     log = ReadLog()
     if source.kind == "gguf":
         reader = gguf_format.open_reader(source.path)
-        tensors = gguf_format.iter_gguf(reader, config, owns, log)
+        tensors = gguf_format.iter_gguf(reader, config, owns, log, packed)
     else:
         tensors = iter_safetensors(source.path, owns, log)
-    loaded = shard.load_weights(tensors)
+    if stripped:
+        loaded = quant_loading.load_weights(shard, tensors, stripped, dtype, device)
+    else:
+        loaded = shard.load_weights(tensors)
     expected = {name for name, _ in shard.named_parameters(remove_duplicate=False)}
     missing = sorted(expected - loaded)
     if missing:

@@ -61,6 +61,7 @@ class NodeAgent:
         self.say = say
         self.assignment: P.Assignment | None = None
         self.heartbeat_interval_s = 2.0
+        self.node_secret = ""  # from the join answer; sent as X-Node-Secret
         # P2P mode passes a LatticaTransport: the same calls then travel to the scheduler's peer
         self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, transport=transport)
         self._ready_task: asyncio.Task | None = None
@@ -71,7 +72,11 @@ class NodeAgent:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"X-Join-Token": self.config.join_token} if self.config.join_token else {}
+        """The cluster's join token and, once joined, this node's own secret."""
+        headers = {"X-Join-Token": self.config.join_token} if self.config.join_token else {}
+        if self.node_secret:
+            headers["X-Node-Secret"] = self.node_secret
+        return headers
 
     async def _post(self, path: str, message: msgspec.Struct, response_type,
                     timeout_s: float = REQUEST_TIMEOUT_S):
@@ -107,6 +112,7 @@ class NodeAgent:
                     waiting_said = True
                 await asyncio.sleep(RETRY_S)
         self.heartbeat_interval_s = answer.heartbeat_interval_s
+        self.node_secret = answer.node_secret  # proves this node's identity from now on
         self.say(f"joined {self.scheduler_label} as {answer.node_id}")
         self._apply_soon(answer.assignment)
 
@@ -120,8 +126,9 @@ class NodeAgent:
             return True
         if not answer.known:
             return False
+        self.client.set_link_security(answer.link_key, answer.link_peers)
         self._apply_soon(answer.assignment)
-        await self._update_links(answer.peers)
+        await self._update_links(answer.peers, answer.link_key)
         return True
 
     def _apply_soon(self, assignment: P.Assignment | None) -> None:
@@ -141,10 +148,12 @@ class NodeAgent:
             except Exception:  # a failed load is reported by the executor client's state
                 logger.exception("applying assignment %s failed", applied)
 
-    async def _update_links(self, peers: list[P.PeerEndpoint]) -> None:
-        """P2P mode: activations to peers not reachable over tcp go through Lattica relays."""
+    async def _update_links(self, peers: list[P.PeerEndpoint], link_key: str = "") -> None:
+        """P2P mode: activations to peers not reachable over tcp go through Lattica relays
+        (which pass on only what this pipeline's link key signed)."""
         if self.links is None:
             return
+        self.links.relay.set_link_key(link_key)
         aliases = await self.links.update(peers, self.join_message.activation_endpoint)
         if aliases is not None:
             self.client.set_link_aliases(aliases)
@@ -176,6 +185,7 @@ class NodeAgent:
             loaded_start_layer=info.start_layer if ready else None,
             loaded_end_layer=info.end_layer if ready else None,
             error=self.client.error,
+            link_key_id=self.client.link_key_id,
         )
 
     def _same_layers(self, assignment: P.Assignment | None) -> bool:

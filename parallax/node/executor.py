@@ -32,13 +32,17 @@ import zmq
 
 from parallax import protocol as P
 from parallax.config import ExecutorConfig
-from parallax.node.peers import PipelineLinks
+from parallax.engine.engine import StepFailed, StepOutput
+from parallax.node.link_auth import parse_key
+from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.node.stage import StageRouter
 
 logger = logging.getLogger("parallax.executor")
 
 PROCESS_TITLE = "parallax-executor"
 IDLE_POLL_MS = 50
+FLUSH_POLL_MS = 2  # idle, but messages wait for a peer that is not connected yet
+MAX_LINK_MESSAGES = 1024  # per drain, so a flood of stage messages cannot starve the engine
 PEER_CHECK_S = 0.2
 PARENT_CHECK_S = 0.5
 _PR_SET_PDEATHSIG = 1
@@ -148,19 +152,25 @@ class ExecutorLoop:
         elif isinstance(message, P.SetLinkAliases):
             if self.links is not None:
                 self.links.set_aliases(dict(message.aliases))
+        elif isinstance(message, P.SetLinkSecurity):
+            if self.links is not None:
+                self.links.set_security(parse_key(message.key), list(message.peers))
         elif isinstance(message, P.Shutdown):
             self.running = False
 
     def _drain_links(self) -> None:
-        while self.links is not None:
+        """Apply waiting stage messages; one that fails is dropped and never stops the loop
+        (PipelineLinks.receive already dropped the invalid ones)."""
+        if self.links is None:
+            return
+        for _ in range(MAX_LINK_MESSAGES):
             try:
                 received = self.links.receive()
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
-                logger.error("dropping an undecodable stage message: %s", exc)
-                continue
-            if received is None:
-                return
-            self._pending.extend(self.stage.on_message(*received))
+                if received is None:
+                    return
+                self._pending.extend(self.stage.on_message(*received))
+            except Exception:  # noqa: BLE001 - per message: the engine loop must go on
+                logger.exception("dropped a stage message that could not be applied")
             self._dirty = True
 
     def _drain(self) -> None:
@@ -181,7 +191,11 @@ class ExecutorLoop:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # fail the requests of this engine, keep the process
+        except StepFailed as exc:  # the batch's forward failed: fail its requests only
+            logger.error("engine step failed for %d requests: %s", len(exc.request_ids), exc,
+                         exc_info=exc.__cause__)
+            return self._fail_requests(exc.request_ids, f"the engine failed: {exc}")
+        except Exception as exc:  # last resort: fail the requests of this engine, keep the process
             logger.exception("engine step failed; failing every request in the engine")
             return self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
         if outputs:
@@ -197,15 +211,28 @@ class ExecutorLoop:
         ]
 
     def _fail_all(self, message: str) -> list[P.TokenOutput]:
-        failed = []
-        for rid in list(self.engine.sequences):
+        return self._fail_requests(list(self.engine.sequences), message)
+
+    def _fail_requests(self, rids: list[str], message: str) -> list[P.TokenOutput]:
+        """Abort `rids` and report them failed where their client waits.
+
+        A head (or a lone node) tells its frontend and releases the later stages; a later stage
+        sends the errors to each request's head (through the stage router), which releases the
+        chain: its own frontend never had these requests.
+        """
+        for rid in rids:
             try:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001 - state is broken anyway; report and go on
                 logger.exception("abort of %s failed", rid)
                 self.engine.sequences.pop(rid, None)
-            failed.append(P.TokenOutput(rid, finished=True, finish_reason="error", error=message))
-        return failed
+        if self.stage is not None and not self.engine.is_first:
+            return self.stage.after_step([StepOutput(rid, finished=True, finish_reason="error",
+                                                     error=message) for rid in rids])
+        if self.stage is not None:
+            self.stage.abort(rids)  # frees the request on every later stage
+        return [P.TokenOutput(rid, finished=True, finish_reason="error", error=message)
+                for rid in rids]
 
     def _publish(self, outputs: list[P.TokenOutput]) -> None:
         e = self.engine
@@ -225,8 +252,12 @@ class ExecutorLoop:
     def run_once(self, idle_timeout_ms: int = IDLE_POLL_MS) -> None:
         """One iteration: take messages (wait up to the timeout only when idle), step, publish."""
         timeout = 0 if self.engine.has_work() else idle_timeout_ms
+        if self.links is not None and self.links.has_pending:
+            timeout = min(timeout, FLUSH_POLL_MS)
         if self.poller.poll(timeout):
             self._drain()
+        if self.links is not None and self.links.has_pending:
+            self.links.flush()  # never blocks: a peer slow to connect is retried next time
         if self.stage is not None and time.monotonic() >= self._next_peer_check:
             self._next_peer_check = time.monotonic() + PEER_CHECK_S
             self._pending.extend(self.stage.check_peers())
@@ -319,11 +350,12 @@ def run_executor_process(
     started = False
     links = None
     try:
-        if config.activation_bind:
-            links = PipelineLinks(context, config.activation_bind,
-                                  config.activation_endpoint or config.activation_bind)
         engine, ready = _build_engine(
             config, lambda text: push.send(P.encode(P.ExecutorProgress(text))))
+        if config.activation_bind:  # bound once the shard says what a valid message holds
+            links = PipelineLinks(context, config.activation_bind,
+                                  config.activation_endpoint or config.activation_bind,
+                                  StageLimits.of(engine, config.max_num_batched_tokens))
         push.send(P.encode(ready))
         started = True
         ExecutorLoop(engine, pull, push, parent_pid, links).run()

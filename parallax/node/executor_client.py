@@ -27,6 +27,7 @@ import zmq.asyncio
 
 from parallax import protocol as P
 from parallax.config import ExecutorConfig
+from parallax.node.link_auth import key_id, parse_key
 
 logger = logging.getLogger("parallax.frontend")
 
@@ -109,6 +110,7 @@ class ExecutorClient:
         self._tasks: list[asyncio.Task] = []
         self._restart_task: asyncio.Task | None = None
         self.link_aliases: dict[str, str] = {}
+        self.link_security = P.SetLinkSecurity("", [])  # from the scheduler, kept across restarts
         self.shutting_down = False  # set on SIGTERM: an executor dying now is not restarted
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -213,6 +215,21 @@ class ExecutorClient:
         if self.state == "ready":
             self._send(P.SetLinkAliases(self.link_aliases))
 
+    def set_link_security(self, key: str, peers: list[str]) -> None:
+        """The pipeline's stage-link key (hex, "" for none) and endpoints, from the scheduler's
+        heartbeat answer; a fresh executor gets them before any request."""
+        security = P.SetLinkSecurity(key, list(peers))
+        if security == self.link_security:
+            return
+        self.link_security = security
+        if self.state == "ready":
+            self._send(security)
+
+    @property
+    def link_key_id(self) -> str:
+        """Fingerprint of the link key the (next) executor holds, for heartbeats."""
+        return key_id(parse_key(self.link_security.key))
+
     def abort(self, rid: str) -> bool:
         """Forget a request and tell the executor to free it. Returns whether it was in flight."""
         queue = self.requests.pop(rid, None)
@@ -268,6 +285,8 @@ class ExecutorClient:
             self._failed_starts = 0
             if self.link_aliases:  # a fresh executor learns the relays its peers need
                 self._send(P.SetLinkAliases(self.link_aliases))
+            if self.link_security.key:  # ...and its link key, before any request
+                self._send(self.link_security)
             self._ready_event.set()
         elif isinstance(message, P.ExecutorError):
             if self._process is not None and message.pid == self._process.pid:

@@ -1,17 +1,21 @@
 """The node's HTTP frontend: OpenAI chat API, tokenization, streaming text, health and metrics.
 
 `NodeFrontend` turns a chat request into prompt token ids (chat template with
-`chat_template_kwargs`), hands them to the executor through `ExecutorClient`, and turns the token
-ids coming back into text: incremental detokenization, stop strings (never leaked, even split
-across tokens), the reasoning / answer split of thinking models, then SSE chunks or one
-`chat.completion`. Admission is bounded (running + waiting); beyond it the answer is 429. A client
-that goes away (streaming or not) aborts its request in the executor.
+`chat_template_kwargs`, rendered and tokenized in a worker thread so that no prompt can stall the
+event loop that also answers /health and sends the cluster heartbeats), hands them to the
+executor through `ExecutorClient`, and turns the token ids coming back into text: incremental
+detokenization, stop strings (never leaked, even split across tokens), the reasoning / answer
+split of thinking models, then SSE chunks or one `chat.completion`. Admission is bounded
+(running + waiting); beyond it the answer is 429. A client that goes away (streaming or not)
+aborts its request in the executor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,15 +50,15 @@ from parallax.serving.openai_schemas import (
     usage_dict,
 )
 from parallax.serving.reasoning import HARMONY_MODEL_TYPES, make_reasoning_parser
+from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
 
 logger = logging.getLogger("parallax.frontend")
 
-# Keys of apply_chat_template that the frontend sets itself.
-_RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "return_dict",
-                             "return_tensors", "padding", "truncation", "max_length")
 STATUS_CLIENT_GONE = 499
+# Threads that render chat templates and tokenize prompts; more renders wait for one.
+RENDER_THREADS = 4
 
 
 @dataclass
@@ -96,6 +100,12 @@ class NodeFrontend:
         self.node_id: str | None = None  # set when this node is part of a cluster
         self.join_token: str | None = None  # the cluster's: required from whoever sends chats
         self._tokenizer_task: asyncio.Task | None = None
+        self._num_rendering = 0  # admitted requests whose prompt is being rendered
+        self._render_pool = concurrent.futures.ThreadPoolExecutor(
+            RENDER_THREADS, thread_name_prefix="parallax-render")
+        # templates render side by side; fast tokenizers refuse concurrent encodes (Rust borrow
+        # checks: "Already borrowed"), so encoding takes turns
+        self._encode_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -121,6 +131,7 @@ class NodeFrontend:
 
     async def close(self) -> None:
         await self.client.close()
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -136,17 +147,7 @@ class NodeFrontend:
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, or 413 once it exceeds the limit (by header or while reading)."""
-        limit = self.config.max_body_bytes
-        too_large = APIError(413, f"the request body exceeds the limit of {limit} bytes")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_large
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise too_large
-        return bytes(body)
+        return await read_body_capped(request, self.config.max_body_bytes)
 
     def _check_ready(self) -> None:
         if not self.ready:
@@ -156,16 +157,25 @@ class NodeFrontend:
             raise APIError(503, "the model is loading; retry in a few seconds")
 
     def render_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """Chat template (with the request's kwargs) and token ids; a template error is a 400."""
-        kwargs = {k: v for k, v in req.chat_template_kwargs.items()
-                  if k not in _RESERVED_TEMPLATE_KWARGS}
+        """Chat template (with the request's kwargs) and token ids; a template error is a 400.
+
+        Blocking (Jinja, tokenizer): the frontend runs it in its render threads. The kwargs are
+        allow-listed scalars (`parse_chat_request`), so the template is always the operator's.
+        """
         try:
             text = self.tokenizer.apply_chat_template(
-                req.template_messages(), tokenize=False, add_generation_prompt=True, **kwargs)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+                req.template_messages(), tokenize=False, add_generation_prompt=True,
+                **req.chat_template_kwargs)
+            with self._encode_lock:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
         except Exception as exc:  # jinja errors raised by templates, bad kwargs...
             raise APIError(400, f"the chat template rejected the request: {exc}") from None
         return text, list(ids)
+
+    async def render_prompt_async(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """`render_prompt` in a render thread: the event loop keeps serving meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._render_pool, self.render_prompt, req)
 
     def _sampling_params(self, req: ChatCompletionRequest, num_prompt: int) -> SamplingParams:
         info = self.client.info
@@ -186,17 +196,31 @@ class NodeFrontend:
             params = msgspec.structs.replace(params, max_tokens=room)
         return params
 
-    def admit(self, req: ChatCompletionRequest, timer: RequestTimer | None = None) -> ChatJob:
-        """Checks that need the model, then hand the request to the executor (no awaits)."""
+    def _check_admission(self, rid: str, num_rendering: int) -> None:
+        """400 for a running rid, 429 at capacity (renders in progress count as running)."""
         self._check_ready()
-        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if rid in self.client.requests:
             raise APIError(400, f"request id {rid!r} is already running; use a unique 'rid'")
-        if len(self.client.requests) >= self.config.max_in_flight:
+        if len(self.client.requests) + num_rendering >= self.config.max_in_flight:
             raise APIError(429, f"the server is at capacity ({self.config.max_in_flight} "
                                 "requests running or waiting); retry later")
-        downstream = self.downstream_endpoints(req.routing_table)
-        prompt_text, prompt_ids = self.render_prompt(req)
+
+    async def admit(self, req: ChatCompletionRequest,
+                    timer: RequestTimer | None = None) -> ChatJob:
+        """Checks that need the model, render the prompt off the loop, hand it to the executor.
+
+        The checks run again after the render, with no await between them and the submit, so
+        the capacity and rid checks still hold when the request reaches the executor.
+        """
+        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self._check_admission(rid, self._num_rendering)
+        self._num_rendering += 1
+        try:
+            prompt_text, prompt_ids = await self.render_prompt_async(req)
+        finally:
+            self._num_rendering -= 1
+        self._check_admission(rid, self._num_rendering)
+        downstream = self.downstream_endpoints(req.routing_table)  # the layers held now
         params = self._sampling_params(req, len(prompt_ids))
         info = self.client.info
         harmony = info.model_type in HARMONY_MODEL_TYPES
@@ -394,7 +418,7 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
             body = await frontend.read_body(request)
             req = parse_chat_request(parse_json_body(body))
             check_model_name(req.model, frontend.model_name)
-            job = frontend.admit(req, timer)
+            job = await frontend.admit(req, timer)
         except APIError as exc:
             frontend.metrics.observe_request(exc.status, None)
             raise
@@ -421,4 +445,5 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
         content, content_type = frontend.metrics.render()
         return Response(content, media_type=content_type)
 
+    install_security(app, frontend.config.host, frontend.config.allowed_hosts)
     return app

@@ -2,14 +2,23 @@
 
 Each executor binds one PULL socket (its activation endpoint) and connects one PUSH socket per
 peer it sends to. A socket monitor on every PUSH reports a peer that went away (process killed,
-host gone): the requests routed through it are failed at once instead of hanging. A peer that
-never accepts the connection is detected by a bounded wait for writability.
+host gone): the requests routed through it are failed at once instead of hanging.
+
+The activation port can be reached by anyone, so nothing received is trusted: every message
+must carry a valid seal under the pipeline's link key (link_auth.py) and pass `StageLimits`
+(a known float dtype, this model's hidden size, frame count, byte length, bounded entries and
+tokens, sane positions, endpoints only from the scheduler's table); anything else is dropped
+with a log line. Sending never blocks the engine loop: a message a peer does not take at once waits
+in a bounded per-peer queue that the loop flushes (`flush`); a peer that takes nothing for
+CONNECT_WAIT_S counts as down, like a dropped connection. Only endpoints the scheduler listed
+for this node's pipeline are ever dialled.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import msgspec
@@ -18,10 +27,26 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from parallax import protocol as P
+from parallax.node.link_auth import LinkSecurity, NoLinkKey
 
 logger = logging.getLogger("parallax.peers")
 
-CONNECT_WAIT_MS = 3000  # how long a fresh link may take to connect before its peer counts as down
+CONNECT_WAIT_S = 3.0  # how long a peer may take no message before it counts as down
+MAX_PENDING = 1000  # messages waiting for one peer before it counts as down
+RCVHWM = 100  # messages queued per connected sender on the activation port
+MAX_RECEIVE_PER_CALL = 256  # then the engine steps: a flood cannot starve it
+MIN_MESSAGE_TOKENS = 4096  # accepted per message even where this node batches fewer
+MAX_ENTRIES = 1024
+MAX_IDS = 4096  # outputs of a StageTokens, rids of a StageRelease
+MAX_RID_CHARS = 256
+MAX_ERROR_CHARS = 4096
+MAX_DOWNSTREAM = 64
+HEADER_SLACK_BYTES = 1 << 20  # header frames (token ids, params) on top of the tensor bytes
+FINISH_REASONS = (None, "stop", "length", "abort", "error")
+# dtypes hidden states may travel in, by name (never getattr on what a sender wrote): a stage
+# casts to its own, so a CPU stage in float32 and a GPU stage in bfloat16 share a pipeline
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_DROP_LOGS_PER_S = 20
 
 
 @dataclass
@@ -33,29 +58,70 @@ class Route:
     head_endpoint: str
 
 
+@dataclass(frozen=True)
+class StageLimits:
+    """What a stage message may hold on this shard."""
+
+    hidden_size: int
+    max_tokens: int  # per message
+    max_position: int  # max model length
+    vocab_size: int
+
+    @classmethod
+    def of(cls, engine, max_num_batched_tokens: int | None = None) -> StageLimits:
+        """The limits of `engine`'s shard (its model config and max model length)."""
+        config = engine.model.config
+        tokens = max(MIN_MESSAGE_TOKENS, max_num_batched_tokens
+                     or engine.config.max_num_batched_tokens)
+        return cls(int(config.hidden_size), tokens,
+                   int(engine.max_model_len), int(config.vocab_size))
+
+    @property
+    def max_message_bytes(self) -> int:
+        """ZMQ_MAXMSGSIZE: the largest tensor frame (float32 rows) plus header slack."""
+        return self.max_tokens * self.hidden_size * 4 + HEADER_SLACK_BYTES
+
+
 class PeerUnreachable(Exception):
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(f"cannot reach the next stage at {endpoint}")
+    def __init__(self, endpoint: str, reason: str = "") -> None:
+        super().__init__(f"cannot reach the next stage at {endpoint}"
+                         + (f": {reason}" if reason else ""))
         self.endpoint = endpoint
 
 
 class PipelineLinks:
     """The activation endpoint of this executor and its outgoing links."""
 
-    def __init__(self, context: zmq.Context, bind_address: str, own_endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, bind_address: str, own_endpoint: str,
+                 limits: StageLimits, security: LinkSecurity | None = None) -> None:
         self.context = context
         self.own_endpoint = own_endpoint
+        self.limits = limits
+        self.security = security or LinkSecurity()  # no key: fail closed until one arrives
         self.pull = context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.RCVHWM, RCVHWM)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         self.pull.bind(bind_address)
         self.pushes: dict[str, zmq.Socket] = {}
         self.monitors: dict[zmq.Socket, str] = {}
+        self.pending: dict[str, deque[tuple[list, float]]] = {}  # endpoint -> (frames, deadline)
+        self._unreachable: set[str] = set()
         self.routes: dict[str, Route] = {}
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
+        self._drop_window, self._drop_logged, self._drops_unlogged = 0.0, 0, 0
 
     def close(self) -> None:
         for socket in [self.pull, *self.pushes.values(), *self.monitors]:
             socket.close(linger=0)
+
+    def set_security(self, key: bytes | None, peers: list[str]) -> None:
+        """The scheduler's current link key and this pipeline's endpoints."""
+        self.security.update(key, peers)
+
+    def allows(self, endpoint: str) -> bool:
+        """Whether this stage may send to (or report to) `endpoint`."""
+        return endpoint == self.own_endpoint or self.security.allows(endpoint)
 
     # ---- outgoing ----------------------------------------------------------------------
 
@@ -70,7 +136,12 @@ class PipelineLinks:
             socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            socket.connect(self.aliases.get(endpoint, endpoint))
+            try:
+                socket.connect(self.aliases.get(endpoint, endpoint))
+            except zmq.ZMQError as exc:
+                monitor.close(linger=0)
+                socket.close(linger=0)
+                raise PeerUnreachable(endpoint, str(exc)) from None
             self.pushes[endpoint] = socket
             self.monitors[monitor] = endpoint
         return socket
@@ -83,20 +154,63 @@ class PipelineLinks:
         self.aliases = dict(aliases)
 
     def send(self, endpoint: str, frames: list) -> None:
-        """Send a multipart message; PeerUnreachable when the peer does not take it in time."""
+        """Seal and send a multipart message without blocking: a peer that is not ready for it
+        gets it from `flush` later. PeerUnreachable when `endpoint` is not in the scheduler's
+        table, there is no link key, or the peer is far behind."""
+        if not self.security.allows(endpoint):  # never dial what the scheduler did not list
+            raise PeerUnreachable(endpoint, "not an endpoint of this node's pipeline")
+        try:
+            message = [self.security.seal(frames), *frames]
+        except NoLinkKey as exc:
+            raise PeerUnreachable(endpoint, str(exc)) from None
+        queue = self.pending.get(endpoint)
+        if queue is not None:  # keep the order: behind what already waits
+            if len(queue) >= MAX_PENDING:
+                self._expire(endpoint, f"{MAX_PENDING} messages wait for it")
+                raise PeerUnreachable(endpoint, "it takes no messages")
+            queue.append((message, time.monotonic() + CONNECT_WAIT_S))
+            return
         socket = self._push(endpoint)
         try:
-            socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            return
+            socket.send_multipart(message, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            pass
-        if socket.poll(CONNECT_WAIT_MS, zmq.POLLOUT):
-            socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            return
+            self.pending[endpoint] = deque([(message, time.monotonic() + CONNECT_WAIT_S)])
+        except zmq.ZMQError as exc:
+            self._drop(endpoint)
+            raise PeerUnreachable(endpoint, str(exc)) from None
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.pending)
+
+    def flush(self) -> None:
+        """Hand waiting messages to peers that take them now; a peer that took nothing for
+        CONNECT_WAIT_S counts as down (reported by `disconnected_peers`). Never blocks."""
+        now = time.monotonic()
+        for endpoint, queue in list(self.pending.items()):
+            socket = self.pushes.get(endpoint)
+            while queue and socket is not None:
+                message, deadline = queue[0]
+                try:
+                    socket.send_multipart(message, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    if now >= deadline:
+                        self._expire(endpoint, f"it took no message for {CONNECT_WAIT_S:.0f} s")
+                    break
+                except zmq.ZMQError as exc:
+                    self._expire(endpoint, str(exc))
+                    break
+                queue.popleft()
+            if not queue or socket is None:
+                self.pending.pop(endpoint, None)
+
+    def _expire(self, endpoint: str, reason: str) -> None:
+        logger.warning("the peer %s counts as down: %s", endpoint, reason)
+        self._unreachable.add(endpoint)
         self._drop(endpoint)
-        raise PeerUnreachable(endpoint)
 
     def _drop(self, endpoint: str) -> None:
+        self.pending.pop(endpoint, None)
         socket = self.pushes.pop(endpoint, None)
         if socket is None:
             return
@@ -119,34 +233,154 @@ class PipelineLinks:
         self.send(endpoint, [P.encode(message)])
 
     def disconnected_peers(self) -> list[str]:
-        """Endpoints whose connection dropped since the last call (non-blocking)."""
-        gone = []
+        """Endpoints whose connection dropped, or that took no message in time, since the last
+        call (non-blocking)."""
+        gone, self._unreachable = set(self._unreachable), set()
         for monitor, endpoint in list(self.monitors.items()):
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
-                    gone.append(endpoint)
-        for endpoint in set(gone):
+                    gone.add(endpoint)
+        for endpoint in gone:
             self._drop(endpoint)  # reconnect lazily, with a fresh monitor, if used again
-        return sorted(set(gone))
+        return sorted(gone)
 
     # ---- incoming ----------------------------------------------------------------------
 
     def receive(self) -> tuple[P.StageActivations | P.StageTokens | P.StageRelease,
                                torch.Tensor | None] | None:
-        """One message if available (non-blocking): (header, hidden [T, H] or None)."""
+        """One valid message if available (non-blocking): (header, hidden [T, H] or None).
+
+        Invalid messages are dropped with a log line; None when nothing valid is waiting (or
+        after MAX_RECEIVE_PER_CALL invalid ones, so the engine can step).
+        """
+        for _ in range(MAX_RECEIVE_PER_CALL):
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                accepted = self._accept(frames)
+            except Exception as exc:  # noqa: BLE001 - a bad message must never escape
+                accepted = f"unexpected {type(exc).__name__}: {exc}"
+            if not isinstance(accepted, str):
+                return accepted
+            self._log_drop(accepted, sum(len(f.buffer) for f in frames))
+        return None
+
+    def _accept(self, frames: list) -> tuple | str:
+        """(header, hidden or None) for a valid message, else why it is dropped."""
+        if len(frames) not in (2, 3):
+            return f"{len(frames)} frames"
+        problem = self.security.check([f.buffer for f in frames])
+        if problem is not None:
+            return problem
         try:
-            frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        message = P.decode_stage(frames[0].bytes)
-        if isinstance(message, P.StageActivations):
-            dtype = getattr(torch, message.dtype)
-            # [T * H] of the sender's dtype -> [T, H]; clone so the frame can be released
-            hidden = torch.frombuffer(frames[1].buffer, dtype=dtype).view(
-                -1, message.hidden_size).clone()
-            return message, hidden
-        return message, None
+            message = P.decode_stage(frames[1].bytes)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return f"undecodable header: {exc}"
+        tensor = isinstance(message, P.StageActivations)
+        if len(frames) != (3 if tensor else 2):
+            return f"{len(frames)} frames for a {type(message).__name__}"
+        if not tensor:
+            return stage_problem(message, self.limits) or (message, None)
+        problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
+        if problem is not None:
+            return problem
+        # [T * H] of a known dtype -> [T, H]; clone so the frame can be released
+        hidden = torch.frombuffer(frames[2].buffer, dtype=WIRE_DTYPES[message.dtype]).view(
+            -1, self.limits.hidden_size).clone()
+        return message, hidden
+
+    def _log_drop(self, reason: str, num_bytes: int) -> None:
+        """A log line per dropped message, at most MAX_DROP_LOGS_PER_S (a flood of garbage
+        must not flood the log too); the next line counts the ones left out."""
+        now = time.monotonic()
+        if now - self._drop_window >= 1.0:
+            self._drop_window, self._drop_logged = now, 0
+        if self._drop_logged >= MAX_DROP_LOGS_PER_S:
+            self._drops_unlogged += 1
+            return
+        self._drop_logged += 1
+        more = f" ({self._drops_unlogged} more dropped unlogged)" if self._drops_unlogged else ""
+        self._drops_unlogged = 0
+        logger.warning("dropped a stage message of %d bytes: %s%s", num_bytes, reason[:300], more)
+
+
+def _rid_problem(rid: str) -> str | None:
+    return None if 0 < len(rid) <= MAX_RID_CHARS else f"request id of {len(rid)} characters"
+
+
+def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) -> str | None:
+    """Why a StageTokens / StageRelease must be dropped, or None."""
+    if isinstance(message, P.StageRelease):
+        if not 0 < len(message.rids) <= MAX_IDS:
+            return f"release of {len(message.rids)} requests"
+        return next(filter(None, map(_rid_problem, message.rids)), None)
+    if not 0 < len(message.outputs) <= MAX_IDS:
+        return f"{len(message.outputs)} token outputs"
+    for output in message.outputs:
+        if (problem := _rid_problem(output.rid)) is not None:
+            return problem
+        if output.token_id is not None and not 0 <= output.token_id < limits.vocab_size:
+            return f"token id {output.token_id} outside the vocabulary"
+        if output.finish_reason not in FINISH_REASONS:
+            return f"finish reason {output.finish_reason!r}"
+        if output.error is not None and len(output.error) > MAX_ERROR_CHARS:
+            return f"error text of {len(output.error)} characters"
+    return None
+
+
+def activations_problem(message: P.StageActivations, num_bytes: int, limits: StageLimits,
+                        allows) -> str | None:
+    """Why a StageActivations with a tensor frame of `num_bytes` must be dropped, or None.
+
+    `allows(endpoint)`: whether the scheduler's table lists an endpoint it names.
+    """
+    dtype = WIRE_DTYPES.get(message.dtype)
+    if dtype is None:
+        return f"dtype {message.dtype[:40]!r} (not one of {', '.join(WIRE_DTYPES)})"
+    if message.hidden_size != limits.hidden_size:
+        return f"hidden size {message.hidden_size}, this model's is {limits.hidden_size}"
+    if not 0 < len(message.entries) <= MAX_ENTRIES:
+        return f"{len(message.entries)} entries"
+    total = 0
+    for entry in message.entries:
+        if (problem := _entry_problem(entry, limits, allows)) is not None:
+            return problem
+        total += len(entry.token_ids)
+    if total > limits.max_tokens:
+        return f"{total} tokens in one message (at most {limits.max_tokens})"
+    itemsize = dtype.itemsize
+    if num_bytes != total * limits.hidden_size * itemsize:
+        return (f"{num_bytes} tensor bytes for {total} tokens x {limits.hidden_size} x "
+                f"{itemsize} bytes")
+    return None
+
+
+def _entry_problem(entry: P.ActivationEntry, limits: StageLimits, allows) -> str | None:
+    if (problem := _rid_problem(entry.rid)) is not None:
+        return problem
+    count = len(entry.token_ids)
+    if not 0 < count <= limits.max_tokens:
+        return f"{entry.rid}: {count} tokens"
+    if not 0 <= entry.start_position <= limits.max_position - count:
+        return f"{entry.rid}: tokens [{entry.start_position}, +{count}) outside the model"
+    if not 0 <= entry.num_prompt_tokens <= limits.max_position:
+        return f"{entry.rid}: prompt of {entry.num_prompt_tokens} tokens"
+    if not all(0 <= t < limits.vocab_size for t in entry.token_ids):
+        return f"{entry.rid}: token id outside the vocabulary"
+    if len(entry.downstream) > MAX_DOWNSTREAM:
+        return f"{entry.rid}: {len(entry.downstream)} downstream stages"
+    for endpoint in (entry.head_endpoint, *entry.downstream):
+        if not allows(endpoint):
+            return f"{entry.rid}: endpoint {endpoint[:80]!r} is not in this pipeline"
+    if entry.sampling_params is not None:
+        try:
+            entry.sampling_params.validate()
+        except (ValueError, TypeError) as exc:
+            return f"{entry.rid}: {exc}"
+    return None
 
 
 def wall_ms() -> float:

@@ -42,6 +42,10 @@ class StageRouter:
 
     def add_request(self, message: P.AddRequest) -> None:
         """Register the route of a pipelined request, then admit it (ValueError passes up)."""
+        unknown = [e for e in message.downstream if not self.links.security.allows(e)]
+        if unknown:  # never dial an endpoint the scheduler did not list for this pipeline
+            raise ValueError(f"the routing table names {unknown[0][:80]!r}, which is not in "
+                             "this node's pipeline (the cluster is rebalancing); retry")
         self.routes[message.rid] = Route(message.downstream[0], list(message.downstream[1:]),
                                          self.links.own_endpoint)
         try:
@@ -162,7 +166,8 @@ class StageRouter:
     # ---- failures ----------------------------------------------------------------------
 
     def check_peers(self) -> list[P.TokenOutput]:
-        """Fail every request routed through a link that dropped."""
+        """Fail every request routed through a link that dropped (or took nothing in time)."""
+        self.links.flush()
         outputs = []
         for endpoint in self.links.disconnected_peers():
             rids = [rid for rid, r in self.routes.items() if r.next_endpoint == endpoint]

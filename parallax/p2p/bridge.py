@@ -5,7 +5,9 @@ replays each incoming `BridgeRequest` against its own local HTTP server, for an 
 paths only, and streams the answer back frame by frame. A caller mounts `LatticaTransport` in
 an httpx client: requests then travel to a peer instead of a socket, and streamed answers (SSE)
 arrive as they are produced. Authentication is unchanged: the join token and API key travel as
-the same headers and the local server checks them.
+the same headers and the local server checks them. Every replayed request carries the relayed
+marker (any copy the caller sent is replaced), so the local server never takes a remote peer
+for a loopback client (see parallax/serving/security.py).
 
 Every frame is msgpack we encode ourselves (protocol.Bridge*); raw `_handle_*` methods bypass
 Lattica's pickling in both directions. A peer's handler that raises would be retried three
@@ -27,6 +29,7 @@ from lattica import ConnectionHandler, rpc_stream_iter
 
 from parallax import protocol as P
 from parallax.p2p.peer import PEER_HEADER
+from parallax.serving.security import mark_relayed
 
 logger = logging.getLogger("parallax.p2p")
 
@@ -34,10 +37,10 @@ METHOD = "HttpBridge.http"
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host",
                 PEER_HEADER}
 
-# POST /scheduler/init is left out: it has no key, and a peer id is reachable from anywhere
+# POST /scheduler/init needs the operator's API key over P2P: a relayed call is never loopback
 SCHEDULER_PATHS = ("/node/join", "/node/heartbeat", "/node/leave", "/v1/chat/completions",
                    "/v1/models", "/cluster/status", "/cluster/status_json", "/model/list",
-                   "/node/join/command")
+                   "/node/join/command", "/scheduler/init")
 NODE_PATHS = ("/v1/chat/completions", "/health")
 
 
@@ -92,7 +95,8 @@ class HttpBridge(ConnectionHandler):
         head_sent = False
         try:
             with self.client.stream(request.method, request.path, content=request.body,
-                                    headers=_pass(request.headers)) as response:
+                                    headers=mark_relayed(_pass(request.headers), "p2p")) \
+                    as response:
                 yield P.encode(P.BridgeHead(response.status_code,
                                             _pass(response.headers.multi_items())))
                 head_sent = True

@@ -9,6 +9,13 @@ A call goes straight to the peer when Lattica can dial it, else through the sche
 which both nodes reach for their control plane. When delivery fails the relay drops its socket
 for a moment: the executor's link monitor sees the disconnect and fails the requests routed
 through that peer at once, as it does for a dead tcp peer.
+
+Lattica does not tell a handler who called, so a relay admits a message by what it carries:
+frames sealed with a link key the scheduler handed to the target's pipeline (only joined nodes
+get one; link_auth.py), in a well-formed RelayedMessage of bounded size. A node's relay checks
+the seal with its own key (and drops replays); the scheduler's relay forwards only to a joined
+peer and only what that peer's pipeline key sealed. No caller holds a target's lock for long:
+waiting for it and the downstream call are both bounded.
 """
 
 from __future__ import annotations
@@ -21,18 +28,23 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
 from lattica import ConnectionHandler, rpc_stream
 
 from parallax import protocol as P
+from parallax.node.link_auth import LinkSecurity, mac_matches, parse_key, read_seal
 
 logger = logging.getLogger("parallax.p2p")
 
 PUSH_METHOD = "ActivationRelay.push"
 FORWARD_METHOD = "ActivationRelay.forward"
 CALL_TIMEOUT_S = 10  # Lattica's LFuture.result() takes whole seconds only
+FORWARD_TIMEOUT_S = 5  # the scheduler's downstream call on behalf of one caller
+LOCK_WAIT_S = 5.0  # a caller waits this long for a target another caller is sending to
+MAX_RELAY_BYTES = 256 * 2**20  # one relayed message, all frames
 PROBE_TIMEOUT_S = 1.5
 PING_INTERVAL_S = 1.0
 RECONNECT_PAUSE_S = 0.5
@@ -82,7 +94,22 @@ class ActivationRelay(ConnectionHandler):
         self.outbound: dict[str, _Outbound] = {}  # endpoint -> its relay
         self.target_locks: dict[str, threading.Lock] = {}
         self._names = itertools.count()
+        self._peer_id: str | None = None
+        self.security = LinkSecurity()  # node: the pipeline key from the heartbeat (none yet)
+        # scheduler: the keys a message to a peer may be sealed with, None if it did not join
+        self.forward_keys: Callable[[str], list[bytes] | None] | None = None
         super().__init__(peer)
+
+    @property
+    def peer_id(self) -> str:
+        if self._peer_id is None:
+            self._peer_id = self.peer.peer_id()
+        return self._peer_id
+
+    def set_link_key(self, key: str) -> None:
+        """Node: the pipeline's link key (hex, from the heartbeat answer; "" for none)."""
+        with self.lock:
+            self.security.update(parse_key(key), ())
 
     # ---- inbound -----------------------------------------------------------------------
 
@@ -91,24 +118,49 @@ class ActivationRelay(ConnectionHandler):
         if self.local_push is None:
             return b"error: no executor here"
         try:
-            message = P.decode_relayed(data)
+            message = relayed_message(data)
+            if message.target_peer_id != self.peer_id:
+                return b"error: this message is for another peer"
             if not message.frames:
                 return OK  # a liveness ping
-            with self.lock:
-                self.local_push.send_multipart(message.frames, zmq.NOBLOCK)
-        except (msgspec.DecodeError, msgspec.ValidationError, zmq.ZMQError) as exc:
+            if not self.lock.acquire(timeout=LOCK_WAIT_S):
+                return b"error: busy"
+            try:
+                problem = self.security.check(message.frames)
+                if problem is None:
+                    self.local_push.send_multipart(message.frames, zmq.NOBLOCK)
+            finally:
+                self.lock.release()
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, zmq.ZMQError) as exc:
             return f"error: {exc}".encode()
+        if problem is not None:
+            logger.warning("relay: dropped a message for this executor: %s", problem)
+            return f"error: refused: {problem}".encode()
         return OK
 
     def on_forward(self, data: bytes) -> bytes:
-        """Scheduler: pass a message on to the peer it is for."""
+        """Scheduler: pass a message on to the peer it is for (a joined peer, sealed with its
+        pipeline's key)."""
         try:
-            target = P.decode_relayed(data).target_peer_id
-            with self._target_lock(target):  # one call in flight per target (see the module doc)
+            message = relayed_message(data)
+            target = message.target_peer_id
+            keys = self.forward_keys(target) if self.forward_keys is not None else None
+            if keys is None:
+                return b"error: refused: the target is not a joined peer"
+            if message.frames:
+                seal = read_seal(message.frames[0])
+                if seal is None or not mac_matches(keys, seal, message.frames[1:]):
+                    return b"error: refused: not sealed with the target pipeline's key"
+            lock = self._target_lock(target)
+            if not lock.acquire(timeout=LOCK_WAIT_S):  # one call in flight per target
+                return b"error: busy: another message to this peer is in flight"
+            try:
                 result = self.peer.get_client(target).call_stream(PUSH_METHOD, data).result(
-                    timeout=CALL_TIMEOUT_S)
+                    timeout=FORWARD_TIMEOUT_S)
+            finally:
+                lock.release()
             return bytes(result)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             return f"error: {exc}".encode()
         except Exception as exc:  # Lattica raises RuntimeError / TimeoutError variants
             return f"error: cannot reach the target: {str(exc).splitlines()[0]}".encode()
@@ -167,6 +219,17 @@ class ActivationRelay(ConnectionHandler):
             self.local_push.close(linger=0)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def relayed_message(data: bytes) -> P.RelayedMessage:
+    """Decode and bound a relayed message (ValueError / msgspec errors when malformed): no
+    frames (a ping), or a stage message's 2 or 3 frames, MAX_RELAY_BYTES in all."""
+    if len(data) > MAX_RELAY_BYTES:
+        raise ValueError(f"a relayed message of {len(data)} bytes is too large")
+    message = P.decode_relayed(data)
+    if len(message.frames) not in (0, 2, 3):
+        raise ValueError(f"{len(message.frames)} frames is no stage message")
+    return message
 
 
 ActivationRelay._handle_stream_push = ActivationRelay.on_push

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import tempfile
 import threading
 import time
@@ -116,14 +117,12 @@ def start_client_peer(port: int, scheduler: str, relays: tuple[str, ...]) -> tup
     return P2PPeer(start_peer(config)), scheduler_peer_id
 
 
-def join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...],
-                 join_token: str | None) -> str:
-    """What a node runs to join this scheduler over P2P."""
+def join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...]) -> str:
+    """What a node runs to join this scheduler over P2P (the scheduler adds the token)."""
     if relays:  # behind NAT: dial through a relay, by peer id
-        command = f"parallax join -s {peer.peer_id}" + "".join(f" --relay {r}" for r in relays)
-    else:
-        command = f"parallax join -s {peer_addresses(peer.peer, host, port)[0]}"
-    return f"{command} --join-token {join_token}" if join_token else command
+        return f"parallax join -s {peer.peer_id}" + "".join(
+            f" --relay {shlex.quote(r)}" for r in relays)
+    return f"parallax join -s {shlex.quote(peer_addresses(peer.peer, host, port)[0])}"
 
 
 def publish_scheduler(peer: P2PPeer, record: P.SchedulerRecord) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +21,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from parallax.config import SchedulerConfig
+from parallax.config import MAX_INIT_NODES, SchedulerConfig
 from parallax.protocol import (
     Assignment,
     Heartbeat,
@@ -32,6 +34,7 @@ from parallax.protocol import (
 from parallax.scheduler.allocation import NodeInfo
 from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
 from parallax.scheduler.forward import Forwarder, effective_running
+from parallax.scheduler.link_keys import LinkKeys
 from parallax.scheduler.registry import NodeRecord, Registry
 from parallax.scheduler.status import (
     ClusterMetrics,
@@ -39,6 +42,7 @@ from parallax.scheduler.status import (
     cluster_status,
     join_command,
     status_events,
+    with_join_token,
 )
 from parallax.serving.errors import (
     APIError,
@@ -52,12 +56,24 @@ from parallax.serving.openai_schemas import (
     parse_chat_request,
     parse_json_body,
 )
+from parallax.serving.security import (
+    CONTROL_BODY_LIMIT,
+    install_security,
+    is_host_port_url,
+    is_operator,
+    read_body_capped,
+    require_api_key,
+    require_json,
+    require_operator,
+)
 from parallax.web import mount_web_ui
 
 logger = logging.getLogger("parallax.scheduler")
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _JSON = msgspec.json.Encoder()
+_NODE_ID = re.compile(r"^[\w.:@-]{1,128}$")
+NODE_SECRET_HEADER = "x-node-secret"
 
 
 def _msgspec_response(obj: Any) -> Response:
@@ -80,11 +96,13 @@ class SchedulerState:
         self.catalog = catalog or ModelCatalog(config.dtype, local_models=local)
         self.hub = StatusHub()
         self.metrics = ClusterMetrics()
+        self.link_keys = LinkKeys()  # stage-link keys, handed out in heartbeat answers
         self.forwarder = Forwarder(self.registry, config, self.metrics,
                                    on_change=self.changed, transport=transport)
         self.node_states: dict[str, str] = {}  # last heartbeat `state` per node
         self.is_local_network = True
-        self.join_command = join_command(config.host, config.port, config.join_token)
+        self.join_command = join_command(config.host, config.port)  # without the token
+        self.node_secrets: dict[str, str] = {}  # issued at join, sent back as X-Node-Secret
         self._model_list: list[dict[str, Any]] | None = None
         self._model_list_lock = asyncio.Lock()
 
@@ -137,6 +155,30 @@ class SchedulerState:
             return None
         return Assignment(self.registry.model.name, layers[0], layers[1], self.registry.generation)
 
+    def node_join_command(self, *, reveal: bool) -> str:
+        """The join command: with the real token only when `reveal` (an operator asks)."""
+        return with_join_token(self.join_command, self.config.join_token, reveal=reveal)
+
+    def check_node_secret(self, node_id: str, given: str | None) -> None:
+        """403 unless `given` is the secret `node_id` received at its join. A node unknown
+        here passes: its heartbeat is answered `known: false` (join again), its leave a no-op."""
+        expected = self.node_secrets.get(node_id)
+        if expected is not None and not check_secret(given, expected):
+            raise APIError(403, f"wrong or missing node secret for {node_id}: a node speaks "
+                                "only for itself, with the X-Node-Secret its join answer gave it")
+
+    def check_rejoin(self, node_id: str, given: str | None) -> None:
+        """A node id whose entry is alive may join again only with that entry's secret (else
+        409): a token holder cannot take over another node. A restarted node that lost its
+        secret joins again once its old entry is evicted (no heartbeat for the timeout)."""
+        expected = self.node_secrets.get(node_id)
+        if node_id in self.registry.nodes and expected is not None \
+                and not check_secret(given, expected):
+            raise APIError(409, f"node {node_id} is already joined and alive; a restarted node "
+                                f"is let in again once its old entry is evicted (after "
+                                f"{self.config.heartbeat_timeout_s:g} s without heartbeats); "
+                                "two nodes must not share a node id (use another --port)")
+
     def join(self, message: NodeJoin) -> JoinResponse:
         now = self.clock()
         previous = self.registry.nodes.get(message.node_id)
@@ -149,6 +191,7 @@ class SchedulerState:
                             max_running_requests=message.max_running_requests,
                             peer_id=message.peer_id)
         self.registry.join(record)
+        secret = self.node_secrets[message.node_id] = secrets.token_urlsafe(32)
         self.node_states[message.node_id] = "joined"
         self.forwarder.inflight.forget(message.node_id)
         logger.info("node %s joined%s (%s, %.2f GiB, %.0f GFLOP/s) -> %s", message.node_id,
@@ -157,10 +200,12 @@ class SchedulerState:
                     self.registry.assignment(message.node_id))
         self.changed()
         return JoinResponse(message.node_id, self.config.heartbeat_interval_s,
-                            self.assignment_of(message.node_id))
+                            self.assignment_of(message.node_id), node_secret=secret)
 
     def heartbeat(self, message: Heartbeat) -> HeartbeatResponse:
-        loaded = message.state not in ("loading", "error")
+        grant = self.link_keys.grant(self.registry, message.node_id)
+        # loaded = serving with its pipeline's current link key (else its peers' messages drop)
+        loaded = message.state not in ("loading", "error") and grant.held_by(message.link_key_id)
         loaded_range = None
         if loaded and message.loaded_start_layer is not None \
                 and message.loaded_end_layer is not None:
@@ -178,7 +223,8 @@ class SchedulerState:
         self.node_states[message.node_id] = message.state
         self.changed()
         return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id),
-                                 peers=self.p2p_peers(message.node_id))
+                                 peers=self.p2p_peers(message.node_id), link_key=grant.key,
+                                 link_peers=grant.peers)
 
     def p2p_peers(self, node_id: str) -> list[PeerEndpoint]:
         """The other nodes that joined over P2P (empty for a node that did not)."""
@@ -208,12 +254,15 @@ class SchedulerState:
 
     def _forget(self, node_id: str) -> None:
         self.node_states.pop(node_id, None)
+        self.node_secrets.pop(node_id, None)
         self.forwarder.inflight.forget(node_id)
 
     # ---- views ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return cluster_status(self.registry, node_join_command=self.join_command,
+    def status(self, *, reveal: bool = False) -> dict[str, Any]:
+        """The status object; its join command holds the real token only when `reveal`."""
+        return cluster_status(self.registry,
+                              node_join_command=self.node_join_command(reveal=reveal),
                               running=effective_running(self.registry, self.forwarder.inflight),
                               reported_states=self.node_states)
 
@@ -237,6 +286,21 @@ def _is_dir(model: str | None) -> bool:
     import os
 
     return bool(model) and os.path.isdir(os.path.expanduser(model))
+
+
+def _valid_join(message: NodeJoin) -> None:
+    """400 unless the join's id and addresses are plain: `scheme://host:port`, nothing more
+    (a path, query or userinfo would let a node steer the scheduler's requests)."""
+    if not _NODE_ID.match(message.node_id):
+        raise APIError(400, "node_id must be 1-128 letters, digits or . _ : @ -")
+    if not is_host_port_url(message.http_url, ("http", "https")):
+        raise APIError(400, f"http_url must be http(s)://host:port with no path or query, "
+                            f"got {message.http_url!r}")
+    if not is_host_port_url(message.activation_endpoint, ("tcp",)):
+        raise APIError(400, f"activation_endpoint must be tcp://host:port, "
+                            f"got {message.activation_endpoint!r}")
+    if message.memory_bytes < 0 or message.max_running_requests < 1:
+        raise APIError(400, "memory_bytes must be >= 0 and max_running_requests >= 1")
 
 
 def _decode(body: bytes, type_: type) -> Any:
@@ -266,30 +330,21 @@ def build_app(state: SchedulerState) -> FastAPI:
     app.state.scheduler = state
     install_error_handlers(app)
 
-    def require_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not check_secret(key.strip(), config.api_key):
-            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
+    async def control_body(request: Request, type_: type) -> Any:
+        require_join_token(request, config.join_token)
+        return _decode(await read_body_capped(request, CONTROL_BODY_LIMIT), type_)
 
     # ---- OpenAI API -------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        require_api_key(request)
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > config.max_body_bytes:
-            raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes")
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes")
-        body = parse_json_body(raw)
+        require_api_key(request, config.api_key)
+        body = parse_json_body(await read_body_capped(request, config.max_body_bytes))
         req = parse_chat_request(body)  # 400 on a malformed request, before routing
         state.check_model(req.model)
         payload = {k: v for k, v in body.items() if k not in ("model", "rid", "routing_table")}
-        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        # always our own id: a client-chosen one could collide with (and abort) another's
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         try:
             placed = await state.forwarder.place(payload, rid, request)
         except APIError as exc:
@@ -302,33 +357,39 @@ def build_app(state: SchedulerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        require_api_key(request)
+        require_api_key(request, config.api_key)
         if state.model_name is None:
             return {"object": "list", "data": []}
         return models_list(display_name(state.model_name))
 
     # ---- status and setup -------------------------------------------------------------------
 
+    # public, but the join token in them only for the operator
+
     @app.get("/cluster/status")
-    async def cluster_status_stream() -> StreamingResponse:
-        return StreamingResponse(status_events(state.hub, state.status),
+    async def cluster_status_stream(request: Request) -> StreamingResponse:
+        reveal = is_operator(request, config.api_key)
+        return StreamingResponse(status_events(state.hub, lambda: state.status(reveal=reveal)),
                                  media_type="text/event-stream", headers=_SSE_HEADERS)
 
     @app.get("/cluster/status_json")
-    async def cluster_status_json() -> dict[str, Any]:
-        return state.status()
+    async def cluster_status_json(request: Request) -> dict[str, Any]:
+        return state.status(reveal=is_operator(request, config.api_key))
 
     @app.get("/model/list")
     async def model_list() -> dict[str, Any]:
         return {"type": "model_list", "data": await state.model_list()}
 
     @app.get("/node/join/command")
-    async def node_join_command() -> dict[str, Any]:
-        return {"type": "node_join_command", "data": {"command": state.join_command}}
+    async def node_join_command(request: Request) -> dict[str, Any]:
+        command = state.node_join_command(reveal=is_operator(request, config.api_key))
+        return {"type": "node_join_command", "data": {"command": command}}
 
     @app.post("/scheduler/init")
     async def scheduler_init(request: Request) -> dict[str, Any]:
-        body = parse_json_body(await request.body())
+        require_operator(request, config.api_key, "choosing the model (POST /scheduler/init)")
+        require_json(request)
+        body = parse_json_body(await read_body_capped(request, CONTROL_BODY_LIMIT))
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object {model_name, init_nodes_num, "
                                 "is_local_network}")
@@ -337,8 +398,10 @@ def build_app(state: SchedulerState) -> FastAPI:
         local = body.get("is_local_network", state.is_local_network)
         if model is not None and not isinstance(model, str):
             raise APIError(400, f"'model_name' must be a string, got {model!r}")
-        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
-            raise APIError(400, f"'init_nodes_num' must be a positive integer, got {nodes!r}")
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= \
+                MAX_INIT_NODES:
+            raise APIError(400, f"'init_nodes_num' must be a whole number from 1 to "
+                                f"{MAX_INIT_NODES}, got {nodes!r}")
         if not isinstance(local, bool):
             raise APIError(400, f"'is_local_network' must be true or false, got {local!r}")
         name = canonical_model(model)
@@ -364,24 +427,23 @@ def build_app(state: SchedulerState) -> FastAPI:
 
     @app.post("/node/join")
     async def node_join(request: Request) -> Response:
-        require_join_token(request, config.join_token)
-        message = _decode(await request.body(), NodeJoin)
-        if not message.node_id or not message.http_url.startswith(("http://", "https://")):
-            raise APIError(400, "node_id must be set and http_url must be an http(s) URL")
-        if message.memory_bytes < 0 or message.max_running_requests < 1:
-            raise APIError(400, "memory_bytes must be >= 0 and max_running_requests >= 1")
+        message = await control_body(request, NodeJoin)
+        _valid_join(message)
+        state.check_rejoin(message.node_id, request.headers.get(NODE_SECRET_HEADER))
         return _msgspec_response(state.join(message))
 
     @app.post("/node/heartbeat")
     async def node_heartbeat(request: Request) -> Response:
-        require_join_token(request, config.join_token)
-        return _msgspec_response(state.heartbeat(_decode(await request.body(), Heartbeat)))
+        message = await control_body(request, Heartbeat)
+        state.check_node_secret(message.node_id, request.headers.get(NODE_SECRET_HEADER))
+        return _msgspec_response(state.heartbeat(message))
 
     @app.post("/node/leave")
     async def node_leave(request: Request) -> JSONResponse:
-        require_join_token(request, config.join_token)
-        message = _decode(await request.body(), NodeLeave)
+        message = await control_body(request, NodeLeave)
+        state.check_node_secret(message.node_id, request.headers.get(NODE_SECRET_HEADER))
         return JSONResponse({"ok": True, "known": state.leave(message.node_id)})
 
     mount_web_ui(app)  # the setup / join / chat pages at /
+    install_security(app, config.host, config.allowed_hosts)
     return app

@@ -262,6 +262,10 @@ class Forwarder:
                              f"{interval:g} s apart")
                 self.metrics.retries.labels(reason="all_busy").inc()
                 if not queued:
+                    if self.queued >= self.config.max_queued:  # the wait queue is bounded
+                        raise APIError(429, f"every pipeline is busy and "
+                                            f"{self.config.max_queued} requests already wait; "
+                                            "retry later")
                     self.queued, queued = self.queued + 1, True
                     self._on_change()
                 room = self._room
@@ -350,7 +354,7 @@ class Forwarder:
     async def respond(self, ticket: Ticket, response: httpx.Response, *, stream: bool,
                       request: Request) -> Response:
         """The client's response: the SSE relay, or the head's whole body (any status)."""
-        if stream and response.status_code == 200:
+        if stream and response.status_code == 200 and _media_type(response) == _SSE:
             return _Relay(self._relay(ticket, response), self, ticket, response,
                           media_type="text/event-stream", headers=_SSE_HEADERS)
         try:
@@ -397,14 +401,40 @@ class Forwarder:
             error = error_body(503, f"the head node {ticket.pipeline[0].node_id} failed: {exc!r}")
             return Response(msgspec.json.encode(error), status_code=503,
                             media_type="application/json")
-        self.metrics.requests.labels(status=str(response.status_code)).inc()
-        if response.status_code == 200:
+        checked = _checked_body(response, body, ticket.pipeline[0].node_id)
+        self.metrics.requests.labels(status=str(checked.status_code)).inc()
+        if checked.status_code == 200 and checked.media_type == _JSON:
             try:
                 self.metrics.observe_final(ticket.label, msgspec.json.decode(body))
             except (msgspec.DecodeError, AttributeError):
                 pass
-        return Response(body, status_code=response.status_code,
-                        media_type=response.headers.get("content-type", "application/json"))
+        return checked
+
+
+_JSON, _SSE = "application/json", "text/event-stream"
+
+
+def _media_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _checked_body(response: httpx.Response, body: bytes, head_id: str) -> Response:
+    """The head's answer as ours: only a JSON body (or an SSE one, when 200) passes, under our
+    own content type; anything else becomes our error body (a head cannot make the scheduler
+    serve HTML or a script)."""
+    status, media = response.status_code, _media_type(response)
+    if media == _SSE and status == 200:
+        return Response(body, status_code=200, media_type=_SSE)
+    if media == _JSON:
+        try:
+            msgspec.json.decode(body)
+            return Response(body, status_code=status, media_type=_JSON)
+        except msgspec.DecodeError:
+            pass
+    status = status if status >= 400 else 502
+    error = error_body(status, f"the head node {head_id} answered HTTP {response.status_code} "
+                               f"with a {media or 'untyped'} body, not JSON")
+    return Response(msgspec.json.encode(error), status_code=status, media_type=_JSON)
 
 
 class _Relay(StreamingResponse):

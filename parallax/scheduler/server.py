@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import sys
@@ -76,9 +77,12 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
         await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num)
     if p2p is not None:  # before the first request can ask for it
         from parallax.p2p.roles import join_command
+        from parallax.scheduler.link_keys import relay_keys
 
-        state.join_command = join_command(p2p, lan_address(), config.p2p_port, config.relays,
-                                          config.join_token)
+        # relay only to joined peers, only what their pipeline's key sealed
+        p2p.relay.forward_keys = functools.partial(relay_keys, state.link_keys, state.registry)
+
+        state.join_command = join_command(p2p, lan_address(), config.p2p_port, config.relays)
     sock = _bind(config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         build_app(state), host=config.host, port=config.port, log_level="warning",
@@ -102,8 +106,9 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
 
         publishing = asyncio.create_task(keep_published(p2p, record))
     model = state.model_name or "none yet (POST /scheduler/init)"
+    # the one place the real token is shown unasked: this console, once (never a logger)
     print(f"Parallax scheduler listening on {where} (model: {model}); nodes join with: "
-          f"{state.join_command}", flush=True)
+          f"{state.node_join_command(reveal=True)}", flush=True)
     advertiser = await asyncio.to_thread(_start_advertising, config, state.model_name) \
         if config.mdns else None
     try:

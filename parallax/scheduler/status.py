@@ -5,6 +5,7 @@ the scheduler's Prometheus metrics. Building the status object is a pure functio
 from __future__ import annotations
 
 import asyncio
+import shlex
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -24,6 +25,8 @@ from parallax.serving.metrics import TPS_BUCKETS, TTFT_BUCKETS
 from parallax.serving.sse import encode_event
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# what non-operators see instead of the join token
+TOKEN_PLACEHOLDER = "<token>"
 
 
 def lan_address() -> str:
@@ -41,13 +44,21 @@ def lan_address() -> str:
         probe.close()
 
 
-def join_command(host: str, port: int, join_token: str | None = None) -> str:
-    """`parallax join -s HOST:PORT [--join-token T]`, HOST reachable from other machines."""
+def join_command(host: str, port: int) -> str:
+    """`parallax join -s HOST:PORT`, HOST reachable from other machines (no token: see
+    :func:`with_join_token`)."""
     address = lan_address() if host in WILDCARD_HOSTS else host
     if ":" in address:  # IPv6 literal
         address = f"[{address}]"
-    command = f"parallax join -s {address}:{port}"
-    return f"{command} --join-token {join_token}" if join_token else command
+    return f"parallax join -s {shlex.quote(f'{address}:{port}')}"
+
+
+def with_join_token(command: str, join_token: str | None, *, reveal: bool) -> str:
+    """`command` plus `--join-token`: the real token (shell-quoted) for the operator, else
+    a placeholder. Unchanged when the cluster has no token."""
+    if not join_token:
+        return command
+    return f"{command} --join-token {shlex.quote(join_token) if reveal else TOKEN_PLACEHOLDER}"
 
 
 def node_status(registry: Registry, node_id: str, reported_state: str | None) -> str:

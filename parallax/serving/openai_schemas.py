@@ -18,7 +18,17 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.serving.errors import APIError
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
-MAX_STOP_STRINGS = 4
+# Request limits a production server keeps (each 400 names the limit). OpenAI allows 4 stop
+# strings; other servers take more, so 16 keeps clients working while bounding the matcher.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # the stop matcher holds back up to this many characters of text
+MAX_MESSAGES = 2048  # OpenAI's own limit on 'messages'
+MAX_TOP_K = 2**31 - 1  # larger than any vocabulary; keeps the value inside the wire's int range
+# The only `chat_template_kwargs` a caller may set: the switches thinking models' templates read
+# (Qwen3/GLM `enable_thinking`, DeepSeek-V3.1/Granite `thinking`, gpt-oss `reasoning_effort`).
+# Anything else, above all `chat_template` (caller-written Jinja run on the node), is refused.
+ALLOWED_TEMPLATE_KWARGS: tuple[str, ...] = ("enable_thinking", "thinking", "reasoning_effort")
+MAX_TEMPLATE_KWARG_CHARS = 64
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
@@ -154,6 +164,8 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
         raise _bad(f"'messages' must be an array, got {_type_name(value)}")
     if not value:
         raise _bad("'messages' must contain at least one message")
+    if len(value) > MAX_MESSAGES:
+        raise _bad(f"'messages' may hold at most {MAX_MESSAGES} messages, got {len(value)}")
     messages: list[ChatMessage] = []
     for i, raw in enumerate(value):
         where = f"messages[{i}]"
@@ -186,7 +198,29 @@ def _parse_stop(value: Any) -> list[str]:
             raise _bad(f"'stop[{i}]' must be a string, got {_type_name(s)}")
         if not s:
             raise _bad(f"'stop[{i}]' must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise _bad(f"'stop[{i}]' may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
     return list(value)
+
+
+def _parse_template_kwargs(value: Any) -> dict[str, Any]:
+    """`chat_template_kwargs`: only allow-listed keys, with JSON scalar values."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"'chat_template_kwargs' must be an object, got {_type_name(value)}")
+    allowed = ", ".join(ALLOWED_TEMPLATE_KWARGS)
+    for key, item in value.items():
+        if key not in ALLOWED_TEMPLATE_KWARGS:
+            raise _bad(f"'chat_template_kwargs.{key}' is not accepted; the allowed keys are "
+                       f"{allowed} (the chat template itself is the operator's)")
+        if item is not None and not isinstance(item, (bool, int, float, str)):
+            raise _bad(f"'chat_template_kwargs.{key}' must be a string, number, boolean or "
+                       f"null, got {_type_name(item)}")
+        if isinstance(item, str) and len(item) > MAX_TEMPLATE_KWARG_CHARS:
+            raise _bad(f"'chat_template_kwargs.{key}' may be at most "
+                       f"{MAX_TEMPLATE_KWARG_CHARS} characters, got {len(item)}")
+    return dict(value)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -217,8 +251,9 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"'top_p' must be in (0, 1], got {top_p}")
     top_k = _opt_int(body, "top_k")
-    if top_k is not None and top_k < -1:
-        raise _bad(f"'top_k' must be -1 (disabled), 0 (disabled) or > 0, got {top_k}")
+    if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
+        raise _bad(f"'top_k' must be -1 (disabled), 0 (disabled) or in [1, {MAX_TOP_K}], "
+                   f"got {top_k}")
     min_p = _opt_float(body, "min_p")
     if min_p is not None and not 0 <= min_p <= 1:
         raise _bad(f"'min_p' must be in [0, 1], got {min_p}")
@@ -245,12 +280,6 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
             raise _bad(f"'stream_options.include_usage' must be a boolean, got {_type_name(value)}")
         include_usage = bool(value)
 
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is None:
-        kwargs = {}
-    elif not isinstance(kwargs, dict):
-        raise _bad(f"'chat_template_kwargs' must be an object, got {_type_name(kwargs)}")
-
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad(f"'model' must be a string, got {_type_name(model)}")
@@ -274,7 +303,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         presence_penalty=penalties["presence_penalty"],
         frequency_penalty=penalties["frequency_penalty"],
         include_usage=include_usage,
-        chat_template_kwargs=dict(kwargs),
+        chat_template_kwargs=_parse_template_kwargs(body.get("chat_template_kwargs")),
         model=model,
         rid=rid,
         routing_table=routing_table,

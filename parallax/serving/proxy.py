@@ -24,11 +24,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.serving.errors import APIError, error_body
+from parallax.serving.security import mark_relayed, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 
 logger = logging.getLogger(__name__)
 
-# request headers worth forwarding upstream; hop-by-hop and host headers are dropped
+# request headers worth forwarding upstream (the caller's own Authorization, nothing of ours);
+# hop-by-hop and host headers are dropped, and the relayed marker is added
 FORWARD_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id")
 # response headers worth passing back; length/encoding are recomputed by our server
 FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-request-id", "retry-after",
@@ -107,13 +109,15 @@ async def stream_body(upstream: httpx.Response, *, sse: bool,
 
 
 async def forward(request: Request, client: httpx.AsyncClient, path: str, *,
-                  read_timeout_s: float | None = None,
-                  extra_headers: dict[str, str] | None = None) -> Response:
-    """Forward `request` (method, body, selected headers, query) to `path` on the scheduler."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST_HEADERS}
-    if extra_headers:
-        headers.update(extra_headers)
-    body = await request.body() if request.method in ("POST", "PUT", "PATCH") else None
+                  max_body_bytes: int, read_timeout_s: float | None = None,
+                  via: str = "chat") -> Response:
+    """Forward `request` (method, body up to `max_body_bytes`, selected headers, query) to
+    `path` on the scheduler, marked as relayed by `via` (so it never counts as loopback)."""
+    headers = dict(mark_relayed(
+        ((k, v) for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST_HEADERS),
+        via))
+    body = await read_body_capped(request, max_body_bytes) \
+        if request.method in ("POST", "PUT", "PATCH") else None
     if request.url.query:
         path = f"{path}?{request.url.query}"
     upstream = await open_upstream(client, request.method, path, headers=headers, content=body,

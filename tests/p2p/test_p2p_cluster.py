@@ -125,6 +125,29 @@ def test_join_token_applies_over_p2p(cluster, client_peer):
     assert asyncio.run(join(JOIN_TOKEN)).status_code in (400, 422)
 
 
+def test_bridged_calls_are_never_the_scheduler_machine(cluster, client_peer):
+    """The bridge replays a peer's call from 127.0.0.1, marked as relayed: a stranger who knows
+    the peer id gets no operator rights (this scheduler has no API key) and never the token."""
+    from parallax.p2p.bridge import LatticaTransport
+
+    async def calls() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url="http://scheduler.p2p", timeout=30,
+                                     transport=LatticaTransport(client_peer.peer,
+                                                                cluster.peer_id)) as client:
+            forged = {"X-Parallax-Relayed": "", "Host": "127.0.0.1"}  # replaced by the bridge
+            return [await client.post("/scheduler/init", headers=forged, json={
+                        "model_name": "SmolLM2-135M-Instruct", "init_nodes_num": 10000}),
+                    await client.get("/node/join/command", headers=forged),
+                    await client.get("/cluster/status_json")]
+
+    init, command, status = asyncio.run(calls())
+    assert init.status_code == 403 and init.json()["object"] == "error"
+    assert command.json()["data"]["command"].endswith("--join-token <token>")
+    assert "--join-token <token>" in status.text
+    assert all(JOIN_TOKEN not in r.text for r in (init, command, status))
+    assert cluster.status()["init_nodes_num"] == 2  # nothing changed
+
+
 def test_chat_server_reaches_the_scheduler_by_peer(cluster, reference_answers):  # noqa: F811
     port = free_port()
     chat = cluster._spawn("chat", ["chat", "-s", cluster.join_target, "--port", str(port)])

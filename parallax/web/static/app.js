@@ -92,7 +92,8 @@
     const badge = $("cluster-badge");
     badge.textContent = s.status || "unknown";
     badge.className = "badge " + (s.status || "");
-    if (s.node_join_command) state.joinCommand = s.node_join_command;
+    // the status shows the join command with the token only to the operator; the one fetched
+    // from node/join/command (with the API key, if any) wins over it
     if (first) {
       if (!s.model_name) showPage("setup");
       else if (s.status === "available") { state.autoChatDone = true; showPage("chat"); }
@@ -176,7 +177,11 @@
         method: "POST", headers: apiHeaders({ "Content-Type": "application/json" }),
         body: JSON.stringify(body),
       });
-      if (!resp.ok) throw new Error(await errorMessage(resp));
+      if (!resp.ok) {
+        const message = await errorMessage(resp);
+        if (resp.status === 401) askForKey("Choosing the model needs the API key (" + message + ").");
+        throw new Error(message);
+      }
       state.autoChatDone = false;
       state.joinCommand = null;
       showPage("join");
@@ -224,7 +229,9 @@
 
   function renderJoin() {
     const s = state.status || {};
-    $("join-command").textContent = state.joinCommand || s.node_join_command || "…";
+    const command = state.joinCommand || s.node_join_command || "…";
+    $("join-command").textContent = command;
+    $("token-hidden").hidden = !command.includes("<token>");
     $("join-model").textContent = s.model_name || "the cluster";
     const notice = $("need-more");
     const nodes = s.node_list || [];
@@ -536,6 +543,7 @@
       const failed = state.pendingRetry;
       state.pendingRetry = null;
       if (failed && !state.controller) { failed.remove(); runRequest(); }
+      if (state.page === "join") loadJoinCommand();  // the key may reveal the join token
     });
     $("key-cancel").addEventListener("click", () => {
       state.pendingRetry = null;

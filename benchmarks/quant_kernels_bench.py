@@ -1,0 +1,109 @@
+"""Packed GGUF matmul speed: native kernel vs the pure-torch path vs fp32 F.linear, one run.
+
+    .venv/bin/python benchmarks/quant_kernels_bench.py [--threads 2] [--types Q4_0,Q8_0]
+
+Prints the CPU flags and the native variant, then per shape, type and batch the best time
+of each path and the native path's effective GB/s of packed weight bytes. Weights are random
+(speed does not depend on the values). On a shared machine, times vary run to run: take the
+minimum of a few runs before comparing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from parallax.models.quant import native
+from parallax.models.quant.formats import PACKED_TYPES, QT, block_size, random_blocks
+from parallax.models.quant.packed import PackedLinear, PackedWeight
+
+SHAPES = [(2048, 8192), (576, 1536)]  # (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN
+BATCHES = [1, 32, 512]
+INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                     "avx512_bf16", "amx_int8", "asimd")
+
+
+def time_ms(fn, x: torch.Tensor, seconds: float, max_reps: int) -> float:
+    """Best time of up to max_reps calls fn(x) within about `seconds` (after one warm-up)."""
+    fn(x)
+    best, deadline, reps = float("inf"), time.perf_counter() + seconds, 0
+    while reps < max_reps and (reps < 1 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+        reps += 1
+    return best * 1e3
+
+
+def torch_path_layer(weight: PackedWeight) -> PackedLinear:
+    """The same weight forced onto the pure-torch path."""
+    saved = os.environ.get("PARALLAX_NATIVE_KERNELS")
+    os.environ["PARALLAX_NATIVE_KERNELS"] = "0"
+    try:
+        return PackedLinear(weight)
+    finally:
+        if saved is None:
+            os.environ.pop("PARALLAX_NATIVE_KERNELS")
+        else:
+            os.environ["PARALLAX_NATIVE_KERNELS"] = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--types", default=",".join(t.name for t in PACKED_TYPES))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--seconds", type=float, default=0.2, help="time per cell and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    flags = native.cpu_flags()
+    lib = native.kernels()
+    print(f"CPU flags: {' '.join(f for f in INTERESTING_FLAGS if f in flags) or 'unknown'}; "
+          f"threads {args.threads}; native variant: {lib.variant if lib else 'none (torch path)'}")
+    types = [QT[name] for name in args.types.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    cells = []
+    for in_features, out_features in SHAPES:
+        dense = torch.randn(out_features, in_features)
+        for qtype in types:
+            if in_features % block_size(qtype):
+                continue  # K-quants need K % 256 == 0 (llama.cpp picks a legacy type there)
+            blocks = random_blocks(qtype, out_features, in_features)
+            weight = PackedWeight.from_numpy(blocks, qtype, in_features)
+            paths = {"native": PackedLinear(weight) if lib else None,
+                     "torch": torch_path_layer(weight),
+                     "fp32": functools.partial(F.linear, weight=dense)}
+            for batch in batches:
+                cells.append(((in_features, out_features, qtype, batch), paths, blocks.nbytes))
+    # Rounds over all cells, best time per cell: on a shared machine the other tenants' load
+    # comes in bursts, and a round-robin spreads each cell's samples across them.
+    best: dict = {}
+    for _ in range(args.rounds):
+        for key, paths, _ in cells:
+            x = torch.randn(key[3], key[0])
+            for name, fn in paths.items():
+                if fn is None:
+                    continue
+                reps = 2 if name == "torch" else 30
+                t = time_ms(fn, x, args.seconds, reps)
+                best[key, name] = min(best.get((key, name), float("inf")), t)
+    print("| in → out | type | batch | native ms | torch-path ms | fp32 F.linear ms | "
+          "native GB/s | native vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, _, num_bytes in cells:
+        in_features, out_features, qtype, batch = key
+        t_native = best.get((key, "native"), float("nan"))
+        t_torch, t_dense = best[key, "torch"], best[key, "fp32"]
+        print(f"| {in_features} → {out_features} | {qtype.name} | {batch} | {t_native:.3f} | "
+              f"{t_torch:.1f} | {t_dense:.3f} | {num_bytes / t_native / 1e6:.1f} | "
+              f"{t_dense / t_native:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Put packed GGUF weights into a shard: linears become PackedLinear, embeddings PackedEmbedding.
+
+The order matters for memory: `strip` runs on the meta-device shard and drops the float weight
+parameters that packed tensors will replace, so `to_empty` never allocates them; `load_weights`
+then fills the float tensors as before and swaps a packed module in for each stripped one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from parallax.models.quant.formats import PACKED_TYPES, QT
+from parallax.models.quant.packed import PackedEmbedding, PackedLinear, PackedWeight
+
+logger = logging.getLogger(__name__)
+
+
+def _weight_targets(shard: nn.Module, name: str) -> list[tuple[str, int | None]]:
+    """(module path, shard index) of every Linear/Embedding weight a checkpoint tensor fills."""
+    targets = []
+    for target in shard.checkpoint_to_param_names(name):
+        path, param_name, index = shard.locate(target)
+        module = shard.get_submodule(path)
+        if param_name == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+            targets.append((path, index))
+    return targets
+
+
+def packable_names(shard: nn.Module, tensor_types: dict[str, QT]) -> set[str]:
+    """Checkpoint names that stay packed: every part of their module has a packed type.
+
+    A fused module (q|k|v, gate|up) whose parts mix a packed type with a float or an
+    unsupported one is dequantized as a whole, so no module is half packed.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in tensor_types:
+        for path, _ in _weight_targets(shard, name):
+            groups.setdefault(path, []).append(name)
+    packed: set[str] = set()
+    for path, names in groups.items():
+        expected = len(getattr(shard.get_submodule(path), "shard_sizes", [None]))
+        if len(names) == expected and all(tensor_types[n] in PACKED_TYPES for n in names):
+            packed.update(names)
+    return packed
+
+
+def strip(shard: nn.Module, packed: set[str]) -> set[str]:
+    """Drop the weight parameters packed tensors will replace (call on the meta shard)."""
+    paths = {path for name in packed for path, _ in _weight_targets(shard, name)}
+    for path in paths:
+        shard.get_submodule(path).weight = None
+    return paths
+
+
+def _packed_module(old: nn.Module, pieces: dict[int | None, PackedWeight],
+                   dtype: torch.dtype) -> nn.Module:
+    if isinstance(old, nn.Embedding):
+        weight = pieces[None]
+        if weight.shape != (old.num_embeddings, old.embedding_dim):
+            raise ValueError(f"embedding is {weight.shape}, the model expects "
+                             f"{(old.num_embeddings, old.embedding_dim)}: config and weights disagree")
+        return PackedEmbedding(weight, dtype)
+    sizes = getattr(old, "shard_sizes", None)
+    parts = [pieces[i] for i in range(len(sizes))] if sizes else [pieces[None]]
+    for i, part in enumerate(parts):
+        rows = sizes[i] if sizes else old.out_features
+        if part.shape != (rows, old.in_features):
+            raise ValueError(f"packed weight is {part.shape}, the model expects "
+                             f"{(rows, old.in_features)}: config and weights disagree")
+    new = PackedLinear(parts, None if old.bias is None else old.bias.data)
+    if sizes:
+        new.shard_sizes = sizes  # attention splits its fused output by these
+    return new
+
+
+def load_weights(shard: nn.Module, items: Iterable[tuple[str, torch.Tensor | PackedWeight]],
+                 stripped: set[str], dtype: torch.dtype, device) -> set[str]:
+    """Load float tensors through the shard, then swap packed modules in for `stripped`."""
+    pieces: dict[str, dict[int | None, PackedWeight]] = {}
+
+    def floats():
+        for name, value in items:
+            if not isinstance(value, PackedWeight):
+                yield name, value
+                continue
+            for path, index in _weight_targets(shard, name):
+                pieces.setdefault(path, {})[index] = value
+
+    loaded = shard.load_weights(floats())
+    missing = sorted(p for p in stripped if p not in pieces or
+                     len(pieces[p]) < len(getattr(shard.get_submodule(p), "shard_sizes", [None])))
+    if missing:
+        raise ValueError(f"the GGUF lacks packed weights for {missing[:3]}: the file is "
+                         "incomplete or of another architecture")
+    for path in sorted(stripped):
+        new = _packed_module(shard.get_submodule(path), pieces[path], dtype).to(device)
+        parent, _, leaf = path.rpartition(".")
+        setattr(shard.get_submodule(parent) if parent else shard, leaf, new)
+        loaded.add(f"{path}.weight")
+    log_paths(shard)
+    return loaded
+
+
+def kernel_paths(shard: nn.Module) -> Counter[str]:
+    """How many packed segments use each "<type>:<path>" (native-<isa> or torch)."""
+    counts: Counter[str] = Counter()
+    for module in shard.modules():
+        if isinstance(module, PackedLinear):
+            counts.update(module.kernel_paths())
+        elif isinstance(module, PackedEmbedding):
+            counts[f"{module.qtype.name}:embedding-gather"] += 1
+    return counts
+
+
+def log_paths(shard: nn.Module) -> None:
+    counts = kernel_paths(shard)
+    if counts:
+        held = sum(b.numel() for b in shard.buffers() if b.dtype == torch.uint8)
+        logger.info("packed weights (%.1f MB): %s", held / 1e6,
+                    ", ".join(f"{n} × {path}" for path, n in sorted(counts.items())))

@@ -1,0 +1,154 @@
+"""Build (once, cached) and load the native packed-matmul kernels for this CPU.
+
+kernels.c is compiled by gcc at first use, one shared library per ISA variant, into
+`$PARALLAX_KERNEL_CACHE` (default `~/.cache/parallax/kernels/`) as `<source hash>-<isa>.so`,
+written atomically so concurrent processes never load half a file. The variant is picked at run
+time from the CPU's flags: AVX-512 (+VNNI), AVX2 + FMA + F16C, or portable C (any other CPU,
+ARM included, where the compiler's own vectorization is all there is — untested there).
+Without gcc, or when the build fails, one log line says so and every packed weight uses the
+pure-torch path. `PARALLAX_NATIVE_KERNELS=0` forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl"]
+# variant -> (CPU flags it needs, gcc flags). First match wins.
+VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "avx512vnni": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                              "avx512_vnni"}), AVX512_FLAGS + ["-mavx512vnni"]),
+    "avx512": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}),
+               AVX512_FLAGS),
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS),
+    "generic": (frozenset(), []),
+}
+BUILD_TIMEOUT_S = 180
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def pick_variant(flags: frozenset[str]) -> str:
+    """The fastest variant the flags allow."""
+    return next(name for name, (needs, _) in VARIANTS.items() if needs <= flags)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("PARALLAX_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "parallax" / "kernels"
+
+
+def library_path(variant: str) -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(VARIANTS[variant][1]).encode())
+    return cache_dir() / f"{digest.hexdigest()[:16]}-{variant}.so"
+
+
+def build(variant: str) -> Path:
+    """Compile the variant unless it is cached; returns the library path. Raises on failure."""
+    target = library_path(variant)
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    if compiler is None:
+        raise RuntimeError("gcc is not installed (set CC to a C compiler, or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        cmd = [compiler, *BASE_FLAGS, *VARIANTS[variant][1], "-o", tmp, str(SOURCE)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent loader sees the old name or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """The loaded library and its entry points (ctypes function objects, bound once)."""
+
+    variant: str
+    path: Path
+    lib: ctypes.CDLL
+    matmul: ctypes._CFuncPtr
+    act_row_bytes: ctypes._CFuncPtr
+    call_count: ctypes._CFuncPtr
+
+    def supports(self, qtype: int, in_features: int) -> bool:
+        """Whether this library multiplies the type at this K (else: the torch path)."""
+        return self.act_row_bytes(int(qtype), in_features) > 0
+
+
+def load(variant: str) -> NativeKernels:
+    """Build if needed and load one variant. Raises RuntimeError/OSError on failure."""
+    path = build(variant)
+    lib = ctypes.CDLL(str(path))
+    lib.pq_isa.restype = ctypes.c_char_p
+    compiled = lib.pq_isa().decode()
+    if compiled != variant:
+        raise RuntimeError(f"{path} was built for {compiled}, expected {variant}")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    matmul = lib.pq_matmul
+    matmul.restype = ctypes.c_int
+    matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.pq_act_row_bytes.restype = i64
+    lib.pq_act_row_bytes.argtypes = [ctypes.c_int, i64]
+    lib.pq_call_count.restype = ctypes.c_longlong
+    lib.pq_call_count.argtypes = []
+    return NativeKernels(variant, path, lib, matmul, lib.pq_act_row_bytes, lib.pq_call_count)
+
+
+def requested_variant() -> str | None:
+    """PARALLAX_NATIVE_KERNELS: unset/1 = best for this CPU, 0 = torch path, or a variant name."""
+    value = os.environ.get("PARALLAX_NATIVE_KERNELS", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return None
+    if value in VARIANTS:
+        return value
+    return pick_variant(cpu_flags())
+
+
+@functools.lru_cache(maxsize=len(VARIANTS))
+def _load_cached(variant: str) -> NativeKernels | None:
+    try:
+        kernels = load(variant)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("native quantized kernels unavailable (%s); packed weights use the "
+                       "slower pure-torch path", exc)
+        return None
+    logger.info("native quantized kernels: %s (%s)", variant, kernels.path)
+    return kernels
+
+
+def kernels() -> NativeKernels | None:
+    """The native kernels for this CPU, or None (disabled, or no compiler / failed build)."""
+    variant = requested_variant()
+    return None if variant is None else _load_cached(variant)

@@ -1,0 +1,233 @@
+"""Weights that stay in GGUF's packed blocks: linear layers and embeddings computed on them.
+
+A `PackedWeight` is the raw block bytes of a [out_features, in_features] matrix, one row of
+blocks per output feature (uint8 [out_features, bytes_per_row]): rows can be gathered, sliced
+and concatenated as bytes, since blocks run along K. No fp32/bf16 copy of the whole matrix ever
+exists: the native kernel multiplies the blocks directly, and the torch path dequantizes
+TILE_ROWS output rows at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallax.models.quant import native
+from parallax.models.quant.formats import PACKED_TYPES, QT, dequantize_rows, row_bytes
+
+TILE_ROWS = 512  # torch path: output rows dequantized per step (peak extra memory: one tile)
+
+
+@dataclass(eq=False)
+class PackedWeight:
+    """Packed block bytes of a [out_features, in_features] weight and their GGUF type."""
+
+    data: torch.Tensor  # uint8 [out_features, row_bytes]
+    qtype: QT
+    in_features: int
+
+    def __post_init__(self) -> None:
+        self.qtype = QT(self.qtype)
+        if self.qtype not in PACKED_TYPES:
+            raise ValueError(f"{self.qtype.name} is not a packed type; packed: "
+                             f"{', '.join(t.name for t in PACKED_TYPES)}")
+        expected = row_bytes(self.qtype, self.in_features)
+        if self.data.dtype != torch.uint8 or self.data.dim() != 2 or self.data.shape[1] != expected:
+            raise ValueError(f"{self.qtype.name} rows of {self.in_features} values are {expected} "
+                             f"uint8 bytes, got {self.data.dtype} {tuple(self.data.shape)}")
+
+    @classmethod
+    def from_numpy(cls, blocks: np.ndarray, qtype: QT, in_features: int) -> PackedWeight:
+        """Wrap block bytes (e.g. a GGUF memmap view, [rows, row_bytes] uint8) without a copy."""
+        array = blocks.reshape(blocks.shape[0], -1)
+        with warnings.catch_warnings():  # a read-only memmap warns; nothing ever writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        return cls(tensor, qtype, in_features)
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, index: torch.Tensor | slice) -> PackedWeight:
+        """The packed rows at `index` (a permutation, a gather, or a slice)."""
+        return PackedWeight(self.data[index], self.qtype, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole matrix in fp32 (tests and debugging only: this is the copy we avoid)."""
+        return dequantize_rows(self.data, self.qtype)
+
+
+def concat(weights: list[PackedWeight]) -> PackedWeight:
+    """Stack the rows of same-type weights (q|k|v, gate|up) into one packed weight."""
+    first = weights[0]
+    if any(w.qtype != first.qtype or w.in_features != first.in_features for w in weights):
+        raise ValueError("only weights of one type and width can be stacked")
+    return PackedWeight(torch.cat([w.data for w in weights]), first.qtype, first.in_features)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffer for the quantized activations (ctypes calls release the GIL)."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def pointer(self, num_bytes: int) -> int:
+        if self.buffer.numel() < num_bytes:
+            self.buffer = torch.empty(max(num_bytes, 2 * self.buffer.numel()), dtype=torch.uint8)
+        return self.buffer.data_ptr()
+
+
+_SCRATCH = _Scratch()
+
+
+def torch_matmul(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> None:
+    """out[m, n] = x[m, k] @ W^T by dequantizing TILE_ROWS rows at a time (any device)."""
+    compute = torch.float32 if x.device.type == "cpu" else x.dtype
+    xc = x.to(compute)
+    for start in range(0, weight.out_features, TILE_ROWS):
+        tile = dequantize_rows(weight.data[start : start + TILE_ROWS], weight.qtype).to(compute)
+        out[:, start : start + tile.shape[0]] = F.linear(xc, tile)
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) with W in packed blocks; W may be row segments of different types.
+
+    Segments of one type are stacked into one packed weight at construction; a layer whose
+    parts differ (Q4_K_M's q/k in Q4_K, v in Q6_K) keeps one segment per type and writes each
+    into its columns of the output.
+    """
+
+    def __init__(self, weights: PackedWeight | list[PackedWeight],
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        parts = [weights] if isinstance(weights, PackedWeight) else list(weights)
+        segments: list[list[PackedWeight]] = []
+        for part in parts:
+            if segments and segments[-1][0].qtype == part.qtype:
+                segments[-1].append(part)
+            else:
+                segments.append([part])
+        merged = [group[0] if len(group) == 1 else concat(group) for group in segments]
+        self.in_features = merged[0].in_features
+        if any(w.in_features != self.in_features for w in merged):
+            raise ValueError("every part of a packed linear needs the same in_features")
+        self.out_features = sum(w.out_features for w in merged)
+        self.qtypes = [w.qtype for w in merged]
+        for i, w in enumerate(merged):
+            self.register_buffer(f"packed_{i}", w.data, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.refresh()
+
+    @property
+    def segments(self) -> list[PackedWeight]:
+        return [PackedWeight(getattr(self, f"packed_{i}"), qtype, self.in_features)
+                for i, qtype in enumerate(self.qtypes)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.segments)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) replaces the buffers: the cached pointers must follow
+        result = super()._apply(fn, recurse)
+        self.refresh()
+        return result
+
+    def refresh(self) -> None:
+        """Decide per segment: native kernel (CPU, built, type supported) or the torch path.
+
+        Runs at construction and after .to(); call it again after changing
+        PARALLAX_NATIVE_KERNELS to switch an existing layer."""
+        lib = native.kernels()
+        self._native = lib
+        self._calls: list[tuple] = []
+        offset = 0
+        for w in self.segments:
+            use_native = (lib is not None and w.data.device.type == "cpu"
+                          and w.data.is_contiguous() and lib.supports(w.qtype, self.in_features))
+            act_bytes = lib.act_row_bytes(int(w.qtype), self.in_features) if use_native else 0
+            self._calls.append((w, use_native, offset, int(w.qtype), w.data.data_ptr(),
+                                w.data.shape[1], w.out_features, act_bytes))
+            offset += w.out_features
+
+    def kernel_paths(self) -> list[str]:
+        """Per segment: "<type>:native-<isa>" or "<type>:torch" (for logs and /health)."""
+        return [f"{w.qtype.name}:" + (f"native-{self._native.variant}" if use else "torch")
+                for w, use, *_ in self._calls]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        out = torch.empty(m, self.out_features, dtype=torch.float32 if x.device.type == "cpu"
+                          else x.dtype, device=x.device)
+        xf = None
+        n_out = self.out_features
+        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n, act_bytes in self._calls:
+            if use_native:
+                if xf is None:
+                    xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else \
+                        x2.float().contiguous()
+                status = self._native.matmul(
+                    qtype, w_ptr, w_row_bytes, n, self.in_features, xf.data_ptr(), m,
+                    out.data_ptr() + 4 * offset, n_out, _SCRATCH.pointer(m * act_bytes),
+                    torch.get_num_threads())
+                if status != 0:
+                    raise RuntimeError(f"native {w.qtype.name} matmul refused shape {w.shape}")
+            else:
+                torch_matmul(x2, w, out[:, offset : offset + n])
+        if self.bias is not None:
+            out.add_(self.bias)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*lead, n_out)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"paths={self.kernel_paths()}")
+
+
+class PackedEmbedding(nn.Module):
+    """Token embedding over packed rows: a lookup dequantizes only the requested rows."""
+
+    def __init__(self, weight: PackedWeight, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.qtype = weight.qtype
+        self.embedding_dim = weight.in_features
+        self.num_embeddings = weight.out_features
+        self.dtype = dtype
+        self.register_buffer("packed", weight.data, persistent=False)
+
+    @property
+    def weight_packed(self) -> PackedWeight:
+        """The packed table (a tied LM head multiplies with it through PackedLinear)."""
+        return PackedWeight(self.packed, self.qtype, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.packed.index_select(0, ids.reshape(-1))
+        values = dequantize_rows(rows, self.qtype).to(self.dtype)
+        return values.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
+def native_call_count() -> int:
+    """Calls the native library has served in this process (0 when it is not loaded)."""
+    lib = native.kernels()
+    return 0 if lib is None else int(lib.call_count())
