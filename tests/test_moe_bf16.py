@@ -65,6 +65,22 @@ def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+def _onednn_bf16_packing() -> bool:
+    """oneDNN packs bf16 weights only on CPUs with AVX-512 (bw/vl/dq) or AVX-NE-CONVERT."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), None)
+        return True
+    except RuntimeError:
+        return False
+
+
+needs_bf16_packing = pytest.mark.skipif(
+    not _onednn_bf16_packing(), reason="this CPU lacks oneDNN bf16 weight packing (AVX-512 or "
+    "AVX-NE-CONVERT); PARALLAX_PACK_CPU_EXPERTS cannot be used here")
+
+
+@needs_bf16_packing
 @pytest.mark.parametrize("hidden,intermediate", [(16, 8), (72, 40), (1024, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 16, 300])
@@ -88,6 +104,7 @@ def test_packed_experts_equal_plain_linear(hidden, intermediate, bias, num_token
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@needs_bf16_packing
 def test_packed_weights_follow_weight_changes(monkeypatch):
     experts = random_experts(32, 16, bias=True)
     x, ids, weights = routed_inputs(7, 32)
