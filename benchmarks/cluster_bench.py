@@ -53,7 +53,17 @@ from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity
 from parallax.node.peers import PipelineLinks, StageLimits
 
-MEMORY_FOR_SPLIT = {1: "2GB", 2: "600MB", 3: "400MB"}
+SHARE_FOR_SPLIT = {1: 2.0, 2: 0.6, 3: 0.4}  # of the whole model's budget: 1, 2 or 3 stages
+
+
+def memory_for_split(num_nodes: int) -> str:
+    """A node `--memory` that makes the scheduler split the built-in model `num_nodes` ways
+    (from its own sizing, which counts packed GGUF bytes)."""
+    from parallax.models.hub import DEFAULT_MODEL
+    from parallax.scheduler.catalog import ModelCatalog, solo_memory_bytes
+
+    spec = ModelCatalog("float32").spec(DEFAULT_MODEL)
+    return f"{int(SHARE_FOR_SPLIT[num_nodes] * solo_memory_bytes(spec) / 2**20)}MB"
 NETNS_MARKER = "PARALLAX_NETNS"  # "1" inside the loopback-only namespace (as tests/p2p use it)
 # node log lines (parallax/node/join.py, agent.py) whose arrival times split a node's start-up
 NODE_MARKS = {"measured": "GFLOP/s", "p2p_peer": "P2P peer 12D3KooW",
@@ -148,7 +158,7 @@ class Cluster:
             port = free_port()
             args = ["join", "-s", target, "--port", str(port),
                     "--activation-port", str(free_port()),
-                    "--memory", MEMORY_FOR_SPLIT[self.num_nodes],
+                    "--memory", memory_for_split(self.num_nodes),
                     # nodes sharing this machine share its cores, as separate machines would not
                     "--threads", str(max(1, (os.cpu_count() or 1) // self.num_nodes))]
             if self.p2p:
@@ -447,7 +457,7 @@ def run_p2p_comparison(args: argparse.Namespace) -> None:
             return sum(values)
         return statistics.median(values) if values else float("nan")
 
-    print(f"\nSmolLM2-135M-Instruct, 2 nodes x 600MB via the scheduler, loopback in a network "
+    print(f"\nSmolLM2-135M-Instruct, 2 nodes x {memory_for_split(2)} via the scheduler, loopback in a network "
           f"namespace, {args.new_tokens} new tokens, {args.batch1_runs} batch-1 streams per "
           f"cluster; medians over {len(rows['direct'])} direct and {len(rows['p2p'])} p2p fresh "
           f"clusters (alternating); ZeroMQ hop alone (one decode step's activations): "

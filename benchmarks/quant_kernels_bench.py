@@ -1,11 +1,14 @@
-"""Packed GGUF matmul speed: native kernel vs the pure-torch path vs fp32 F.linear, one run.
+"""Packed GGUF matmul speed: native kernels vs the pure-torch path vs fp32 F.linear, one run.
 
     .venv/bin/python benchmarks/quant_kernels_bench.py [--threads 2] [--types Q4_0,Q8_0]
 
 Prints the CPU flags and the native variant, then per shape, type and batch the best time
-of each path and the native path's effective GB/s of packed weight bytes. Weights are random
-(speed does not depend on the values). On a shared machine, times vary run to run: take the
-minimum of a few runs before comparing.
+of each path: the fused kernel (weights decoded in registers, fp32 activations), the tiled
+GEMM (a tile dequantized natively, then BLAS), what PackedLinear picks (fused below
+GEMM_MIN_ROWS rows, tiled from there), the pure-torch path and fp32 F.linear on a dense copy;
+and the picked path's effective GB/s of packed weight bytes. Weights are random (speed does not
+depend on the values). On a shared machine, times vary run to run: take the minimum of a few
+runs before comparing.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import torch.nn.functional as F
 
 from parallax.models.quant import native
 from parallax.models.quant.formats import PACKED_TYPES, QT, block_size, random_blocks
-from parallax.models.quant.packed import PackedLinear, PackedWeight
+from parallax.models.quant.packed import PackedLinear, PackedWeight, native_gemm
 
 SHAPES = [(2048, 8192), (576, 1536)]  # (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN
-BATCHES = [1, 32, 512]
+BATCHES = [1, 4, 16, 32, 512]
 INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                      "avx512_bf16", "amx_int8", "asimd")
 
@@ -53,6 +56,22 @@ def torch_path_layer(weight: PackedWeight) -> PackedLinear:
             os.environ["PARALLAX_NATIVE_KERNELS"] = saved
 
 
+def fused(lib: native.NativeKernels, weight: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The fused kernel alone, whatever the batch."""
+    out = torch.empty(x.shape[0], weight.out_features)
+    lib.matmul(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1],
+               weight.out_features, weight.in_features, x.data_ptr(), x.shape[0],
+               out.data_ptr(), weight.out_features, torch.get_num_threads())
+    return out
+
+
+def tiled(lib: native.NativeKernels, weight: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The tiled GEMM alone, whatever the batch."""
+    out = torch.empty(x.shape[0], weight.out_features)
+    native_gemm(lib, x, weight, out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -76,7 +95,9 @@ def main() -> None:
                 continue  # K-quants need K % 256 == 0 (llama.cpp picks a legacy type there)
             blocks = random_blocks(qtype, out_features, in_features)
             weight = PackedWeight.from_numpy(blocks, qtype, in_features)
-            paths = {"native": PackedLinear(weight) if lib else None,
+            paths = {"fused": functools.partial(fused, lib, weight) if lib else None,
+                     "tiled": functools.partial(tiled, lib, weight) if lib else None,
+                     "native": PackedLinear(weight) if lib else None,
                      "torch": torch_path_layer(weight),
                      "fp32": functools.partial(F.linear, weight=dense)}
             for batch in batches:
@@ -93,16 +114,17 @@ def main() -> None:
                 reps = 2 if name == "torch" else 30
                 t = time_ms(fn, x, args.seconds, reps)
                 best[key, name] = min(best.get((key, name), float("inf")), t)
-    print("| in → out | type | batch | native ms | torch-path ms | fp32 F.linear ms | "
-          "native GB/s | native vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| in → out | type | batch | fused ms | tiled ms | picked ms | torch-path ms | "
+          "fp32 F.linear ms | picked GB/s | picked vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, _, num_bytes in cells:
         in_features, out_features, qtype, batch = key
-        t_native = best.get((key, "native"), float("nan"))
+        t_fused, t_tiled, t_native = (best.get((key, name), float("nan"))
+                                      for name in ("fused", "tiled", "native"))
         t_torch, t_dense = best[key, "torch"], best[key, "fp32"]
-        print(f"| {in_features} → {out_features} | {qtype.name} | {batch} | {t_native:.3f} | "
-              f"{t_torch:.1f} | {t_dense:.3f} | {num_bytes / t_native / 1e6:.1f} | "
-              f"{t_dense / t_native:.2f}× |")
+        print(f"| {in_features} → {out_features} | {qtype.name} | {batch} | {t_fused:.3f} | "
+              f"{t_tiled:.3f} | {t_native:.3f} | {t_torch:.1f} | {t_dense:.3f} | "
+              f"{num_bytes / t_native / 1e6:.1f} | {t_dense / t_native:.2f}× |")
 
 
 if __name__ == "__main__":

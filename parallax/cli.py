@@ -74,6 +74,22 @@ def _hosts(values: list[str]) -> tuple[str, ...]:
     return tuple(h.strip() for value in values for h in value.split(",") if h.strip())
 
 
+def _add_tls(p, ca_help: str | None) -> None:
+    """`--tls-certfile/--tls-keyfile` (serve https) and `--tls-ca-file` (check the other side)."""
+    p.add_argument("--tls-certfile", default=None, metavar="PEM",
+                   help="serve https with this certificate (chain); needs --tls-keyfile")
+    p.add_argument("--tls-keyfile", default=None, metavar="PEM",
+                   help="the private key of --tls-certfile")
+    if ca_help is not None:  # commands that call another server check its certificate
+        p.add_argument("--tls-ca-file", default=None, metavar="PEM", help=ca_help)
+
+
+def _tls(args: argparse.Namespace):
+    from parallax.serving.tls import TLSConfig
+
+    return TLSConfig(args.tls_certfile, args.tls_keyfile, getattr(args, "tls_ca_file", None))
+
+
 def _add_p2p_options(p, port_default: int | None, port_help: str) -> None:
     p.add_argument("--p2p-port", type=int, default=port_default, help=port_help)
     p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
@@ -110,6 +126,7 @@ def _add_serve(sub) -> None:
                    help="largest accepted request body in MB; larger ones get 413 (default 4)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
     _add_allowed_hosts(p)
+    _add_tls(p, None)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_serve)
 
@@ -122,7 +139,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
         kv_memory_bytes=args.kv_memory, threads=args.threads, max_model_len=args.max_model_len,
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), warmup=not args.no_warmup,
-        allowed_hosts=_hosts(args.allowed_hosts),
+        allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )
     return run_serve(config)
 
@@ -154,6 +171,13 @@ def _add_run(sub) -> None:
                    help="seconds between routing retries (default 5)")
     p.add_argument("--heartbeat-timeout", type=float, default=15.0,
                    help="seconds without a heartbeat before a node is evicted (default 15)")
+    p.add_argument("--replay-wait-s", type=float, default=120.0,
+                   help="a request whose pipeline broke waits this long for a complete "
+                        "pipeline to continue on (the stream stays open), then ends with an "
+                        "error (default 120)")
+    p.add_argument("--max-replays", type=int, default=3,
+                   help="times one request is continued on another pipeline after failures; "
+                        "then it fails (default 3; 0 turns replay off)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weight dtype nodes load (sizes memory figures; default float32, what "
                         "CPU nodes use; bfloat16 for CUDA nodes)")
@@ -169,6 +193,8 @@ def _add_run(sub) -> None:
                    help="requests that may wait for a busy cluster; more get 429 at once "
                         "(default 1024)")
     _add_allowed_hosts(p)
+    _add_tls(p, "CA certificate(s) that nodes' certificates must chain to (default: "
+                  "the system's CAs); with --tls-certfile only nodes that serve https may join")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_scheduler)
 
@@ -183,9 +209,10 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         api_key=_secret(args, "--api-key", "PARALLAX_API_KEY"),
         retry_attempts=args.retry_attempts,
         retry_interval_s=args.retry_interval, heartbeat_timeout_s=args.heartbeat_timeout,
+        replay_wait_s=args.replay_wait_s, max_replays=args.max_replays,
         dtype=args.dtype, mdns=not args.no_mdns, local_models=tuple(args.add_model),
         p2p=args.p2p, p2p_port=args.p2p_port, relays=tuple(args.relay),
-        max_queued=args.max_queued, allowed_hosts=_hosts(args.allowed_hosts),
+        max_queued=args.max_queued, allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )
     return run_scheduler_process(config)
 
@@ -222,6 +249,9 @@ def _add_join(sub) -> None:
     _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
                               "(default: port + 200)")
     _add_allowed_hosts(p)
+    _add_tls(p, "CA certificate(s) that the scheduler's certificate must chain to "
+                  "(default: the system's CAs); with --tls-certfile this node also encrypts its "
+                  "activation links (ZeroMQ CURVE)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_join)
 
@@ -237,7 +267,7 @@ def _run_join(args: argparse.Namespace) -> int:
         join_token=_secret(args, "--join-token", "PARALLAX_JOIN_TOKEN"),
         max_batch_size=args.max_batch_size, threads=args.threads,
         warmup=not args.no_warmup, p2p_port=args.p2p_port, relays=tuple(args.relay),
-        allowed_hosts=_hosts(args.allowed_hosts),
+        allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )
     return run_join(config)
 
@@ -256,6 +286,8 @@ def _add_chat(sub) -> None:
     p.add_argument("--port", type=int, default=3002, help="HTTP port (default 3002)")
     _add_p2p_options(p, 0, "tcp port of the P2P peer when -s names a peer (default: any free)")
     _add_allowed_hosts(p)
+    _add_tls(p, "CA certificate(s) that the scheduler's certificate must chain to; "
+                  "with it (or an https:// -s) the scheduler is reached over https")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_chat)
 
@@ -266,7 +298,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     return run_chat(ChatConfig(scheduler=args.scheduler, host=args.host, port=args.port,
                                p2p_port=args.p2p_port, relays=tuple(args.relay),
-                               allowed_hosts=_hosts(args.allowed_hosts)))
+                               allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args)))
 
 
 def _add_gateway(sub) -> None:
@@ -285,6 +317,8 @@ def _add_gateway(sub) -> None:
     _add_secret(p, "--api-key", "PARALLAX_API_KEY",
                 "the scheduler's API key, sent upstream as a Bearer token")
     _add_allowed_hosts(p)
+    _add_tls(p, "CA certificate(s) that the scheduler's certificate must chain to; "
+                  "with it (or an https:// -s) the scheduler is reached over https")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(func=_run_gateway)
 
@@ -297,7 +331,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, host=args.host, port=args.port,
         password=_secret(args, "--password", "PARALLAX_GATEWAY_PASSWORD"),
         api_key=_secret(args, "--api-key", "PARALLAX_API_KEY"),
-        allowed_hosts=_hosts(args.allowed_hosts),
+        allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )
     return run_gateway(config)
 

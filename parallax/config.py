@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from parallax.p2p.peer import MULTIADDR_RE, is_p2p_target
+from parallax.serving.tls import NO_TLS, TLSConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -75,6 +76,7 @@ class ExecutorConfig:
     # other nodes use to reach it (None: a single node, no activation socket)
     activation_bind: str | None = None
     activation_endpoint: str | None = None
+    link_encryption: bool = False  # serve the activation socket with CURVE (TLS nodes)
 
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
@@ -109,6 +111,7 @@ class ServeConfig:
     max_restarts: int = 5  # consecutive failed executor starts before giving up
     warmup: bool = True
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
     executor: ExecutorConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +163,11 @@ class SchedulerConfig:
     retry_attempts: int = 20  # all pipelines busy: retry this many intervals, then 429
     retry_interval_s: float = 5.0
     heartbeat_timeout_s: float = 15.0  # a node silent this long is evicted
+    # replay on failure (scheduler/replay.py): how long a request whose pipeline broke waits
+    # for a complete pipeline (keep-alives every replay_keepalive_s), and how often at most
+    replay_wait_s: float = 120.0
+    max_replays: int = 3
+    replay_keepalive_s: float = 5.0
     dtype: str = "float32"  # what nodes load weights in: sizes /model/list and allocation
     mdns: bool = True
     local_models: tuple[str, ...] = ()  # extra model dirs / .gguf files offered in /model/list
@@ -172,6 +180,7 @@ class SchedulerConfig:
     relays: tuple[str, ...] = ()  # relay server multiaddrs for peers behind NAT
     max_queued: int = 1024  # requests waiting for a pipeline with room; one more -> 429
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -180,6 +189,9 @@ class SchedulerConfig:
             raise ConfigError("host must not be empty")
         _check_p2p(self.p2p_port, self.relays)
         _check_allowed_hosts(self.allowed_hosts)
+        if self.p2p and self.tls.enabled:  # its P2P bridge talks plain HTTP to this server
+            raise ConfigError("--p2p and the --tls-* options do not go together yet: P2P mode "
+                              "is encrypted by libp2p; use one or the other")
         _check_positive("init_nodes_num", self.init_nodes_num, allow_none=False)
         if self.init_nodes_num > MAX_INIT_NODES:
             raise ConfigError(f"init_nodes_num must be at most {MAX_INIT_NODES}, "
@@ -190,6 +202,12 @@ class SchedulerConfig:
             raise ConfigError(f"retry_attempts must be >= 0, got {self.retry_attempts!r}")
         if self.retry_interval_s < 0:
             raise ConfigError(f"retry_interval must be >= 0, got {self.retry_interval_s!r}")
+        if not isinstance(self.max_replays, int) or self.max_replays < 0:
+            raise ConfigError(f"max_replays must be >= 0, got {self.max_replays!r}")
+        if self.replay_wait_s < 0:
+            raise ConfigError(f"replay_wait_s must be >= 0, got {self.replay_wait_s!r}")
+        if not self.replay_keepalive_s > 0:
+            raise ConfigError(f"replay_keepalive_s must be > 0, got {self.replay_keepalive_s!r}")
         for name in ("heartbeat_timeout_s", "connect_timeout_s", "read_timeout_s",
                      "evict_interval_s"):
             if not getattr(self, name) > 0:
@@ -231,6 +249,7 @@ class JoinConfig:
     p2p_port: int | None = None  # P2P mode (-s PEER): the Lattica peer's port; default port + 200
     relays: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -245,10 +264,16 @@ class JoinConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.scheduler is not None and not (re.match(r"^[\w.\-\[\]:]+:\d+$", self.scheduler)
+        if self.scheduler is not None and not (_SCHEDULER_ADDRESS.match(self.scheduler)
                                                or is_p2p_target(self.scheduler)):
             raise ConfigError(f"--scheduler must be HOST:PORT, a peer id or a /p2p/ multiaddr, "
                               f"got {self.scheduler!r}")
+        if self.tls.enabled and self.scheduler is not None and is_p2p_target(self.scheduler):
+            raise ConfigError("P2P mode is encrypted by libp2p already: drop the --tls-* options")
+        if self.scheduler is not None and self.scheduler.startswith("https://") \
+                and not self.tls.serves_tls:
+            raise ConfigError("an https:// scheduler needs this node to serve TLS too: give "
+                              "--tls-certfile and --tls-keyfile (and --tls-ca-file)")
         _check_positive("memory_bytes", self.memory_bytes)
 
     @property
@@ -309,6 +334,7 @@ class ChatConfig:
     p2p_port: int = 0  # P2P mode: this server's Lattica port (0: any free port)
     relays: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
     max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
 
     def __post_init__(self) -> None:
@@ -328,10 +354,10 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
     max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
     max_failed_auth: int = 10  # wrong passwords per client within the window; then 429
     failed_auth_window_s: float = 60.0  # ... and the client stays blocked this long
-    tls: bool = False  # serves https (no plain-HTTP warning when bound beyond loopback)
 
     def __post_init__(self) -> None:
         _check_proxy_common(self)

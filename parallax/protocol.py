@@ -34,6 +34,10 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     downstream: list[str] = []
+    # a replayed request (failover): the last `num_resumed_tokens` of `prompt_token_ids` are
+    # ids the request already generated on a pipeline that broke; they are prefilled with the
+    # prompt and count as generated (max_tokens, penalties)
+    num_resumed_tokens: int = 0
 
 
 class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
@@ -69,6 +73,9 @@ class ExecutorReady(msgspec.Struct, tag="ready", frozen=True):
     device: str
     dtype: str
     load_seconds: float
+    curve_public_key: str = ""  # its activation socket's CURVE key ("": not encrypted)
+    # packed weight type -> kernel path ("q4_1": "avx2" / "torch" / "gather"), for /health
+    kernels: dict[str, str] = {}
 
 
 class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
@@ -79,12 +86,28 @@ class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     layer_latency_ms: float = 0.0  # step time per decoder layer of this shard (EWMA)
+    # tokens this executor computed since it started: in prefill (prompt, and the generated
+    # ids of replayed requests) and in decode steps (a head's own counters, for failover proof)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+# Why a request failed (TokenOutput.kind), so that whoever drives it can decide to replay it:
+# the pipeline broke (a peer was lost, or took nothing in time: replay elsewhere), the engine
+# failed on it (replay, a bounded number of times), or the request itself is invalid (never).
+PEER_LOST = "peer_lost"
+STAGE_TIMEOUT = "stage_timeout"
+INVALID_REQUEST = "invalid_request"
+ENGINE_ERROR = "engine_error"
+FAILURE_KINDS = (PEER_LOST, STAGE_TIMEOUT, INVALID_REQUEST, ENGINE_ERROR)
 
 
 class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """What one request produced in one step: a token, and/or the end of the request.
 
-    `finish_reason` is one of stop | length | abort | error; `error` says what went wrong.
+    `finish_reason` is one of stop | length | abort | error; `error` says what went wrong,
+    `kind` (one of FAILURE_KINDS) why, and `peer` the activation endpoint that was lost or
+    timed out, when one was.
     """
 
     rid: str
@@ -92,6 +115,8 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    kind: str | None = None
+    peer: str | None = None
 
 
 class StepOutputs(msgspec.Struct, tag="outputs", frozen=True):
@@ -124,6 +149,7 @@ class SetLinkSecurity(msgspec.Struct, tag="link_security", frozen=True):
 
     key: str
     peers: list[str]
+    curve_keys: list[str] = []  # CURVE public key of each peer, in `peers` order ("": none)
 
 
 ToExecutor = Union[AddRequest, AbortRequest, Shutdown, SetLinkAliases,  # noqa: UP007
@@ -206,7 +232,10 @@ class Heartbeat(msgspec.Struct, frozen=True):
     loaded_start_layer: int | None = None
     loaded_end_layer: int | None = None
     error: str | None = None
-    link_key_id: str = ""  # fingerprint of the link key its executor holds (link_keys.key_id)
+    # fingerprint of the link key (and peers' CURVE keys) its executor holds
+    # (link_crypto.link_fingerprint)
+    link_key_id: str = ""
+    curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes; "" none)
 
 
 class PeerEndpoint(msgspec.Struct, frozen=True):
@@ -225,6 +254,7 @@ class HeartbeatResponse(msgspec.Struct, frozen=True):
     # and the activation endpoints of that pipeline, the only ones its executor sends to
     link_key: str = ""
     link_peers: list[str] = []
+    link_curve_keys: list[str] = []  # CURVE public key of each link peer ("": plain link)
 
 
 class NodeLeave(msgspec.Struct, frozen=True):

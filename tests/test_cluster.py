@@ -8,11 +8,13 @@ quickly, and the cluster heals with the standby node without any manual step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -32,7 +34,32 @@ PROMPTS = ["What is the capital of France?", "List three primary colors.",
            "Explain recursion in one sentence."]
 
 
+@contextlib.contextmanager
+def running(cluster: LocalCluster, timeout: float = START_TIMEOUT_S) -> Iterator[LocalCluster]:
+    """`cluster` once it is available (a module fixture's body); always closed after."""
+    try:
+        cluster.wait_status({"available"}, timeout)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def split_memory(share: float = 0.6) -> str:
+    """A node budget that holds part of the built-in model only (under the scheduler's own
+    sizing, which counts packed GGUF bytes), so two nodes form one 2-stage pipeline and a
+    third stays on standby."""
+    from parallax.models.hub import DEFAULT_MODEL
+    from parallax.scheduler.catalog import ModelCatalog, solo_memory_bytes
+
+    spec = ModelCatalog("float32").spec(DEFAULT_MODEL)
+    return f"{int(share * solo_memory_bytes(spec) / 2**20)}MB"
+
+
 class LocalCluster:
+    # replay on failure is off here: the kill test below checks that a lost stage fails the
+    # head's requests at once (test_failover_cluster.py checks that they are continued)
+    max_replays = 0
+
     def __init__(self, tmp_path, num_nodes: int, memory: str) -> None:
         self.tmp_path = tmp_path
         self.port = free_port()
@@ -44,6 +71,7 @@ class LocalCluster:
                                                    "--retry-attempts", "3",
                                                    "--retry-interval", "1",
                                                    "--heartbeat-timeout", "6",
+                                                   "--max-replays", str(self.max_replays),
                                                    *self.scheduler_args()])
         self.join_target = self.scheduler_target()
         self.node_ports = [free_port() for _ in range(num_nodes)]
@@ -130,7 +158,7 @@ def kill_node_mid_stream(cluster: LocalCluster, port: int, events_before: int = 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), num_nodes=3, memory="600MB")
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), num_nodes=3, memory=split_memory())
     try:
         cluster.wait_status({"available"}, START_TIMEOUT_S)
         yield cluster

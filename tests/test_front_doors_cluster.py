@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import die_with_pytest, free_port
-from test_cluster import START_TIMEOUT_S, LocalCluster
+from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 
 from parallax.serving.sse import DONE_MARKER, parse_sse_lines
 
@@ -50,7 +50,7 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("front-doors"), num_nodes=2, memory="600MB")
+    cluster = LocalCluster(tmp_path_factory.mktemp("front-doors"), num_nodes=2, memory=split_memory())
     try:
         status = cluster.wait_status({"available"}, START_TIMEOUT_S)
         assert len(status["pipelines"]) == 1 and len(status["pipelines"][0]) == 2

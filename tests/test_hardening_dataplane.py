@@ -21,7 +21,7 @@ import pytest
 import torch
 import zmq
 from processes import free_port
-from test_cluster import START_TIMEOUT_S, LocalCluster
+from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 from test_pipeline_links import KEY, Cluster
 from tiny_models import greedy_tokens, save_tiny_model
 
@@ -245,15 +245,16 @@ def model_path(tmp_path_factory):
 
 def test_in_flight_request_survives_forgeries_on_both_stages(model_path, caplog):
     prompt = list(range(1, 12))
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    expected = greedy_tokens(load_shard(model_path).model, [prompt], max_tokens=30)[0]
+    # long enough that it is still running after the first short drive on a fast idle CPU
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    expected = greedy_tokens(load_shard(model_path).model, [prompt], max_tokens=400)[0]
     cluster = Cluster(model_path, [(0, 2), (2, 4)])
     attackers = [cluster.context.socket(zmq.PUSH) for _ in cluster.endpoints]
     head = cluster.endpoints[0]
     hidden = cluster.links[1].limits.hidden_size
     try:
         cluster.add("victim", prompt, params)
-        before = cluster.run(until_s=0.1).get("victim", [])
+        before = cluster.run(until_s=0.02).get("victim", [])
         assert "victim" in cluster.engines[0].sequences  # in flight
         forged = [
             [P.encode(P.StageTokens([P.TokenOutput("victim", 3, True, "stop")]))],
@@ -397,7 +398,7 @@ class AttackedCluster(LocalCluster):
 
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory):
-    cluster = AttackedCluster(tmp_path_factory.mktemp("attacked"), num_nodes=2, memory="600MB")
+    cluster = AttackedCluster(tmp_path_factory.mktemp("attacked"), num_nodes=2, memory=split_memory())
     try:
         status = cluster.wait_status({"available"}, START_TIMEOUT_S)
         assert len(status["pipelines"]) == 1 and len(status["pipelines"][0]) == 2

@@ -226,7 +226,7 @@ def test_gateway_prints_the_warning_when_bound_beyond_loopback(monkeypatch, caps
         with pytest.raises(ConfigError, match=next(iter(bad))):
             GatewayConfig(password="pw", **bad)
 
-    async def no_serve(app, host, port, banner):
+    async def no_serve(app, host, port, banner, tls=None):
         return 0
 
     monkeypatch.setattr(server, "serve_app", no_serve)

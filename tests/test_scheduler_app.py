@@ -38,6 +38,7 @@ OTHER = ModelSpec("other-model", num_layers=6, layer_bytes=10 * MB, embedding_by
 HALF = 70  # MB: a node holds 4 of 8 layers as first or last stage, so 2 nodes make a pipeline
 WHOLE = 200  # MB: one node holds the whole model
 METRICS = {"ttft_ms": 12.5, "tps": 40.0, "duration_ms": 60.0}
+NO_FAILOVER = {"failovers": 0, "replay_ms": 0.0, "replayed_tokens": 0}  # the scheduler adds
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
@@ -297,8 +298,9 @@ def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
     node = status["node_list"][0]
     assert set(node) == {"node_id", "status", "device", "device_name", "memory_gb",
                          "start_layer", "end_layer", "running_requests", "gflops",
-                         "layer_latency_ms"}
+                         "layer_latency_ms", "link_encryption"}
     assert node["status"] == "ready" and node["device_name"] == "fake cpu"
+    assert node["link_encryption"] == "none"  # no TLS, no P2P: the links are in the clear
 
     # the official openai client streams through the scheduler
     from openai import OpenAI
@@ -319,7 +321,9 @@ def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
 
     # non-streaming, a client-chosen rid (ignored: the scheduler names requests), model names
     response = s.chat(stream=False, rid="my-rid", model="default")
-    assert response.status_code == 200 and response.json()["metrics"] == METRICS
+    assert response.status_code == 200  # the head streamed it; the scheduler assembled it
+    assert response.json()["metrics"] == {**METRICS, **NO_FAILOVER}
+    assert response.json()["choices"][0]["message"]["content"] == "Hello there"
     assert nodes.received[-1][1]["rid"].startswith("chatcmpl-")
     missing = s.chat(model="nope")
     assert missing.status_code == 404 and missing.json()["object"] == "error"
@@ -422,7 +426,7 @@ def test_unreachable_head_is_skipped_and_no_pipeline_is_503(scheduler, nodes):
 
 
 def test_head_dying_mid_stream_ends_with_an_error_event(scheduler, nodes):
-    s = scheduler()
+    s = scheduler(max_replays=0)  # replay off (tests/test_replay_scheduler.py has it on)
     s.bring_up({"a": WHOLE})
     events = sse_events(s.chat("DROP"))
     assert events[-1] == "[DONE]" and events[-2]["object"] == "error"

@@ -52,6 +52,9 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == EOS))
 
 
+FAKE_KERNELS = {"q4_1": "avx2", "q6_k": "gather"}  # what a packed GGUF's executor reports
+
+
 class FakeExecutor:
     """A thread in place of the executor process (ProcessHandle protocol)."""
 
@@ -61,6 +64,7 @@ class FakeExecutor:
         self.model_type = model_type
         self.send_ready = send_ready
         self.exit_code: int | None = None
+        self.received: list = []  # every message from the frontend
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(input_address, output_address),
                                         daemon=True)
@@ -83,12 +87,13 @@ class FakeExecutor:
                     pid=self.pid, model_name="fake", model_type=self.model_type, start_layer=0,
                     end_layer=2, num_layers=2, max_model_len=512, block_size=16,
                     num_total_blocks=64, eos_token_ids=[EOS], tokenizer_path="", device="cpu",
-                    dtype="float32", load_seconds=0.0)))
+                    dtype="float32", load_seconds=0.0, kernels=FAKE_KERNELS)))
             stats = P.ExecutorStats(0, 0, 64, 64)
             while not self._stop.is_set():
                 if not pull.poll(20):
                     continue
                 message = P.decode_to_executor(pull.recv())
+                self.received.append(message)
                 if isinstance(message, P.Shutdown):
                     return
                 if not isinstance(message, P.AddRequest):
@@ -107,6 +112,7 @@ class FakeExecutor:
                     continue
                 text = user.removeprefix("REPLY:")
                 ids = [ord(c) for c in text][: message.sampling_params.max_tokens]
+                ids = ids[message.num_resumed_tokens:]  # a replay goes on after those
                 for i, token in enumerate(ids):
                     last = i == len(ids) - 1
                     out = P.TokenOutput(message.rid, token, last, "length" if last else None)
@@ -343,6 +349,15 @@ def test_not_ready_is_503_and_health_says_loading():
     run(scenario())
 
 
+def test_health_names_the_kernel_path_of_each_packed_weight_type():
+    async def scenario():
+        async with Harness() as h:
+            health = await h.http.get("/health")
+            assert health.status_code == 200 and health.json()["kernels"] == FAKE_KERNELS
+
+    run(scenario())
+
+
 def test_body_limit_413_and_model_404():
     async def scenario():
         async with Harness(max_body_bytes=1000) as h:
@@ -377,5 +392,39 @@ def test_frontend_bug_in_one_request_fails_only_that_request():
             assert (await h.chat("REPLY:fine")).json()["choices"][0]["message"]["content"] \
                 == "fine"
             assert not h.frontend.client.requests
+
+    run(scenario())
+
+
+def test_internal_leg_carries_token_ids_and_a_replay_resumes_after_them():
+    """The scheduler's leg (parallax/serving/internal_leg.py): ids on every chunk, the last
+    delta inside the final chunk, failure kinds; a replay prefills prompt + ids, goes on."""
+    output = "<think>ab</think>ok"
+
+    async def scenario():
+        async with Harness(model_type="qwen3") as h:
+            events = await h.stream("REPLY:" + output, parallax={"internal": True})
+            chunks = [e for e in events if isinstance(e, dict)]
+            ids = [i for c in chunks for i in c.get("parallax", {}).get("token_ids", [])]
+            assert ids == [ord(c) for c in output]
+            assert chunks[-1]["parallax"]["reasoning"] is True
+            assert texts(events, "reasoning_content") == "ab"
+            assert texts(events, "content") == "ok"
+            resumed = ids[:9]  # "<think>ab": the client has seen the reasoning "ab"
+            events = await h.stream("REPLY:" + output, rid="replay-1",
+                                    parallax={"internal": True, "resume_token_ids": resumed})
+            assert texts(events, "reasoning_content") == "" and texts(events, "content") == "ok"
+            assert events[-2]["usage"]["completion_tokens"] == len(output)
+            add = [m for m in h.launched[-1].received if isinstance(m, P.AddRequest)][-1]
+            assert add.rid == "replay-1" and add.num_resumed_tokens == 9
+            assert add.prompt_token_ids[-9:] == resumed
+            assert add.sampling_params.max_tokens > len(output)  # resumed ids count in it
+            events = await h.stream("FAIL", parallax={"internal": True})
+            assert events[-2]["parallax"] == {"kind": "engine_error", "peer": None}
+            bad = await h.chat("REPLY:x", stream=True,
+                               parallax={"internal": True, "resume_token_ids": [-1]})
+            assert bad.status_code == 400
+            plain = await h.stream("REPLY:x")  # without the flag nothing internal is added
+            assert not any("parallax" in e for e in plain if isinstance(e, dict))
 
     run(scenario())

@@ -70,7 +70,7 @@ class StubEngine:
         self.sequences: dict[str, int] = {}
         self.fail_next_step = False
 
-    def add_request(self, rid, prompt, params):
+    def add_request(self, rid, prompt, params, num_resumed_tokens=0):
         if not prompt:
             raise ValueError("the prompt has no tokens")
         self.sequences[rid] = 0
@@ -133,7 +133,8 @@ def test_executor_loop_isolates_bad_requests_and_failed_steps(loop_sockets):
         front_push.send(P.encode(message))
     loop.run_once(idle_timeout_ms=100)  # drains both, steps "good" once
     outputs = _collect(front_pull)
-    assert P.TokenOutput("bad", None, True, "error", "the prompt has no tokens") in outputs
+    assert P.TokenOutput("bad", None, True, "error", "the prompt has no tokens",
+                         P.INVALID_REQUEST) in outputs  # never replayed
     assert P.TokenOutput("good", 11) in outputs  # a bad neighbour did not stop it
 
     engine.fail_next_step = True
@@ -142,6 +143,7 @@ def test_executor_loop_isolates_bad_requests_and_failed_steps(loop_sockets):
     failed = _collect(front_pull)
     assert {o.rid for o in failed} == {"good", "other"}
     assert all(o.finish_reason == "error" and "kernel exploded" in o.error for o in failed)
+    assert all(o.kind == P.ENGINE_ERROR for o in failed)
     assert not engine.sequences  # the process goes on with a clean engine
 
 

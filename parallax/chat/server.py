@@ -54,9 +54,9 @@ def build_chat_app(config: ChatConfig) -> FastAPI:
 
     app = FastAPI(title="Parallax chat", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.state.client = make_client(base or scheduler_url(config.scheduler),
+    app.state.client = make_client(base or scheduler_url(config.scheduler, config.tls),
                                    config.connect_timeout_s, config.read_timeout_s,
-                                   transport=transport)
+                                   transport=transport, tls=config.tls)
     install_error_handlers(app)
 
     def route(path: str, read_timeout_s: float | None):
@@ -78,7 +78,7 @@ def run_chat(config: ChatConfig) -> int:
     """Blocking entry used by the CLI."""
     app = build_chat_app(config)
     target = config.scheduler if is_p2p_target(config.scheduler) else scheduler_url(
-        config.scheduler)  # a peer id / multiaddr is shown as given
+        config.scheduler, config.tls)  # a peer id / multiaddr is shown as given
     banner = (f"Parallax chat on {{url}} (scheduler: {target}); "
               f"Ctrl-C stops it")
-    return asyncio.run(serve_app(app, config.host, config.port, banner))
+    return asyncio.run(serve_app(app, config.host, config.port, banner, config.tls))

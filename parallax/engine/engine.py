@@ -99,6 +99,10 @@ class Engine:
                                   config.dtype, window_blocks)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
+        # first stage: tokens computed in prefill (whatever a request brought: prompt, resumed
+        # ids) and in decode steps, since this engine started
+        self.num_prefill_tokens = 0
+        self.num_decode_tokens = 0
 
     def _split_kv_budget(self, windows: list[int]) -> tuple[int, dict[int, int]]:
         """Blocks of the full-attention group and of each sliding-window group.
@@ -144,13 +148,22 @@ class Engine:
     # ---- input ---------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+        num_resumed_tokens: int = 0,
     ) -> None:
-        """First stage: admit a request (it waits until blocks and batch room allow)."""
+        """First stage: admit a request (it waits until blocks and batch room allow).
+
+        `num_resumed_tokens`: the last ones of `prompt_token_ids` were generated already (a
+        replayed request): they are prefilled with the prompt but count as generated.
+        """
         if not self.is_first:
             raise RuntimeError("add_request is for the first stage; later stages use add_hidden")
         self._check_new(request_id, prompt_token_ids, sampling_params)
+        if not 0 <= num_resumed_tokens < len(prompt_token_ids):
+            raise ValueError(f"{num_resumed_tokens} resumed tokens for a prompt of "
+                             f"{len(prompt_token_ids)}")
         seq = Sequence(request_id, prompt_token_ids, sampling_params, self.config.block_size)
+        seq.num_prompt_tokens -= num_resumed_tokens
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -249,6 +262,11 @@ class Engine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start_position + chunk.num_tokens
             self.block_manager.register_computed(chunk.seq)
+            if self.is_first:
+                end = chunk.start_position + chunk.num_tokens
+                prefill = max(0, min(end, chunk.seq.num_initial_tokens) - chunk.start_position)
+                self.num_prefill_tokens += prefill
+                self.num_decode_tokens += chunk.num_tokens - prefill
         if not self.is_last:
             outputs.extend(self._hidden_outputs(chunks, hidden))
         elif due:

@@ -42,6 +42,7 @@ class Sequence:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_initial_tokens = len(prompt_token_ids)  # what the request brought (prefill)
         self.sampling_params = sampling_params
         self.block_size = block_size
         self.status = SequenceStatus.WAITING

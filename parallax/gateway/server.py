@@ -200,8 +200,9 @@ def build_gateway_app(config: GatewayConfig,
 
     app = FastAPI(title="Parallax gateway", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.state.client = make_client(scheduler_url(config.scheduler), config.connect_timeout_s,
-                                   config.read_timeout_s)
+    app.state.client = make_client(scheduler_url(config.scheduler, config.tls),
+                                   config.connect_timeout_s, config.read_timeout_s,
+                                   tls=config.tls)
     install_error_handlers(app)
 
     async def open_chat(request: Request) -> httpx.Response:
@@ -247,10 +248,11 @@ def build_gateway_app(config: GatewayConfig,
 def run_gateway(config: GatewayConfig) -> int:
     """Blocking entry used by the CLI."""
     app = build_gateway_app(config)
-    warning = insecure_bind_warning(config.host, config.tls)
+    warning = insecure_bind_warning(config.host, config.tls.serves_tls)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     key = "with an API key" if config.api_key else "without an API key"
-    banner = (f"Parallax gateway on {{url}} (scheduler: {scheduler_url(config.scheduler)}, "
+    banner = (f"Parallax gateway on {{url}} (scheduler: "
+              f"{scheduler_url(config.scheduler, config.tls)}, "
               f"{key}); every request needs `Authorization: Bearer <password>`")
-    return asyncio.run(serve_app(app, config.host, config.port, banner))
+    return asyncio.run(serve_app(app, config.host, config.port, banner, config.tls))

@@ -1,9 +1,8 @@
 """GGUF files: config from metadata, tensors with HF names — packed or dequantized on load.
 
 Quantized tensors of the packed types (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) come out as
-`PackedWeight`s, their block bytes read straight from the file (never through a float copy),
-with `PARALLAX_GGUF_DEQUANTIZE=0`; `=1` (for now the default, see DEQUANTIZE_DEFAULT) is the
-old path that dequantizes everything to float.
+`PackedWeight`s, their block bytes read straight from the file (never through a float copy);
+`PARALLAX_GGUF_DEQUANTIZE=1` is the old path that dequantizes everything to float.
 llama.cpp's converter permutes the rows of Q and K for its RoPE layout in Llama models; we
 un-permute them (on packed bytes too: whole rows move, blocks run along K) so the shard
 computes exactly what transformers computes.
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from parallax.models.gguf_table import GGUFTable
 from parallax.models.quant.formats import PACKED_TYPES, QT
 from parallax.models.quant.packed import PackedWeight
 from parallax.models.weights import ReadLog
@@ -52,25 +52,20 @@ BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
 @functools.lru_cache(maxsize=2)
-def open_reader(path: str):
-    """A GGUFReader, or a ValueError that says the file is not a readable GGUF.
+def open_reader(path: str) -> GGUFTable:
+    """The file's metadata and tensor table, or a ValueError that says it is not a readable GGUF.
 
-    Cached: parsing the metadata (the whole vocabulary) takes seconds, and a load needs it twice.
+    Cached: a load and the sizing around it read the table several times. Our own light reader
+    (gguf_table.py), not gguf.GGUFReader, whose parsed vocabulary would stay in memory.
     """
-    from gguf import GGUFReader
-
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the gguf package raises bare ValueError/struct errors
+        return GGUFTable(path)
+    except Exception as exc:  # truncated files raise struct/index errors
         raise ValueError(f"{path} is not a readable GGUF file ({exc}); re-download it") from exc
 
 
-def field_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+def field_value(reader: GGUFTable, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def gguf_config(reader, path: str = "the GGUF file"):
@@ -130,10 +125,9 @@ def unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return shaped.swapaxes(1, 2).reshape(weight.shape)
 
 
-# Packed loading is opt-in (PARALLAX_GGUF_DEQUANTIZE=0) until the native kernels' 8-bit
-# activations stop flipping near-tie tokens: on SmolLM2 Q4_1 they turn the greedy "The capital
-# of France is Paris." into "L'Étoile, ..." (issue 12; tests/test_gguf_packed.py).
-DEQUANTIZE_DEFAULT = "1"
+# Packed by default: the native kernels keep activations in fp32, so a packed model computes
+# what the dequantized one does but for summation order (tests/test_gguf_packed.py).
+DEQUANTIZE_DEFAULT = "0"
 
 
 def dequantize_requested() -> bool:

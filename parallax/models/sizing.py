@@ -5,9 +5,16 @@ the parameters each decoder layer really has in our implementation, so every fam
 by the same code that runs it: all experts of an MoE layer count (a node holds all of them),
 gpt-oss' MXFP4 experts count at the load dtype (they are dequantized at load), q/k norms,
 sinks and biases count. Model types without a family fall back to a formula.
+
+A GGUF file loaded packed (the default) is sized from its tensor table instead: quantized
+tensors of the packed types count their bytes in the file, which is what a node holds, and
+every other tensor counts at the load dtype (`gguf_tensor_bytes`). Layers differ there (Q4_K_M
+gives some layers Q6_K tensors), so a shard is summed layer by layer (`shard_bytes`).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -65,3 +72,82 @@ def formula_param_counts(config) -> tuple[int, int, int]:
     layer = attention + mlp + 2 * hidden  # + two norms
     embedding = config.vocab_size * hidden
     return layer, embedding, embedding + hidden
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def gguf_tensor_bytes(path: str, num_layers: int,
+                      dtype_bytes: int) -> tuple[list[int], int, int] | None:
+    """(bytes of each decoder layer, embedding bytes, final norm + LM head bytes) of a GGUF as
+    a node holds it, read from the file's tensor table (no tensor data is read); None when
+    packing is off (PARALLAX_GGUF_DEQUANTIZE=1: everything is float, the config says it all).
+
+    The LM head of a tied model is the embedding's packed table (a last stage that is not the
+    first holds its own copy). A fused module whose parts mix packed and other types is
+    dequantized at load; that rare case is counted packed here.
+    """
+    from parallax.models.gguf import dequantize_requested, hf_name, open_reader
+    from parallax.models.quant.formats import PACKED_TYPES, QT
+
+    if dequantize_requested():
+        return None
+    layers = [0] * num_layers
+    embedding = head = norm = 0
+    for tensor in open_reader(path).tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        packed = QT(tensor.tensor_type) in PACKED_TYPES
+        size = int(tensor.n_bytes) if packed else int(tensor.n_elements) * dtype_bytes
+        match = _LAYER.match(name)
+        if match:
+            layer = int(match.group(1))
+            if layer < num_layers:
+                layers[layer] += size
+        elif name == "model.embed_tokens.weight":
+            embedding = size
+        elif name == "lm_head.weight":
+            head = size
+        elif name == "model.norm.weight":
+            norm = size
+    return layers, embedding, (head or embedding) + norm
+
+
+def gguf_estimate(path: str, config,
+                  dtype_bytes: int) -> tuple[int, int, int, int] | None:
+    """`estimate_layer_bytes` for a GGUF file, from its tensor table (None: packing off)."""
+    sizes = gguf_tensor_bytes(path, int(config.num_hidden_layers), dtype_bytes)
+    if sizes is None:
+        return None
+    layers, embedding, lm_head = sizes
+    return max(layers), embedding, lm_head, kv_bytes_per_token_per_layer(config, dtype_bytes)
+
+
+def model_estimate(source, config, dtype_bytes: int) -> tuple[int, int, int, int]:
+    """`estimate_layer_bytes` of a resolved model source: a GGUF by its tensor table, any other
+    source (or a GGUF loaded dequantized) by its config."""
+    if getattr(source, "kind", None) == "gguf":
+        estimate = gguf_estimate(source.path, config, dtype_bytes)
+        if estimate is not None:
+            return estimate
+    return estimate_layer_bytes(config, dtype_bytes)
+
+
+def shard_bytes(source, config, start: int, end: int, dtype_bytes: int) -> int:
+    """Weight bytes a node holds for layers [start, end) (+ embedding on the first stage, norm
+    and LM head on the last; a tied matrix once on a stage that is both), each layer by its own
+    tensors for a GGUF."""
+    first, last = start == 0, end == config.num_hidden_layers
+    sizes = None
+    if getattr(source, "kind", None) == "gguf":
+        sizes = gguf_tensor_bytes(source.path, int(config.num_hidden_layers), dtype_bytes)
+    if sizes is not None:
+        layers, embedding, lm_head = sizes
+        body = sum(layers[start:end])
+    else:
+        layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes)
+        body = (end - start) * layer
+    if first and last and getattr(config, "tie_word_embeddings", False):
+        return body + max(embedding, lm_head)
+    return body + embedding * first + lm_head * last

@@ -34,15 +34,13 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int) -> in
     """Estimated bytes of the weights of layers [start, end) (+ embedding / LM head)."""
     from parallax.models.hub import resolve
     from parallax.models.loader import load_config
-    from parallax.models.sizing import estimate_layer_bytes
+    from parallax.models.sizing import shard_bytes
 
     source = resolve(model)
     if source.kind == "repo":
         return 0  # unknown until downloaded; the KV budget falls back to the default
-    config = load_config(source)
-    layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes)
-    return (end - start) * layer + embedding * (start == 0) + lm_head * (
-        end == config.num_hidden_layers)
+    # a GGUF counts its packed bytes, layer by layer, from the file's tensor table
+    return shard_bytes(source, load_config(source), start, end, dtype_bytes)
 
 
 class NodeAgent:
@@ -63,7 +61,8 @@ class NodeAgent:
         self.heartbeat_interval_s = 2.0
         self.node_secret = ""  # from the join answer; sent as X-Node-Secret
         # P2P mode passes a LatticaTransport: the same calls then travel to the scheduler's peer
-        self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, transport=transport)
+        self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, transport=transport,
+                                      verify=config.tls.client_verify())
         self._ready_task: asyncio.Task | None = None
         self._apply_task: asyncio.Task | None = None
         self._latest_assignment: P.Assignment | None = None
@@ -126,7 +125,8 @@ class NodeAgent:
             return True
         if not answer.known:
             return False
-        self.client.set_link_security(answer.link_key, answer.link_peers)
+        self.client.set_link_security(answer.link_key, answer.link_peers,
+                                      answer.link_curve_keys)
         self._apply_soon(answer.assignment)
         await self._update_links(answer.peers, answer.link_key)
         return True
@@ -186,6 +186,7 @@ class NodeAgent:
             loaded_end_layer=info.end_layer if ready else None,
             error=self.client.error,
             link_key_id=self.client.link_key_id,
+            curve_public_key=info.curve_public_key if ready else "",
         )
 
     def _same_layers(self, assignment: P.Assignment | None) -> bool:
@@ -230,6 +231,7 @@ class NodeAgent:
             threads=self.config.threads, warmup=self.config.warmup,
             activation_bind=self.activation_bind,
             activation_endpoint=self.join_message.activation_endpoint,
+            link_encryption=self.config.tls.serves_tls,  # CURVE with TLS (link_crypto.py)
         )
 
     async def _announce_ready(self, assignment: P.Assignment) -> None:

@@ -34,8 +34,9 @@ from parallax import protocol as P
 from parallax.config import ExecutorConfig
 from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
+from parallax.node.link_crypto import CurveKeyPair
 from parallax.node.peers import PipelineLinks, StageLimits
-from parallax.node.stage import StageRouter
+from parallax.node.stage import RouteRejected, StageRouter
 
 logger = logging.getLogger("parallax.executor")
 
@@ -134,13 +135,17 @@ class ExecutorLoop:
                 if message.downstream and self.stage is not None:
                     self.stage.add_request(message)
                 elif message.downstream:
-                    raise ValueError("this node is not part of a pipeline")
+                    raise RouteRejected("this node is not part of a pipeline")
                 else:
                     self.engine.add_request(message.rid, list(message.prompt_token_ids),
-                                            message.sampling_params)
+                                            message.sampling_params, message.num_resumed_tokens)
             except (ValueError, RuntimeError) as exc:
+                # a table naming stages this node does not link to is the cluster changing
+                # (replay elsewhere); anything else the engine refused is the request's fault
+                kind = P.PEER_LOST if isinstance(exc, RouteRejected) else P.INVALID_REQUEST
                 self._pending.append(P.TokenOutput(message.rid, finished=True,
-                                                   finish_reason="error", error=str(exc)))
+                                                   finish_reason="error", error=str(exc),
+                                                   kind=kind))
             self._dirty = True
         elif isinstance(message, P.AbortRequest):
             if self.stage is not None:
@@ -154,7 +159,8 @@ class ExecutorLoop:
                 self.links.set_aliases(dict(message.aliases))
         elif isinstance(message, P.SetLinkSecurity):
             if self.links is not None:
-                self.links.set_security(parse_key(message.key), list(message.peers))
+                self.links.set_security(parse_key(message.key), list(message.peers),
+                                        list(message.curve_keys))
         elif isinstance(message, P.Shutdown):
             self.running = False
 
@@ -206,7 +212,8 @@ class ExecutorLoop:
         if self.stage is not None:
             return self.stage.after_step(outputs)
         return [
-            P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error)
+            P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
+                          P.ENGINE_ERROR if o.finish_reason == "error" else None)
             for o in outputs
         ]
 
@@ -231,13 +238,15 @@ class ExecutorLoop:
                                                      error=message) for rid in rids])
         if self.stage is not None:
             self.stage.abort(rids)  # frees the request on every later stage
-        return [P.TokenOutput(rid, finished=True, finish_reason="error", error=message)
-                for rid in rids]
+        return [P.TokenOutput(rid, finished=True, finish_reason="error", error=message,
+                              kind=P.ENGINE_ERROR) for rid in rids]
 
     def _publish(self, outputs: list[P.TokenOutput]) -> None:
         e = self.engine
         stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
-                                e.num_total_blocks, round(self.layer_latency_ms, 3))
+                                e.num_total_blocks, round(self.layer_latency_ms, 3),
+                                getattr(e, "num_prefill_tokens", 0),
+                                getattr(e, "num_decode_tokens", 0))
         self.push.send(P.encode(P.StepOutputs(outputs, stats)))
 
     def _check_parent(self) -> None:
@@ -282,6 +291,7 @@ def _build_engine(config: ExecutorConfig, report):
     from parallax.engine.engine import Engine, EngineConfig
     from parallax.engine.sampling_params import SamplingParams
     from parallax.models.loader import load_shard
+    from parallax.models.quant.loading import kernel_summary
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -324,6 +334,7 @@ def _build_engine(config: ExecutorConfig, report):
         block_size=config.block_size, num_total_blocks=engine.num_total_blocks,
         eos_token_ids=eos_ids, tokenizer_path=shard.tokenizer_path, device=config.device,
         dtype=config.dtype, load_seconds=round(load_seconds, 2),
+        kernels=kernel_summary(shard.model),
     )
     return engine, ready
 
@@ -353,9 +364,14 @@ def run_executor_process(
         engine, ready = _build_engine(
             config, lambda text: push.send(P.encode(P.ExecutorProgress(text))))
         if config.activation_bind:  # bound once the shard says what a valid message holds
+            curve = CurveKeyPair.generate() if config.link_encryption else None
             links = PipelineLinks(context, config.activation_bind,
                                   config.activation_endpoint or config.activation_bind,
-                                  StageLimits.of(engine, config.max_num_batched_tokens))
+                                  StageLimits.of(engine, config.max_num_batched_tokens),
+                                  curve=curve)
+            if curve is not None:  # peers learn it through the scheduler (link_crypto.py)
+                ready = msgspec.structs.replace(ready,
+                                                curve_public_key=curve.public.decode("ascii"))
         push.send(P.encode(ready))
         started = True
         ExecutorLoop(engine, pull, push, parent_pid, links).run()

@@ -27,7 +27,8 @@ import zmq.asyncio
 
 from parallax import protocol as P
 from parallax.config import ExecutorConfig
-from parallax.node.link_auth import key_id, parse_key
+from parallax.node.link_auth import parse_key
+from parallax.node.link_crypto import link_fingerprint
 
 logger = logging.getLogger("parallax.frontend")
 
@@ -62,9 +63,10 @@ def launch_executor_process(config: ExecutorConfig, input_address: str,
 
 @dataclass(frozen=True)
 class ExecutorLost:
-    """Queue item: the executor died before this request finished."""
+    """Queue item: the executor died (or was replaced) before this request finished."""
 
     message: str
+    kind: str = P.ENGINE_ERROR
 
 
 class NotReadyError(Exception):
@@ -91,6 +93,9 @@ class ExecutorClient:
         self.stats = P.ExecutorStats()
         self.num_restarts = 0
         self.requests: dict[str, asyncio.Queue] = {}
+        # prefill / decode tokens of executors that are gone (their stats reset with them)
+        self._base_prefill_tokens = 0
+        self._base_decode_tokens = 0
         self._failed_starts = 0
         self._process: ProcessHandle | None = None
         self._ready_event = asyncio.Event()
@@ -149,6 +154,10 @@ class ExecutorClient:
     async def reconfigure(self, config: ExecutorConfig | None) -> None:
         """Replace the executor (new layers, or none): in-flight requests fail, it reloads."""
         self._fail_all("the node is switching to a new layer range")
+        # not "ready" while the old executor stops: a request submitted now would reach an
+        # executor that exits without answering, and wait forever
+        self.state = "loading"
+        self._add_totals()
         process, self._process = self._process, None
         await self._stop_process(process)
         self.config = config
@@ -193,10 +202,11 @@ class ExecutorClient:
     # ---- requests --------------------------------------------------------------------
 
     def submit(self, rid: str, prompt_token_ids: list[int], params,
-               downstream: list[str] | None = None) -> asyncio.Queue:
+               downstream: list[str] | None = None, num_resumed_tokens: int = 0) -> asyncio.Queue:
         """Send a request to the executor; its outputs arrive on the returned queue.
 
-        `downstream`: activation endpoints of the later pipeline stages (none: whole model).
+        `downstream`: activation endpoints of the later pipeline stages (none: whole model);
+        `num_resumed_tokens`: how many of the last prompt ids were generated already (replay).
         """
         if self.state != "ready":
             raise NotReadyError(self.error or "the model is loading")
@@ -204,7 +214,8 @@ class ExecutorClient:
             raise ValueError(f"request id {rid!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self.requests[rid] = queue
-        if not self._send(P.AddRequest(rid, prompt_token_ids, params, downstream or [])):
+        if not self._send(P.AddRequest(rid, prompt_token_ids, params, downstream or [],
+                                       num_resumed_tokens)):
             del self.requests[rid]
             raise NotReadyError("the executor is not connected")
         return queue
@@ -215,10 +226,11 @@ class ExecutorClient:
         if self.state == "ready":
             self._send(P.SetLinkAliases(self.link_aliases))
 
-    def set_link_security(self, key: str, peers: list[str]) -> None:
-        """The pipeline's stage-link key (hex, "" for none) and endpoints, from the scheduler's
-        heartbeat answer; a fresh executor gets them before any request."""
-        security = P.SetLinkSecurity(key, list(peers))
+    def set_link_security(self, key: str, peers: list[str],
+                          curve_keys: list[str] | None = None) -> None:
+        """The pipeline's stage-link key (hex, "" for none), endpoints and their CURVE keys,
+        from the scheduler's heartbeat answer; a fresh executor gets them before any request."""
+        security = P.SetLinkSecurity(key, list(peers), list(curve_keys or ()))
         if security == self.link_security:
             return
         self.link_security = security
@@ -227,8 +239,10 @@ class ExecutorClient:
 
     @property
     def link_key_id(self) -> str:
-        """Fingerprint of the link key the (next) executor holds, for heartbeats."""
-        return key_id(parse_key(self.link_security.key))
+        """Fingerprint of the link key and CURVE keys the (next) executor holds, for
+        heartbeats."""
+        return link_fingerprint(parse_key(self.link_security.key),
+                                self.link_security.curve_keys)
 
     def abort(self, rid: str) -> bool:
         """Forget a request and tell the executor to free it. Returns whether it was in flight."""
@@ -306,8 +320,26 @@ class ExecutorClient:
                 self._on_executor_down(f"the executor process exited with code {code}",
                                        during_startup=self.state == "loading")
 
+    def _add_totals(self) -> None:
+        """Keep the token counters of the executor that is going away."""
+        self._base_prefill_tokens += self.stats.num_prefill_tokens
+        self._base_decode_tokens += self.stats.num_decode_tokens
+        self.stats = msgspec.structs.replace(self.stats, num_prefill_tokens=0,
+                                             num_decode_tokens=0)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens the executors of this node prefilled since the node started."""
+        return self._base_prefill_tokens + self.stats.num_prefill_tokens
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """Tokens the executors of this node ran in decode steps since the node started."""
+        return self._base_decode_tokens + self.stats.num_decode_tokens
+
     def _on_executor_down(self, reason: str, during_startup: bool) -> None:
         """Fail in-flight requests and restart (or give up when it cannot start)."""
+        self._add_totals()
         process = self._process
         self._process = None
         if process is not None and process.poll() is None:

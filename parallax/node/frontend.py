@@ -37,6 +37,8 @@ from parallax.serving.errors import (
     install_error_handlers,
     require_join_token,
 )
+from parallax.serving.internal_leg import KEY as INTERNAL_KEY
+from parallax.serving.internal_leg import InternalRequest, parse_internal
 from parallax.serving.metrics import RequestTimer, ServingMetrics
 from parallax.serving.openai_schemas import (
     ChatCompletionRequest,
@@ -53,6 +55,7 @@ from parallax.serving.reasoning import HARMONY_MODEL_TYPES, make_reasoning_parse
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
+from parallax.serving.text_state import TextState
 
 logger = logging.getLogger("parallax.frontend")
 
@@ -70,14 +73,16 @@ class ChatJob:
     created: int
     prompt_ids: list[int]
     queue: asyncio.Queue
-    detokenizer: IncrementalDetokenizer
-    stop: StopStringMatcher
-    parser: Any  # ThinkParser | HarmonyParser | None
+    text: TextState
     timer: RequestTimer = field(default_factory=RequestTimer)
+    internal: bool = False  # the scheduler's leg: chunks carry token ids, errors their kind
     num_completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
     error_status: int = 500
+    error_kind: str = P.ENGINE_ERROR  # protocol.FAILURE_KINDS
+    error_peer: str | None = None  # the lost activation endpoint, when one was
+    final_delta: tuple[str, str] = ("", "")  # text released when the request ended
     done: bool = False  # the executor side is over (finished, failed or aborted)
     ended: bool = False  # metrics recorded, watcher stopped
     watcher: asyncio.Task | None = None
@@ -205,13 +210,27 @@ class NodeFrontend:
             raise APIError(429, f"the server is at capacity ({self.config.max_in_flight} "
                                 "requests running or waiting); retry later")
 
-    async def admit(self, req: ChatCompletionRequest,
-                    timer: RequestTimer | None = None) -> ChatJob:
+    def parse_internal(self, body: Any) -> InternalRequest:
+        """The scheduler's internal fields of a request body (400 when malformed)."""
+        if not isinstance(body, dict) or INTERNAL_KEY not in body:
+            return InternalRequest()
+        self._check_ready()
+        info = self.client.info
+        assert info is not None
+        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else 2**31 - 1
+        return parse_internal(body, vocab, info.max_model_len)
+
+    async def admit(self, req: ChatCompletionRequest, timer: RequestTimer | None = None,
+                    internal: InternalRequest | None = None) -> ChatJob:
         """Checks that need the model, render the prompt off the loop, hand it to the executor.
 
         The checks run again after the render, with no await between them and the submit, so
-        the capacity and rid checks still hold when the request reaches the executor.
+        the capacity and rid checks still hold when the request reaches the executor. A replay
+        (`internal.resume_token_ids`) prefills prompt + those ids, counts them as generated and
+        starts its text state after them.
         """
+        internal = internal or InternalRequest()
+        resume = list(internal.resume_token_ids)
         rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self._check_admission(rid, self._num_rendering)
         self._num_rendering += 1
@@ -225,19 +244,30 @@ class NodeFrontend:
         info = self.client.info
         harmony = info.model_type in HARMONY_MODEL_TYPES
         enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
-        try:
-            queue = self.client.submit(rid, prompt_ids, params, downstream)
-        except NotReadyError as exc:
-            raise APIError(503, str(exc)) from None
-        return ChatJob(
+        text = TextState(IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                                skip_special_tokens=not harmony),
+                         StopStringMatcher(req.stop),
+                         make_reasoning_parser(info.model_type, prompt_text, enable_thinking))
+        text.prime(resume)
+        done_at_once = _resumed_finish(resume, params, text.stopped, len(prompt_ids),
+                                       min(info.max_model_len,
+                                           info.num_total_blocks * info.block_size))
+        if done_at_once is not None:  # the broken pipeline had produced everything already
+            queue: asyncio.Queue = asyncio.Queue()
+        else:
+            try:
+                queue = self.client.submit(rid, prompt_ids + resume, params, downstream,
+                                           len(resume))
+            except NotReadyError as exc:
+                raise APIError(503, str(exc)) from None
+        job = ChatJob(
             rid=rid, model=self.model_name, created=int(time.time()), prompt_ids=prompt_ids,
-            queue=queue,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids,
-                                               skip_special_tokens=not harmony),
-            stop=StopStringMatcher(req.stop),
-            parser=make_reasoning_parser(info.model_type, prompt_text, enable_thinking),
-            timer=timer or RequestTimer(),
+            queue=queue, text=text, timer=timer or RequestTimer(), internal=internal.internal,
+            num_completion_tokens=len(resume),
         )
+        if done_at_once is not None:
+            job.done, job.finish_reason = True, done_at_once
+        return job
 
     def downstream_endpoints(self, routing_table: Any) -> list[str]:
         """Activation endpoints after this node for a request routed by the scheduler.
@@ -269,51 +299,40 @@ class NodeFrontend:
             raise APIError(400, "'routing_table' does not reach the last layer")
         return [entry.activation_endpoint for entry in entries[1:]]
 
-    def _split(self, job: ChatJob, text: str, final: bool = False) -> tuple[str, str]:
-        """Text from the detokenizer -> stop strings -> (reasoning, content)."""
-        emit, _ = job.stop.feed(text)
-        if final:
-            emit += job.stop.flush()
-        if job.parser is None:
-            return "", emit
-        reasoning, content = job.parser.feed(emit) if emit else ("", "")
-        if final:
-            r, c = job.parser.flush()
-            reasoning, content = reasoning + r, content + c
-        return reasoning, content
-
     async def deltas(self, job: ChatJob) -> AsyncIterator[tuple[str, str]]:
-        """Yield (reasoning, content) text deltas until the request ends; sets finish fields."""
+        """Yield (reasoning, content) text deltas until the request ends; sets finish fields
+        and `job.final_delta`, the text held back until the end (none after a failure on the
+        internal leg: the request goes on elsewhere, from the ids sent so far)."""
         while not job.done:
             item = await job.queue.get()
             if isinstance(item, ExecutorLost):
                 job.done, job.finish_reason = True, "error"
-                job.error, job.error_status = item.message, 503
+                job.error, job.error_status, job.error_kind = item.message, 503, item.kind
                 break
             if item.token_id is not None:
                 job.num_completion_tokens += 1
                 job.timer.mark_tokens(1)
-                reasoning, content = self._split(job, job.detokenizer.add(item.token_id))
+                reasoning, content = job.text.feed(item.token_id)
                 if reasoning or content:
                     yield reasoning, content
-                if job.stop.stopped:
+                if job.text.stopped:
                     job.done, job.finish_reason = True, "stop"
                     self.client.abort(job.rid)
                     break
             if item.finished:
                 job.done, job.finish_reason = True, item.finish_reason or "stop"
                 job.error = item.error
+                job.error_kind, job.error_peer = item.kind or P.ENGINE_ERROR, item.peer
                 if job.finish_reason == "error" and not job.error:
                     job.error = "the request failed in the executor"
                 break
-        reasoning, content = self._split(job, "" if job.stop.stopped else
-                                         job.detokenizer.flush(), final=True)
-        if reasoning or content:
-            yield reasoning, content
+        if not (job.internal and job.finish_reason == "error"):
+            job.final_delta = job.text.finish()
 
     def _internal_error(self, job: ChatJob, exc: Exception) -> None:
         logger.exception("request %s failed in the frontend", job.rid, exc_info=exc)
-        job.finish_reason, job.error_status = "error", 500
+        job.finish_reason, job.error_status, job.error_kind = "error", 500, P.ENGINE_ERROR
+        job.final_delta = ("", "")
         job.error = f"internal error while producing the answer: {type(exc).__name__}: {exc}"
 
     def end(self, job: ChatJob, status: int | None = None) -> None:
@@ -344,27 +363,39 @@ class NodeFrontend:
     def watch(self, request: Request, job: ChatJob) -> None:
         job.watcher = asyncio.create_task(self._watch_disconnect(request, job))
 
+    def _chunk(self, job: ChatJob, delta: dict[str, Any], finish: str | None = None,
+               metrics: dict[str, Any] | None = None) -> bytes:
+        body = chunk(job.rid, job.model, job.created, delta, finish, job.usage(), metrics)
+        if job.internal:  # the ids this chunk's text came from (internal_leg.py)
+            extra: dict[str, Any] = {"token_ids": job.text.take_ids()}
+            if finish is not None:
+                extra["reasoning"] = job.text.parser is not None
+            body[INTERNAL_KEY] = extra
+        return encode_event(body)
+
     async def stream(self, job: ChatJob) -> AsyncIterator[bytes]:
-        """SSE: role chunk, delta chunks, final chunk (finish_reason, metrics), [error,] [DONE]."""
+        """SSE: role chunk, delta chunks, final chunk (finish_reason, metrics), [error,] [DONE].
+
+        On the internal leg the final chunk carries the last delta itself (internal_leg.py)."""
         try:
             yield encode_event(chunk(job.rid, job.model, job.created,
                                      {"role": "assistant", "content": ""}, None, job.usage()))
             try:
                 async for reasoning, content in self.deltas(job):
-                    delta = {}
-                    if reasoning:
-                        delta["reasoning_content"] = reasoning
-                    if content:
-                        delta["content"] = content
-                    yield encode_event(chunk(job.rid, job.model, job.created, delta, None,
-                                             job.usage()))
+                    yield self._chunk(job, _delta(reasoning, content))
             except Exception as exc:  # a bug in text handling fails this request only
                 self._internal_error(job, exc)
             job.timer.finish()
-            yield encode_event(chunk(job.rid, job.model, job.created, {}, job.finish_reason,
-                                     job.usage(), job.timer.metrics_dict()))
+            last = _delta(*job.final_delta)
+            if last and not job.internal:
+                yield self._chunk(job, last)
+                last = {}
+            yield self._chunk(job, last, job.finish_reason, job.timer.metrics_dict())
             if job.finish_reason == "error":
-                yield encode_event(error_body(job.error_status, job.error or "error"))
+                error = error_body(job.error_status, job.error or "error")
+                if job.internal:
+                    error[INTERNAL_KEY] = {"kind": job.error_kind, "peer": job.error_peer}
+                yield encode_event(error)
             yield DONE
         finally:
             self.end(job)
@@ -383,8 +414,10 @@ class NodeFrontend:
             self.end(job)
         if job.finish_reason == "error":
             raise APIError(job.error_status, job.error or "the request failed")
+        reasoning.append(job.final_delta[0])
+        content.append(job.final_delta[1])
         body = completion(job.rid, job.model, job.created, "".join(content),
-                          "".join(reasoning) if job.parser is not None else None,
+                          "".join(reasoning) if job.text.parser is not None else None,
                           job.finish_reason or "stop", job.usage(), job.timer.metrics_dict())
         return JSONResponse(body)
 
@@ -400,8 +433,40 @@ class NodeFrontend:
             "num_total_blocks": stats.num_total_blocks,
             "executor_pid": self.client.pid,
             "executor_restarts": self.client.num_restarts,
+            # tokens this node's executors computed in prefill / in decode steps
+            "num_prefill_tokens": self.client.num_prefill_tokens,
+            "num_decode_tokens": self.client.num_decode_tokens,
             "error": self.client.error,
+            # packed GGUF weight type -> the kernel path it uses ({} for float weights)
+            "kernels": dict(self.client.info.kernels) if self.client.info else {},
         }
+
+
+def _delta(reasoning: str, content: str) -> dict[str, str]:
+    delta = {}
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    return delta
+
+
+def _resumed_finish(resume: list[int], params: SamplingParams, stopped: bool,
+                    num_prompt: int, room: int) -> str | None:
+    """How a replayed request ends before generating anything (None: it goes on).
+
+    The broken pipeline may have produced the last token without its end reaching us: the
+    replayed ids already hit max_tokens, end in a stop / EOS token, or a stop string."""
+    if not resume:
+        return None
+    if stopped:
+        return "stop"
+    last = resume[-1]
+    if last in params.stop_token_ids and not params.ignore_eos:
+        return "stop"
+    if len(resume) >= params.max_tokens or num_prompt + len(resume) >= room:
+        return "length"
+    return None
 
 
 def build_app(frontend: NodeFrontend) -> FastAPI:
@@ -416,9 +481,10 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
             # a node of a cluster with a join token serves only its scheduler (which sends it)
             require_join_token(request, frontend.join_token)
             body = await frontend.read_body(request)
-            req = parse_chat_request(parse_json_body(body))
+            raw = parse_json_body(body)
+            req = parse_chat_request(raw)
             check_model_name(req.model, frontend.model_name)
-            job = await frontend.admit(req, timer)
+            job = await frontend.admit(req, timer, frontend.parse_internal(raw))
         except APIError as exc:
             frontend.metrics.observe_request(exc.status, None)
             raise

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import uvicorn
-
 from parallax import protocol as P
 from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
@@ -14,7 +12,8 @@ from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
 from parallax.p2p.peer import is_p2p_target
 from parallax.scheduler.status import lan_address
-from parallax.serving.proxy import _Server, bind_socket, install_signal_handlers, say
+from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say
+from parallax.serving.tls import with_scheme
 
 
 def advertised_host(config: JoinConfig) -> str:
@@ -52,7 +51,8 @@ async def join_async(config: JoinConfig) -> int:
     say(f"{measured.device_name}: {measured.gflops:.0f} GFLOP/s, {measured.bandwidth_gbps:.0f} "
         f"GB/s, {measured.memory_bytes / 2**30:.1f} GiB for the model")
     node_id = f"{socket.gethostname()}-{port}"
-    p2p, transport, scheduler_url = None, None, f"http://{scheduler}"
+    # a node with any TLS option speaks only https to the scheduler
+    p2p, transport, scheduler_url = None, None, with_scheme(scheduler, config.tls.enabled)
     if is_p2p_target(scheduler):
         from parallax.p2p.relay import RelayedLinks
 
@@ -60,7 +60,8 @@ async def join_async(config: JoinConfig) -> int:
                                                 activation_port)
         scheduler_url = "http://scheduler.p2p"  # the transport sends it to the scheduler's peer
     join = P.NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
-                      measured.gflops, measured.bandwidth_gbps, f"http://{host}:{port}",
+                      measured.gflops, measured.bandwidth_gbps,
+                      f"{config.tls.scheme}://{host}:{port}",
                       f"tcp://{host}:{activation_port}", config.max_batch_size,
                       peer_id=p2p.peer_id if p2p else None)
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
@@ -71,14 +72,14 @@ async def join_async(config: JoinConfig) -> int:
                       f"tcp://{config.host}:{activation_port}", say, transport=transport,
                       links=RelayedLinks(p2p.relay, say) if p2p else None,
                       scheduler_label=transport.default_peer_id if p2p else None)
-    server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
-                                    timeout_graceful_shutdown=3, lifespan="off"))
+    server = make_server(build_app(frontend), config.tls, lifespan="off")
     install_signal_handlers(server, on_stop=client.begin_shutdown)
     await frontend.start(None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     agent_task = asyncio.create_task(agent.run())
-    say(f"Parallax node {node_id} on http://{host}:{port}, activations on "
-        f"tcp://{host}:{activation_port}, scheduler {scheduler}")
+    encrypted = " (CURVE-encrypted)" if config.tls.serves_tls else ""
+    say(f"Parallax node {node_id} on {config.tls.scheme}://{host}:{port}, activations on "
+        f"tcp://{host}:{activation_port}{encrypted}, scheduler {scheduler_url}")
     code = 0
     try:
         await asyncio.wait({serve_task, agent_task}, return_when=asyncio.FIRST_COMPLETED)

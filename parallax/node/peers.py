@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity, NoLinkKey
+from parallax.node.link_crypto import CurveKeyPair, connect_curve, is_curve_key, serve_curve
 
 logger = logging.getLogger("parallax.peers")
 
@@ -93,20 +94,29 @@ class PipelineLinks:
     """The activation endpoint of this executor and its outgoing links."""
 
     def __init__(self, context: zmq.Context, bind_address: str, own_endpoint: str,
-                 limits: StageLimits, security: LinkSecurity | None = None) -> None:
+                 limits: StageLimits, security: LinkSecurity | None = None,
+                 curve: CurveKeyPair | None = None) -> None:
         self.context = context
         self.own_endpoint = own_endpoint
         self.limits = limits
         self.security = security or LinkSecurity()  # no key: fail closed until one arrives
+        # CURVE (link_crypto.py): this stage's key pair when it encrypts; peers' public keys
+        self.curve = curve
+        self.curve_keys: dict[str, str] = {}  # endpoint -> its CURVE public key (Z85)
+        self._client_curve: CurveKeyPair | None = curve
         self.pull = context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, RCVHWM)
         self.pull.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        if curve is not None:
+            serve_curve(self.pull, curve)
         self.pull.bind(bind_address)
         self.pushes: dict[str, zmq.Socket] = {}
         self.monitors: dict[zmq.Socket, str] = {}
         self.pending: dict[str, deque[tuple[list, float]]] = {}  # endpoint -> (frames, deadline)
         self._unreachable: set[str] = set()
+        # why each endpoint disconnected_peers() last reported went down (FAILURE_KINDS)
+        self.down_kinds: dict[str, str] = {}
         self.routes: dict[str, Route] = {}
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
         self._drop_window, self._drop_logged, self._drops_unlogged = 0.0, 0, 0
@@ -115,9 +125,18 @@ class PipelineLinks:
         for socket in [self.pull, *self.pushes.values(), *self.monitors]:
             socket.close(linger=0)
 
-    def set_security(self, key: bytes | None, peers: list[str]) -> None:
-        """The scheduler's current link key and this pipeline's endpoints."""
+    def set_security(self, key: bytes | None, peers: list[str],
+                     curve_keys: list[str] | None = None) -> None:
+        """The scheduler's current link key, this pipeline's endpoints and their CURVE public
+        keys ("" for a peer that does not encrypt); a link whose key changed reconnects."""
         self.security.update(key, peers)
+        curve_keys = list(curve_keys or ())
+        keys = {endpoint: curve for endpoint, curve in zip(peers, curve_keys, strict=False)
+                if is_curve_key(curve)}
+        for endpoint in keys.keys() | self.curve_keys.keys():
+            if keys.get(endpoint) != self.curve_keys.get(endpoint):
+                self._drop(endpoint)  # reconnects with the new key when next used
+        self.curve_keys = keys
 
     def allows(self, endpoint: str) -> bool:
         """Whether this stage may send to (or report to) `endpoint`."""
@@ -137,6 +156,10 @@ class PipelineLinks:
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             try:
+                if endpoint in self.curve_keys and endpoint not in self.aliases:
+                    if self._client_curve is None:  # this stage does not serve CURVE itself
+                        self._client_curve = CurveKeyPair.generate()
+                    connect_curve(socket, self.curve_keys[endpoint], self._client_curve)
                 socket.connect(self.aliases.get(endpoint, endpoint))
             except zmq.ZMQError as exc:
                 monitor.close(linger=0)
@@ -236,11 +259,13 @@ class PipelineLinks:
         """Endpoints whose connection dropped, or that took no message in time, since the last
         call (non-blocking)."""
         gone, self._unreachable = set(self._unreachable), set()
+        self.down_kinds = {endpoint: P.STAGE_TIMEOUT for endpoint in gone}
         for monitor, endpoint in list(self.monitors.items()):
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
                     gone.add(endpoint)
+                    self.down_kinds[endpoint] = P.PEER_LOST
         for endpoint in gone:
             self._drop(endpoint)  # reconnect lazily, with a fresh monitor, if used again
         return sorted(gone)
@@ -328,6 +353,10 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return f"finish reason {output.finish_reason!r}"
         if output.error is not None and len(output.error) > MAX_ERROR_CHARS:
             return f"error text of {len(output.error)} characters"
+        if output.kind is not None and output.kind not in P.FAILURE_KINDS:
+            return f"failure kind {output.kind[:40]!r}"
+        if output.peer is not None and len(output.peer) > MAX_RID_CHARS:
+            return f"peer endpoint of {len(output.peer)} characters"
     return None
 
 

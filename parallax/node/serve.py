@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import uvicorn
-
 from parallax.config import ServeConfig
 from parallax.models.hub import resolve
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
-from parallax.serving.proxy import _Server, bind_socket, install_signal_handlers, say, url_host
+from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say, url_host
 
 logger = logging.getLogger("parallax.serve")
 
@@ -23,8 +21,7 @@ async def serve_async(config: ServeConfig) -> int:
     port = sock.getsockname()[1]
     client = ExecutorClient(config.executor, max_restarts=config.max_restarts, on_progress=say)
     frontend = NodeFrontend(config, client, source.name)
-    server = _Server(uvicorn.Config(build_app(frontend), log_level="warning",
-                                           timeout_graceful_shutdown=3, lifespan="off"))
+    server = make_server(build_app(frontend), config.tls, lifespan="off")
     install_signal_handlers(server, on_stop=client.begin_shutdown)
     await frontend.start(tokenizer_path=source.path if source.kind != "repo" else None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -35,7 +32,8 @@ async def serve_async(config: ServeConfig) -> int:
         if ready_task.done():
             try:
                 ready_task.result()
-                say(f"Parallax node serving {source.name} on http://{url_host(config.host)}:"
+                say(f"Parallax node serving {source.name} on "
+                    f"{config.tls.scheme}://{url_host(config.host)}:"
                     f"{port} (OpenAI API at /v1)")
             except Exception as exc:  # NotReadyError, or the tokenizer failed to load
                 say(f"error: the model could not be started: {exc}")

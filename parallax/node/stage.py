@@ -23,8 +23,15 @@ from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
 logger = logging.getLogger("parallax.stage")
 
 
-def error_output(rid: str, message: str) -> P.TokenOutput:
-    return P.TokenOutput(rid, finished=True, finish_reason="error", error=message)
+class RouteRejected(ValueError):
+    """The routing table names stages this node does not link to (the cluster changed)."""
+
+
+def error_output(rid: str, message: str, kind: str = P.ENGINE_ERROR,
+                 peer: str | None = None) -> P.TokenOutput:
+    """A failed request's last output; `kind` is one of protocol.FAILURE_KINDS."""
+    return P.TokenOutput(rid, finished=True, finish_reason="error", error=message, kind=kind,
+                         peer=peer)
 
 
 class StageRouter:
@@ -44,13 +51,13 @@ class StageRouter:
         """Register the route of a pipelined request, then admit it (ValueError passes up)."""
         unknown = [e for e in message.downstream if not self.links.security.allows(e)]
         if unknown:  # never dial an endpoint the scheduler did not list for this pipeline
-            raise ValueError(f"the routing table names {unknown[0][:80]!r}, which is not in "
-                             "this node's pipeline (the cluster is rebalancing); retry")
+            raise RouteRejected(f"the routing table names {unknown[0][:80]!r}, which is not "
+                                "in this node's pipeline (the cluster is rebalancing); retry")
         self.routes[message.rid] = Route(message.downstream[0], list(message.downstream[1:]),
                                          self.links.own_endpoint)
         try:
             self.engine.add_request(message.rid, list(message.prompt_token_ids),
-                                    message.sampling_params)
+                                    message.sampling_params, message.num_resumed_tokens)
         except (ValueError, RuntimeError):
             self.routes.pop(message.rid, None)
             raise
@@ -86,7 +93,8 @@ class StageRouter:
             if route is None:  # released meanwhile, or state lost: tell the head
                 if entry.head_endpoint:
                     self._to_head(entry.head_endpoint, [error_output(
-                        entry.rid, "a later stage has no state for this request")])
+                        entry.rid, "a later stage has no state for this request", P.PEER_LOST,
+                        self.links.own_endpoint)])
                 continue
             try:
                 self.engine.add_hidden(
@@ -125,7 +133,8 @@ class StageRouter:
             for o in outputs:
                 route = self.routes.get(o.request_id)
                 output = P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
-                                       o.error)
+                                       o.error,
+                                       P.ENGINE_ERROR if o.finish_reason == "error" else None)
                 if o.finished:
                     self.routes.pop(o.request_id, None)
                 if route is None or route.head_endpoint == self.links.own_endpoint:
@@ -160,7 +169,7 @@ class StageRouter:
         try:
             self.links.send_activations(endpoint, entries, torch.cat([o.hidden for o, _ in items]))
         except PeerUnreachable as exc:
-            return self._fail([o.request_id for o, _ in items], str(exc))
+            return self._fail([o.request_id for o, _ in items], str(exc), P.PEER_LOST, endpoint)
         return []
 
     # ---- failures ----------------------------------------------------------------------
@@ -173,21 +182,24 @@ class StageRouter:
             rids = [rid for rid, r in self.routes.items() if r.next_endpoint == endpoint]
             if rids:
                 logger.warning("lost the next stage %s; failing %d requests", endpoint, len(rids))
+                kind = self.links.down_kinds.get(endpoint, P.PEER_LOST)
                 outputs.extend(self._fail(rids, f"lost the connection to the next stage "
-                                                f"({endpoint})"))
+                                                f"({endpoint})", kind, endpoint))
         return outputs
 
-    def _fail(self, rids: list[str], message: str) -> list[P.TokenOutput]:
+    def _fail(self, rids: list[str], message: str, kind: str = P.ENGINE_ERROR,
+              peer: str | None = None) -> list[P.TokenOutput]:
         """Fail requests here; the head reports to its frontend, others to the head."""
         for_frontend = []
         by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
         for rid in rids:
             self.engine.abort(rid)
             route = self.routes.pop(rid, None)
+            output = error_output(rid, message, kind, peer)
             if route is None or route.head_endpoint == self.links.own_endpoint:
-                for_frontend.append(error_output(rid, message))
+                for_frontend.append(output)
             else:
-                by_head[route.head_endpoint].append(error_output(rid, message))
+                by_head[route.head_endpoint].append(output)
         for head, batch in by_head.items():
             self._to_head(head, batch)
         return for_frontend

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.config import MAX_INIT_NODES, SchedulerConfig
+from parallax.node.link_crypto import is_curve_key
 from parallax.protocol import (
     Assignment,
     Heartbeat,
@@ -101,7 +102,8 @@ class SchedulerState:
                                    on_change=self.changed, transport=transport)
         self.node_states: dict[str, str] = {}  # last heartbeat `state` per node
         self.is_local_network = True
-        self.join_command = join_command(config.host, config.port)  # without the token
+        self.join_command = join_command(config.host, config.port,
+                                         config.tls.serves_tls)  # without the token
         self.node_secrets: dict[str, str] = {}  # issued at join, sent back as X-Node-Secret
         self._model_list: list[dict[str, Any]] | None = None
         self._model_list_lock = asyncio.Lock()
@@ -203,6 +205,10 @@ class SchedulerState:
                             self.assignment_of(message.node_id), node_secret=secret)
 
     def heartbeat(self, message: Heartbeat) -> HeartbeatResponse:
+        record = self.registry.nodes.get(message.node_id)
+        if record is not None:  # before the grant, which hands it to the pipeline's peers
+            record.curve_public_key = message.curve_public_key \
+                if is_curve_key(message.curve_public_key) else ""
         grant = self.link_keys.grant(self.registry, message.node_id)
         # loaded = serving with its pipeline's current link key (else its peers' messages drop)
         loaded = message.state not in ("loading", "error") and grant.held_by(message.link_key_id)
@@ -224,7 +230,7 @@ class SchedulerState:
         self.changed()
         return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id),
                                  peers=self.p2p_peers(message.node_id), link_key=grant.key,
-                                 link_peers=grant.peers)
+                                 link_peers=grant.peers, link_curve_keys=grant.curve_keys)
 
     def p2p_peers(self, node_id: str) -> list[PeerEndpoint]:
         """The other nodes that joined over P2P (empty for a node that did not)."""
@@ -429,6 +435,11 @@ def build_app(state: SchedulerState) -> FastAPI:
     async def node_join(request: Request) -> Response:
         message = await control_body(request, NodeJoin)
         _valid_join(message)
+        if config.tls.serves_tls and message.peer_id is None \
+                and not message.http_url.startswith("https://"):
+            raise APIError(400, "this scheduler uses TLS: start the node with --tls-certfile, "
+                                "--tls-keyfile and --tls-ca-file, so its API and activation "
+                                "links are encrypted too")
         state.check_rejoin(message.node_id, request.headers.get(NODE_SECRET_HEADER))
         return _msgspec_response(state.join(message))
 

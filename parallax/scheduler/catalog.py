@@ -4,7 +4,9 @@ A model string is what nodes pass to `load_shard`: the built-in name, a local di
 `.gguf` file or a Hugging Face repo id. Its config comes from the GGUF metadata or config.json;
 for a repo id, from the local HF cache when present, else from :data:`CURATED_CONFIGS` (a few
 popular ids), else by downloading config.json alone. Sizing builds the model on the meta device
-(:func:`parallax.models.sizing.estimate_layer_bytes`), so results are cached per model.
+(:func:`parallax.models.sizing.estimate_layer_bytes`), so results are cached per model. A GGUF
+file loaded packed (the default) is sized by its tensor table instead: the packed bytes of each
+layer as stored, float tensors at the load dtype (:func:`parallax.models.sizing.model_estimate`).
 
 Bytes assume the dtype nodes load weights in: float32 (4 bytes a parameter, what CPU nodes use)
 unless the scheduler is told bfloat16 (2 bytes, CUDA nodes).
@@ -94,15 +96,17 @@ def solo_memory_bytes(spec: ModelSpec) -> float:
     return need / DEFAULT_MEMORY_FRACTION
 
 
-def _spec_from_config(name: str, config: Any, dtype_bytes: int) -> ModelSpec:
+def _spec_from_config(name: str, config: Any, dtype_bytes: int,
+                      source: ModelSource | None = None) -> ModelSpec:
+    """The allocator's view of a model; a GGUF `source` is sized by its packed tensor bytes."""
     from parallax.models.registry import FAMILIES
-    from parallax.models.sizing import estimate_layer_bytes
+    from parallax.models.sizing import model_estimate
 
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"{name}: model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(sorted(FAMILIES))}")
-    layer, embedding, lm_head, kv = estimate_layer_bytes(config, dtype_bytes)
+    layer, embedding, lm_head, kv = model_estimate(source, config, dtype_bytes)
     return ModelSpec(name=name, num_layers=int(config.num_hidden_layers), layer_bytes=layer,
                      embedding_bytes=embedding, lm_head_bytes=lm_head,
                      kv_bytes_per_token_per_layer=kv,
@@ -164,7 +168,7 @@ class ModelCatalog:
             from parallax.models.loader import load_config
 
             config = load_config(source)
-        spec = _spec_from_config(name, config, self.dtype_bytes)
+        spec = _spec_from_config(name, config, self.dtype_bytes, source)
         with self._lock:
             self._specs[name] = spec
         return spec

@@ -1,5 +1,12 @@
 """Forwarding a chat request: pick a pipeline (with waits and retries), send it to the head node
-with `rid` and `routing_table`, and relay the answer back byte for byte.
+with `rid` and `routing_table`, and relay the answer back, continuing it on another pipeline when
+its pipeline breaks (replay on failure, parallax/scheduler/replay.py).
+
+The head always streams to the scheduler (the internal leg, parallax/serving/internal_leg.py):
+every chunk carries its token ids, every error its kind. The scheduler strips those fields; a
+non-streaming client gets the stream assembled into one `chat.completion`. A ticket whose
+pipeline loses a node (evicted, left) is cut at once, whatever its head still says, so no
+request waits on a pipeline that no longer exists.
 
 Decisions stay in the pure modules: :func:`parallax.scheduler.routing.route` picks the pipeline
 from :func:`effective_loads`. Load is what heartbeats report plus what the scheduler itself has
@@ -12,25 +19,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import httpx
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from parallax.config import SchedulerConfig
 from parallax.p2p.peer import PEER_HEADER
 from parallax.protocol import RoutingEntry
 from parallax.scheduler.allocation import Stage
+from parallax.scheduler.failover import (
+    _JSON,
+    _SSE,
+    FailoverMixin,
+    _Attempt,
+    _error_message,
+    _media_type,
+    _Relay,
+    _Retryable,
+    _wait_disconnect,
+)
 from parallax.scheduler.registry import Registry
+from parallax.scheduler.replay import ReplaySession
 from parallax.scheduler.routing import NodeLoad, RouteDecision, route
 from parallax.scheduler.status import ClusterMetrics
 from parallax.serving.errors import APIError, error_body
-from parallax.serving.sse import DONE, encode_event
+from parallax.serving.internal_leg import request_fields
 
 logger = logging.getLogger("parallax.scheduler")
 
@@ -124,35 +143,18 @@ class Ticket:
     pipeline: tuple[Stage, ...]
     label: str
     released: bool = False
+    payload: dict[str, Any] | None = None  # the client's request (for replays)
+    broken: asyncio.Event = field(default_factory=asyncio.Event)  # a node of it is gone
 
     @property
     def node_ids(self) -> tuple[str, ...]:
         return tuple(stage.node_id for stage in self.pipeline)
 
 
-class _Retryable(Exception):
-    def __init__(self, error: APIError, reason: str) -> None:
-        super().__init__(error.message)
-        self.error, self.reason = error, reason
-
-
-def _error_message(body: bytes, fallback: str) -> str:
-    try:
-        obj = msgspec.json.decode(body)
-        return str(obj.get("message") or fallback) if isinstance(obj, dict) else fallback
-    except msgspec.DecodeError:
-        return fallback
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 # connections to head nodes (a transport passed in ignores the client's limits: give it these)
 NODE_LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=64)
 
-class Forwarder:
+class Forwarder(FailoverMixin):
     """Places requests on pipelines and relays the head node's answer."""
 
     def __init__(self, registry: Registry, config: SchedulerConfig, metrics: ClusterMetrics,
@@ -163,21 +165,25 @@ class Forwarder:
         self.metrics = metrics
         self.inflight = InFlight()
         self.queued = 0  # requests waiting for room
+        self._init_failover()
         self._on_change = on_change or (lambda: None)
         self._room = asyncio.Event()
         self._last_index = -1
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
                                 pool=config.connect_timeout_s)
         self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
-                                        limits=NODE_LIMITS)
+                                        limits=NODE_LIMITS,
+                                        verify=config.tls.client_verify())  # https nodes
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     def wake(self) -> None:
-        """Wake requests waiting for room (a request ended, a pipeline became ready...)."""
+        """Wake requests waiting for room (a request ended, a pipeline became ready...), and
+        cut the tickets whose pipeline lost a node (evicted, left)."""
         self._room.set()
         self._room = asyncio.Event()
+        self._cut_broken()
 
     # ---- placing ------------------------------------------------------------------------
 
@@ -186,7 +192,8 @@ class Forwarder:
         allocation = self.registry.allocation
         if allocation is None:
             return RouteDecision(None, "no_pipeline")
-        pipelines = [() if i in excluded else p for i, p in enumerate(allocation.pipelines)]
+        pipelines = [() if i in excluded or any(self.is_suspect(s.node_id) for s in p) else p
+                     for i, p in enumerate(allocation.pipelines)]
         decision = route(pipelines, effective_loads(self.registry, self.inflight),
                          last_index=self._last_index)
         if decision.pipeline_index is not None:
@@ -207,6 +214,7 @@ class Forwarder:
         pipeline = self.registry.allocation.pipelines[index]
         ticket = Ticket(rid, index, pipeline, ">".join(s.node_id for s in pipeline))
         self.inflight.add(ticket.node_ids, +1)
+        self.active[rid] = ticket
         self.metrics.pipeline_requests.labels(pipeline=ticket.label).inc()
         self._on_change()
         return ticket
@@ -216,6 +224,8 @@ class Forwarder:
         if not ticket.released:
             ticket.released = True
             self.inflight.add(ticket.node_ids, -1)
+            if self.active.get(ticket.rid) is ticket:
+                del self.active[ticket.rid]
             self.wake()
             self._on_change()
 
@@ -284,7 +294,9 @@ class Forwarder:
         A non-streaming answer sends no byte before the whole completion is ready, so without
         this a client that gives up would leave the head generating (and its slots taken).
         """
-        opening = asyncio.ensure_future(self.open(payload, rid))
+        # the head always streams to us, with the internal fields (internal_leg.py)
+        internal = {**payload, "stream": True, **request_fields([])}
+        opening = asyncio.ensure_future(self.open(internal, rid))
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -296,7 +308,9 @@ class Forwarder:
         if opening.cancelled():
             self.metrics.requests.labels(status="499").inc()
             return None
-        return opening.result()
+        ticket, response = opening.result()
+        ticket.payload = payload
+        return ticket, response
 
     def _unavailable_message(self) -> str:
         registry = self.registry
@@ -353,31 +367,17 @@ class Forwarder:
 
     async def respond(self, ticket: Ticket, response: httpx.Response, *, stream: bool,
                       request: Request) -> Response:
-        """The client's response: the SSE relay, or the head's whole body (any status)."""
-        if stream and response.status_code == 200 and _media_type(response) == _SSE:
-            return _Relay(self._relay(ticket, response), self, ticket, response,
-                          media_type="text/event-stream", headers=_SSE_HEADERS)
+        """The client's response: the replaying SSE relay, the assembled completion of a
+        non-streaming request, or the head's whole body (an error before any stream)."""
+        if response.status_code == 200 and _media_type(response) == _SSE:
+            attempt = _Attempt(ticket, response)
+            session = ReplaySession(ticket.rid, ticket.payload or {}, collect=not stream)
+            if stream:
+                return _Relay(self._drive(attempt, session), self, attempt,
+                              media_type="text/event-stream", headers=_SSE_HEADERS)
+            return await self._collect(attempt, session, request)
         try:
             return await self._whole(ticket, response, request)
-        finally:
-            await self._close(ticket, response)
-
-    async def _relay(self, ticket: Ticket, response: httpx.Response) -> AsyncIterator[bytes]:
-        peek = StreamPeek()
-        try:
-            try:
-                async for chunk in response.aiter_bytes():
-                    for final in peek.feed(chunk):
-                        self.metrics.observe_final(ticket.label, final)
-                    yield chunk
-            except httpx.HTTPError as exc:
-                logger.warning("request %s: head stream broke: %r", ticket.rid, exc)
-            if not peek.done:
-                message = (f"the pipeline's head node {ticket.pipeline[0].node_id} ended the "
-                           "stream early (node lost?)")
-                yield encode_event(error_body(503, message)) + DONE
-            self.metrics.requests.labels(
-                status="200" if peek.done and peek.error is None else "error").inc()
         finally:
             await self._close(ticket, response)
 
@@ -411,13 +411,6 @@ class Forwarder:
         return checked
 
 
-_JSON, _SSE = "application/json", "text/event-stream"
-
-
-def _media_type(response: httpx.Response) -> str:
-    return response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
 def _checked_body(response: httpx.Response, body: bytes, head_id: str) -> Response:
     """The head's answer as ours: only a JSON body (or an SSE one, when 200) passes, under our
     own content type; anything else becomes our error body (a head cannot make the scheduler
@@ -437,16 +430,3 @@ def _checked_body(response: httpx.Response, body: bytes, head_id: str) -> Respon
     return Response(msgspec.json.encode(error), status_code=status, media_type=_JSON)
 
 
-class _Relay(StreamingResponse):
-    """A StreamingResponse that gives the ticket back even if its body never starts."""
-
-    def __init__(self, content: AsyncIterator[bytes], forwarder: Forwarder, ticket: Ticket,
-                 response: httpx.Response, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._forwarder, self._ticket, self._response = forwarder, ticket, response
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._forwarder._close(self._ticket, self._response)

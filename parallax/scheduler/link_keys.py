@@ -16,7 +16,8 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from parallax.node.link_auth import KEY_BYTES, key_id
+from parallax.node.link_auth import KEY_BYTES
+from parallax.node.link_crypto import link_fingerprint
 from parallax.scheduler.registry import Registry
 
 Composition = tuple[tuple[str, int, int, str], ...]  # (node_id, start, end, endpoint) per stage
@@ -27,8 +28,9 @@ class LinkGrant:
     """What a heartbeat answer tells a node about its stage links."""
 
     key: str = ""  # hex; "" when the node is in no pipeline of two or more stages
-    key_id: str = ""
+    key_id: str = ""  # link_crypto.link_fingerprint of the key and the CURVE keys
     peers: list[str] = field(default_factory=list)  # the pipeline's activation endpoints
+    curve_keys: list[str] = field(default_factory=list)  # their CURVE keys ("": plain)
 
     def held_by(self, reported_key_id: str) -> bool:
         """Whether a node reporting `reported_key_id` can take part in its pipeline."""
@@ -63,7 +65,9 @@ class LinkKeys:
             if any(stage[0] == node_id for stage in composition):
                 key = keys.get(composition) or self._random()
                 keys[composition] = key
-                grant = LinkGrant(key.hex(), key_id(key), [stage[3] for stage in composition])
+                curve = [registry.nodes[stage[0]].curve_public_key for stage in composition]
+                grant = LinkGrant(key.hex(), link_fingerprint(key, curve),
+                                  [stage[3] for stage in composition], curve)
         self._keys = keys  # replaced whole: relay threads read a consistent snapshot
         return grant
 

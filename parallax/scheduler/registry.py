@@ -32,6 +32,7 @@ class NodeRecord:
     loaded_model: str | None = None  # what the node reports as loaded and ready
     loaded_range: tuple[int, int] | None = None
     peer_id: str | None = None  # P2P mode: requests reach this node over Lattica
+    curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes)
 
 
 @dataclass

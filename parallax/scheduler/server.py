@@ -52,12 +52,13 @@ def _start_p2p(config: SchedulerConfig):
                                 config.relays, lan_address())
 
 
-def _p2p_transport(p2p) -> httpx.AsyncBaseTransport:
+def _p2p_transport(p2p, config: SchedulerConfig) -> httpx.AsyncBaseTransport:
     """Requests to nodes that joined over P2P go through Lattica, the rest over plain HTTP."""
     from parallax.p2p.bridge import LatticaTransport
     from parallax.scheduler.forward import NODE_LIMITS
 
-    return LatticaTransport(p2p.peer, fallback=httpx.AsyncHTTPTransport(limits=NODE_LIMITS))
+    return LatticaTransport(p2p.peer, fallback=httpx.AsyncHTTPTransport(
+        limits=NODE_LIMITS, verify=config.tls.client_verify()))
 
 
 async def serve(config: SchedulerConfig, state: SchedulerState | None = None) -> None:
@@ -65,7 +66,7 @@ async def serve(config: SchedulerConfig, state: SchedulerState | None = None) ->
     p2p = await asyncio.to_thread(_start_p2p, config) if config.p2p else None
     try:
         state = state or SchedulerState(
-            config, transport=_p2p_transport(p2p) if p2p is not None else None)
+            config, transport=_p2p_transport(p2p, config) if p2p is not None else None)
         await _serve(config, state, p2p)
     finally:
         if p2p is not None:
@@ -86,14 +87,14 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
     sock = _bind(config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         build_app(state), host=config.host, port=config.port, log_level="warning",
-        timeout_graceful_shutdown=3, lifespan="on"))
+        timeout_graceful_shutdown=3, lifespan="on", **config.tls.uvicorn_kwargs()))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if task.done():
         await task
         raise OSError(f"the scheduler could not start on {config.host}:{config.port}")
-    where = f"http://{config.host}:{config.port}"
+    where = f"{config.tls.scheme}://{config.host}:{config.port}"
     publishing = None
     if p2p is not None:
         from parallax.p2p.roles import keep_published

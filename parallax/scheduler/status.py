@@ -44,12 +44,15 @@ def lan_address() -> str:
         probe.close()
 
 
-def join_command(host: str, port: int) -> str:
+def join_command(host: str, port: int, tls: bool = False) -> str:
     """`parallax join -s HOST:PORT`, HOST reachable from other machines (no token: see
-    :func:`with_join_token`)."""
+    :func:`with_join_token`); a TLS scheduler's names https and the node's TLS files."""
     address = lan_address() if host in WILDCARD_HOSTS else host
     if ":" in address:  # IPv6 literal
         address = f"[{address}]"
+    if tls:
+        return (f"parallax join -s {shlex.quote(f'https://{address}:{port}')} "
+                "--tls-certfile NODE.pem --tls-keyfile NODE.key --tls-ca-file CA.pem")
     return f"parallax join -s {shlex.quote(f'{address}:{port}')}"
 
 
@@ -126,6 +129,9 @@ def cluster_status(
             "running_requests": running.get(record.node_id, record.running_requests),
             "gflops": round(record.info.gflops, 1),
             "layer_latency_ms": round(record.layer_latency_ms, 3),
+            # how its activation links travel: CURVE-encrypted, libp2p (P2P), or in the clear
+            "link_encryption": "curve" if record.curve_public_key else (
+                "libp2p" if record.peer_id else "none"),
         })
     pipelines = [] if allocation is None else [
         [stage.node_id for stage in pipeline] for pipeline in allocation.pipelines]

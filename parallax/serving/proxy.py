@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.security import mark_relayed, read_body_capped
 from parallax.serving.sse import DONE, encode_event
+from parallax.serving.tls import NO_TLS, TLSConfig, with_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +38,22 @@ FORWARD_RESPONSE_HEADERS = ("content-type", "cache-control", "x-request-id", "re
                             "www-authenticate")
 
 
-def scheduler_url(address: str) -> str:
-    """`HOST:PORT` (or a full http(s) URL) → base URL without a trailing slash."""
-    address = address.strip().rstrip("/")
-    if address.startswith(("http://", "https://")):
-        return address
-    return f"http://{address}"
+def scheduler_url(address: str, tls: TLSConfig = NO_TLS) -> str:
+    """`HOST:PORT` (or a full http(s) URL) → base URL without a trailing slash; https when
+    `tls` names a CA file to check the scheduler with (an https URL is never downgraded)."""
+    return with_scheme(address, tls.ca_file is not None)
 
 
 def make_client(base_url: str, connect_timeout_s: float, read_timeout_s: float,
-                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one upstream client of a proxy server: timeouts on every call, no env proxies."""
+                transport: httpx.AsyncBaseTransport | None = None,
+                tls: TLSConfig = NO_TLS) -> httpx.AsyncClient:
+    """The one upstream client of a proxy server: timeouts on every call, no env proxies,
+    certificates checked against `tls`'s CA file (or the system's)."""
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s,
                             write=connect_timeout_s, pool=connect_timeout_s)
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False,
                              transport=transport,  # P2P mode: a LatticaTransport
+                             verify=tls.client_verify(),
                              limits=httpx.Limits(max_connections=1000,
                                                  max_keepalive_connections=50))
 
@@ -149,6 +151,12 @@ class _Server(uvicorn.Server):
         yield
 
 
+def make_server(app: FastAPI, tls: TLSConfig = NO_TLS, lifespan: str = "on") -> _Server:
+    """The uvicorn server of every command (https when `tls` has a certificate)."""
+    return _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                                  lifespan=lifespan, **tls.uvicorn_kwargs()))
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the HTTP port up front so a busy port fails with a clear message."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -190,14 +198,14 @@ def install_signal_handlers(server: uvicorn.Server,
             loop.add_signal_handler(sig, stop)
 
 
-async def serve_app(app: FastAPI, host: str, port: int, banner: str) -> int:
+async def serve_app(app: FastAPI, host: str, port: int, banner: str,
+                    tls: TLSConfig = NO_TLS) -> int:
     """Serve `app` on host:port until SIGINT/SIGTERM; `banner` gets `{url}` filled in."""
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                                    lifespan="on"))
+    server = make_server(app, tls)
     install_signal_handlers(server)
-    say(banner.format(url=f"http://{url_host(host)}:{bound_port}"))
+    say(banner.format(url=f"{tls.scheme}://{url_host(host)}:{bound_port}"))
     try:
         await server.serve(sockets=[sock])
     finally:

@@ -21,6 +21,7 @@ from test_cluster import (  # noqa: F401 (the fixture and tests run here again, 
     START_TIMEOUT_S,
     LocalCluster,
     reference_answers,
+    split_memory,
     test_greedy_answers_equal_whole_model,
     test_killed_node_fails_in_flight_request_then_cluster_heals,
     test_split_across_two_nodes_with_a_standby,
@@ -62,7 +63,7 @@ class P2PCluster(LocalCluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = P2PCluster(tmp_path_factory.mktemp("p2p-cluster"), num_nodes=3, memory="600MB")
+    cluster = P2PCluster(tmp_path_factory.mktemp("p2p-cluster"), num_nodes=3, memory=split_memory())
     try:
         cluster.wait_status({"available"}, START_TIMEOUT_S)
         cluster.ready_after_s = time.monotonic() - cluster.started_at

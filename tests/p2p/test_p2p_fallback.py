@@ -16,10 +16,11 @@ import sys
 import pytest
 from processes import die_with_pytest
 from test_cluster import (  # noqa: F401 (reference_answers is a fixture)
-    START_TIMEOUT_S,
     assert_greedy_answers,
     kill_node_mid_stream,
     reference_answers,
+    running,
+    split_memory,
 )
 
 from p2p.test_p2p_cluster import P2PCluster
@@ -58,7 +59,7 @@ class SplitCluster(P2PCluster):
     def __init__(self, tmp_path, namespaces: list[str]) -> None:
         self.namespaces = namespaces
         self.started = 0
-        super().__init__(tmp_path, num_nodes=2, memory="600MB")
+        super().__init__(tmp_path, num_nodes=2, memory=split_memory())
 
     def start_node(self, port: int) -> subprocess.Popen:
         index = self.started
@@ -77,12 +78,8 @@ class SplitCluster(P2PCluster):
 
 @pytest.fixture(scope="module")
 def split_cluster(tmp_path_factory, namespaces):
-    cluster = SplitCluster(tmp_path_factory.mktemp("split"), namespaces)
-    try:
-        cluster.wait_status({"available"}, START_TIMEOUT_S)
+    with running(SplitCluster(tmp_path_factory.mktemp("split"), namespaces)) as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 def test_nodes_cannot_reach_each_other(namespaces):

@@ -1,13 +1,19 @@
 /* Matmul on packed GGUF blocks: y[m, n] = x[m, k] . W[n, k]^T, W kept in ggml's block layout.
  *
- * The way llama.cpp does it: each call quantizes the activation rows once (Q8 blocks of 32
- * for the legacy types, Q8_K-like blocks of 256 with 16-value sums for the K-quants), then every
- * weight block meets every activation block in integer dot products (AVX2 maddubs/madd, or
- * AVX-512 VNNI dpbusd where built for it; plain C otherwise). OpenMP splits the output rows;
- * a weight block is decoded once and reused across a tile of up to MAXR activation rows, so a
- * batch is not MAXR separate GEMVs over the weight.
+ * Activations stay fp32. Every 32-value group of a weight row is decoded to fp32 in registers
+ * (block scale and min folded in) and meets up to MAXR activation rows in fused multiply-adds,
+ * so the result equals "dequantize, then an fp32 matmul" but for summation order. Why not
+ * llama.cpp's 8-bit activations with integer dot products: on SmolLM2 Q4_1 they flipped 4 % of
+ * the top-1 tokens against the fp32 model (issue 12), and batch-1 decode is bound by the weight
+ * bytes read, which decoding in registers does not change. OpenMP splits the output rows.
  *
- * Plain C on purpose: no torch headers, built by gcc at first use (see native.py).
+ * pq_dequantize writes the same decoded values to memory: the caller's GEMM for large batches
+ * (prefill) dequantizes a tile of rows at a time and hands it to BLAS, which beats decoding the
+ * weight again for every MAXR activation rows.
+ *
+ * Plain C on purpose: no torch headers, built by gcc at first use (see native.py). The x86
+ * decoders are shared by the AVX2 and AVX-512 builds, which differ in vector width (8 or 16
+ * fp32 lanes); any other CPU gets the portable section, vectorized by the compiler alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,13 +26,11 @@
 #define QKK 256
 #define MAXR 4
 #define ROW_CHUNK 16
+#define INLINE static inline __attribute__((always_inline))
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
        T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
-
-typedef struct { float d; float s; int8_t qs[QK]; } aq8_t;  /* s = d * sum(qs) */
-typedef struct { float d; int32_t pad; int16_t bsums[16]; int8_t qs[QKK]; } aqk_t;
 
 static long long call_count = 0;
 
@@ -58,464 +62,387 @@ static inline float load_f16(const uint8_t *p) {
     return fp16_to_fp32(h);
 }
 
-/* Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins */
-static inline void k_scale_min(const uint8_t *q, uint8_t *sc, uint8_t *mn) {
+/* Q4_K / Q5_K header: d * (8 six-bit scales) and dmin * (8 six-bit mins) */
+INLINE void k_header(const uint8_t *b, float *scale, float *min) {
+    const float d = load_f16(b), dmin = load_f16(b + 2);
+    const uint8_t *q = b + 4;
     for (int j = 0; j < 4; j++) {
-        sc[j] = q[j] & 63;
-        mn[j] = q[j + 4] & 63;
-        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
-        mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+        scale[j] = d * (float)(q[j] & 63);
+        min[j] = dmin * (float)(q[j + 4] & 63);
+        scale[j + 4] = d * (float)((q[j + 8] & 0xF) | ((q[j] >> 6) << 4));
+        min[j + 4] = dmin * (float)((q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4));
     }
 }
 
-/* ---- activation quantization ------------------------------------------------------------- */
-
-static void quantize_row_q8(const float *x, aq8_t *y, int64_t k) {
-    for (int64_t b = 0; b < k / QK; b++) {
-        const float *xb = x + b * QK;
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < QK; i++) {
-            const int v = (int)nearbyintf(xb[i] * id);
-            y[b].qs[i] = (int8_t)v;
-            sum += v;
-        }
-        y[b].d = d;
-        y[b].s = d * (float)sum;
-    }
-}
-
-static void quantize_row_q8k(const float *x, aqk_t *y, int64_t k) {
-    for (int64_t b = 0; b < k / QKK; b++) {
-        const float *xb = x + b * QKK;
-        float amax = 0.0f;
-        for (int i = 0; i < QKK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        for (int g = 0; g < 16; g++) {
-            int sum = 0;
-            for (int i = g * 16; i < g * 16 + 16; i++) {
-                int v = (int)nearbyintf(xb[i] * id);
-                v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                y[b].qs[i] = (int8_t)v;
-                sum += v;
-            }
-            y[b].bsums[g] = (int16_t)sum;
-        }
-        y[b].d = d;
-        y[b].pad = 0;
-    }
-}
-
-/* ---- dot products: one weight row against nr activation rows ------------------------------
- * w: the weight row's blocks; a: the first activation row's blocks, row r at a + r * as bytes;
- * out[r] = sum over the row. Each *_n is always inlined with a constant nr (see DISPATCH).
- */
-#define INLINE static inline __attribute__((always_inline))
-#define AQ8(r, b) ((const aq8_t *)(a + (r) * as) + (b))
-#define AQK(r, b) ((const aqk_t *)(a + (r) * as) + (b))
+/* ---- group decoders: 32 weights of one block (or K-quant sub-block) -> fp32 ---------------- */
 
 #if defined(__AVX2__)
 
-static inline float hsum_float_8(const __m256 x) {
+INLINE __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+INLINE __m128i nib_lo(__m128i q) { return _mm_and_si128(q, _mm_set1_epi8(0x0F)); }
+INLINE __m128i nib_hi(__m128i q) { return _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F)); }
+
+#if defined(__AVX512F__)
+
+/* 16 values per register: widening a byte vector costs one shuffle per 16 values, not per 8,
+ * which is what bounds the decode (not the memory) on a core with AVX-512. */
+typedef struct { __m512 v[2]; } grp_t; /* values 16s .. 16s + 15 in v[s] */
+typedef struct { __m512 v[2]; } acc_t;
+
+/* 32 unsigned values (lo: 0-15, hi: 16-31) -> q * d + mn */
+INLINE void emit_u8(__m128i lo, __m128i hi, float d, float mn, grp_t *w) {
+    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(mn);
+    w->v[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd, vm);
+    w->v[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd, vm);
+}
+
+/* 32 signed values -> q * d0 (values 0-15), q * d1 (16-31) */
+INLINE void emit_i8(__m128i lo, __m128i hi, float d0, float d1, grp_t *w) {
+    w->v[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), _mm512_set1_ps(d0));
+    w->v[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_set1_ps(d1));
+}
+
+INLINE void fma_group(const int nr, const grp_t *w, const float *x, int64_t ldx, acc_t *acc) {
+    for (int r = 0; r < nr; r++)
+        for (int s = 0; s < 2; s++)
+            acc[r].v[s] = _mm512_fmadd_ps(w->v[s], _mm512_loadu_ps(x + r * ldx + 16 * s),
+                                          acc[r].v[s]);
+}
+
+INLINE void acc_zero(const int nr, acc_t *acc) {
+    for (int r = 0; r < nr; r++) acc[r].v[0] = acc[r].v[1] = _mm512_setzero_ps();
+}
+
+INLINE float acc_sum(const acc_t *acc) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc->v[0], acc->v[1]));
+}
+
+INLINE void grp_store(const grp_t *w, float *out) {
+    _mm512_storeu_ps(out, w->v[0]);
+    _mm512_storeu_ps(out + 16, w->v[1]);
+}
+
+#else
+
+typedef struct { __m256 v[4]; } grp_t; /* values 8s .. 8s + 7 in v[s] */
+typedef struct { __m256 v[4]; } acc_t; /* per activation row: partial sums, reduced at the end */
+
+/* 32 unsigned values (lo: 0-15, hi: 16-31) -> q * d + mn */
+INLINE void emit_u8(__m128i lo, __m128i hi, float d, float mn, grp_t *w) {
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(mn);
+    w->v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
+    w->v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
+    w->v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
+    w->v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+}
+
+/* 32 signed values -> q * d0 (values 0-15), q * d1 (16-31) */
+INLINE void emit_i8(__m128i lo, __m128i hi, float d0, float d1, grp_t *w) {
+    const __m256 v0 = _mm256_set1_ps(d0), v1 = _mm256_set1_ps(d1);
+    w->v[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), v0);
+    w->v[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), v0);
+    w->v[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), v1);
+    w->v[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), v1);
+}
+
+/* acc[r] += w . x[r] for nr activation rows, row r at x + r * ldx. With one or two rows, all
+ * four partial sums are kept so the FMA latency chain is not the bound; with more, two. */
+INLINE void fma_group(const int nr, const grp_t *w, const float *x, int64_t ldx, acc_t *acc) {
+    const int na = nr <= 2 ? 4 : 2;
+    for (int r = 0; r < nr; r++)
+        for (int s = 0; s < 4; s++)
+            acc[r].v[s % na] = _mm256_fmadd_ps(w->v[s], _mm256_loadu_ps(x + r * ldx + 8 * s),
+                                               acc[r].v[s % na]);
+}
+
+INLINE void acc_zero(const int nr, acc_t *acc) {
+    for (int r = 0; r < nr; r++)
+        for (int s = 0; s < 4; s++) acc[r].v[s] = _mm256_setzero_ps();
+}
+
+INLINE float acc_sum(const acc_t *acc) {
+    const __m256 x = _mm256_add_ps(_mm256_add_ps(acc->v[0], acc->v[1]),
+                                   _mm256_add_ps(acc->v[2], acc->v[3]));
     __m128 res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     res = _mm_add_ps(res, _mm_movehl_ps(res, res));
     res = _mm_add_ss(res, _mm_movehdup_ps(res));
     return _mm_cvtss_f32(res);
 }
 
-static inline int hsum_i32_8(const __m256i a) {
-    const __m128i sum128 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extractf128_si256(a, 1));
-    const __m128i hi64 = _mm_unpackhi_epi64(sum128, sum128);
-    const __m128i sum64 = _mm_add_epi32(hi64, sum128);
-    const __m128i hi32 = _mm_shuffle_epi32(sum64, _MM_SHUFFLE(2, 3, 0, 1));
-    return _mm_cvtsi128_si32(_mm_add_epi32(sum64, hi32));
+INLINE void grp_store(const grp_t *w, float *out) {
+    for (int s = 0; s < 4; s++) _mm256_storeu_ps(out + 8 * s, w->v[s]);
 }
 
-/* 16 bytes of nibbles -> 32 bytes: value j (low nibble of byte j), then j + 16 (high) */
-static inline __m256i bytes_from_nibbles_32(const uint8_t *p) {
-    const __m128i tmp = _mm_loadu_si128((const __m128i *)p);
-    const __m256i bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-    return _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes);
-}
+#endif /* __AVX512F__ */
 
-/* 32 bits -> 32 bytes, 0xFF where the bit is set */
-static inline __m256i bytes_from_bits_32(const uint8_t *p) {
+/* a little-endian uint32 -> 0x10 in byte i where bit i is set (legacy 5-bit types) */
+INLINE void bits5(const uint8_t *p, __m128i *lo, __m128i *hi) {
     uint32_t x32;
     memcpy(&x32, p, 4);
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
-                                           0x0101010101010101, 0x0000000000000000);
-    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
-    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+    const __m128i v = _mm_set1_epi32((int)x32), sel = _mm_set1_epi64x(0x8040201008040201);
+    const __m128i b0 = _mm_shuffle_epi8(v, _mm_set_epi64x(0x0101010101010101, 0));
+    const __m128i b1 = _mm_shuffle_epi8(v, _mm_set_epi64x(0x0303030303030303, 0x0202020202020202));
+    *lo = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(b0, sel), sel), _mm_set1_epi8(0x10));
+    *hi = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(b1, sel), sel), _mm_set1_epi8(0x10));
 }
 
-/* unsigned x signed bytes, summed in groups of 4 -> 8 int32 */
-static inline __m256i mul_sum_us8_i32(const __m256i ax, const __m256i sy) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy);
-#else
-    return _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy));
-#endif
+/* bits [shift, shift + width) of every byte of 16, moved to bit 4 (K-quant high bits) */
+INLINE __m128i high_bits(const uint8_t *p, int shift, int mask) {
+    const __m128i v = _mm_srl_epi16(load16(p), _mm_cvtsi32_si128(shift));
+    return _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi8((char)mask)), 4);
 }
 
-static inline __m256 mul_sum_us8_float(const __m256i ax, const __m256i sy) {
-    return _mm256_cvtepi32_ps(mul_sum_us8_i32(ax, sy));
+INLINE void dec_q4_0(const uint8_t *b, grp_t *w) {
+    const __m128i q = load16(b + 2), eight = _mm_set1_epi8(8);
+    const float d = load_f16(b);
+    emit_i8(_mm_sub_epi8(nib_lo(q), eight), _mm_sub_epi8(nib_hi(q), eight), d, d, w);
 }
 
-/* signed legacy blocks: qx in [-16, 15] (or [-127, 127] for Q8_0) */
-INLINE void dot_signed32(const int nr, const __m256i qx, const float dw, const uint8_t *a,
-                         int64_t as, int64_t b, __m256 *acc) {
-    const __m256i ax = _mm256_sign_epi8(qx, qx);
-    for (int r = 0; r < nr; r++) {
-        const aq8_t *ab = AQ8(r, b);
-        const __m256i qy = _mm256_loadu_si256((const __m256i *)ab->qs);
-        const __m256 p = mul_sum_us8_float(ax, _mm256_sign_epi8(qy, qx));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab->d), p, acc[r]);
+INLINE void dec_q4_1(const uint8_t *b, grp_t *w) {
+    const __m128i q = load16(b + 4);
+    emit_u8(nib_lo(q), nib_hi(q), load_f16(b), load_f16(b + 2), w);
+}
+
+INLINE void dec_q5_0(const uint8_t *b, grp_t *w) {
+    __m128i h0, h1;
+    bits5(b + 2, &h0, &h1);
+    const __m128i q = load16(b + 6), off = _mm_set1_epi8(16);
+    const float d = load_f16(b);
+    emit_i8(_mm_sub_epi8(_mm_or_si128(nib_lo(q), h0), off),
+            _mm_sub_epi8(_mm_or_si128(nib_hi(q), h1), off), d, d, w);
+}
+
+INLINE void dec_q5_1(const uint8_t *b, grp_t *w) {
+    __m128i h0, h1;
+    bits5(b + 4, &h0, &h1);
+    const __m128i q = load16(b + 8);
+    emit_u8(_mm_or_si128(nib_lo(q), h0), _mm_or_si128(nib_hi(q), h1), load_f16(b),
+            load_f16(b + 2), w);
+}
+
+INLINE void dec_q8_0(const uint8_t *b, grp_t *w) {
+    const float d = load_f16(b);
+    emit_i8(load16(b + 2), load16(b + 18), d, d, w);
+}
+
+/* K-quant sub-block j: nibbles of 32 bytes at q, low (j even) or high (j odd) */
+INLINE void k_nibbles(const uint8_t *q, int j, __m128i *lo, __m128i *hi) {
+    *lo = j & 1 ? nib_hi(load16(q)) : nib_lo(load16(q));
+    *hi = j & 1 ? nib_hi(load16(q + 16)) : nib_lo(load16(q + 16));
+}
+
+INLINE void dec_q4_k(const uint8_t *b, int j, float scale, float min, grp_t *w) {
+    __m128i lo, hi;
+    k_nibbles(b + 16 + 32 * (j >> 1), j, &lo, &hi);
+    emit_u8(lo, hi, scale, -min, w);
+}
+
+INLINE void dec_q5_k(const uint8_t *b, int j, float scale, float min, grp_t *w) {
+    __m128i lo, hi;
+    k_nibbles(b + 48 + 32 * (j >> 1), j, &lo, &hi);
+    emit_u8(_mm_or_si128(lo, high_bits(b + 16, j, 1)), _mm_or_si128(hi, high_bits(b + 32, j, 1)),
+            scale, -min, w);
+}
+
+/* Q6_K sub-block g = 4h + k holds values 128h + 32k + l, with a scale per 16 */
+INLINE void dec_q6_k(const uint8_t *b, int g, float d, grp_t *w) {
+    const int h = g >> 2, k = g & 3;
+    const uint8_t *ql = b + 64 * h + 32 * (k & 1), *qh = b + 128 + 32 * h;
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * k;
+    __m128i lo, hi;
+    k_nibbles(ql, k >> 1, &lo, &hi);
+    const __m128i off = _mm_set1_epi8(32);
+    lo = _mm_sub_epi8(_mm_or_si128(lo, high_bits(qh, 2 * k, 3)), off);
+    hi = _mm_sub_epi8(_mm_or_si128(hi, high_bits(qh + 16, 2 * k, 3)), off);
+    emit_i8(lo, hi, d * (float)sc[0], d * (float)sc[1], w);
+}
+
+#else /* portable C: the compiler vectorizes the 32-wide loops (NEON on ARM, untested) */
+
+typedef struct { float v[QK]; } grp_t;
+typedef struct { float v[QK]; } acc_t;
+
+INLINE void emit_u8(const uint8_t *q, float d, float mn, grp_t *w) {
+    for (int i = 0; i < QK; i++) w->v[i] = (float)q[i] * d + mn;
+}
+
+INLINE void emit_i8(const int8_t *q, float d0, float d1, grp_t *w) {
+    for (int i = 0; i < QK; i++) w->v[i] = (float)q[i] * (i < 16 ? d0 : d1);
+}
+
+/* legacy 4/5-bit: value i < 16 in the low nibble of qs[i], i >= 16 in the high nibble of
+ * qs[i - 16]; the 5th bit is bit i of the little-endian uint32 qh */
+INLINE void legacy_values(const uint8_t *qs, const uint8_t *qh, int offset, int8_t *q) {
+    uint32_t bits = 0;
+    if (qh) memcpy(&bits, qh, 4);
+    for (int i = 0; i < 16; i++) {
+        q[i] = (int8_t)(((qs[i] & 0xF) | (((bits >> i) & 1) << 4)) - offset);
+        q[i + 16] = (int8_t)(((qs[i] >> 4) | (((bits >> (i + 16)) & 1) << 4)) - offset);
     }
 }
 
-/* unsigned legacy blocks with a min: w = d * q + m */
-INLINE void dot_unsigned32(const int nr, const __m256i qx, const float dw, const float mw,
-                           const uint8_t *a, int64_t as, int64_t b, __m256 *acc, float *accm) {
-    for (int r = 0; r < nr; r++) {
-        const aq8_t *ab = AQ8(r, b);
-        const __m256i qy = _mm256_loadu_si256((const __m256i *)ab->qs);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab->d), mul_sum_us8_float(qx, qy), acc[r]);
-        accm[r] += mw * ab->s;
+INLINE void dec_q4_0(const uint8_t *b, grp_t *w) {
+    int8_t q[QK];
+    legacy_values(b + 2, NULL, 8, q);
+    emit_i8(q, load_f16(b), load_f16(b), w);
+}
+
+INLINE void dec_q4_1(const uint8_t *b, grp_t *w) {
+    int8_t q[QK];
+    legacy_values(b + 4, NULL, 0, q);
+    emit_u8((const uint8_t *)q, load_f16(b), load_f16(b + 2), w);
+}
+
+INLINE void dec_q5_0(const uint8_t *b, grp_t *w) {
+    int8_t q[QK];
+    legacy_values(b + 6, b + 2, 16, q);
+    emit_i8(q, load_f16(b), load_f16(b), w);
+}
+
+INLINE void dec_q5_1(const uint8_t *b, grp_t *w) {
+    int8_t q[QK];
+    legacy_values(b + 8, b + 4, 0, q);
+    emit_u8((const uint8_t *)q, load_f16(b), load_f16(b + 2), w);
+}
+
+INLINE void dec_q8_0(const uint8_t *b, grp_t *w) {
+    emit_i8((const int8_t *)(b + 2), load_f16(b), load_f16(b), w);
+}
+
+INLINE void dec_q4_k(const uint8_t *b, int j, float scale, float min, grp_t *w) {
+    const uint8_t *qs = b + 16 + 32 * (j >> 1);
+    uint8_t q[QK];
+    for (int l = 0; l < QK; l++) q[l] = j & 1 ? qs[l] >> 4 : qs[l] & 0xF;
+    emit_u8(q, scale, -min, w);
+}
+
+INLINE void dec_q5_k(const uint8_t *b, int j, float scale, float min, grp_t *w) {
+    const uint8_t *qs = b + 48 + 32 * (j >> 1), *qh = b + 16;
+    uint8_t q[QK];
+    for (int l = 0; l < QK; l++)
+        q[l] = (uint8_t)((j & 1 ? qs[l] >> 4 : qs[l] & 0xF) | (((qh[l] >> j) & 1) << 4));
+    emit_u8(q, scale, -min, w);
+}
+
+INLINE void dec_q6_k(const uint8_t *b, int g, float d, grp_t *w) {
+    const int h = g >> 2, k = g & 3;
+    const uint8_t *ql = b + 64 * h + 32 * (k & 1), *qh = b + 128 + 32 * h;
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * k;
+    int8_t q[QK];
+    for (int l = 0; l < QK; l++) {
+        const int low = k >> 1 ? ql[l] >> 4 : ql[l] & 0xF;
+        q[l] = (int8_t)((low | (((qh[l] >> (2 * k)) & 3) << 4)) - 32);
     }
+    emit_i8(q, d * (float)sc[0], d * (float)sc[1], w);
 }
 
-/* One block of each legacy type into acc/accm (two accumulator sets alternate, see LEGACY) */
-INLINE void blk_q8_0(const int nr, const uint8_t *w, const uint8_t *a, int64_t as, int64_t b,
-                     __m256 *acc, float *accm) {
-    (void)accm;
-    const uint8_t *wb = w + b * 34;
-    dot_signed32(nr, _mm256_loadu_si256((const __m256i *)(wb + 2)), load_f16(wb), a, as, b, acc);
+INLINE void fma_group(const int nr, const grp_t *w, const float *x, int64_t ldx, acc_t *acc) {
+    for (int r = 0; r < nr; r++)
+        for (int i = 0; i < QK; i++) acc[r].v[i] += w->v[i] * x[r * ldx + i];
 }
 
-INLINE void blk_q4_0(const int nr, const uint8_t *w, const uint8_t *a, int64_t as, int64_t b,
-                     __m256 *acc, float *accm) {
-    (void)accm;
-    const uint8_t *wb = w + b * 18;
-    const __m256i qx = _mm256_sub_epi8(bytes_from_nibbles_32(wb + 2), _mm256_set1_epi8(8));
-    dot_signed32(nr, qx, load_f16(wb), a, as, b, acc);
+INLINE void acc_zero(const int nr, acc_t *acc) {
+    for (int r = 0; r < nr; r++) memset(&acc[r], 0, sizeof(acc_t));
 }
 
-INLINE void blk_q4_1(const int nr, const uint8_t *w, const uint8_t *a, int64_t as, int64_t b,
-                     __m256 *acc, float *accm) {
-    const uint8_t *wb = w + b * 20;
-    dot_unsigned32(nr, bytes_from_nibbles_32(wb + 4), load_f16(wb), load_f16(wb + 2), a, as, b,
-                   acc, accm);
+INLINE float acc_sum(const acc_t *acc) {
+    float s = 0.0f;
+    for (int i = 0; i < QK; i++) s += acc->v[i];
+    return s;
 }
 
-INLINE void blk_q5_0(const int nr, const uint8_t *w, const uint8_t *a, int64_t as, int64_t b,
-                     __m256 *acc, float *accm) {
-    (void)accm;
-    const uint8_t *wb = w + b * 22;
-    /* high bit clear -> nibble - 16 == nibble | 0xF0 as int8 */
-    const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(wb + 2), _mm256_set1_epi8((char)0xF0));
-    dot_signed32(nr, _mm256_or_si256(bytes_from_nibbles_32(wb + 6), hi), load_f16(wb), a, as, b,
-                 acc);
-}
-
-INLINE void blk_q5_1(const int nr, const uint8_t *w, const uint8_t *a, int64_t as, int64_t b,
-                     __m256 *acc, float *accm) {
-    const uint8_t *wb = w + b * 24;
-    const __m256i hi = _mm256_and_si256(bytes_from_bits_32(wb + 4), _mm256_set1_epi8(0x10));
-    dot_unsigned32(nr, _mm256_or_si256(bytes_from_nibbles_32(wb + 8), hi), load_f16(wb),
-                   load_f16(wb + 2), a, as, b, acc, accm);
-}
-
-/* Two accumulator sets, even and odd blocks: the fmadd latency chain is halved. */
-#define LEGACY(type)                                                                          \
-    INLINE void dot_##type##_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as,    \
-                               const int nr, float *out) {                                    \
-        __m256 acc0[MAXR], acc1[MAXR];                                                        \
-        float accm[MAXR];                                                                     \
-        for (int r = 0; r < nr; r++) {                                                        \
-            acc0[r] = acc1[r] = _mm256_setzero_ps();                                          \
-            accm[r] = 0.0f;                                                                   \
-        }                                                                                     \
-        int64_t b = 0;                                                                        \
-        for (; b + 1 < nb; b += 2) {                                                          \
-            blk_##type(nr, w, a, as, b, acc0, accm);                                          \
-            blk_##type(nr, w, a, as, b + 1, acc1, accm);                                      \
-        }                                                                                     \
-        if (b < nb) blk_##type(nr, w, a, as, b, acc0, accm);                                  \
-        for (int r = 0; r < nr; r++)                                                          \
-            out[r] = hsum_float_8(_mm256_add_ps(acc0[r], acc1[r])) + accm[r];                 \
-    }
-LEGACY(q8_0)
-LEGACY(q4_0)
-LEGACY(q4_1)
-LEGACY(q5_0)
-LEGACY(q5_1)
-
-/* sum over 8 sub-blocks of mins * (activation sums of the sub-block) */
-static inline int k_min_sum(const uint8_t *mn, const int16_t *bsums) {
-    const __m256i bs = _mm256_loadu_si256((const __m256i *)bsums);
-    const __m128i sums = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-    uint64_t m8;
-    memcpy(&m8, mn, 8);
-    const __m128i prod = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)m8)), sums);
-    const __m128i s2 = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
-}
-
-/* Q4_K (hmask == NULL) and Q5_K (5th bit from hmask): 8 sub-blocks of 32, 6-bit scale/min */
-INLINE void dot_k45(int64_t nb, const uint8_t *w, int64_t bytes, int qoff, int hoff,
-                    const uint8_t *a, int64_t as, const int nr, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    __m256 acc[MAXR];
-    float accm[MAXR];
-    for (int r = 0; r < nr; r++) {
-        acc[r] = _mm256_setzero_ps();
-        accm[r] = 0.0f;
-    }
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *wb = w + b * bytes;
-        const float d = load_f16(wb), dmin = load_f16(wb + 2);
-        uint8_t sc[8], mn[8];
-        k_scale_min(wb + 4, sc, mn);
-        __m256i sumi[MAXR];
-        for (int r = 0; r < nr; r++) sumi[r] = _mm256_setzero_si256();
-        __m256i hb = hoff ? _mm256_loadu_si256((const __m256i *)(wb + hoff)) : _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i qv = _mm256_loadu_si256((const __m256i *)(wb + qoff + 32 * j));
-            __m256i lo = _mm256_and_si256(qv, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
-            if (hoff) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4));
-                hb = _mm256_srli_epi16(hb, 2);
-            }
-            const __m256i sl = _mm256_set1_epi16(sc[2 * j]), sh = _mm256_set1_epi16(sc[2 * j + 1]);
-            for (int r = 0; r < nr; r++) {
-                const int8_t *qy = AQK(r, b)->qs + 64 * j;
-                const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)qy)), sl);
-                const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(qy + 32))), sh);
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-            }
-        }
-        for (int r = 0; r < nr; r++) {
-            const aqk_t *ab = AQK(r, b);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab->d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            accm[r] += dmin * ab->d * (float)k_min_sum(mn, ab->bsums);
-        }
-    }
-    for (int r = 0; r < nr; r++) out[r] = hsum_float_8(acc[r]) - accm[r];
-}
-
-INLINE void dot_q4_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) {
-    dot_k45(nb, w, 144, 16, 0, a, as, nr, out);
-}
-
-INLINE void dot_q5_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) {
-    dot_k45(nb, w, 176, 48, 16, a, as, nr, out);
-}
-
-INLINE void dot_q6_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
-    __m256 acc[MAXR];
-    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *wb = w + b * 210;
-        const int8_t *scales = (const int8_t *)(wb + 192);
-        const float d = load_f16(wb + 208);
-        __m256i sumi[MAXR];
-        /* q is stored as q + 32 (unsigned); take 32 * sum(scale * activation sums) off at the end */
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)scales));
-        for (int r = 0; r < nr; r++) {
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)AQK(r, b)->bsums);
-            sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
-        }
-        for (int h = 0; h < 2; h++) {
-            const uint8_t *ql = wb + 64 * h, *qh = wb + 128 + 32 * h;
-            const int8_t *sc = scales + 8 * h;
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            const __m256i hv = _mm256_loadu_si256((const __m256i *)qh);
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hv, m3), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2), m3), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 4), m3), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4));
-            for (int k = 0; k < 4; k++) {
-                const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * k + 1]), _mm_set1_epi16(sc[2 * k]));
-                for (int r = 0; r < nr; r++) {
-                    const int8_t *qy = AQK(r, b)->qs + 128 * h + 32 * k;
-                    const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)qy));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, s));
-                }
-            }
-        }
-        for (int r = 0; r < nr; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * AQK(r, b)->d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-    }
-    for (int r = 0; r < nr; r++) out[r] = hsum_float_8(acc[r]);
-}
-
-#else /* portable C: the compiler vectorizes what it can (NEON on ARM, untested) */
-
-INLINE void dot_q8_0_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) {
-    for (int r = 0; r < nr; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w + b * 34;
-            const int8_t *qx = (const int8_t *)(wb + 2);
-            const aq8_t *ab = AQ8(r, b);
-            int s = 0;
-            for (int i = 0; i < QK; i++) s += qx[i] * ab->qs[i];
-            acc += load_f16(wb) * ab->d * (float)s;
-        }
-        out[r] = acc;
-    }
-}
-
-/* legacy 4/5-bit blocks: value j from the low nibble of qs[j], j + 16 from the high nibble;
- * offset 8/16 for the signed types, min m for the unsigned ones */
-INLINE void dot_legacy_scalar(int64_t nb, const uint8_t *w, int64_t bytes, int has_min, int has_hi,
-                              const uint8_t *a, int64_t as, const int nr, float *out) {
-    const int qoff = 2 + 2 * has_min + 4 * has_hi;
-    const int offset = has_min ? 0 : (has_hi ? 16 : 8);
-    for (int r = 0; r < nr; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w + b * bytes, *qs = wb + qoff;
-            uint32_t qh = 0;
-            if (has_hi) memcpy(&qh, wb + 2 + 2 * has_min, 4);
-            const aq8_t *ab = AQ8(r, b);
-            int s = 0;
-            for (int j = 0; j < 16; j++) {
-                const int h0 = has_hi ? (int)(((qh >> j) << 4) & 0x10) : 0;
-                const int h1 = has_hi ? (int)((qh >> (j + 12)) & 0x10) : 0;
-                s += (((qs[j] & 0xF) | h0) - offset) * ab->qs[j];
-                s += (((qs[j] >> 4) | h1) - offset) * ab->qs[j + 16];
-            }
-            acc += load_f16(wb) * ab->d * (float)s;
-            if (has_min) acc += load_f16(wb + 2) * ab->s;
-        }
-        out[r] = acc;
-    }
-}
-
-INLINE void dot_q4_0_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_legacy_scalar(nb, w, 18, 0, 0, a, as, nr, out); }
-INLINE void dot_q4_1_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_legacy_scalar(nb, w, 20, 1, 0, a, as, nr, out); }
-INLINE void dot_q5_0_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_legacy_scalar(nb, w, 22, 0, 1, a, as, nr, out); }
-INLINE void dot_q5_1_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_legacy_scalar(nb, w, 24, 1, 1, a, as, nr, out); }
-
-INLINE void dot_k45_scalar(int64_t nb, const uint8_t *w, int64_t bytes, int qoff, int hoff,
-                           const uint8_t *a, int64_t as, const int nr, float *out) {
-    for (int r = 0; r < nr; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w + b * bytes, *qs = wb + qoff, *qh = wb + hoff;
-            const aqk_t *ab = AQK(r, b);
-            uint8_t sc[8], mn[8];
-            k_scale_min(wb + 4, sc, mn);
-            int sumi = 0, summ = 0;
-            for (int j = 0; j < 4; j++) {
-                int slo = 0, shi = 0;
-                for (int l = 0; l < 32; l++) {
-                    int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
-                    if (hoff) {
-                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
-                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-                    }
-                    slo += lo * ab->qs[64 * j + l];
-                    shi += hi * ab->qs[64 * j + 32 + l];
-                }
-                sumi += sc[2 * j] * slo + sc[2 * j + 1] * shi;
-                summ += mn[2 * j] * (ab->bsums[4 * j] + ab->bsums[4 * j + 1]) +
-                        mn[2 * j + 1] * (ab->bsums[4 * j + 2] + ab->bsums[4 * j + 3]);
-            }
-            acc += ab->d * (load_f16(wb) * (float)sumi - load_f16(wb + 2) * (float)summ);
-        }
-        out[r] = acc;
-    }
-}
-
-INLINE void dot_q4_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_k45_scalar(nb, w, 144, 16, 0, a, as, nr, out); }
-INLINE void dot_q5_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) { dot_k45_scalar(nb, w, 176, 48, 16, a, as, nr, out); }
-
-INLINE void dot_q6_k_n(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, const int nr,
-                       float *out) {
-    for (int r = 0; r < nr; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w + b * 210;
-            const int8_t *scales = (const int8_t *)(wb + 192);
-            const aqk_t *ab = AQK(r, b);
-            int sumi = 0;
-            for (int h = 0; h < 2; h++) {
-                const uint8_t *ql = wb + 64 * h, *qh = wb + 128 + 32 * h;
-                const int8_t *sc = scales + 8 * h, *qy = ab->qs + 128 * h;
-                for (int l = 0; l < 32; l++) {
-                    const int is = l / 16;
-                    const int q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
-                    const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                    const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                    const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                    sumi += sc[is] * q1 * qy[l] + sc[is + 2] * q2 * qy[l + 32] +
-                            sc[is + 4] * q3 * qy[l + 64] + sc[is + 6] * q4 * qy[l + 96];
-                }
-            }
-            acc += load_f16(wb + 208) * ab->d * (float)sumi;
-        }
-        out[r] = acc;
-    }
-}
+INLINE void grp_store(const grp_t *w, float *out) { memcpy(out, w->v, sizeof(w->v)); }
 
 #endif
 
-/* nr as a compile-time constant in every inlined body, so the per-row loops unroll */
-typedef void (*dot_fn)(int64_t, const uint8_t *, const uint8_t *, int64_t, int, float *);
-#define DISPATCH(name)                                                                      \
-    static void name(int64_t nb, const uint8_t *w, const uint8_t *a, int64_t as, int nr,    \
-                     float *out) {                                                          \
-        switch (nr) {                                                                       \
-        case 1: name##_n(nb, w, a, as, 1, out); break;                                      \
-        case 2: name##_n(nb, w, a, as, 2, out); break;                                      \
-        case 3: name##_n(nb, w, a, as, 3, out); break;                                      \
-        default: name##_n(nb, w, a, as, 4, out); break;                                     \
+/* ---- row kernels: one weight row against nr activation rows, shared by every ISA ---------- */
+
+/* The decoded group of a legacy block b, or of sub-block j of K-quant super-block b; the
+ * K-quants read their header once per super-block through `hs`/`hm`. */
+#define LEGACY_GROUPS(dec, ts, body)                                                        \
+    for (int64_t b = 0; b < k / QK; b++) {                                                  \
+        grp_t g;                                                                            \
+        const int64_t off = b * QK;                                                         \
+        dec(w + b * (ts), &g);                                                              \
+        body;                                                                               \
+    }
+#define K45_GROUPS(dec, ts, body)                                                           \
+    for (int64_t b = 0; b < k / QKK; b++) {                                                 \
+        const uint8_t *wb = w + b * (ts);                                                   \
+        float hs[8], hm[8];                                                                 \
+        k_header(wb, hs, hm);                                                               \
+        for (int j = 0; j < 8; j++) {                                                       \
+            grp_t g;                                                                        \
+            const int64_t off = b * QKK + QK * j;                                           \
+            dec(wb, j, hs[j], hm[j], &g);                                                   \
+            body;                                                                           \
         }                                                                                   \
     }
-DISPATCH(dot_q8_0)
-DISPATCH(dot_q4_0)
-DISPATCH(dot_q4_1)
-DISPATCH(dot_q5_0)
-DISPATCH(dot_q5_1)
-DISPATCH(dot_q4_k)
-DISPATCH(dot_q5_k)
-DISPATCH(dot_q6_k)
+#define Q6K_GROUPS(body)                                                                    \
+    for (int64_t b = 0; b < k / QKK; b++) {                                                 \
+        const uint8_t *wb = w + b * 210;                                                    \
+        const float d = load_f16(wb + 208);                                                 \
+        for (int j = 0; j < 8; j++) {                                                       \
+            grp_t g;                                                                        \
+            const int64_t off = b * QKK + QK * j;                                           \
+            dec_q6_k(wb, j, d, &g);                                                         \
+            body;                                                                           \
+        }                                                                                   \
+    }
 
-typedef struct { int block; int type_size; int kquant; dot_fn fn; } type_info;
+#define DOT_BODY fma_group(nr, &g, x + off, ldx, acc)
+#define STORE_BODY grp_store(&g, out + off)
+
+/* dot_<type>_n (nr constant after inlining) and deq_<type> (one row to fp32) */
+#define KERNELS(name, groups)                                                               \
+    INLINE void dot_##name##_n(int64_t k, const uint8_t *w, const float *x, int64_t ldx,    \
+                               const int nr, float *out) {                                  \
+        acc_t acc[MAXR];                                                                    \
+        acc_zero(nr, acc);                                                                  \
+        groups(DOT_BODY)                                                                    \
+        for (int r = 0; r < nr; r++) out[r] = acc_sum(&acc[r]);                             \
+    }                                                                                       \
+    static void deq_##name(int64_t k, const uint8_t *w, float *out) { groups(STORE_BODY) }  \
+    static void dot_##name(int64_t k, const uint8_t *w, const float *x, int64_t ldx, int nr,\
+                           float *out) {                                                    \
+        switch (nr) {                                                                       \
+        case 1: dot_##name##_n(k, w, x, ldx, 1, out); break;                                \
+        case 2: dot_##name##_n(k, w, x, ldx, 2, out); break;                                \
+        case 3: dot_##name##_n(k, w, x, ldx, 3, out); break;                                \
+        default: dot_##name##_n(k, w, x, ldx, 4, out); break;                               \
+        }                                                                                   \
+    }
+
+#define G_Q4_0(body) LEGACY_GROUPS(dec_q4_0, 18, body)
+#define G_Q4_1(body) LEGACY_GROUPS(dec_q4_1, 20, body)
+#define G_Q5_0(body) LEGACY_GROUPS(dec_q5_0, 22, body)
+#define G_Q5_1(body) LEGACY_GROUPS(dec_q5_1, 24, body)
+#define G_Q8_0(body) LEGACY_GROUPS(dec_q8_0, 34, body)
+#define G_Q4_K(body) K45_GROUPS(dec_q4_k, 144, body)
+#define G_Q5_K(body) K45_GROUPS(dec_q5_k, 176, body)
+KERNELS(q4_0, G_Q4_0)
+KERNELS(q4_1, G_Q4_1)
+KERNELS(q5_0, G_Q5_0)
+KERNELS(q5_1, G_Q5_1)
+KERNELS(q8_0, G_Q8_0)
+KERNELS(q4_k, G_Q4_K)
+KERNELS(q5_k, G_Q5_K)
+KERNELS(q6_k, Q6K_GROUPS)
+
+typedef void (*dot_fn)(int64_t, const uint8_t *, const float *, int64_t, int, float *);
+typedef void (*deq_fn)(int64_t, const uint8_t *, float *);
+typedef struct { int block; int type_size; dot_fn dot; deq_fn deq; } type_info;
 
 static int info_for(int qtype, type_info *t) {
     switch (qtype) {
-    case T_Q8_0: *t = (type_info){QK, 34, 0, dot_q8_0}; return 1;
-    case T_Q4_0: *t = (type_info){QK, 18, 0, dot_q4_0}; return 1;
-    case T_Q4_1: *t = (type_info){QK, 20, 0, dot_q4_1}; return 1;
-    case T_Q5_0: *t = (type_info){QK, 22, 0, dot_q5_0}; return 1;
-    case T_Q5_1: *t = (type_info){QK, 24, 0, dot_q5_1}; return 1;
-    case T_Q4_K: *t = (type_info){QKK, 144, 1, dot_q4_k}; return 1;
-    case T_Q5_K: *t = (type_info){QKK, 176, 1, dot_q5_k}; return 1;
-    case T_Q6_K: *t = (type_info){QKK, 210, 1, dot_q6_k}; return 1;
+    case T_Q8_0: *t = (type_info){QK, 34, dot_q8_0, deq_q8_0}; return 1;
+    case T_Q4_0: *t = (type_info){QK, 18, dot_q4_0, deq_q4_0}; return 1;
+    case T_Q4_1: *t = (type_info){QK, 20, dot_q4_1, deq_q4_1}; return 1;
+    case T_Q5_0: *t = (type_info){QK, 22, dot_q5_0, deq_q5_0}; return 1;
+    case T_Q5_1: *t = (type_info){QK, 24, dot_q5_1, deq_q5_1}; return 1;
+    case T_Q4_K: *t = (type_info){QKK, 144, dot_q4_k, deq_q4_k}; return 1;
+    case T_Q5_K: *t = (type_info){QKK, 176, dot_q5_k, deq_q5_k}; return 1;
+    case T_Q6_K: *t = (type_info){QKK, 210, dot_q6_k, deq_q6_k}; return 1;
     default: return 0;
     }
 }
@@ -524,9 +451,7 @@ static int info_for(int qtype, type_info *t) {
 
 /* The ISA this build was compiled for (the loader checks it matches what it asked for). */
 const char *pq_isa(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return "avx512vnni";
-#elif defined(__AVX512F__)
+#if defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__)
     return "avx2";
@@ -537,43 +462,46 @@ const char *pq_isa(void) {
 
 long long pq_call_count(void) { return __atomic_load_n(&call_count, __ATOMIC_RELAXED); }
 
-/* Bytes of one quantized activation row of k values; 0 when the type has no kernel here. */
-int64_t pq_act_row_bytes(int qtype, int64_t k) {
+/* 1 when this library multiplies the type at this K, else 0 (the caller uses torch). */
+int pq_supports(int qtype, int64_t k) {
     type_info t;
-    if (!info_for(qtype, &t) || k % t.block) return 0;
-    return k / t.block * (int64_t)(t.kquant ? sizeof(aqk_t) : sizeof(aq8_t));
+    return info_for(qtype, &t) && k > 0 && k % t.block == 0;
 }
 
-/* y[i * ldy + j] = sum_k x[i, k] * W[j, k] for i < m, j < n. W: n rows of row_bytes packed bytes.
- * abuf: at least m * pq_act_row_bytes(qtype, k) bytes of scratch. Returns 0, or -1 on a type
- * or shape this library cannot do (the caller then uses its torch path). */
+static int check(int qtype, int64_t row_bytes, int64_t k, type_info *t) {
+    return pq_supports(qtype, k) && info_for(qtype, t) && row_bytes == k / t->block * t->type_size;
+}
+
+/* y[i * ldy + j] = sum_k x[i * k + k'] * W[j, k'] for i < m, j < n; W: n rows of row_bytes.
+ * Returns 0, or -1 on a type or shape this library cannot do. */
 int pq_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
-              const float *x, int64_t m, float *y, int64_t ldy, uint8_t *abuf, int nthreads) {
+              const float *x, int64_t m, float *y, int64_t ldy, int nthreads) {
     type_info t;
-    const int64_t arow = pq_act_row_bytes(qtype, k);
-    if (!info_for(qtype, &t) || arow == 0 || row_bytes != k / t.block * t.type_size) return -1;
+    if (!check(qtype, row_bytes, k, &t)) return -1;
     __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
-    const int64_t nb = k / t.block, nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; i++) {
-            if (t.kquant) quantize_row_q8k(x + i * k, (aqk_t *)(abuf + i * arow), k);
-            else quantize_row_q8(x + i * k, (aq8_t *)(abuf + i * arow), k);
-        }
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
-            for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
-                const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
-                for (int64_t j = r0; j < r1; j++) {
-                    float out[MAXR];
-                    t.fn(nb, w + j * row_bytes, abuf + m0 * arow, arow, nr, out);
-                    for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
-                }
+    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
+            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
+            for (int64_t j = r0; j < r1; j++) {
+                float out[MAXR];
+                t.dot(k, w + j * row_bytes, x + m0 * k, k, nr, out);
+                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
             }
         }
     }
+    return 0;
+}
+
+/* out[j * k + k'] = W[j, k'] in fp32 for j < n (a tile of rows, for the caller's GEMM). */
+int pq_dequantize(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
+                  float *out, int nthreads) {
+    type_info t;
+    if (!check(qtype, row_bytes, k, &t)) return -1;
+    __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
+#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
+    for (int64_t j = 0; j < n; j++) t.deq(k, w + j * row_bytes, out + j * k);
     return 0;
 }

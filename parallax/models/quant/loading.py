@@ -80,8 +80,14 @@ def _packed_module(old: nn.Module, pieces: dict[int | None, PackedWeight],
 
 def load_weights(shard: nn.Module, items: Iterable[tuple[str, torch.Tensor | PackedWeight]],
                  stripped: set[str], dtype: torch.dtype, device) -> set[str]:
-    """Load float tensors through the shard, then swap packed modules in for `stripped`."""
+    """Load float tensors through the shard and swap a packed module in for each of `stripped`
+    as soon as its last part has been read: the parts (read buffers) are freed module by
+    module, so the peak stays near the packed size instead of holding every part until the
+    end next to the stacked copies (q|k|v, gate|up)."""
     pieces: dict[str, dict[int | None, PackedWeight]] = {}
+    expected = {path: len(getattr(shard.get_submodule(path), "shard_sizes", [None]))
+                for path in stripped}
+    done: set[str] = set()
 
     def floats():
         for name, value in items:
@@ -89,19 +95,22 @@ def load_weights(shard: nn.Module, items: Iterable[tuple[str, torch.Tensor | Pac
                 yield name, value
                 continue
             for path, index in _weight_targets(shard, name):
-                pieces.setdefault(path, {})[index] = value
+                parts = pieces.setdefault(path, {})
+                parts[index] = value
+                if path in expected and len(parts) == expected[path]:
+                    new = _packed_module(shard.get_submodule(path), pieces.pop(path), dtype)
+                    parent, _, leaf = path.rpartition(".")
+                    setattr(shard.get_submodule(parent) if parent else shard, leaf,
+                            new.to(device))
+                    done.add(path)
+            del value
 
     loaded = shard.load_weights(floats())
-    missing = sorted(p for p in stripped if p not in pieces or
-                     len(pieces[p]) < len(getattr(shard.get_submodule(p), "shard_sizes", [None])))
+    missing = sorted(stripped - done)
     if missing:
         raise ValueError(f"the GGUF lacks packed weights for {missing[:3]}: the file is "
                          "incomplete or of another architecture")
-    for path in sorted(stripped):
-        new = _packed_module(shard.get_submodule(path), pieces[path], dtype).to(device)
-        parent, _, leaf = path.rpartition(".")
-        setattr(shard.get_submodule(parent) if parent else shard, leaf, new)
-        loaded.add(f"{path}.weight")
+    loaded.update(f"{path}.weight" for path in stripped)
     log_paths(shard)
     return loaded
 
@@ -115,6 +124,19 @@ def kernel_paths(shard: nn.Module) -> Counter[str]:
         elif isinstance(module, PackedEmbedding):
             counts[f"{module.qtype.name}:embedding-gather"] += 1
     return counts
+
+
+def kernel_summary(shard: nn.Module) -> dict[str, str]:
+    """Per packed weight type, the path its matmuls take: the native ISA ("avx2", "avx512",
+    "generic"), "torch", both joined by "+" when they differ per layer, or "gather" for a type
+    only an embedding holds (its rows are dequantized on lookup). Shown in the node's /health."""
+    paths: dict[str, set[str]] = {}
+    for key in kernel_paths(shard):
+        qtype, _, path = key.partition(":")
+        paths.setdefault(qtype.lower(), set())
+        if path != "embedding-gather":
+            paths[qtype.lower()].add(path.removeprefix("native-"))
+    return {qtype: "+".join(sorted(found)) or "gather" for qtype, found in sorted(paths.items())}
 
 
 def log_paths(shard: nn.Module) -> None:

@@ -3,8 +3,10 @@
 kernels.c is compiled by gcc at first use, one shared library per ISA variant, into
 `$PARALLAX_KERNEL_CACHE` (default `~/.cache/parallax/kernels/`) as `<source hash>-<isa>.so`,
 written atomically so concurrent processes never load half a file. The variant is picked at run
-time from the CPU's flags: AVX-512 (+VNNI), AVX2 + FMA + F16C, or portable C (any other CPU,
-ARM included, where the compiler's own vectorization is all there is — untested there).
+time from the CPU's flags: AVX-512 (F/BW/VL), AVX2 + FMA + F16C, or portable C (any other CPU,
+ARM included, where the compiler's own vectorization is all there is — untested there). The
+AVX-512 variant compiles the AVX2 intrinsics with AVX-512 enabled (32 vector registers); it has
+not run on this project's AVX2-only machine.
 Without gcc, or when the build fails, one log line says so and every packed weight uses the
 pure-torch path. `PARALLAX_NATIVE_KERNELS=0` forces that path.
 """
@@ -29,9 +31,8 @@ BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl"]
 # variant -> (CPU flags it needs, gcc flags). First match wins.
+# No VNNI variant: activations stay fp32 (kernels.c says why), so integer dot products are unused.
 VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
-    "avx512vnni": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-                              "avx512_vnni"}), AVX512_FLAGS + ["-mavx512vnni"]),
     "avx512": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}),
                AVX512_FLAGS),
     "avx2": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS),
@@ -99,12 +100,13 @@ class NativeKernels:
     path: Path
     lib: ctypes.CDLL
     matmul: ctypes._CFuncPtr
-    act_row_bytes: ctypes._CFuncPtr
+    dequantize: ctypes._CFuncPtr
+    _supports: ctypes._CFuncPtr
     call_count: ctypes._CFuncPtr
 
     def supports(self, qtype: int, in_features: int) -> bool:
         """Whether this library multiplies the type at this K (else: the torch path)."""
-        return self.act_row_bytes(int(qtype), in_features) > 0
+        return bool(self._supports(int(qtype), in_features))
 
 
 def load(variant: str) -> NativeKernels:
@@ -118,12 +120,16 @@ def load(variant: str) -> NativeKernels:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     matmul = lib.pq_matmul
     matmul.restype = ctypes.c_int
-    matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.pq_act_row_bytes.restype = i64
-    lib.pq_act_row_bytes.argtypes = [ctypes.c_int, i64]
+    matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_int]
+    dequantize = lib.pq_dequantize
+    dequantize.restype = ctypes.c_int
+    dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.pq_supports.restype = ctypes.c_int
+    lib.pq_supports.argtypes = [ctypes.c_int, i64]
     lib.pq_call_count.restype = ctypes.c_longlong
     lib.pq_call_count.argtypes = []
-    return NativeKernels(variant, path, lib, matmul, lib.pq_act_row_bytes, lib.pq_call_count)
+    return NativeKernels(variant, path, lib, matmul, dequantize, lib.pq_supports,
+                         lib.pq_call_count)
 
 
 def requested_variant() -> str | None:

@@ -22,6 +22,10 @@ from parallax.models.quant import native
 from parallax.models.quant.formats import PACKED_TYPES, QT, dequantize_rows, row_bytes
 
 TILE_ROWS = 512  # torch path: output rows dequantized per step (peak extra memory: one tile)
+# Native path: from this many activation rows on, dequantize a tile and use BLAS (measured in
+# benchmarks/quant_kernels_bench.py); below, the fused kernel decodes weights in registers.
+GEMM_MIN_ROWS = 16
+GEMM_TILE_VALUES = 1 << 18  # fp32 values per dequantized tile (1 MB: stays in L2 with x)
 
 
 @dataclass(eq=False)
@@ -81,15 +85,16 @@ def concat(weights: list[PackedWeight]) -> PackedWeight:
 
 
 class _Scratch(threading.local):
-    """Per-thread buffer for the quantized activations (ctypes calls release the GIL)."""
+    """Per-thread fp32 buffer for the dequantized tile of the native GEMM path (ctypes calls
+    release the GIL, so two threads may multiply at once)."""
 
     def __init__(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.buffer = torch.empty(0, dtype=torch.float32)
 
-    def pointer(self, num_bytes: int) -> int:
-        if self.buffer.numel() < num_bytes:
-            self.buffer = torch.empty(max(num_bytes, 2 * self.buffer.numel()), dtype=torch.uint8)
-        return self.buffer.data_ptr()
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(max(numel, 2 * self.buffer.numel()), dtype=torch.float32)
+        return self.buffer[:numel]
 
 
 _SCRATCH = _Scratch()
@@ -102,6 +107,23 @@ def torch_matmul(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> No
     for start in range(0, weight.out_features, TILE_ROWS):
         tile = dequantize_rows(weight.data[start : start + TILE_ROWS], weight.qtype).to(compute)
         out[:, start : start + tile.shape[0]] = F.linear(xc, tile)
+
+
+def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight,
+                out: torch.Tensor) -> None:
+    """out = x @ W^T for many rows: the native kernel dequantizes a tile of weight rows into a
+    reused fp32 buffer and BLAS multiplies it (faster than decoding once per MAXR rows)."""
+    k, n = weight.in_features, weight.out_features
+    rows = max(16, min(GEMM_TILE_VALUES // k, n))
+    buffer = _SCRATCH.get(rows * k)
+    threads = torch.get_num_threads()
+    ptr, row_bytes = weight.data.data_ptr(), weight.data.shape[1]
+    for start in range(0, n, rows):
+        count = min(rows, n - start)
+        if lib.dequantize(int(weight.qtype), ptr + start * row_bytes, row_bytes, count, k,
+                          buffer.data_ptr(), threads) != 0:
+            raise RuntimeError(f"native {weight.qtype.name} dequantize refused {weight.shape}")
+        torch.mm(x, buffer[: count * k].view(count, k).t(), out=out[:, start : start + count])
 
 
 class PackedLinear(nn.Module):
@@ -160,9 +182,8 @@ class PackedLinear(nn.Module):
         for w in self.segments:
             use_native = (lib is not None and w.data.device.type == "cpu"
                           and w.data.is_contiguous() and lib.supports(w.qtype, self.in_features))
-            act_bytes = lib.act_row_bytes(int(w.qtype), self.in_features) if use_native else 0
             self._calls.append((w, use_native, offset, int(w.qtype), w.data.data_ptr(),
-                                w.data.shape[1], w.out_features, act_bytes))
+                                w.data.shape[1], w.out_features))
             offset += w.out_features
 
     def kernel_paths(self) -> list[str]:
@@ -178,15 +199,17 @@ class PackedLinear(nn.Module):
                           else x.dtype, device=x.device)
         xf = None
         n_out = self.out_features
-        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n, act_bytes in self._calls:
+        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n in self._calls:
             if use_native:
                 if xf is None:
                     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else \
                         x2.float().contiguous()
+                if m >= GEMM_MIN_ROWS:
+                    native_gemm(self._native, xf, w, out[:, offset : offset + n])
+                    continue
                 status = self._native.matmul(
                     qtype, w_ptr, w_row_bytes, n, self.in_features, xf.data_ptr(), m,
-                    out.data_ptr() + 4 * offset, n_out, _SCRATCH.pointer(m * act_bytes),
-                    torch.get_num_threads())
+                    out.data_ptr() + 4 * offset, n_out, torch.get_num_threads())
                 if status != 0:
                     raise RuntimeError(f"native {w.qtype.name} matmul refused shape {w.shape}")
             else:

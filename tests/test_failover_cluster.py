@@ -1,0 +1,164 @@
+"""Replay on failure in a real loopback cluster: `parallax run` + three `parallax join` nodes on
+the built-in model (a 2-stage pipeline and a standby, as in test_cluster.py).
+
+Eight concurrent greedy streams run undisturbed once, then again while the pipeline's tail is
+killed (kill -9, frontend and executor) mid-stream. Every stream must finish normally with the
+undisturbed text, no error chunk, `metrics.failovers == 1`, and the new head's own counters must
+show that it prefilled exactly prompt + generated ids (and decoded only the rest): a replay, not
+a rerun from scratch with the text already sent suppressed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
+
+from parallax.serving.sse import parse_sse_lines
+
+pytestmark = pytest.mark.slow
+
+NUM_STREAMS = 8
+MAX_TOKENS = 48
+PROMPTS = [f"Write a short poem about the number {i}." for i in range(NUM_STREAMS)]
+
+
+class ReplayCluster(LocalCluster):
+    max_replays = 3
+
+    def scheduler_args(self) -> list[str]:
+        return ["--replay-wait-s", "120"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = ReplayCluster(tmp_path_factory.mktemp("failover"), num_nodes=3,
+                            memory=split_memory())
+    try:
+        cluster.wait_status({"available"}, START_TIMEOUT_S)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+class Stream(threading.Thread):
+    def __init__(self, url: str, prompt: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.prompt = url, prompt
+        self.events: list = []
+        self.num_text = 0  # chunks with text so far
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        body = {"model": "default", "messages": [{"role": "user", "content": self.prompt}],
+                "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body,
+                              timeout=httpx.Timeout(30, read=150)) as response:
+                for event in parse_sse_lines(response.iter_lines()):
+                    self.events.append(event)
+                    if isinstance(event, dict) and event.get("choices") and \
+                            event["choices"][0]["delta"].get("content"):
+                        self.num_text += 1
+        except Exception as exc:  # reported by the test
+            self.error = exc
+
+    @property
+    def chunks(self) -> list[dict]:
+        return [e for e in self.events if isinstance(e, dict) and e.get("choices")]
+
+    @property
+    def text(self) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in self.chunks)
+
+    @property
+    def final(self) -> dict:
+        return self.chunks[-1]
+
+
+def run_streams(url: str, until=None) -> list[Stream]:
+    streams = [Stream(url, prompt) for prompt in PROMPTS]
+    for stream in streams:
+        stream.start()
+    if until is not None:
+        until(streams)
+    for stream in streams:
+        stream.join(180)
+    return streams
+
+
+def node_port(cluster: LocalCluster, node_id: str) -> int:
+    return next(p for p in cluster.node_ports if node_id.endswith(f"-{p}"))
+
+
+def health(cluster: LocalCluster, node_id: str) -> dict:
+    port = node_port(cluster, node_id)
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+
+
+def kill_node(cluster: LocalCluster, node_id: str) -> None:
+    """kill -9 a node's frontend and executor, as a power cut would."""
+    proc = cluster.nodes[node_port(cluster, node_id)]
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    proc.kill()
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+
+
+def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster):
+    reference = run_streams(cluster.url)
+    assert all(s.error is None and s.final["choices"][0]["finish_reason"] in ("length", "stop")
+               for s in reference)
+    assert all(s.final["metrics"]["failovers"] == 0 for s in reference)
+
+    pipeline = cluster.status()["pipelines"][0]
+    head_id, tail_id = pipeline[0], pipeline[-1]
+    survivors = [n["node_id"] for n in cluster.status()["node_list"] if n["node_id"] != tail_id]
+    before: dict[str, dict] = {}
+
+    def kill_mid_stream(streams: list[Stream]) -> None:
+        deadline = time.monotonic() + 120
+        while min(s.num_text for s in streams) < 4:  # every stream has sent some text
+            assert time.monotonic() < deadline, "the streams never started"
+            assert all(s.is_alive() for s in streams), "a stream ended before the kill"
+            time.sleep(0.02)
+        kill_node(cluster, tail_id)
+        time.sleep(1.5)  # the head fails the requests within a fraction of a second
+        before.update({n: health(cluster, n) for n in survivors})
+
+    streams = run_streams(cluster.url, until=kill_mid_stream)
+    for stream, expected in zip(streams, reference, strict=True):
+        assert stream.error is None, stream.error
+        assert stream.events[-1] == "[DONE]"
+        assert not [e for e in stream.events if isinstance(e, dict) and
+                    e.get("object") == "error"]
+        assert stream.final["choices"][0]["finish_reason"] in ("length", "stop")
+        assert stream.text == expected.text
+        assert stream.final["usage"] == expected.final["usage"]
+        assert stream.final["metrics"]["failovers"] == 1
+        assert 0 < stream.final["metrics"]["replayed_tokens"] < \
+            stream.final["usage"]["completion_tokens"]
+        assert sum("role" in c["choices"][0]["delta"] for c in stream.chunks) == 1
+        assert len({c["id"] for c in stream.chunks}) == 1
+
+    status = cluster.status()
+    new_head = status["pipelines"][0][0]
+    assert tail_id not in {n for p in status["pipelines"] for n in p}
+    after = health(cluster, new_head)
+    replayed = [s.final["metrics"]["replayed_tokens"] for s in streams]
+    prompts = [s.final["usage"]["prompt_tokens"] for s in streams]
+    completions = [s.final["usage"]["completion_tokens"] for s in streams]
+    prefilled = after["num_prefill_tokens"] - before[new_head]["num_prefill_tokens"]
+    decoded = after["num_decode_tokens"] - before[new_head]["num_decode_tokens"]
+    assert prefilled == sum(prompts) + sum(replayed)
+    # each new token but the last is fed back once: nothing generated before the kill again
+    assert decoded == sum(c - r - 1 for c, r in zip(completions, replayed, strict=True))
+    print(f"head {head_id} -> {new_head}; replay_ms "
+          f"{sorted(s.final['metrics']['replay_ms'] for s in streams)}")
