@@ -163,8 +163,14 @@ def main() -> None:
         print(name, rows[name], flush=True)
     metrics = list(next(iter(rows.values())))
     names = list(rows)
+    from parallax.models.gguf import dequantize_requested
+    from parallax.models.quant import native
+
+    lib = native.kernels()
     print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.threads} threads, "
-          f"{args.new_tokens} new tokens per request\n")
+          f"{args.new_tokens} new tokens per request; CPU flags: {native.flags_summary()}; "
+          f"GGUF {'dequantized on load' if dequantize_requested() else 'kept packed'}, kernels "
+          f"{lib.variant if lib else 'torch path'}\n")
     header = "| metric | " + " | ".join(names) + " | " + " | ".join(
         f"parallax / {n}" for n in names[1:]) + " |"
     print(header)

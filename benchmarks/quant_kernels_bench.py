@@ -27,8 +27,6 @@ from parallax.models.quant.packed import PackedLinear, PackedWeight, native_gemm
 
 SHAPES = [(2048, 8192), (576, 1536)]  # (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN
 BATCHES = [1, 4, 16, 32, 512]
-INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                     "avx512_bf16", "amx_int8", "asimd")
 
 
 def time_ms(fn, x: torch.Tensor, seconds: float, max_reps: int) -> float:
@@ -81,9 +79,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    flags = native.cpu_flags()
     lib = native.kernels()
-    print(f"CPU flags: {' '.join(f for f in INTERESTING_FLAGS if f in flags) or 'unknown'}; "
+    print(f"CPU flags: {native.flags_summary()}; "
           f"threads {args.threads}; native variant: {lib.variant if lib else 'none (torch path)'}")
     types = [QT[name] for name in args.types.split(",")]
     batches = [int(b) for b in args.batches.split(",")]

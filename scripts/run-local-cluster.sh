@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PARALLAX=${PARALLAX:-.venv/bin/parallax}
 PYTHON=${PYTHON:-.venv/bin/python}
 SCHEDULER_PORT=${SCHEDULER_PORT:-3001}
-NODE_MEMORY=${NODE_MEMORY:-600MB}
+NODE_MEMORY=${NODE_MEMORY:-200MB}  # the packed built-in model needs ~320 MB on one node
 
 pids=()
 cleanup() {

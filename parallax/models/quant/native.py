@@ -41,6 +41,16 @@ VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
 BUILD_TIMEOUT_S = 180
 
 
+BENCHMARK_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                   "avx512_bf16", "amx_int8", "asimd")
+
+
+def flags_summary() -> str:
+    """The CPU flags that matter to the kernels, for the line printed beside benchmark tables."""
+    flags = cpu_flags()
+    return " ".join(f for f in BENCHMARK_FLAGS if f in flags) or "unknown"
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty if unknown."""
     try:
