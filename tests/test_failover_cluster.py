@@ -1,8 +1,9 @@
 """Replay on failure in a real loopback cluster: `parallax run` + three `parallax join` nodes on
 the built-in model (a 2-stage pipeline and a standby, as in test_cluster.py).
 
-Eight concurrent greedy streams run undisturbed once, then again while the pipeline's tail is
-killed (kill -9, frontend and executor) mid-stream. Every stream must finish normally with the
+Eight concurrent greedy streams run undisturbed once, then again while one node of the pipeline
+(its tail, then, on a fresh cluster, its head) is killed (kill -9, frontend and executor)
+mid-stream. Every stream must finish normally with the
 undisturbed text, no error chunk, `metrics.failovers == 1`, and the new head's own counters must
 show that it prefilled exactly prompt + generated ids (and decoded only the rest): a replay, not
 a rerun from scratch with the text already sent suppressed.
@@ -33,11 +34,12 @@ class ReplayCluster(LocalCluster):
     max_replays = 3
 
     def scheduler_args(self) -> list[str]:
-        return ["--replay-wait-s", "120"]
+        return ["--replay-wait-s", "45"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster(tmp_path_factory):
+    """A fresh cluster for each test: a kill leaves no standby behind."""
     cluster = ReplayCluster(tmp_path_factory.mktemp("failover"), num_nodes=3,
                             memory=split_memory())
     try:
@@ -45,6 +47,13 @@ def cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def undisturbed() -> list:
+    """The undisturbed run's streams, taken once on the first test's cluster (greedy, same
+    model and layout: the same text on every fresh cluster)."""
+    return []
 
 
 class Stream(threading.Thread):
@@ -112,15 +121,22 @@ def kill_node(cluster: LocalCluster, node_id: str) -> None:
         os.kill(int(child), signal.SIGKILL)
 
 
-def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster):
-    reference = run_streams(cluster.url)
-    assert all(s.error is None and s.final["choices"][0]["finish_reason"] in ("length", "stop")
-               for s in reference)
-    assert all(s.final["metrics"]["failovers"] == 0 for s in reference)
+def reference_streams(cluster: LocalCluster, undisturbed: list) -> list[Stream]:
+    if not undisturbed:
+        reference = run_streams(cluster.url)
+        assert all(s.error is None and s.final["choices"][0]["finish_reason"] in
+                   ("length", "stop") for s in reference)
+        assert all(s.final["metrics"]["failovers"] == 0 for s in reference)
+        undisturbed.extend(reference)
+    return undisturbed
 
-    pipeline = cluster.status()["pipelines"][0]
-    head_id, tail_id = pipeline[0], pipeline[-1]
-    survivors = [n["node_id"] for n in cluster.status()["node_list"] if n["node_id"] != tail_id]
+
+def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[Stream],
+                                        victim_id: str) -> None:
+    """Run the eight streams again, kill -9 `victim_id` once every stream has sent some text,
+    and check every stream against the undisturbed run and the new head's counters (it
+    prefilled exactly prompt + generated ids, decoded only the rest)."""
+    survivors = [n["node_id"] for n in cluster.status()["node_list"] if n["node_id"] != victim_id]
     before: dict[str, dict] = {}
 
     def kill_mid_stream(streams: list[Stream]) -> None:
@@ -129,8 +145,10 @@ def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster):
             assert time.monotonic() < deadline, "the streams never started"
             assert all(s.is_alive() for s in streams), "a stream ended before the kill"
             time.sleep(0.02)
-        kill_node(cluster, tail_id)
-        time.sleep(1.5)  # the head fails the requests within a fraction of a second
+        kill_node(cluster, victim_id)
+        # the pipeline's failure reaches the scheduler within a fraction of a second; the
+        # replay waits for the dead node's eviction (heartbeat timeout), well after this
+        time.sleep(1.5)
         before.update({n: health(cluster, n) for n in survivors})
 
     streams = run_streams(cluster.url, until=kill_mid_stream)
@@ -150,7 +168,7 @@ def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster):
 
     status = cluster.status()
     new_head = status["pipelines"][0][0]
-    assert tail_id not in {n for p in status["pipelines"] for n in p}
+    assert victim_id not in {n for p in status["pipelines"] for n in p}
     after = health(cluster, new_head)
     replayed = [s.final["metrics"]["replayed_tokens"] for s in streams]
     prompts = [s.final["usage"]["prompt_tokens"] for s in streams]
@@ -160,5 +178,20 @@ def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster):
     assert prefilled == sum(prompts) + sum(replayed)
     # each new token but the last is fed back once: nothing generated before the kill again
     assert decoded == sum(c - r - 1 for c, r in zip(completions, replayed, strict=True))
-    print(f"head {head_id} -> {new_head}; replay_ms "
+    print(f"killed {victim_id}, head -> {new_head}; replay_ms "
           f"{sorted(s.final['metrics']['replay_ms'] for s in streams)}")
+
+
+def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster, undisturbed):
+    reference = reference_streams(cluster, undisturbed)
+    assert_kill_mid_stream_is_invisible(cluster, reference, cluster.status()["pipelines"][0][-1])
+
+
+@pytest.mark.xfail(reason="known bug (issue 13, open): after the head is killed no replay "
+                          "finds the rebuilt pipeline and the streams end with 503 after "
+                          "--replay-wait-s", strict=False)
+def test_killing_the_head_mid_stream_is_invisible_to_eight_streams(cluster, undisturbed):
+    reference = reference_streams(cluster, undisturbed)
+    # the head holds each request's ids and the scheduler's connection to it drops: the
+    # scheduler resumes from the ids it saw on the internal leg, on the rebuilt pipeline
+    assert_kill_mid_stream_is_invisible(cluster, reference, cluster.status()["pipelines"][0][0])
