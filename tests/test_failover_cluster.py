@@ -187,9 +187,6 @@ def test_killing_the_tail_mid_stream_is_invisible_to_eight_streams(cluster, undi
     assert_kill_mid_stream_is_invisible(cluster, reference, cluster.status()["pipelines"][0][-1])
 
 
-@pytest.mark.xfail(reason="known bug (issue 13, open): after the head is killed no replay "
-                          "finds the rebuilt pipeline and the streams end with 503 after "
-                          "--replay-wait-s", strict=False)
 def test_killing_the_head_mid_stream_is_invisible_to_eight_streams(cluster, undisturbed):
     reference = reference_streams(cluster, undisturbed)
     # the head holds each request's ids and the scheduler's connection to it drops: the

@@ -147,5 +147,29 @@ def test_dead_middle_stage_fails_requests_quickly(model_path):
         assert "next stage" in out["x"][-1].error
         assert time.monotonic() - started < 5.0
         assert not cluster.engines[0].sequences
+        cluster.settle()  # the head's release reaches the tail past the dead middle
+        assert not cluster.engines[2].sequences
+        assert cluster.engines[2].num_free_blocks == cluster.engines[2].num_total_blocks
+    finally:
+        cluster.close()
+
+
+def test_dead_head_leaves_nothing_behind_once_the_pipeline_is_rebuilt(model_path):
+    """The tail holds requests of a head that died; once the scheduler hands it a pipeline
+    without that head, it frees them (their KV and running slots would otherwise leak)."""
+    cluster = Cluster(model_path, [(0, 2), (2, 4)])
+    try:
+        cluster.add("h", list(range(1, 20)),
+                    SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        cluster.run(until_s=0.2)
+        cluster.kill(0)
+        cluster.settle(0.2)
+        tail = cluster.engines[1]
+        assert "h" in tail.sequences  # nothing tells the tail yet
+        replacement = f"tcp://127.0.0.1:{free_port()}"
+        cluster.links[1].set_security(KEY, [replacement, cluster.endpoints[1]])
+        assert cluster.routers[1].drop_orphans() == []  # nobody to report to
+        assert not tail.sequences
+        assert tail.num_free_blocks == tail.num_total_blocks
     finally:
         cluster.close()

@@ -220,6 +220,25 @@ def test_keepalives_while_no_pipeline_then_the_error_after_the_bound(scheduler, 
     events = sse_events(response)
     assert events[-2]["object"] == "error" and "within 1 s" in events[-2]["message"]
     assert text_of(events) == "t0 t1 "
+    # the stream still ends as the contract says: a final chunk with finish_reason "error"
+    final = chunks_of(events)[-1]
+    assert final["choices"][0]["finish_reason"] == "error" and final["metrics"]["failovers"] == 1
+    assert final["id"] == chunks_of(events)[0]["id"]
+
+
+def test_a_stalled_stream_ends_with_an_error_chunk_when_replays_are_off(scheduler, heads):
+    s = scheduler(max_replays=0)
+    s.bring_up({"a": WHOLE, "b": WHOLE})
+    thread, out = in_thread(lambda: s.chat("STALL 2"))
+    wait_until(lambda: len(heads.received) == 1, what="the first attempt")
+    time.sleep(0.3)
+    s.leave(heads.received[0][0])
+    thread.join(timeout=10)
+    events = sse_events(out[0])
+    assert events[-1] == "[DONE]" and events[-2]["object"] == "error"
+    final = chunks_of(events)[-1]
+    assert final["choices"][0]["finish_reason"] == "error" and final["metrics"]["failovers"] == 0
+    assert text_of(events) == "t0 t1 " and len(heads.received) == 1
 
 
 def test_the_stream_waits_for_a_pipeline_to_appear(scheduler, heads):

@@ -161,6 +161,9 @@ class ExecutorLoop:
             if self.links is not None:
                 self.links.set_security(parse_key(message.key), list(message.peers),
                                         list(message.curve_keys))
+            if self.stage is not None:
+                self._pending.extend(self.stage.drop_orphans())
+                self._dirty = True
         elif isinstance(message, P.Shutdown):
             self.running = False
 

@@ -187,14 +187,37 @@ class StageRouter:
                                                 f"({endpoint})", kind, endpoint))
         return outputs
 
+    def drop_orphans(self) -> list[P.TokenOutput]:
+        """After the scheduler changed this pipeline's peers: drop the requests whose head is
+        no longer a peer (nobody will ever feed or read them; they only hold KV and running
+        slots), and fail those whose next stage is no longer one."""
+        orphans, cut = [], []
+        for rid, route in self.routes.items():
+            if not self.links.allows(route.head_endpoint):
+                orphans.append(rid)
+            elif route.next_endpoint is not None and not self.links.allows(route.next_endpoint):
+                cut.append(rid)
+        for rid in orphans:
+            self.engine.abort(rid)
+        if orphans:
+            logger.warning("dropped %d requests whose head left the pipeline", len(orphans))
+            self._release(orphans)
+        return self._fail(cut, "the next stage left the pipeline", P.PEER_LOST) if cut else []
+
     def _fail(self, rids: list[str], message: str, kind: str = P.ENGINE_ERROR,
               peer: str | None = None) -> list[P.TokenOutput]:
-        """Fail requests here; the head reports to its frontend, others to the head."""
+        """Fail requests here; the head reports to its frontend, others to the head. The
+        stages past a lost next stage are told to free the requests too (their KV would
+        otherwise wait forever for activations that cannot come)."""
         for_frontend = []
         by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
+        past_dead: dict[str, list[str]] = defaultdict(list)
         for rid in rids:
             self.engine.abort(rid)
             route = self.routes.pop(rid, None)
+            if route is not None and peer is not None and route.next_endpoint == peer and \
+                    route.downstream_after_next:
+                past_dead[route.downstream_after_next[0]].append(rid)
             output = error_output(rid, message, kind, peer)
             if route is None or route.head_endpoint == self.links.own_endpoint:
                 for_frontend.append(output)
@@ -202,6 +225,8 @@ class StageRouter:
                 by_head[route.head_endpoint].append(output)
         for head, batch in by_head.items():
             self._to_head(head, batch)
+        for endpoint, batch in past_dead.items():
+            self._send_release(endpoint, batch)
         return for_frontend
 
     def _to_head(self, head_endpoint: str, outputs: list[P.TokenOutput]) -> None:
@@ -219,7 +244,12 @@ class StageRouter:
             if route is not None and route.next_endpoint is not None:
                 by_next[route.next_endpoint].append(rid)
         for endpoint, batch in by_next.items():
-            try:
-                self.links.send_message(endpoint, P.StageRelease(batch))
-            except PeerUnreachable:
-                pass  # the peer is gone, and its KV with it
+            self._send_release(endpoint, batch)
+
+    def _send_release(self, endpoint: str, rids: list[str]) -> None:
+        if not self.links.allows(endpoint):
+            return
+        try:
+            self.links.send_message(endpoint, P.StageRelease(rids))
+        except PeerUnreachable:
+            pass  # the peer is gone, and its KV with it

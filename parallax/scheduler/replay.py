@@ -19,7 +19,7 @@ from typing import Any
 from parallax import protocol as P
 from parallax.serving.errors import error_body
 from parallax.serving.internal_leg import KEY, request_fields
-from parallax.serving.openai_schemas import completion
+from parallax.serving.openai_schemas import chunk, completion
 
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, the connection stays open
 MAX_LINE = 1 << 20  # a longer SSE line from a head is dropped
@@ -242,12 +242,14 @@ class ReplaySession:
 
     def give_up(self, failure: Failure) -> list[dict[str, Any]]:
         """The events that end the client's stream with `failure` (before [DONE])."""
-        out = []
         if self.error_final is not None:
             final = dict(self.error_final)
-            final["metrics"] = self._metrics(final.get("metrics"))
-            out.append(final)
-        out.append(error_body(failure.status, failure.message))
+        else:  # the scheduler saw the pipeline break before its head could say so
+            final = chunk(self.client_id, self.model or str(self.payload.get("model") or ""),
+                          self.created if self.created is not None else int(time.time()), {},
+                          "error", self.usage)
+        final["metrics"] = self._metrics(final.get("metrics"))
+        out = [final, error_body(failure.status, failure.message)]
         return out
 
     def completion(self) -> dict[str, Any]:

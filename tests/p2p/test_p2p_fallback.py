@@ -103,9 +103,6 @@ def test_activations_through_lattica_give_the_same_answers(split_cluster, refere
     assert all("not reachable over tcp: activations to peer" in log for log in logs), logs
 
 
-@pytest.mark.xfail(reason="regressed with replay on failure (issue 13, open): with replays off "
-                          "the stream behind a relay no longer ends with an error chunk; not "
-                          "diagnosed yet", strict=False)
 def test_killed_tail_behind_a_relay_fails_the_stream_fast(split_cluster):
     """The head sends nothing while it waits for the tail's token: the relay's ping notices."""
     tail_id = split_cluster.status()["pipelines"][0][-1]
