@@ -19,6 +19,7 @@ import time
 
 import httpx
 import pytest
+from processes import free_port
 from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 
 from parallax.serving.sse import parse_sse_lines
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 NUM_STREAMS = 8
 MAX_TOKENS = 48
+LONG_TOKENS = 160  # streams that outlast two nodes' start-up and load
 PROMPTS = [f"Write a short poem about the number {i}." for i in range(NUM_STREAMS)]
 
 
@@ -57,16 +59,16 @@ def undisturbed() -> list:
 
 
 class Stream(threading.Thread):
-    def __init__(self, url: str, prompt: str) -> None:
+    def __init__(self, url: str, prompt: str, max_tokens: int = MAX_TOKENS) -> None:
         super().__init__(daemon=True)
-        self.url, self.prompt = url, prompt
+        self.url, self.prompt, self.max_tokens = url, prompt, max_tokens
         self.events: list = []
         self.num_text = 0  # chunks with text so far
         self.error: Exception | None = None
 
     def run(self) -> None:
         body = {"model": "default", "messages": [{"role": "user", "content": self.prompt}],
-                "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+                "max_tokens": self.max_tokens, "temperature": 0, "stream": True}
         try:
             with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body,
                               timeout=httpx.Timeout(30, read=150)) as response:
@@ -91,8 +93,8 @@ class Stream(threading.Thread):
         return self.chunks[-1]
 
 
-def run_streams(url: str, until=None) -> list[Stream]:
-    streams = [Stream(url, prompt) for prompt in PROMPTS]
+def run_streams(url: str, until=None, max_tokens: int = MAX_TOKENS) -> list[Stream]:
+    streams = [Stream(url, prompt, max_tokens) for prompt in PROMPTS]
     for stream in streams:
         stream.start()
     if until is not None:
@@ -132,10 +134,10 @@ def reference_streams(cluster: LocalCluster, undisturbed: list) -> list[Stream]:
 
 
 def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[Stream],
-                                        victim_id: str) -> None:
-    """Run the eight streams again, kill -9 `victim_id` once every stream has sent some text,
-    and check every stream against the undisturbed run and the new head's counters (it
-    prefilled exactly prompt + generated ids, decoded only the rest)."""
+                                        victim_id: str, after_kill=None) -> None:
+    """Run the eight streams again, kill -9 `victim_id` once every stream has sent some text
+    (then call `after_kill`), and check every stream against the undisturbed run and the new
+    head's counters (it prefilled exactly prompt + generated ids, decoded only the rest)."""
     survivors = [n["node_id"] for n in cluster.status()["node_list"] if n["node_id"] != victim_id]
     before: dict[str, dict] = {}
 
@@ -150,6 +152,8 @@ def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[S
         # replay waits for the dead node's eviction (heartbeat timeout), well after this
         time.sleep(1.5)
         before.update({n: health(cluster, n) for n in survivors})
+        if after_kill is not None:
+            after_kill()
 
     streams = run_streams(cluster.url, until=kill_mid_stream)
     for stream, expected in zip(streams, reference, strict=True):
@@ -173,8 +177,10 @@ def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[S
     replayed = [s.final["metrics"]["replayed_tokens"] for s in streams]
     prompts = [s.final["usage"]["prompt_tokens"] for s in streams]
     completions = [s.final["usage"]["completion_tokens"] for s in streams]
-    prefilled = after["num_prefill_tokens"] - before[new_head]["num_prefill_tokens"]
-    decoded = after["num_decode_tokens"] - before[new_head]["num_decode_tokens"]
+    # a node that joined after the kill counted nothing before it
+    start = before.get(new_head, {"num_prefill_tokens": 0, "num_decode_tokens": 0})
+    prefilled = after["num_prefill_tokens"] - start["num_prefill_tokens"]
+    decoded = after["num_decode_tokens"] - start["num_decode_tokens"]
     assert prefilled == sum(prompts) + sum(replayed)
     # each new token but the last is fed back once: nothing generated before the kill again
     assert decoded == sum(c - r - 1 for c, r in zip(completions, replayed, strict=True))
@@ -192,3 +198,83 @@ def test_killing_the_head_mid_stream_is_invisible_to_eight_streams(cluster, undi
     # the head holds each request's ids and the scheduler's connection to it drops: the
     # scheduler resumes from the ids it saw on the internal leg, on the rebuilt pipeline
     assert_kill_mid_stream_is_invisible(cluster, reference, cluster.status()["pipelines"][0][0])
+
+
+def test_killing_a_middle_stage_of_three_is_invisible(tmp_path_factory, undisturbed):
+    """Three stages and a standby: the head notices the lost middle stage, the standby takes
+    its layers, and the streams go on from where they were."""
+    cluster = ReplayCluster(tmp_path_factory.mktemp("middle"), num_nodes=4,
+                            memory=split_memory(0.42))
+    try:
+        status = cluster.wait_status({"available"}, START_TIMEOUT_S)
+        assert [len(p) for p in status["pipelines"]] == [3], status["pipelines"]
+        reference = reference_streams(cluster, undisturbed)
+        assert_kill_mid_stream_is_invisible(cluster, reference, status["pipelines"][0][1])
+    finally:
+        cluster.close()
+
+
+def test_with_no_spare_node_the_streams_wait_for_one_to_join(tmp_path_factory, undisturbed):
+    """Two stages, no standby: after the tail dies the survivor cannot hold the model, so the
+    streams stay open (keep-alives) until a node joins 25 s later, then complete."""
+    cluster = ReplayCluster(tmp_path_factory.mktemp("nospare"), num_nodes=2,
+                            memory=split_memory())
+    try:
+        status = cluster.wait_status({"available"}, START_TIMEOUT_S)
+        assert len(status["pipelines"][0]) == 2 and len(status["node_list"]) == 2
+        reference = reference_streams(cluster, undisturbed)
+
+        def join_later() -> None:
+            time.sleep(25)
+            port = free_port()
+            cluster.node_ports.append(port)
+            cluster.nodes[port] = cluster.start_node(port)
+
+        assert_kill_mid_stream_is_invisible(cluster, reference, status["pipelines"][0][-1],
+                                            after_kill=join_later)
+    finally:
+        cluster.close()
+
+
+def test_a_join_that_adds_a_pipeline_fails_no_running_request(tmp_path_factory):
+    """Two nodes serve one pipeline; two more join mid-stream and form a second one. The
+    serving pipeline is kept as it is (nothing reloads under a running request), the status
+    says `rebalancing` (and stays `available`) while the new one loads, and every stream ends
+    with the text of an undisturbed run."""
+    cluster = ReplayCluster(tmp_path_factory.mktemp("join"), num_nodes=2, memory=split_memory())
+    try:
+        status = cluster.wait_status({"available"}, START_TIMEOUT_S)
+        serving = status["pipelines"][0]
+        reference = run_streams(cluster.url, max_tokens=LONG_TOKENS)
+        seen: list[dict] = []
+
+        def join_two(streams: list[Stream]) -> None:
+            deadline = time.monotonic() + 180
+            while min(s.num_text for s in streams) < 2:
+                assert time.monotonic() < deadline, "the streams never started"
+                time.sleep(0.02)
+            for _ in range(2):
+                port = free_port()
+                cluster.node_ports.append(port)
+                cluster.nodes[port] = cluster.start_node(port)
+            while any(s.is_alive() for s in streams) and time.monotonic() < deadline:
+                seen.append(cluster.status())
+                time.sleep(0.2)
+
+        streams = run_streams(cluster.url, until=join_two, max_tokens=LONG_TOKENS)
+        for stream, expected in zip(streams, reference, strict=True):
+            assert stream.error is None and stream.events[-1] == "[DONE]"
+            assert stream.final["choices"][0]["finish_reason"] in ("length", "stop")
+            assert stream.text == expected.text
+            assert stream.final["metrics"]["failovers"] == 0
+        assert all(s["pipelines"][0] == serving and s["status"] == "available" for s in seen)
+        # the second pipeline was allocated and loading while the streams ran
+        assert any(len(s["pipelines"]) == 2 and s["rebalancing"] for s in seen), seen[-1]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(status["ready_pipelines"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = cluster.status()
+        assert len(status["pipelines"]) == 2 and len(status["ready_pipelines"]) == 2
+        assert status["rebalancing"] is False
+    finally:
+        cluster.close()

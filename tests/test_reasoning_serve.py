@@ -19,21 +19,13 @@ markup would land in `content` and `reasoning_content` would be missing: every t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
-import openai
 import pytest
 import torch
-from processes import die_with_pytest, free_port
+from processes import serving_tiny_models
 from tiny_models import greedy_tokens, save_successor_model, save_word_tokenizer
 
 from parallax.models.loader import load_shard, load_tokenizer
 
-START_TIMEOUT_S = 120
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 REASONING = ["User", " wants", " the", " capital", " of", " France", "."]
 ANSWER = ["It", " is", " Paris", "!"]
@@ -118,53 +110,11 @@ def test_the_engine_writes_the_raw_script(model_dirs, family, kwargs, expected):
 # ---------------------------------------------------------------- through `parallax serve`
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}:\n"
-                               f"{open(log_path).read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {START_TIMEOUT_S} s:\n"
-                       f"{open(log_path).read()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def servers(model_dirs, tmp_path_factory):
     """Both `parallax serve` processes, started together; yields {family: openai client}."""
-    procs, clients, logs = [], {}, []
-    log_dir = tmp_path_factory.mktemp("reasoning-serve")
-    # TMPDIR: the ipc sockets' private dir lands under pytest's tmp dir, even after a SIGKILL
-    env = {**os.environ, "TMPDIR": str(log_dir)}
-    try:
-        for family, path in model_dirs.items():
-            port = free_port()
-            log_path = log_dir / f"{family}.log"
-            log = open(log_path, "wb")
-            logs.append(log)
-            cmd = [sys.executable, "-m", "parallax.cli", "serve", "-m", path, "--port", str(port),
-                   "--dtype", "float32", "--kv-memory", "4MB", "--threads", "1",
-                   "--max-batch-size", "4"]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=die_with_pytest)
-            procs.append((proc, f"http://127.0.0.1:{port}", log_path))
-            clients[family] = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
-                                            api_key="unused", timeout=30, max_retries=0)
-        for proc, url, log_path in procs:
-            _wait_ready(url, proc, log_path)
+    with serving_tiny_models(model_dirs, tmp_path_factory.mktemp("reasoning-serve")) as clients:
         yield clients
-    finally:
-        for proc, _, _ in procs:
-            proc.kill()
-        for proc, _, _ in procs:
-            proc.wait(10)
-        for log in logs:
-            log.close()
 
 
 def stream_split(client, **kwargs) -> tuple[list[tuple[str, str]], str, int]:

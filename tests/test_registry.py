@@ -68,3 +68,21 @@ def test_leave_reallocates_and_model_switch_clears():
     assert all(registry.allocation.stage_of(n) is None or n != "c" for n in "abd")
     registry.set_model(None)
     assert registry.allocation is None and registry.status() == "waiting"
+
+
+def test_status_says_rebalancing_while_a_second_pipeline_loads_beside_a_serving_one():
+    from parallax.scheduler.status import cluster_status
+
+    registry = Registry(init_nodes_num=1)
+    registry.set_model(MODEL)
+    registry.join(record("a", 1000))
+    registry.heartbeat("a", 1.0, loaded_model="m", loaded_range=registry.assignment("a"))
+    data = cluster_status(registry, node_join_command="")["data"]
+    assert data["status"] == "available" and data["rebalancing"] is False
+    registry.join(record("b", 1000))  # a whole-model node: a second pipeline, not loaded yet
+    assert len(registry.allocation.pipelines) == 2
+    assert registry.assignment("a") == (0, 30)  # the serving pipeline is kept as it is
+    data = cluster_status(registry, node_join_command="")["data"]
+    assert data["status"] == "available" and data["rebalancing"] is True
+    registry.heartbeat("b", 2.0, loaded_model="m", loaded_range=registry.assignment("b"))
+    assert cluster_status(registry, node_join_command="")["data"]["rebalancing"] is False

@@ -9,6 +9,7 @@ whole: `t0 ... t5`, no error, one role chunk, one id.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from test_scheduler_app import WHOLE, FakeNodes, Scheduler, in_thread, sse_events, wait_until
 
+from parallax.scheduler.failover import PROBE_TIMEOUT_S
 from parallax.serving.errors import error_body
 from parallax.serving.sse import DONE, encode_event
 
@@ -62,8 +64,11 @@ class ScriptedHeads(FakeNodes):
 
         def fail(kind: str, blame: bool) -> list[bytes]:
             error = error_body(503, f"scripted {kind}")
+            # BLAME names this head's own endpoint, BLAME=<id> another node's
+            named = next((w.split("=", 1)[1] for w in script if w.startswith("BLAME=")),
+                         node_id)
             error["parallax"] = {"kind": kind,
-                                 "peer": f"tcp://{node_id}.test:5000" if blame else None}
+                                 "peer": f"tcp://{named}.test:5000" if blame else None}
             return [chunk({}, "error", metrics={"ttft_ms": 1.0}), encode_event(error), DONE]
 
         count = len(resume)
@@ -76,7 +81,7 @@ class ScriptedHeads(FakeNodes):
                 if (first or mode == "POISON") and i - len(resume) == stop_at and mode != "OK":
                     if mode in ("FAIL", "POISON", "REFUSE"):
                         kind = script[2] if len(script) > 2 else "engine_error"
-                        for data in fail(kind, "BLAME" in script):
+                        for data in fail(kind, any(w.startswith("BLAME") for w in script)):
                             yield data
                         finished = True
                         return
@@ -267,3 +272,23 @@ def test_a_stalled_stream_is_cut_when_its_node_leaves(scheduler, heads):
     assert not thread.is_alive()
     assert_one_clean_stream(sse_events(out[0]))
     wait_until(lambda: body["rid"] in heads.cancelled, what="the stalled attempt hung up")
+
+
+def test_a_named_node_that_refuses_connections_is_evicted_at_once(scheduler, heads):
+    """A failure names a stage whose HTTP port refuses connections (its process is gone): the
+    scheduler evicts it now rather than after the heartbeat timeout, so the allocator can
+    rebuild without it."""
+    s = scheduler(heartbeat_timeout_s=60.0)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    s.bring_up({"a": WHOLE})
+    s.join("gone", 1000, http_url=dead_url)
+    assert {n["node_id"] for n in s.status()["node_list"]} == {"a", "gone"}
+    events = sse_events(s.chat("FAIL 3 peer_lost BLAME=gone"))
+    assert_one_clean_stream(events)
+    wait_until(lambda: {n["node_id"] for n in s.status()["node_list"]} == {"a"},
+               what="the unreachable node's eviction", timeout=5)
+    s.chat("FAIL 3 peer_lost BLAME")  # a live head named by a failure stays
+    time.sleep(PROBE_TIMEOUT_S + 0.5)
+    assert {n["node_id"] for n in s.status()["node_list"]} == {"a"}

@@ -163,3 +163,26 @@ def test_session_rewrites_chunks_and_splits_the_last_delta_from_the_final_chunk(
     assert metrics["failovers"] == 1 and metrics["replay_ms"] == 250.0
     assert metrics["replayed_tokens"] == 2
     assert all("parallax" not in c for c in out) and session.end_attempt() is None
+
+
+def test_session_relays_tool_call_deltas_and_collects_them_for_a_completion():
+    """The scheduler's relay passes `delta.tool_calls` on, and a non-streaming client gets
+    them whole in `message.tool_calls` (header chunk, then argument fragments)."""
+    from parallax.scheduler.replay import ReplaySession
+
+    session = ReplaySession("client-id", {"messages": []}, collect=True)
+    session.on_event(_event({"role": "assistant", "content": ""}))
+    header = {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                              "function": {"name": "get_weather", "arguments": ""}}]}
+    out = session.on_event(_event(header, ids=[1]))
+    assert out and out[0]["choices"][0]["delta"] == header
+    session.on_event(_event({"tool_calls": [{"index": 0, "function": {"arguments": '{"city"'}}]},
+                            ids=[2]))
+    out = session.on_event(_event({"tool_calls": [{"index": 0, "function": {
+        "arguments": ': "Paris"}'}}]}, "tool_calls", ids=[3]))
+    assert [c["choices"][0]["finish_reason"] for c in out] == [None, "tool_calls"]
+    message = session.completion()["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert session.completion()["choices"][0]["finish_reason"] == "tool_calls"

@@ -159,6 +159,7 @@ class ModelRunner:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_slot_table = pad_slot_rows(decode_tables).to(self.device)
             meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
+            meta.decode_unpadded = min(decode_lens) == max(decode_lens)
         for span in prefills:
             if span.context_slots is not None:
                 span.context_slots = span.context_slots.to(self.device)

@@ -40,6 +40,8 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_slot_table: torch.Tensor | None = None  # [B, max_ctx] slots, padded with own slots
     decode_context_lens: torch.Tensor | None = None  # [B]
+    # Every decode row fills the whole table (no padding): with full attention no key is masked
+    decode_unpadded: bool = False
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sliding-window KV group: ([B, W] slots of each decode's last keys, right-aligned, and
     # their [B, 1, 1, W] validity) instead of decode_slot_table.
@@ -49,8 +51,12 @@ class AttentionMetadata:
     by_window: dict | None = field(default=None, repr=False)
     _decode_masks: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """[B, 1, 1, max_ctx] bool: key j visible to the decode query at position len-1."""
+    def decode_mask(self, sliding_window: int | None = None) -> torch.Tensor | None:
+        """[B, 1, 1, max_ctx] bool: key j visible to the decode query at position len-1; None
+        when every key is (SDPA without a mask is the cheaper call)."""
+        width = self.decode_slot_table.shape[1]
+        if self.decode_unpadded and (sliding_window is None or width <= sliding_window):
+            return None
         if sliding_window not in self._decode_masks:
             lens = self.decode_context_lens
             key_positions = torch.arange(self.decode_slot_table.shape[1], device=lens.device)
@@ -153,6 +159,32 @@ def attend(
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per row: q [B, H, D] against the keys in slots table [B, ctx]; mask
+    [B, 1, 1, ctx] bool, or None when all are visible. Returns [B, H, D]."""
+    batch, width = table.shape
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    slots = table.reshape(-1)
+    # [B, ctx, KVH, D] -> [B, KVH, ctx, D]
+    keys = k_cache.index_select(0, slots).view(batch, width, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, slots).view(batch, width, kv_heads, head_dim).transpose(1, 2)
+    if sinks is not None:  # None means all visible to attend's sink path too
+        return attend(q.unsqueeze(2), keys, values, mask, scale, sinks).squeeze(2)
+    # GQA as rows: the H / KVH query heads that share a KV head are that head's query rows
+    # (one decode's mask is the same for all of them), so SDPA needs no K/V expansion.
+    queries = q.reshape(batch, kv_heads, q.shape[1] // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(batch, q.shape[1], head_dim)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -170,9 +202,8 @@ def paged_attention(
     """
     if meta.by_window is not None:
         meta = meta.by_window[sliding_window]
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
-    out = torch.empty_like(q)
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     num_decode = meta.num_decode_tokens
     if num_decode:
         if meta.window_decode is not None:
@@ -181,11 +212,12 @@ def paged_attention(
             table, mask = meta.decode_window(sliding_window)
         else:
             table, mask = meta.decode_slot_table, meta.decode_mask(sliding_window)
-        # [B, ctx, KVH, D] -> [B, KVH, ctx, D]
-        keys = k_cache[table].transpose(1, 2)
-        values = v_cache[table].transpose(1, 2)
-        queries = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
-        out[:num_decode] = attend(queries, keys, values, mask, scale, sinks).squeeze(2)
+        decoded = decode_attention(q[:num_decode], k_cache, v_cache, table, mask, scale, sinks)
+        if not meta.prefills:  # a pure decode step: no output buffer to copy into
+            return decoded
+    out = torch.empty_like(q)
+    if num_decode:
+        out[:num_decode] = decoded
     for span in meta.prefills:
         num_queries = span.token_end - span.token_start
         queries = q[span.token_start : span.token_end].transpose(0, 1).unsqueeze(0)

@@ -88,12 +88,17 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.project_qk(q, k)
-        q, k = self.rotary(positions, q, k)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(hidden).view(num_tokens, heads + 2 * kv_heads, self.head_dim)
+        if type(self).project_qk is Attention.project_qk:
+            # no q/k norms: q and k are adjacent heads of one buffer, rotated in one pass
+            cos, sin = self.rotary.step_tables(positions)
+            q, k = self.rotary.rotate(qkv[:, : heads + kv_heads], cos, sin).split(
+                [heads, kv_heads], dim=1)
+            v = qkv[:, heads + kv_heads :]
+        else:
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+            q, k = self.rotary(positions, *self.project_qk(q, k))
         out = paged_attention(
             q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
             sinks=self.sinks,

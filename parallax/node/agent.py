@@ -68,6 +68,9 @@ class NodeAgent:
         self._latest_assignment: P.Assignment | None = None
         self.links = links  # P2P mode: p2p.relay.RelayedLinks, which peers need a relay
         self._tokenizers: dict[str, object] = {}
+        # set when the scheduler should hear from this node before the next interval: it
+        # became ready, or took a new link key (the cluster waits on both to route again)
+        self._beat_now = asyncio.Event()
 
     @property
     def headers(self) -> dict[str, str]:
@@ -96,8 +99,15 @@ class NodeAgent:
         while True:
             await self._join()
             while await self._heartbeat():
-                await asyncio.sleep(self.heartbeat_interval_s)
+                await self._until_next_beat()
             self.say("the scheduler forgot this node; joining again")
+
+    async def _until_next_beat(self) -> None:
+        try:
+            await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
+        except asyncio.TimeoutError:
+            pass
+        self._beat_now.clear()
 
     async def _join(self) -> None:
         waiting_said = False
@@ -125,8 +135,11 @@ class NodeAgent:
             return True
         if not answer.known:
             return False
+        fingerprint = self.client.link_key_id
         self.client.set_link_security(answer.link_key, answer.link_peers,
                                       answer.link_curve_keys)
+        if self.client.link_key_id != fingerprint:
+            self._beat_now.set()
         self._apply_soon(answer.assignment)
         await self._update_links(answer.peers, answer.link_key)
         return True
@@ -245,3 +258,4 @@ class NodeAgent:
         self.frontend.model_name = resolve(assignment.model).name
         self.say(f"ready: {self.frontend.model_name} layers [{assignment.start_layer}, "
                  f"{assignment.end_layer})")
+        self._beat_now.set()

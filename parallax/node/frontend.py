@@ -51,17 +51,33 @@ from parallax.serving.openai_schemas import (
     to_sampling_params,
     usage_dict,
 )
-from parallax.serving.reasoning import HARMONY_MODEL_TYPES, make_reasoning_parser
+from parallax.serving.reasoning import HARMONY_MODEL_TYPES, HarmonyParser, make_reasoning_parser
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
 from parallax.serving.text_state import TextState
+from parallax.serving.tool_calls import (
+    HarmonyToolParser,
+    ToolCall,
+    ToolCallStage,
+    add_system_text,
+    call_deltas,
+    choice_instruction,
+    hermes_history,
+    hermes_system_prompt,
+    make_tool_parser,
+    tool_format,
+)
 
 logger = logging.getLogger("parallax.frontend")
 
 STATUS_CLIENT_GONE = 499
 # Threads that render chat templates and tokenize prompts; more renders wait for one.
 RENDER_THREADS = 4
+# The tool that tells whether a chat template renders `tools` (rendered with and without it).
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "parallax_probe_tool", "description": "Probe.",
+    "parameters": {"type": "object", "properties": {}}}}
 
 
 @dataclass
@@ -86,6 +102,17 @@ class ChatJob:
     done: bool = False  # the executor side is over (finished, failed or aborted)
     ended: bool = False  # metrics recorded, watcher stopped
     watcher: asyncio.Task | None = None
+    tools: ToolCallStage | None = None  # the request's tool-call stage (tools and not "none")
+    reasoning_content: list[str] = field(default_factory=list)  # non-streaming: collected
+    content: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def finish(self) -> str:
+        """finish_reason of the answer: `tool_calls` when the model called a tool and stopped."""
+        reason = self.finish_reason or "stop"
+        if reason == "stop" and self.tools is not None and self.tools.num_calls:
+            return "tool_calls"
+        return reason
 
     def usage(self) -> dict[str, int]:
         return usage_dict(len(self.prompt_ids), self.num_completion_tokens)
@@ -111,6 +138,7 @@ class NodeFrontend:
         # templates render side by side; fast tokenizers refuse concurrent encodes (Rust borrow
         # checks: "Already borrowed"), so encoding takes turns
         self._encode_lock = threading.Lock()
+        self._renders_tools: bool | None = None  # the chat template renders `tools`
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -167,15 +195,47 @@ class NodeFrontend:
         Blocking (Jinja, tokenizer): the frontend runs it in its render threads. The kwargs are
         allow-listed scalars (`parse_chat_request`), so the template is always the operator's.
         """
+        messages = req.template_messages()
+        kwargs = dict(req.chat_template_kwargs)
+        if req.uses_tools:
+            tools = req.template_tools()
+            extra = choice_instruction(req.tool_choice, req.tool_choice_name,
+                                       req.parallel_tool_calls)
+            if self.template_renders_tools():
+                kwargs["tools"] = tools
+            else:  # teach the Hermes format in the system prompt
+                messages = hermes_history(messages)
+                extra = hermes_system_prompt(tools) + (f"\n\n{extra}" if extra else "")
+            messages = add_system_text(messages, extra)
         try:
             text = self.tokenizer.apply_chat_template(
-                req.template_messages(), tokenize=False, add_generation_prompt=True,
-                **req.chat_template_kwargs)
+                messages, tokenize=False, add_generation_prompt=True, **kwargs)
             with self._encode_lock:
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
         except Exception as exc:  # jinja errors raised by templates, bad kwargs...
             raise APIError(400, f"the chat template rejected the request: {exc}") from None
         return text, list(ids)
+
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template renders `tools` (checked once: with and without a tool)."""
+        if self._renders_tools is None:
+            probe = [{"role": "user", "content": "Hi"}]
+            try:
+                plain = self.tokenizer.apply_chat_template(probe, tokenize=False,
+                                                           add_generation_prompt=True)
+                with_tool = self.tokenizer.apply_chat_template(
+                    probe, tools=[PROBE_TOOL], tokenize=False, add_generation_prompt=True)
+                self._renders_tools = (with_tool != plain
+                                       and "parallax_probe_tool" in with_tool)
+            except Exception:  # a template that fails on tools does not render them
+                self._renders_tools = False
+        return self._renders_tools
+
+    def _chat_template(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if isinstance(template, dict):
+            return "\n".join(str(t) for t in template.values())
+        return template if isinstance(template, str) else ""
 
     async def render_prompt_async(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         """`render_prompt` in a render thread: the event loop keeps serving meanwhile."""
@@ -244,11 +304,25 @@ class NodeFrontend:
         info = self.client.info
         harmony = info.model_type in HARMONY_MODEL_TYPES
         enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
+        parser = make_reasoning_parser(info.model_type, prompt_text, enable_thinking)
+        tools = None
+        if req.uses_tools:
+            fmt = tool_format(info.model_type, self._chat_template(),
+                              self.template_renders_tools())
+            harmony_calls = None
+            if fmt == "harmony" and isinstance(parser, HarmonyParser):
+                parser = harmony_calls = HarmonyToolParser.from_parser(parser)
+            tools = ToolCallStage(make_tool_parser(fmt, req.tools), harmony_calls,
+                                  req.parallel_tool_calls)
         text = TextState(IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                 skip_special_tokens=not harmony),
-                         StopStringMatcher(req.stop),
-                         make_reasoning_parser(info.model_type, prompt_text, enable_thinking))
-        text.prime(resume)
+                         StopStringMatcher(req.stop), parser)
+        if tools is None:
+            text.prime(resume)
+        else:  # the tool stage is primed too (its calls so far went out with those ids)
+            for token_id in resume:
+                tools.feed(text.feed(token_id)[1])
+            text.take_ids()
         done_at_once = _resumed_finish(resume, params, text.stopped, len(prompt_ids),
                                        min(info.max_model_len,
                                            info.num_total_blocks * info.block_size))
@@ -263,7 +337,7 @@ class NodeFrontend:
         job = ChatJob(
             rid=rid, model=self.model_name, created=int(time.time()), prompt_ids=prompt_ids,
             queue=queue, text=text, timer=timer or RequestTimer(), internal=internal.internal,
-            num_completion_tokens=len(resume),
+            num_completion_tokens=len(resume), tools=tools,
         )
         if done_at_once is not None:
             job.done, job.finish_reason = True, done_at_once
@@ -382,15 +456,23 @@ class NodeFrontend:
                                      {"role": "assistant", "content": ""}, None, job.usage()))
             try:
                 async for reasoning, content in self.deltas(job):
-                    yield self._chunk(job, _delta(reasoning, content))
+                    for delta in self.answer_deltas(job, reasoning, content):
+                        yield self._chunk(job, delta)
             except Exception as exc:  # a bug in text handling fails this request only
                 self._internal_error(job, exc)
             job.timer.finish()
-            last = _delta(*job.final_delta)
-            if last and not job.internal:
-                yield self._chunk(job, last)
-                last = {}
-            yield self._chunk(job, last, job.finish_reason, job.timer.metrics_dict())
+            try:
+                final = self.answer_deltas(job, *job.final_delta, final=True)
+            except Exception as exc:
+                self._internal_error(job, exc)
+                final = []
+            last: dict[str, Any] = {}
+            if job.internal:  # one delta, in the final chunk (internal_leg.py)
+                last = final[0] if final else {}
+            else:
+                for delta in final:
+                    yield self._chunk(job, delta)
+            yield self._chunk(job, last, job.finish(), job.timer.metrics_dict())
             if job.finish_reason == "error":
                 error = error_body(job.error_status, job.error or "error")
                 if job.internal:
@@ -402,24 +484,61 @@ class NodeFrontend:
 
     async def complete(self, job: ChatJob) -> JSONResponse:
         """Non-streaming: collect everything, answer one chat.completion (or the error)."""
-        reasoning: list[str] = []
-        content: list[str] = []
         try:
             async for r, c in self.deltas(job):
-                reasoning.append(r)
-                content.append(c)
+                self._collect(job, r, c)
+            self._collect(job, *job.final_delta, final=True)
         except Exception as exc:  # a bug in text handling fails this request only
             self._internal_error(job, exc)
         finally:
             self.end(job)
         if job.finish_reason == "error":
             raise APIError(job.error_status, job.error or "the request failed")
-        reasoning.append(job.final_delta[0])
-        content.append(job.final_delta[1])
-        body = completion(job.rid, job.model, job.created, "".join(content),
-                          "".join(reasoning) if job.text.parser is not None else None,
-                          job.finish_reason or "stop", job.usage(), job.timer.metrics_dict())
+        body = completion(job.rid, job.model, job.created, "".join(job.content),
+                          "".join(job.reasoning_content) if job.text.parser is not None
+                          else None, job.finish(), job.usage(), job.timer.metrics_dict(),
+                          [call.to_dict() for call in job.tool_calls])
         return JSONResponse(body)
+
+    def _collect(self, job: ChatJob, reasoning: str, content: str, final: bool = False) -> None:
+        """Non-streaming: add one (reasoning, content) delta to the answer being built."""
+        job.reasoning_content.append(reasoning)
+        if job.tools is None:
+            job.content.append(content)
+            return
+        for piece in job.tools.feed(content, final):
+            if isinstance(piece, ToolCall):
+                job.tool_calls.append(piece)
+            else:
+                job.content.append(piece)
+
+    def answer_deltas(self, job: ChatJob, reasoning: str, content: str,
+                      final: bool = False) -> list[dict[str, Any]]:
+        """The chunk deltas of one (reasoning, content) delta: text, then each call's id and
+        name, then its arguments. On the internal leg, one delta holding everything."""
+        if job.tools is None:
+            delta = _delta(reasoning, content)
+            return [delta] if delta else []
+        deltas: list[dict[str, Any]] = []
+        text = _delta(reasoning, "")
+        for piece in job.tools.feed(content, final):
+            if isinstance(piece, str):
+                text["content"] = text.get("content", "") + piece
+                continue
+            if text:
+                deltas.append(text)
+                text = {}
+            deltas.extend({"tool_calls": [entry]}
+                          for entry in call_deltas(piece, merged=job.internal))
+        if text:
+            deltas.append(text)
+        if job.internal and len(deltas) > 1:
+            merged: dict[str, Any] = {}
+            for delta in deltas:
+                for key, value in delta.items():
+                    merged[key] = merged.get(key, "" if isinstance(value, str) else []) + value
+            deltas = [merged]
+        return deltas
 
     def health(self) -> dict[str, Any]:
         stats = self.client.stats

@@ -100,6 +100,7 @@ class SchedulerState:
         self.link_keys = LinkKeys()  # stage-link keys, handed out in heartbeat answers
         self.forwarder = Forwarder(self.registry, config, self.metrics,
                                    on_change=self.changed, transport=transport)
+        self.forwarder.on_unreachable = self.evict_unreachable
         self.node_states: dict[str, str] = {}  # last heartbeat `state` per node
         self.is_local_network = True
         self.join_command = join_command(config.host, config.port,
@@ -257,6 +258,14 @@ class SchedulerState:
         if evicted:
             self.changed()
         return evicted
+
+    def evict_unreachable(self, node_id: str) -> None:
+        """A failure named this node and its HTTP port refuses connections: evict it now."""
+        if self.registry.leave(node_id):
+            logger.warning("node %s evicted: a pipeline failure named it and it refuses "
+                           "connections", node_id)
+            self._forget(node_id)
+            self.changed()
 
     def _forget(self, node_id: str) -> None:
         self.node_states.pop(node_id, None)

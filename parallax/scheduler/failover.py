@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -38,6 +38,8 @@ logger = logging.getLogger("parallax.scheduler")
 # a node named in a failure is avoided until it heartbeats this long after the failure
 # (a dead one never does, and is evicted; a live one is trusted again)
 SUSPECT_CLEAR_S = 2.0
+# how long the scheduler waits for a suspect node's /health before leaving it to the heartbeat
+PROBE_TIMEOUT_S = 2.0
 _JSON, _SSE = "application/json", "text/event-stream"
 
 
@@ -73,6 +75,10 @@ class FailoverMixin:
     def _init_failover(self) -> None:
         self.active: dict[str, Ticket] = {}  # placed and not released, by attempt rid
         self.suspects: dict[str, float] = {}  # node id -> when a failure named it
+        # called with a suspect whose HTTP port refuses connections: its process is gone, so
+        # the scheduler need not wait for the heartbeat timeout to rebuild without it
+        self.on_unreachable: Callable[[str], None] | None = None
+        self._probes: dict[str, asyncio.Task] = {}
 
     def _cut_broken(self) -> None:
         """Cut the tickets whose pipeline lost a node (evicted, left)."""
@@ -82,9 +88,29 @@ class FailoverMixin:
                 ticket.broken.set()
 
     def suspect(self, node_id: str) -> None:
-        """Avoid pipelines through `node_id` for now: a failure named it."""
+        """Avoid pipelines through `node_id` for now: a failure named it; and ask the node
+        whether it is still there."""
         if node_id in self.registry.nodes:
             self.suspects[node_id] = time.monotonic()
+            if self.on_unreachable is not None and node_id not in self._probes:
+                self._probes[node_id] = asyncio.ensure_future(self._probe(node_id))
+
+    async def _probe(self, node_id: str) -> None:
+        """Connection refused on the node's HTTP port: its process is gone (a timeout proves
+        nothing — a slow network or a busy node — and is left to the heartbeat timeout)."""
+        try:
+            record = self.registry.nodes.get(node_id)
+            if record is None:
+                return
+            try:
+                await self.client.get(f"{record.http_url}/health", timeout=PROBE_TIMEOUT_S)
+            except httpx.ConnectError:
+                if self.registry.nodes.get(node_id) is record and self.on_unreachable:
+                    self.on_unreachable(node_id)
+            except (httpx.HTTPError, OSError):
+                pass
+        finally:
+            self._probes.pop(node_id, None)
 
     def is_suspect(self, node_id: str) -> bool:
         since = self.suspects.get(node_id)

@@ -104,6 +104,7 @@ class ReplaySession:
     reasoning: bool = False  # the request has a reasoning parser (non-streaming shape)
     content_parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by index (collect)
     usage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -180,7 +181,8 @@ class ReplaySession:
             self.sent_role = True
             return [event]
         out = []
-        text = {k: delta[k] for k in ("content", "reasoning_content") if delta.get(k)}
+        text = {k: delta[k] for k in ("content", "reasoning_content", "tool_calls")
+                if delta.get(k)}
         if text:
             self._mark_text(text)
             if finish is None:
@@ -206,6 +208,24 @@ class ReplaySession:
             self.reasoning_parts.append(text.get("reasoning_content", ""))
             if "reasoning_content" in text:
                 self.reasoning = True
+            self._collect_tool_calls(text.get("tool_calls"))
+
+    def _collect_tool_calls(self, deltas: Any) -> None:
+        """Accumulate streamed `delta.tool_calls` entries (header, then argument fragments)
+        into whole calls, as the OpenAI client does."""
+        if not isinstance(deltas, list):
+            return
+        for entry in deltas:
+            if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
+                continue
+            call = self.tool_calls.setdefault(entry["index"], {
+                "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            if isinstance(entry.get("id"), str):
+                call["id"] = entry["id"]
+            function = entry.get("function") if isinstance(entry.get("function"), dict) else {}
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str):
+                    call["function"][key] += function[key]
 
     @staticmethod
     def _copy(event: dict[str, Any], delta: dict[str, Any], finish: str | None,
@@ -260,4 +280,5 @@ class ReplaySession:
                           "".join(self.content_parts),
                           "".join(self.reasoning_parts) if self.reasoning else None,
                           choice.get("finish_reason") or "stop", self.final.get("usage") or {},
-                          self.final.get("metrics"))
+                          self.final.get("metrics"),
+                          [self.tool_calls[i] for i in sorted(self.tool_calls)] or None)

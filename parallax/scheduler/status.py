@@ -147,6 +147,9 @@ def cluster_status(
             "node_list": nodes,
             "pipelines": pipelines,
             "ready_pipelines": registry.ready_pipelines(),
+            # a pipeline serves while another one is still loading (the chat stays open)
+            "rebalancing": bool(pipelines) and 0 < len(registry.ready_pipelines()) <
+            len(pipelines),
             "reason": _reason(registry),
         },
     }

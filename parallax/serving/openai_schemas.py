@@ -6,7 +6,9 @@ wrong, e.g. ``messages[1].role must be one of system, user, assistant, tool, dev
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +32,9 @@ MAX_TOP_K = 2**31 - 1  # larger than any vocabulary; keeps the value inside the 
 ALLOWED_TEMPLATE_KWARGS: tuple[str, ...] = ("enable_thinking", "thinking", "reasoning_effort")
 MAX_TEMPLATE_KWARG_CHARS = 64
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
+MAX_TOOLS = 128  # OpenAI's limit on 'tools'
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # OpenAI's, plus '.' and ':'
+TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
 
@@ -47,7 +52,22 @@ class ChatMessage:
         out: dict[str, Any] = dict(self.extra)
         out["role"] = self.role
         out["content"] = self.content if self.content is not None else ""
+        if out.get("tool_calls"):  # templates index the arguments: an object, as HF documents
+            out["tool_calls"] = [_template_call(c) for c in out["tool_calls"]]
         return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            decoded = None
+        if isinstance(decoded, dict):
+            function["arguments"] = decoded
+    return {**call, "function": function}
 
 
 @dataclass
@@ -71,6 +91,23 @@ class ChatCompletionRequest:
     rid: str | None = None
     routing_table: list[Any] | None = None
     ignore_eos: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"  # auto | none | required | function (named: tool_choice_name)
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools go to the template and the answer is parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools the template sees: all of them, or the one a named choice forces."""
+        if not self.uses_tools:
+            return []
+        if self.tool_choice == "function":
+            return [t for t in self.tools if t["function"]["name"] == self.tool_choice_name]
+        return list(self.tools)
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as dicts for `tokenizer.apply_chat_template`."""
@@ -180,8 +217,114 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
             raise _bad(f"'{where}.content' is required")
         content = _parse_content(raw.get("content"), f"{where}.content", role)
         extra = {k: v for k, v in raw.items() if k not in ("role", "content")}
+        if raw.get("tool_calls") is not None:
+            if role != "assistant":
+                raise _bad(f"'{where}.tool_calls' is only allowed in assistant messages")
+            _check_message_calls(raw["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            call_id = raw.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"'{where}.tool_call_id' is required in tool messages and must be a "
+                           f"non-empty string, got {_type_name(call_id)}")
         messages.append(ChatMessage(role=role, content=content, extra=extra))
     return messages
+
+
+def _check_message_calls(value: Any, where: str) -> None:
+    """An assistant message's `tool_calls`: [{id, type: "function", function: {name,
+    arguments: string}}]."""
+    if not isinstance(value, list):
+        raise _bad(f"'{where}' must be an array, got {_type_name(value)}")
+    for j, call in enumerate(value):
+        cwhere = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise _bad(f"'{cwhere}' must be an object, got {_type_name(call)}")
+        if call.get("type", "function") != "function":
+            raise _bad(f"'{cwhere}.type' must be 'function', got {call.get('type')!r}")
+        if call.get("id") is not None and not isinstance(call.get("id"), str):
+            raise _bad(f"'{cwhere}.id' must be a string, got {_type_name(call.get('id'))}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _bad(f"'{cwhere}.function' must be an object, got {_type_name(function)}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise _bad(f"'{cwhere}.function.name' must be a non-empty string, got "
+                       f"{_type_name(function.get('name'))}")
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, (str, dict)):
+            raise _bad(f"'{cwhere}.function.arguments' must be a JSON string, got "
+                       f"{_type_name(arguments)}")
+
+
+def _parse_tools(value: Any) -> list[dict[str, Any]]:
+    """`tools`: [{"type": "function", "function": {name, description?, parameters?, strict?}}]."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"'tools' must be an array, got {_type_name(value)}")
+    if len(value) > MAX_TOOLS:
+        raise _bad(f"'tools' may hold at most {MAX_TOOLS} tools, got {len(value)}")
+    tools: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(f"'{where}' must be an object, got {_type_name(tool)}")
+        if tool.get("type") != "function":
+            raise _bad(f"'{where}.type' must be 'function' (the only tool type supported), "
+                       f"got {tool.get('type')!r}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(f"'{where}.function' must be an object, got {_type_name(function)}")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
+            raise _bad(f"'{where}.function.name' must be 1-64 letters, digits, '_', '-', '.' "
+                       f"or ':', got {name!r}")
+        if name in names:
+            raise _bad(f"'{where}.function.name' {name!r} is used by two tools")
+        names.add(name)
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _bad(f"'{where}.function.description' must be a string, got "
+                       f"{_type_name(description)}")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _bad(f"'{where}.function.parameters' must be a JSON schema object, got "
+                       f"{_type_name(parameters)}")
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(f"'{where}.function.strict' must be a boolean, got {_type_name(strict)}")
+        clean: dict[str, Any] = {"name": name}
+        if description is not None:
+            clean["description"] = description
+        clean["parameters"] = parameters if parameters is not None else {
+            "type": "object", "properties": {}}
+        tools.append({"type": "function", "function": clean})
+    return tools
+
+
+def _parse_tool_choice(value: Any, tools: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """`tool_choice` → (auto | none | required | function, the named function)."""
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise _bad(f"'tool_choice' must be one of {', '.join(TOOL_CHOICES)} or "
+                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, "
+                       f"got {value!r}")
+        if value == "required" and not tools:
+            raise _bad("'tool_choice' is 'required' but no 'tools' were given")
+        return value, None
+    if not isinstance(value, dict):
+        raise _bad(f"'tool_choice' must be a string or an object, got {_type_name(value)}")
+    if value.get("type") != "function":
+        raise _bad(f"'tool_choice.type' must be 'function', got {value.get('type')!r}")
+    function = value.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _bad("'tool_choice.function.name' must be a string")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise _bad(f"'tool_choice.function.name' is {name!r}, which is not one of 'tools'")
+    return "function", name
 
 
 def _parse_stop(value: Any) -> list[str]:
@@ -226,7 +369,7 @@ def _parse_template_kwargs(value: Any) -> dict[str, Any]:
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; raise `APIError(400, ...)` naming the offending field.
 
-    Unknown top-level fields are ignored (clients send `user`, `logprobs`, `tools`, ...).
+    Unknown top-level fields are ignored (clients send `user`, `logprobs`, ...).
     """
     if not isinstance(body, dict):
         raise _bad(f"request body must be a JSON object, got {_type_name(body)}")
@@ -290,6 +433,9 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if routing_table is not None and not isinstance(routing_table, list):
         raise _bad(f"'routing_table' must be an array, got {_type_name(routing_table)}")
 
+    tools = _parse_tools(body.get("tools"))
+    tool_choice, tool_choice_name = _parse_tool_choice(body.get("tool_choice"), tools)
+
     return ChatCompletionRequest(
         messages=messages,
         stream=stream,
@@ -308,6 +454,10 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         rid=rid,
         routing_table=routing_table,
         ignore_eos=_opt_bool(body, "ignore_eos"),
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_choice_name=tool_choice_name,
+        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls", default=True),
     )
 
 
@@ -404,9 +554,14 @@ def completion(
     finish_reason: str,
     usage: dict[str, int],
     metrics: dict[str, Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A non-streaming `chat.completion` response."""
+    """A non-streaming `chat.completion` response; with `tool_calls`, empty content is null."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        if not content:
+            message["content"] = None
     if reasoning_content is not None:
         message["reasoning_content"] = reasoning_content
     out: dict[str, Any] = {

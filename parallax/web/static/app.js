@@ -81,6 +81,8 @@
       showBanner(s.status === "rebalancing"
         ? "The cluster is rebalancing; requests may wait a moment."
         : "The cluster is not ready yet: " + (s.reason || "waiting for nodes."), "warn");
+    } else if (s.rebalancing) {
+      showBanner("Rebalancing: another pipeline is loading; the chat keeps working.", "info");
     } else showBanner(null);
   }
 
