@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import signal
 import statistics
@@ -47,13 +48,13 @@ LOADED = re.compile(rb"loaded \S+ in ([0-9.]+) s")
 class FailoverCluster:
     """The scheduler and three nodes; nodes can be killed and restarted by port."""
 
-    def __init__(self, logdir: str, threads: int) -> None:
+    def __init__(self, logdir: str, threads: int, max_replays: int = 3) -> None:
         self.logdir, self.threads = logdir, threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.scheduler = self._spawn("scheduler", [
             "run", "-m", "SmolLM2-135M-Instruct", "-n", "2", "--port", str(self.port),
-            "--no-mdns", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--max-replays", "3",
+            "--no-mdns", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--max-replays", str(max_replays),
             "--replay-wait-s", "120"])
         self.nodes: dict[int, subprocess.Popen] = {}
         self.activation_ports: dict[int, int] = {}
@@ -161,8 +162,10 @@ def client(url: str, index: int, max_tokens: int, until: float, result: Result) 
 
 
 def killer(cluster: FailoverCluster, every: float, restart_after: float, until: float,
-           log: list[str]) -> None:
-    """Kill the serving pipeline's head, then its tail, ...; restart each one later."""
+           log: list[str], restarts: queue.Queue) -> None:
+    """Kill the serving pipeline's head, then its tail, ...; ask for each one's restart (the
+    main thread starts nodes: a child's death signal fires when the thread that forked it
+    ends)."""
     started = time.monotonic()
     turn = 0
     while time.monotonic() + every < until:
@@ -177,16 +180,16 @@ def killer(cluster: FailoverCluster, every: float, restart_after: float, until: 
         port = next(p for p in cluster.nodes if victim.endswith(f"-{p}"))
         cluster.kill(port)
         log.append(f"{time.monotonic() - started:6.1f}s killed {victim}")
-        threading.Timer(restart_after, cluster.start_node, args=(port,)).start()
+        restarts.put((time.monotonic() + restart_after, port))
 
 
 def run(args: argparse.Namespace, with_kills: bool) -> dict:
     logdir = tempfile.mkdtemp(prefix="failover-bench-")
-    cluster = FailoverCluster(logdir, max(1, (os.cpu_count() or 1) // 3))
+    cluster = FailoverCluster(logdir, max(1, (os.cpu_count() or 1) // 3), args.max_replays)
     try:
         cluster.wait_available()
         loads_before = len(cluster.load_times_s())
-        result, kills = Result(), []
+        result, kills, restarts = Result(), [], queue.Queue()
         started = time.monotonic()
         until = started + args.duration
         threads = [threading.Thread(target=client, args=(cluster.url, i, args.max_tokens,
@@ -194,11 +197,18 @@ def run(args: argparse.Namespace, with_kills: bool) -> dict:
                    for i in range(args.streams)]
         if with_kills:
             threads.append(threading.Thread(target=killer, daemon=True, args=(
-                cluster, args.kill_every, args.restart_after, until, kills)))
+                cluster, args.kill_every, args.restart_after, until, kills, restarts)))
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join(args.duration + 600)
+        due: list[tuple[float, int]] = []
+        deadline = until + 600
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            while not restarts.empty():
+                due.append(restarts.get())
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                cluster.start_node(item[1])
+            time.sleep(0.1)
         elapsed = time.monotonic() - started
         loads = cluster.load_times_s()[loads_before:]
         return {"result": result, "elapsed": elapsed, "loads": loads, "kills": kills,
@@ -221,13 +231,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--restart-after", type=float, default=10.0)
+    parser.add_argument("--max-replays", type=int, default=3,
+                        help="the scheduler's --max-replays (a stream that meets more kills "
+                             "than this fails by design)")
     args = parser.parse_args()
     print(f"CPU flags: {native.flags_summary()}; {os.cpu_count()} cores shared by 3 nodes")
     runs = {"undisturbed": run(args, False), "with kills": run(args, True)}
     base_tps = runs["undisturbed"]["result"].tokens / runs["undisturbed"]["elapsed"]
     print(f"\n{args.streams} streams of {args.max_tokens} tokens for {args.duration:g} s; "
           f"a kill every {args.kill_every:g} s, restart after {args.restart_after:g} s; "
-          f"eviction after {HEARTBEAT_TIMEOUT_S} s without a heartbeat\n")
+          f"eviction after {HEARTBEAT_TIMEOUT_S} s without a heartbeat; "
+          f"--max-replays {args.max_replays}\n")
     print("| run | completed | errored | tokens/s | vs undisturbed | failovers | "
           "added ms p50 | added ms p95 | layer loads s (median) |")
     print("|---|---|---|---|---|---|---|---|---|")
