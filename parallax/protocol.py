@@ -107,7 +107,8 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
 
     `finish_reason` is one of stop | length | abort | error; `error` says what went wrong,
     `kind` (one of FAILURE_KINDS) why, and `peer` the activation endpoint that was lost or
-    timed out, when one was.
+    timed out, when one was. `logprob` and `top_logprobs` ((id, logprob) pairs, most likely
+    first) come with the token when the request asked for logprobs (engine/sampler.py).
     """
 
     rid: str
@@ -117,6 +118,8 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     error: str | None = None
     kind: str | None = None
     peer: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = []
 
 
 class StepOutputs(msgspec.Struct, tag="outputs", frozen=True):

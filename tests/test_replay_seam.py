@@ -186,3 +186,29 @@ def test_session_relays_tool_call_deltas_and_collects_them_for_a_completion():
     assert message["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
         "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
     assert session.completion()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_session_sends_each_logprob_entry_once_and_collects_them():
+    """The head's final chunk can carry the last text and its logprobs: the client gets them
+    with the text copy only; a non-streaming client gets every entry in the completion."""
+    from parallax.scheduler.replay import ReplaySession
+
+    def entry(token: str) -> dict:
+        return {"token": token, "logprob": -0.5, "bytes": list(token.encode()),
+                "top_logprobs": []}
+
+    def with_logprobs(event: dict, *tokens: str) -> dict:
+        event["choices"][0]["logprobs"] = {"content": [entry(t) for t in tokens]}
+        return event
+
+    session = ReplaySession("client-id", {"messages": [], "logprobs": True}, collect=True)
+    session.on_event(_event({"role": "assistant", "content": ""}))
+    session.on_event(with_logprobs(_event({"content": "a"}, ids=[1]), "a"))
+    out = session.on_event(with_logprobs(_event({"content": "b"}, "stop", ids=[2]), "b"))
+    assert out[0]["choices"][0]["logprobs"]["content"] == [entry("b")]
+    assert out[1]["choices"][0]["logprobs"] is None
+    body = session.completion()
+    assert body["choices"][0]["logprobs"] == {"content": [entry("a"), entry("b")]}
+    plain = ReplaySession("client-id", {"messages": []}, collect=True)
+    plain.on_event(_event({"content": "a"}, "stop", ids=[1]))
+    assert plain.completion()["choices"][0]["logprobs"] is None

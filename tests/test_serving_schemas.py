@@ -174,6 +174,18 @@ def test_max_completion_tokens_wins() -> None:
         (body(rid=5), ["'rid'"]),
         (body(routing_table={"a": 1}), ["'routing_table'", "array"]),
         (body(n=2), ["'n'"]),
+        (body(top_logprobs=3), ["'top_logprobs'", "'logprobs' to be true"]),
+        (body(logprobs=True, top_logprobs=21), ["'top_logprobs'", "[0, 20]"]),
+        (body(logprobs=True, top_logprobs=-1), ["'top_logprobs'", "[0, 20]"]),
+        (body(logprobs=True, top_logprobs=2.5), ["'top_logprobs'", "integer"]),
+        (body(logprobs=True, top_logprobs="3"), ["'top_logprobs'", "integer"]),
+        (body(logprobs="yes"), ["'logprobs'", "boolean"]),
+        (body(logit_bias={"50256": -100}), ["'logit_bias'"]),
+        (body(response_format={"type": "json_object"}), ["'response_format'"]),
+        (body(audio={"voice": "alloy"}), ["'audio'"]),
+        (body(modalities=["text", "audio"]), ["'modalities'"]),
+        (body(functions=[{"name": "f"}]), ["'functions'"]),
+        (body(logprobs=0), ["'logprobs'", "boolean"]),  # 0 is not False
     ],
 )
 def test_invalid_requests_name_the_field(payload: Any, fragments: list[str]) -> None:
@@ -192,6 +204,10 @@ def test_boundaries_accepted() -> None:
     assert parse_chat_request(body(chat_template_kwargs=kwargs)).chat_template_kwargs == kwargs
     assert parse_chat_request(body(max_tokens=4.0)).max_tokens == 4
     assert parse_chat_request(body(stream=None, stop=None, n=1)).stream is False
+    # what "absent" means for the unsupported fields, and fields that change nothing
+    parse_chat_request(body(logprobs=False, logit_bias={}, response_format={"type": "text"},
+                            modalities=["text"], top_logprobs=None, user="u",
+                            metadata={"k": "v"}, store=False, service_tier="auto"))
 
 
 def test_parse_json_body() -> None:
@@ -257,7 +273,8 @@ def test_chunk_builder() -> None:
         "created": 100,
         "model": "m",
         "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}
         ],
         "usage": usage,
     }
@@ -275,6 +292,7 @@ def test_completion_builder() -> None:
         {
             "index": 0,
             "message": {"role": "assistant", "content": "answer"},
+            "logprobs": None,
             "finish_reason": "length",
         }
     ]

@@ -16,7 +16,7 @@ import torch
 from parallax.engine.batcher import ScheduledChunk, Scheduler
 from parallax.engine.block_manager import BlockManager, GroupedBlockManager, WindowBlockManager
 from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
-from parallax.engine.sampler import RowFailure, sample
+from parallax.engine.sampler import RowFailure, sample, token_logprobs
 from parallax.engine.sampling_params import SamplingParams
 from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
 
@@ -60,6 +60,8 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
+    logprob: float | None = None  # last stage, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (id, logprob), most likely first
 
 
 class Engine:
@@ -291,13 +293,11 @@ class Engine:
 
     def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor):
         seqs = [c.seq for c in chunks]
-        token_ids = sample(
-            logits,
-            [s.sampling_params for s in seqs],
-            [s.generated_token_ids for s in seqs],
-            [s.generator for s in seqs],
-        )
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+        params = [s.sampling_params for s in seqs]
+        generated = [s.generated_token_ids for s in seqs]
+        token_ids = sample(logits, params, generated, [s.generator for s in seqs])
+        logprobs = token_logprobs(logits, params, generated, token_ids)
+        for seq, token_id, lp in zip(seqs, token_ids, logprobs, strict=True):
             if isinstance(token_id, RowFailure):  # this request fails, its neighbours go on
                 logger.warning("request %s failed in sampling: %s", seq.request_id,
                                token_id.message)
@@ -308,6 +308,8 @@ class Engine:
             reason = self._finish_reason(seq, token_id)
             output = StepOutput(seq.request_id, token_id=token_id, finished=reason is not None,
                                 finish_reason=reason)
+            if lp is not None:
+                output.logprob, output.top_logprobs = lp.logprob, lp.top
             if self.is_first:  # whole model here: the token feeds the next decode step
                 seq.token_ids.append(token_id)
             if reason is not None:

@@ -7,6 +7,11 @@ A row that cannot be sampled (NaN or +inf logits from the model, a distribution 
 left empty or non-finite, an error inside torch) becomes a `RowFailure`: only its request fails,
 the other rows of the batch get their tokens. Nothing non-finite ever reaches
 `torch.multinomial`, which on CUDA would be a device-side assert that poisons the process.
+
+Logprobs (`token_logprobs`, only for the rows whose request asked): log-softmax of the logits
+after penalties and temperature, before top-k / top-p / min-p truncation; greedy rows use the
+logits after penalties as they are (temperature 1). One batched log-softmax and top-k for all
+the rows that asked, one device sync.
 """
 
 from __future__ import annotations
@@ -24,6 +29,19 @@ class RowFailure:
 
     message: str
 
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the `top_logprobs` most likely (id, logprob),
+    most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+# the floor of reported logprobs: -inf (a token the model rules out) is not JSON, and OpenAI
+# reports -9999.0 for tokens that unlikely
+LOGPROB_FLOOR = -9999.0
 
 NON_FINITE_LOGITS = RowFailure(
     "the model produced NaN or infinite logits for this request (numerical overflow); "
@@ -98,3 +116,35 @@ def sample(
         except (RuntimeError, ValueError) as exc:  # torch refused this row: fail it alone
             tokens.append(RowFailure(f"sampling failed for this request: {exc}"))
     return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generated: list[list[int]],
+    tokens: list[int | RowFailure],
+) -> list[TokenLogprobs | None]:
+    """Logprobs of the tokens `sample` chose (same arguments, `generated` not yet extended),
+    for the rows whose params ask for them; None for the others and for failed rows."""
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    wanted = [i for i, (p, t) in enumerate(zip(params, tokens, strict=True))
+              if p.logprobs and not isinstance(t, RowFailure)]
+    if not wanted:
+        return out
+    rows = []
+    for i in wanted:
+        row = apply_penalties(logits[i], params[i], generated[i])
+        rows.append(row if params[i].is_greedy else row / params[i].temperature)
+    logprobs = torch.stack(rows).float().log_softmax(-1)
+    chosen_ids = torch.tensor([tokens[i] for i in wanted], device=logprobs.device)
+    chosen = logprobs.gather(1, chosen_ids[:, None]).squeeze(1).clamp(min=LOGPROB_FLOOR)
+    k = min(max(params[i].top_logprobs for i in wanted), logprobs.shape[-1])
+    if k:
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1)  # sorted, most likely first
+        top_values = top_values.clamp(min=LOGPROB_FLOOR).tolist()
+        top_ids = top_ids.tolist()
+    for n, (i, value) in enumerate(zip(wanted, chosen.tolist(), strict=True)):
+        want = min(params[i].top_logprobs, k)
+        top = list(zip(top_ids[n][:want], top_values[n][:want], strict=True)) if want else []
+        out[i] = TokenLogprobs(float(value), top)
+    return out

@@ -10,6 +10,7 @@ import msgspec
 # logit into ±inf, and softmax into NaN), and the distribution is a point mass anyway (vLLM's
 # _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on `top_logprobs`
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -17,7 +18,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
 
     `temperature < GREEDY_TEMPERATURE` (0 included) means greedy. `top_k <= 0` and
     `top_p == 1` and `min_p == 0` disable those filters. `seed` makes sampling reproducible per
-    request (same seed, same output).
+    request (same seed, same output). `logprobs`: the last stage reports each sampled token's
+    log-probability and the `top_logprobs` most likely alternatives (parallax/engine/sampler.py).
     """
 
     temperature: float = 1.0
@@ -30,6 +32,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (NaN and inf included)."""
@@ -48,6 +52,11 @@ class SamplingParams(msgspec.Struct, frozen=True):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
 
     @property
     def is_greedy(self) -> bool:

@@ -216,7 +216,8 @@ class ExecutorLoop:
             return self.stage.after_step(outputs)
         return [
             P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                          P.ENGINE_ERROR if o.finish_reason == "error" else None)
+                          P.ENGINE_ERROR if o.finish_reason == "error" else None,
+                          logprob=o.logprob, top_logprobs=o.top_logprobs or [])
             for o in outputs
         ]
 

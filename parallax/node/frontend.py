@@ -45,6 +45,7 @@ from parallax.serving.openai_schemas import (
     check_model_name,
     chunk,
     completion,
+    logprobs_entry,
     models_list,
     parse_chat_request,
     parse_json_body,
@@ -106,6 +107,20 @@ class ChatJob:
     reasoning_content: list[str] = field(default_factory=list)  # non-streaming: collected
     content: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: bool = False  # the request asked for logprobs
+    # one `logprobs.content` entry per generated token; a stream sends them from `logprobs_sent`
+    # on with the next chunk (the one carrying their text, or the final one)
+    logprob_entries: list[dict[str, Any]] = field(default_factory=list)
+    logprobs_sent: int = 0
+
+    def take_logprobs(self) -> list[dict[str, Any]] | None:
+        """Stream: the entries not sent yet, for the chunk being built (None: none, or the
+        request did not ask)."""
+        if not self.logprobs or self.logprobs_sent == len(self.logprob_entries):
+            return None
+        entries = self.logprob_entries[self.logprobs_sent:]
+        self.logprobs_sent = len(self.logprob_entries)
+        return entries
 
     def finish(self) -> str:
         """finish_reason of the answer: `tool_calls` when the model called a tool and stopped."""
@@ -337,7 +352,7 @@ class NodeFrontend:
         job = ChatJob(
             rid=rid, model=self.model_name, created=int(time.time()), prompt_ids=prompt_ids,
             queue=queue, text=text, timer=timer or RequestTimer(), internal=internal.internal,
-            num_completion_tokens=len(resume), tools=tools,
+            num_completion_tokens=len(resume), tools=tools, logprobs=req.logprobs,
         )
         if done_at_once is not None:
             job.done, job.finish_reason = True, done_at_once
@@ -386,6 +401,9 @@ class NodeFrontend:
             if item.token_id is not None:
                 job.num_completion_tokens += 1
                 job.timer.mark_tokens(1)
+                if job.logprobs and item.logprob is not None:
+                    job.logprob_entries.append(logprobs_entry(
+                        self.token_text, item.token_id, item.logprob, item.top_logprobs))
                 reasoning, content = job.text.feed(item.token_id)
                 if reasoning or content:
                     yield reasoning, content
@@ -402,6 +420,10 @@ class NodeFrontend:
                 break
         if not (job.internal and job.finish_reason == "error"):
             job.final_delta = job.text.finish()
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token id alone (logprobs entries)."""
+        return self.tokenizer.decode([int(token_id)])
 
     def _internal_error(self, job: ChatJob, exc: Exception) -> None:
         logger.exception("request %s failed in the frontend", job.rid, exc_info=exc)
@@ -439,7 +461,8 @@ class NodeFrontend:
 
     def _chunk(self, job: ChatJob, delta: dict[str, Any], finish: str | None = None,
                metrics: dict[str, Any] | None = None) -> bytes:
-        body = chunk(job.rid, job.model, job.created, delta, finish, job.usage(), metrics)
+        body = chunk(job.rid, job.model, job.created, delta, finish, job.usage(), metrics,
+                     job.take_logprobs())
         if job.internal:  # the ids this chunk's text came from (internal_leg.py)
             extra: dict[str, Any] = {"token_ids": job.text.take_ids()}
             if finish is not None:
@@ -497,7 +520,8 @@ class NodeFrontend:
         body = completion(job.rid, job.model, job.created, "".join(job.content),
                           "".join(job.reasoning_content) if job.text.parser is not None
                           else None, job.finish(), job.usage(), job.timer.metrics_dict(),
-                          [call.to_dict() for call in job.tool_calls])
+                          [call.to_dict() for call in job.tool_calls],
+                          job.logprob_entries if job.logprobs else None)
         return JSONResponse(body)
 
     def _collect(self, job: ChatJob, reasoning: str, content: str, final: bool = False) -> None:

@@ -17,6 +17,7 @@ for this node's pipeline are ever dialled.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from parallax import protocol as P
+from parallax.engine.sampling_params import MAX_TOP_LOGPROBS
 from parallax.node.link_auth import LinkSecurity, NoLinkKey
 from parallax.node.link_crypto import CurveKeyPair, connect_curve, is_curve_key, serve_curve
 
@@ -357,7 +359,32 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return f"failure kind {output.kind[:40]!r}"
         if output.peer is not None and len(output.peer) > MAX_RID_CHARS:
             return f"peer endpoint of {len(output.peer)} characters"
+        if (problem := _logprobs_problem(output, limits)) is not None:
+            return problem
     return None
+
+
+def _logprobs_problem(output: P.TokenOutput, limits: StageLimits) -> str | None:
+    """A token's logprobs must be finite and <= 0, at most MAX_TOP_LOGPROBS alternatives, ids in
+    the vocabulary, and come with a token."""
+    if output.logprob is None and not output.top_logprobs:
+        return None
+    if output.token_id is None:
+        return "logprobs without a token"
+    if output.logprob is None or not _is_logprob(output.logprob):
+        return f"logprob {output.logprob!r}"
+    if len(output.top_logprobs) > MAX_TOP_LOGPROBS:
+        return f"{len(output.top_logprobs)} top logprobs (at most {MAX_TOP_LOGPROBS})"
+    for token_id, logprob in output.top_logprobs:
+        if not 0 <= token_id < limits.vocab_size:
+            return f"top logprob token id {token_id} outside the vocabulary"
+        if not _is_logprob(logprob):
+            return f"top logprob {logprob!r}"
+    return None
+
+
+def _is_logprob(value: float) -> bool:
+    return math.isfinite(value) and value <= 1e-3  # log-softmax rounding may pass 0 a little
 
 
 def activations_problem(message: P.StageActivations, num_bytes: int, limits: StageLimits,

@@ -134,7 +134,8 @@ class StageRouter:
                 route = self.routes.get(o.request_id)
                 output = P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
                                        o.error,
-                                       P.ENGINE_ERROR if o.finish_reason == "error" else None)
+                                       P.ENGINE_ERROR if o.finish_reason == "error" else None,
+                                       logprob=o.logprob, top_logprobs=o.top_logprobs or [])
                 if o.finished:
                     self.routes.pop(o.request_id, None)
                 if route is None or route.head_endpoint == self.links.own_endpoint:

@@ -150,9 +150,10 @@ class FailoverMixin:
                     return
                 logger.warning("request %s: attempt %s on %s failed (%s): %s", session.client_id,
                                ticket.rid, ticket.label, failure.kind, failure.message)
+                if failure.kind != P.INVALID_REQUEST:  # even when this request gives up
+                    self._suspect_after(failure, ticket)
                 if not should_replay(failure, session.failovers, self.config.max_replays):
                     break
-                self._suspect_after(failure, ticket)
                 session.begin_replay()
                 self.metrics.retries.labels(reason="failover").inc()
                 async for keepalive in self._replace(attempt, session):

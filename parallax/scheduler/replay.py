@@ -105,6 +105,7 @@ class ReplaySession:
     content_parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by index (collect)
+    logprob_entries: list[Any] = field(default_factory=list)  # `logprobs.content` (collect)
     usage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +176,9 @@ class ReplaySession:
         if finish == "error":
             self.error_final = event
             return []
+        if self.collect and isinstance(choice.get("logprobs"), dict) and \
+                isinstance(choice["logprobs"].get("content"), list):
+            self.logprob_entries.extend(choice["logprobs"]["content"])
         if "role" in delta:
             if self.sent_role:
                 return []
@@ -191,6 +195,8 @@ class ReplaySession:
         if finish is None:
             return []  # an empty delta (nothing to show)
         final = self._copy(event, {}, finish, with_metrics=True)
+        if text and "logprobs" in final["choices"][0]:  # they went with the text copy
+            final["choices"][0]["logprobs"] = None
         final["metrics"] = self._metrics(event.get("metrics"))
         self.final = final
         out.append(final)
@@ -281,4 +287,6 @@ class ReplaySession:
                           "".join(self.reasoning_parts) if self.reasoning else None,
                           choice.get("finish_reason") or "stop", self.final.get("usage") or {},
                           self.final.get("metrics"),
-                          [self.tool_calls[i] for i in sorted(self.tool_calls)] or None)
+                          [self.tool_calls[i] for i in sorted(self.tool_calls)] or None,
+                          self.logprob_entries if self.payload.get("logprobs") is True
+                          else None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from parallax.engine.sampling_params import SamplingParams
+from parallax.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from parallax.serving.errors import APIError
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
@@ -95,6 +95,8 @@ class ChatCompletionRequest:
     tool_choice: str = "auto"  # auto | none | required | function (named: tool_choice_name)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def uses_tools(self) -> bool:
@@ -366,13 +368,35 @@ def _parse_template_kwargs(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+# fields that would change the answer and are not supported yet: a 400 names them rather than
+# silently answering as if they were absent (each value here is what "absent" means)
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "web_search_options": (None,),
+}
+# accepted and without effect on the answer (as OpenAI's own API treats them for us)
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier",
+                  "prompt_cache_key", "stream_options")
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    for name, absent in UNSUPPORTED_FIELDS.items():
+        if name in body and not any(body[name] == value and type(body[name]) is type(value)
+                                    for value in absent):
+            raise _bad(f"'{name}' is not supported by this server (yet); remove it from the "
+                       "request")
+
+
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; raise `APIError(400, ...)` naming the offending field.
 
-    Unknown top-level fields are ignored (clients send `user`, `logprobs`, ...).
+    Fields in UNSUPPORTED_FIELDS with a value that would change the answer are a 400; other
+    unknown top-level fields are ignored (clients send `user`, `metadata`, ...).
     """
     if not isinstance(body, dict):
         raise _bad(f"request body must be a JSON object, got {_type_name(body)}")
+    _reject_unsupported(body)
     messages = _parse_messages(body.get("messages"))
     stream = _opt_bool(body, "stream")
 
@@ -412,6 +436,14 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     n = _opt_int(body, "n")
     if n is not None and n != 1:
         raise _bad(f"'n' must be 1 (only one choice per request is supported), got {n}")
+
+    logprobs = _opt_bool(body, "logprobs")
+    top_logprobs = _opt_int(body, "top_logprobs")
+    if top_logprobs is not None:
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise _bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        if top_logprobs and not logprobs:
+            raise _bad("'top_logprobs' needs 'logprobs' to be true")
 
     stream_options = body.get("stream_options")
     include_usage = False
@@ -458,6 +490,8 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         tool_choice=tool_choice,
         tool_choice_name=tool_choice_name,
         parallel_tool_calls=_opt_bool(body, "parallel_tool_calls", default=True),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs or 0,
     )
 
 
@@ -502,6 +536,8 @@ def to_sampling_params(
         max_tokens=req.max_tokens if req.max_tokens is not None else default_max_tokens,
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
     )
     try:
         params.validate()
@@ -530,14 +566,17 @@ def chunk(
     finish_reason: str | None,
     usage: dict[str, int] | None,
     metrics: dict[str, Any] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One `chat.completion.chunk` event; `metrics` is added (final chunk) when given."""
+    """One `chat.completion.chunk` event; `metrics` is added (final chunk) when given;
+    `logprobs`: the entries of the tokens this chunk's text came from (`logprobs_entry`)."""
     out: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": _logprobs(logprobs),
+                     "finish_reason": finish_reason}],
         "usage": usage,
     }
     if metrics is not None:
@@ -555,8 +594,10 @@ def completion(
     usage: dict[str, int],
     metrics: dict[str, Any] | None,
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A non-streaming `chat.completion` response; with `tool_calls`, empty content is null."""
+    """A non-streaming `chat.completion` response; with `tool_calls`, empty content is null;
+    `logprobs`: one entry per generated token (None: not requested)."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
@@ -569,12 +610,30 @@ def completion(
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": _logprobs(logprobs),
+                     "finish_reason": finish_reason}],
         "usage": usage,
     }
     if metrics is not None:
         out["metrics"] = metrics
     return out
+
+
+def _logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries}
+
+
+def _token_logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def logprobs_entry(decode, token_id: int, logprob: float,
+                   top: Iterable[tuple[int, float]]) -> dict[str, Any]:
+    """One token's entry of `choices[0].logprobs.content`, as OpenAI shapes it; `decode(id)`
+    is the text of that one token id."""
+    entry = _token_logprob(decode(token_id), logprob)
+    entry["top_logprobs"] = [_token_logprob(decode(i), lp) for i, lp in top]
+    return entry
 
 
 def models_list(model_name: str, created: int | None = None) -> dict[str, Any]:
