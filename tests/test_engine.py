@@ -348,3 +348,29 @@ def test_nan_logits_fail_one_request_not_its_batch(model):
     assert "NaN" in out["bad"][0].error
     assert [[o.token_id for o in out[str(i)]] for i in range(3)] == alone
     assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_a_lower_priority_value_is_admitted_first_and_equal_ones_in_arrival_order(model):
+    """With the engine full, a priority -1 request that arrives after ten priority 0 ones
+    starts before them; the ten keep their arrival order (and a later 0 goes behind them)."""
+    engine = Engine(model, EngineConfig(kv_memory_bytes=4 * 2**20, max_num_seqs=1))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("running", [5, 6, 7], params)
+    engine.step()  # the engine is full from here on
+    for i in range(10):
+        engine.add_request(f"p0-{i}", [8, 9], params)
+    engine.add_request("urgent", [8, 9], SamplingParams(temperature=0, max_tokens=3,
+                                                        ignore_eos=True, priority=-1))
+    engine.add_request("p1", [8, 9], SamplingParams(temperature=0, max_tokens=3,
+                                                    ignore_eos=True, priority=1))
+    engine.add_request("p0-late", [8, 9], params)
+    started: list[str] = []
+    for _ in range(500):
+        if not engine.has_work():
+            break
+        for o in engine.step():
+            if o.request_id not in started:
+                started.append(o.request_id)
+    assert started == ["running", "urgent", *[f"p0-{i}" for i in range(10)], "p0-late", "p1"]
+    with pytest.raises(ValueError, match="priority"):
+        SamplingParams(priority=21).validate()

@@ -181,6 +181,9 @@ def test_max_completion_tokens_wins() -> None:
         (body(logprobs=True, top_logprobs="3"), ["'top_logprobs'", "integer"]),
         (body(logprobs="yes"), ["'logprobs'", "boolean"]),
         (body(logit_bias={"50256": -100}), ["'logit_bias'"]),
+        (body(priority=21), ["'priority'", "[-20, 20]"]),
+        (body(priority=-21), ["'priority'"]),
+        (body(priority="high"), ["'priority'"]),
         (body(response_format={"type": "json_object"}), ["'response_format'"]),
         (body(audio={"voice": "alloy"}), ["'audio'"]),
         (body(modalities=["text", "audio"]), ["'modalities'"]),
@@ -204,6 +207,8 @@ def test_boundaries_accepted() -> None:
     assert parse_chat_request(body(chat_template_kwargs=kwargs)).chat_template_kwargs == kwargs
     assert parse_chat_request(body(max_tokens=4.0)).max_tokens == 4
     assert parse_chat_request(body(stream=None, stop=None, n=1)).stream is False
+    assert to_sampling_params(parse_chat_request(body(priority=-20)), 16).priority == -20
+    assert to_sampling_params(parse_chat_request(body()), 16).priority == 0
     # what "absent" means for the unsupported fields, and fields that change nothing
     parse_chat_request(body(logprobs=False, logit_bias={}, response_format={"type": "text"},
                             modalities=["text"], top_logprobs=None, user="u",

@@ -66,7 +66,11 @@ class Scheduler:
         self.out_of_blocks: list[Sequence] = []  # non-first stages: no room for arrived input
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a new request behind every waiting one of equal or lower priority value."""
+        priority = seq.sampling_params.priority
+        index = next((i for i, s in enumerate(self.waiting)
+                      if s.sampling_params.priority > priority), len(self.waiting))
+        self.waiting.insert(index, seq)
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:

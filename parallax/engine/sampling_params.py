@@ -13,6 +13,9 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on `top_logprobs`
 
 
+MIN_PRIORITY, MAX_PRIORITY = -20, 20  # as vLLM's API, lower first
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """How to pick tokens for one request. Travels on the wire with a request's first chunk.
 
@@ -34,6 +37,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    priority: int = 0  # lower is admitted first; equal ones first come, first served
 
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (NaN and inf included)."""
@@ -57,6 +61,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
                              f"{self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got "
+                             f"{self.priority}")
 
     @property
     def is_greedy(self) -> bool:

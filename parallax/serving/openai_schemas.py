@@ -16,7 +16,12 @@ from typing import Any
 
 import msgspec
 
-from parallax.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from parallax.engine.sampling_params import (
+    MAX_PRIORITY,
+    MAX_TOP_LOGPROBS,
+    MIN_PRIORITY,
+    SamplingParams,
+)
 from parallax.serving.errors import APIError
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
@@ -97,6 +102,7 @@ class ChatCompletionRequest:
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    priority: int = 0
 
     @property
     def uses_tools(self) -> bool:
@@ -438,6 +444,10 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         raise _bad(f"'n' must be 1 (only one choice per request is supported), got {n}")
 
     logprobs = _opt_bool(body, "logprobs")
+    priority = _opt_int(body, "priority")
+    if priority is not None and not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise _bad(f"'priority' must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}] (lower "
+                   f"runs first), got {priority}")
     top_logprobs = _opt_int(body, "top_logprobs")
     if top_logprobs is not None:
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -492,6 +502,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         parallel_tool_calls=_opt_bool(body, "parallel_tool_calls", default=True),
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
+        priority=priority or 0,
     )
 
 
@@ -538,6 +549,7 @@ def to_sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs,
+        priority=req.priority,
     )
     try:
         params.validate()
