@@ -212,3 +212,13 @@ def test_session_sends_each_logprob_entry_once_and_collects_them():
     plain = ReplaySession("client-id", {"messages": []}, collect=True)
     plain.on_event(_event({"content": "a"}, "stop", ids=[1]))
     assert plain.completion()["choices"][0]["logprobs"] is None
+
+
+def test_prime_returns_the_content_the_same_ids_give_when_fed():
+    """The tool-call stage is primed from what `prime` returns: it must be the content text
+    feeding the ids one by one gives (reasoning excluded, stop strings applied)."""
+    ids = list("<think>hmm</think>Answer: é END more".encode())
+    fed = new_state(["END"], think=True)
+    expected = "".join(fed.feed(token_id)[1] for token_id in ids)
+    assert new_state(["END"], think=True).prime(ids) == expected
+    assert expected.startswith("Answer") and "hmm" not in expected and "END" not in expected

@@ -332,12 +332,9 @@ class NodeFrontend:
         text = TextState(IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                 skip_special_tokens=not harmony),
                          StopStringMatcher(req.stop), parser)
-        if tools is None:
-            text.prime(resume)
-        else:  # the tool stage is primed too (its calls so far went out with those ids)
-            for token_id in resume:
-                tools.feed(text.feed(token_id)[1])
-            text.take_ids()
+        resumed_content = text.prime(resume)
+        if tools is not None:  # the tool stage is primed too (its calls so far went out)
+            tools.feed(resumed_content)
         done_at_once = _resumed_finish(resume, params, text.stopped, len(prompt_ids),
                                        min(info.max_model_len,
                                            info.num_total_blocks * info.block_size))

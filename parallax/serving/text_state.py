@@ -52,10 +52,11 @@ class TextState:
         """End of generation: everything still held back (nothing after a stop string)."""
         return self._split("" if self.stop.stopped else self.detokenizer.flush(), final=True)
 
-    def prime(self, token_ids: Iterable[int]) -> None:
-        """Feed ids whose text was already sent (a replay), exactly as they were fed first."""
-        for token_id in token_ids:
-            self._split(self.detokenizer.add(token_id))
+    def prime(self, token_ids: Iterable[int]) -> str:
+        """Feed ids whose text was already sent (a replay), exactly as they were fed first;
+        returns the content text they gave (for later stages that hold state of their own,
+        the tool-call parser)."""
+        return "".join(self._split(self.detokenizer.add(token_id))[1] for token_id in token_ids)
 
     def take_ids(self) -> list[int]:
         """The ids fed since the last call (they go out with the chunk being built)."""
