@@ -135,6 +135,7 @@ def cluster_status(
         })
     pipelines = [] if allocation is None else [
         [stage.node_id for stage in pipeline] for pipeline in allocation.pipelines]
+    ready = registry.ready_pipelines()
     return {
         "type": "cluster_status",
         "data": {
@@ -146,10 +147,9 @@ def cluster_status(
             "max_running_request": max_running_requests(registry),
             "node_list": nodes,
             "pipelines": pipelines,
-            "ready_pipelines": registry.ready_pipelines(),
+            "ready_pipelines": ready,
             # a pipeline serves while another one is still loading (the chat stays open)
-            "rebalancing": bool(pipelines) and 0 < len(registry.ready_pipelines()) <
-            len(pipelines),
+            "rebalancing": 0 < len(ready) < len(pipelines),
             "reason": _reason(registry),
         },
     }
