@@ -303,8 +303,11 @@ def _build_engine(config: ExecutorConfig, report):
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
     started = time.perf_counter()
-    report(f"loading {config.model or 'the built-in model'} on {config.device} ({config.dtype})")
-    shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype)
+    quantized = f", quantized to {config.quantize}" if config.quantize else ""
+    report(f"loading {config.model or 'the built-in model'} on {config.device} "
+           f"({config.dtype}{quantized})")
+    shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype,
+                       quantize=config.quantize)
     load_seconds = time.perf_counter() - started
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
     eos_ids = _eos_token_ids(shard.config, shard.source)
