@@ -192,7 +192,7 @@ def decode_from_executor(
 # (after the join) the node's own secret from its JoinResponse in the header `X-Node-Secret`.
 
 
-class Assignment(msgspec.Struct, frozen=True):
+class Assignment(msgspec.Struct, frozen=True, omit_defaults=True):
     """The layers a node must hold: `model` is what it passes to load_shard."""
 
     model: str

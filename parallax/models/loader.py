@@ -60,8 +60,8 @@ def load_shard(
 
     `quantize` ("q8_0" / "q4_0" / "q4_k") packs a float checkpoint's linear and embedding
     weights into GGUF blocks as they stream in, one tensor at a time (quant/quantize.py)."""
-    source = resolve(model)
     qtype = None if quantize is None else quantizer.qtype_of(quantize)
+    source = resolve(model)
     check_quantize_source(source, quantize)
     if source.kind == "repo":
         def owns_for_config(config_dict: dict):
