@@ -243,6 +243,21 @@ def test_scheduler_init_takes_quantize_and_hands_it_to_nodes(tiny):
     assert not registry.is_ready("n1")  # loaded in float: not what the cluster serves
     registry.heartbeat("n1", 0.0, loaded_model=tiny, loaded_quantize="q4_0", loaded_range=layers)
     assert registry.is_ready("n1")
+    listed = [e for e in asyncio.run(state.model_list()) if e["name"] == tiny]
+    assert len(listed) == 1 and listed[0]["quantize"] == "q4_0"
+    assert listed[0]["weights_gb"] == round(spec.total_bytes / 2**30, 2)
+
+
+def test_cli_and_config_refuse_unknown_quantize_values():
+    from parallax.cli import build_parser
+    from parallax.config import ConfigError, ServeConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--quantize", "q5_k"])
+    assert build_parser().parse_args(["run", "--quantize", "q4_k"]).quantize == "q4_k"
+    with pytest.raises(ConfigError, match="q8_0, q4_0, q4_k"):
+        SchedulerConfig(quantize="int8")
+    assert ServeConfig(quantize="q8_0").executor.quantize == "q8_0"
 
 
 # ---------------------------------------------------------------- `parallax serve --quantize`
@@ -279,3 +294,4 @@ def test_serve_quantize_q8_0_answers_a_chat(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+    assert "packed weights: q8_0 -> " in log_path.read_text()  # the node names its kernel path

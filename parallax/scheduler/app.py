@@ -145,9 +145,13 @@ class SchedulerState:
                 self._model_list = await asyncio.to_thread(self.catalog.entries)
             entries = list(self._model_list)
         current = self.registry.model
-        if current is not None:  # as served: its entry replaces one sized otherwise
-            entries = [self.catalog.entry(current),
-                       *(e for e in entries if e["name"] != current.name)]
+        if current is not None:  # as served (its quantize): replaces one sized otherwise
+            served = self.catalog.entry(current)
+            names = [e["name"] for e in entries]
+            if current.name in names:
+                entries[names.index(current.name)] = served
+            else:
+                entries.insert(0, served)
         return entries
 
     def check_model(self, requested: str | None) -> None:
