@@ -248,6 +248,18 @@ def test_scheduler_init_takes_quantize_and_hands_it_to_nodes(tiny):
     assert listed[0]["weights_gb"] == round(spec.total_bytes / 2**30, 2)
 
 
+def test_a_node_reloads_when_only_quantize_changes():
+    from types import SimpleNamespace
+
+    from parallax.node.agent import NodeAgent
+    from parallax.protocol import Assignment
+
+    float_model = Assignment("m", 0, 4, 1)
+    agent = SimpleNamespace(assignment=float_model)
+    assert NodeAgent._same_layers(agent, Assignment("m", 0, 4, 2))
+    assert not NodeAgent._same_layers(agent, Assignment("m", 0, 4, 2, quantize="q8_0"))
+
+
 def test_cli_and_config_refuse_unknown_quantize_values():
     from parallax.cli import build_parser
     from parallax.config import ConfigError, ServeConfig
