@@ -19,6 +19,7 @@ extra memory stays at a few tens of MB whatever the tensor's size.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -164,12 +165,12 @@ def quantize_rows(weight: torch.Tensor, qtype: QT, refine: bool = True) -> torch
     num_rows, k = weight.shape
     out = torch.empty(num_rows, row_bytes(qtype, k), dtype=torch.uint8)
     step = max(1, CHUNK_VALUES // k)
+    quantizer = functools.partial(_q4_k, refine=refine) if qtype == QT.Q4_K else QUANTIZERS[qtype]
     for start in range(0, num_rows, step):
         chunk = weight[start : start + step].detach().to("cpu", torch.float32)
         if not torch.isfinite(chunk).all():
             raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
-        blocks = QUANTIZERS[qtype](chunk, refine) if qtype == QT.Q4_K else \
-            QUANTIZERS[qtype](chunk)
+        blocks = quantizer(chunk)
         out[start : start + chunk.shape[0]] = blocks.reshape(chunk.shape[0], -1)
     return out
 
@@ -237,7 +238,11 @@ def quantize_stream(items: Iterable[tuple[str, torch.Tensor]], names: set[str],
     one float tensor at a time, dropped once packed."""
     for name, tensor in items:
         if name in names:
-            packed = quantize_weight(tensor, qtype)
+            try:
+                packed = quantize_weight(tensor, qtype)
+            except ValueError as exc:
+                raise ValueError(f"cannot quantize {name} to {qtype.name.lower()}: {exc}; "
+                                 "load it without --quantize") from None
             del tensor
             yield name, packed
         else:
