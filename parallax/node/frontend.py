@@ -637,8 +637,8 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
     install_error_handlers(app)
 
     async def serve(request: Request, parse: Callable[[Any], ChatCompletionRequest],
-                    adapter: Callable[[Any, Any], OutputAdapter] | None = None
-                    ) -> Response:
+                    adapter: Callable[[Any, Any], OutputAdapter] | None = None,
+                    internal_leg: bool = True) -> Response:
         """One request through the chat path; `parse` turns the body into a chat request,
         `adapter` translates the answer into another API's shape (not on the internal leg:
         the scheduler translates what it relays)."""
@@ -650,7 +650,8 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
             raw = parse_json_body(body)
             req = parse(raw)
             check_model_name(req.model, frontend.model_name)
-            job = await frontend.admit(req, timer, frontend.parse_internal(raw))
+            internal = frontend.parse_internal(raw) if internal_leg else None
+            job = await frontend.admit(req, timer, internal)
         except APIError as exc:
             frontend.metrics.observe_request(exc.status, None)
             raise
@@ -675,7 +676,9 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        return await serve(request, parse_responses_request, responses_adapter)
+        # the scheduler sends the chat request it means: no internal leg here
+        return await serve(request, parse_responses_request, responses_adapter,
+                           internal_leg=False)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
