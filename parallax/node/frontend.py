@@ -7,7 +7,8 @@ executor through `ExecutorClient`, and turns the token ids coming back into text
 detokenization, stop strings (never leaked, even split across tokens), the reasoning / answer
 split of thinking models, then SSE chunks or one `chat.completion`. Admission is bounded
 (running + waiting); beyond it the answer is 429. A client that goes away (streaming or not)
-aborts its request in the executor.
+aborts its request in the executor. `/v1/completions` and `/v1/responses` are the same path with
+their request translated in and their answer translated out (parallax/serving/adapters.py).
 """
 
 from __future__ import annotations

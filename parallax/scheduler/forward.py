@@ -8,6 +8,11 @@ non-streaming client gets the stream assembled into one `chat.completion`. A tic
 pipeline loses a node (evicted, left) is cut at once, whatever its head still says, so no
 request waits on a pipeline that no longer exists.
 
+Requests waiting for a free pipeline queue in `wait_queue.WaitQueue` (lower `priority` first,
+then arrival order); only the first in line looks for room. A `/v1/completions` request goes to
+the heads' `/v1/completions` (`Ticket.path`, kept across replays); every head answers the
+scheduler in chat chunks, which the app translates for the client (serving/adapters.py).
+
 Decisions stay in the pure modules: :func:`parallax.scheduler.routing.route` picks the pipeline
 from :func:`effective_loads`. Load is what heartbeats report plus what the scheduler itself has
 in flight: the part of a node's reported load the scheduler did not send (another client, a
