@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import httpx
+import openai
 import pytest
+from fake_scheduler import serving
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from processes import serving_tiny_models
@@ -21,6 +24,8 @@ from test_scheduler_app import WHOLE, Scheduler, sse_events
 from test_serve_frontend import CharTokenizer, Harness, run
 
 from parallax import protocol as P
+from parallax.chat.server import build_chat_app
+from parallax.config import ChatConfig
 from parallax.models.hub import builtin_gguf_path
 from parallax.serving.completions import (
     DEFAULT_MAX_TOKENS,
@@ -239,11 +244,18 @@ def test_scheduler_non_streaming_completion(scheduler, heads):
     assert r.status_code == 400 and "'n'" in r.json()["message"]
 
 
-def test_chat_proxy_routes_the_new_endpoints():
-    from parallax.chat.server import PROXIED_ROUTES
-
-    paths = {path for method, path, _ in PROXIED_ROUTES if method == "POST"}
-    assert {"/v1/completions", "/v1/responses"} <= paths
+def test_chat_proxy_serves_both_new_endpoints(scheduler):
+    """`parallax chat` proxies /v1/completions and /v1/responses to the scheduler."""
+    config = ChatConfig(scheduler=scheduler.url.removeprefix("http://"), port=0)
+    with serving(build_chat_app(config)) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "OK", "max_tokens": 50},
+                       timeout=20)
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "text_completion"
+        assert r.json()["choices"][0]["text"] == FULL
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                               timeout=20)
+        assert client.responses.create(model="default", input="OK").output_text == FULL
 
 
 # ---- the real model ---------------------------------------------------------------------------
