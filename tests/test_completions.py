@@ -161,6 +161,28 @@ def test_node_streams_text_completion_chunks():
     run(scenario())
 
 
+def test_node_speaks_the_internal_leg_to_the_scheduler():
+    """A head answers the scheduler's /v1/completions in chat chunks with their token ids (the
+    scheduler translates), and a replay resumes after the ids it is given."""
+    async def scenario():
+        async with Harness() as h:
+            r = await h.http.post("/v1/completions", json={
+                "prompt": "REPLY:abcdef\x1e", "stream": True, "max_tokens": 50,
+                "parallax": {"internal": True, "resume_token_ids": [ord("a"), ord("b")]}})
+            assert r.status_code == 200, r.text
+            from parallax.serving.sse import parse_sse_lines
+            events = list(parse_sse_lines(r.text.splitlines()))
+            chunks = [e for e in events[:-1] if e["object"] == "chat.completion.chunk"]
+            assert len(chunks) == len(events) - 1
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            ids = [i for c in chunks for i in c.get("parallax", {}).get("token_ids", [])]
+            assert text == "cdef" and ids == [ord(c) for c in "cdef"]
+            add = [m for m in h.launched[0].received if isinstance(m, P.AddRequest)][-1]
+            assert add.prompt_token_ids == [ord(c) for c in "REPLY:abcdef\x1e" + "ab"]
+
+    run(scenario())
+
+
 class SizedTokenizer(CharTokenizer):
     def __len__(self) -> int:
         return 0x110000  # every code point
