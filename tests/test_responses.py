@@ -119,6 +119,16 @@ def test_stream_events_are_numbered_and_close_every_item():
                                                           "function_call"]
     assert final["output"][2]["arguments"] == "{}" and final["usage"]["total_tokens"] == 5
 
+    # through the scheduler a call comes whole, in one entry (the internal leg's shape)
+    adapter = ResponsesAdapter(request={"input": "x"})
+    whole = {"index": 0, "id": "call_9", "type": "function",
+             "function": {"name": "f", "arguments": '{"a": 1}'}}
+    events = adapter.on_event(chunk({"tool_calls": [whole]})) + \
+        adapter.on_event(chunk({}, "tool_calls"))
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done[0]["arguments"] == '{"a": 1}' and done[0]["name"] == "f"
+    assert events[-1]["response"]["output"][0]["call_id"] == "call_9"
+
 
 # ---- the node, in process ---------------------------------------------------------------------
 
