@@ -214,6 +214,31 @@ def test_greedy_answers_equal_whole_model(cluster, reference_answers):
     assert text == reference_answers[0] and "Paris" in text
 
 
+def test_completions_and_responses_through_the_pipeline(cluster, reference_answers):
+    """/v1/completions (the raw prompt, no template) and /v1/responses (translated into the
+    chat request) through the 2-node pipeline answer as the whole model does."""
+    path = builtin_gguf_path()
+    tokenizer = load_tokenizer(path)
+    prompt = "The capital of France is"
+    engine = Engine(load_shard(path).model, EngineConfig(kv_memory_bytes=16 * 2**20),
+                    eos_token_ids=[tokenizer.eos_token_id])
+    engine.add_request("0", tokenizer.encode(prompt), SamplingParams(temperature=0,
+                                                                     max_tokens=8))
+    ids: list[int] = []
+    while engine.has_work():
+        ids += [o.token_id for o in engine.step()]
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
+    completion = client.completions.create(model="default", prompt=prompt, max_tokens=8,
+                                           temperature=0)
+    assert completion.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
+    streamed = client.completions.create(model="default", prompt=prompt, max_tokens=8,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+    response = client.responses.create(model="default", input=PROMPTS[0], temperature=0,
+                                       max_output_tokens=24)
+    assert response.output_text == reference_answers[0]
+
+
 def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):
     status = cluster.status()
     pipeline = status["pipelines"][0]

@@ -25,6 +25,8 @@ from parallax.web import mount_web_ui
 # (method, path, read timeout override or None for the client default)
 PROXIED_ROUTES: tuple[tuple[str, str, float | None], ...] = (
     ("POST", "/v1/chat/completions", None),
+    ("POST", "/v1/completions", None),
+    ("POST", "/v1/responses", None),
     ("GET", "/v1/models", None),
     ("GET", "/cluster/status", None),  # SSE; the scheduler sends at least every 2 s
     ("GET", "/cluster/status_json", None),

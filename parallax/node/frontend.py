@@ -7,7 +7,8 @@ executor through `ExecutorClient`, and turns the token ids coming back into text
 detokenization, stop strings (never leaked, even split across tokens), the reasoning / answer
 split of thinking models, then SSE chunks or one `chat.completion`. Admission is bounded
 (running + waiting); beyond it the answer is 429. A client that goes away (streaming or not)
-aborts its request in the executor.
+aborts its request in the executor. `/v1/completions` and `/v1/responses` are the same path with
+their request translated in and their answer translated out (parallax/serving/adapters.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,12 @@ from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
+from parallax.serving.adapters import OutputAdapter, adapt_response
+from parallax.serving.completions import (
+    TextCompletionRequest,
+    completion_adapter,
+    parse_completion_request,
+)
 from parallax.serving.detokenizer import IncrementalDetokenizer
 from parallax.serving.errors import (
     APIError,
@@ -53,6 +60,7 @@ from parallax.serving.openai_schemas import (
     usage_dict,
 )
 from parallax.serving.reasoning import HARMONY_MODEL_TYPES, HarmonyParser, make_reasoning_parser
+from parallax.serving.responses_api import parse_responses_request, responses_adapter
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
@@ -210,6 +218,8 @@ class NodeFrontend:
         Blocking (Jinja, tokenizer): the frontend runs it in its render threads. The kwargs are
         allow-listed scalars (`parse_chat_request`), so the template is always the operator's.
         """
+        if isinstance(req, TextCompletionRequest):
+            return self.tokenize_prompt(req.prompt)
         messages = req.template_messages()
         kwargs = dict(req.chat_template_kwargs)
         if req.uses_tools:
@@ -230,6 +240,18 @@ class NodeFrontend:
         except Exception as exc:  # jinja errors raised by templates, bad kwargs...
             raise APIError(400, f"the chat template rejected the request: {exc}") from None
         return text, list(ids)
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str, list[int]]:
+        """A `/v1/completions` prompt as is (no template; BOS as the tokenizer adds it), or its
+        token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            with self._encode_lock:
+                return prompt, list(self.tokenizer.encode(prompt))
+        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else 2**31 - 1
+        if max(prompt) >= vocab:
+            raise APIError(400, f"'prompt' holds token id {max(prompt)}, not a token id of this "
+                                f"model (0..{vocab - 1})")
+        return "", list(prompt)
 
     def template_renders_tools(self) -> bool:
         """Whether the chat template renders `tools` (checked once: with and without a tool)."""
@@ -319,7 +341,8 @@ class NodeFrontend:
         info = self.client.info
         harmony = info.model_type in HARMONY_MODEL_TYPES
         enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
-        parser = make_reasoning_parser(info.model_type, prompt_text, enable_thinking)
+        parser = None if isinstance(req, TextCompletionRequest) else \
+            make_reasoning_parser(info.model_type, prompt_text, enable_thinking)
         tools = None
         if req.uses_tools:
             fmt = tool_format(info.model_type, self._chat_template(),
@@ -614,26 +637,49 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
     app = FastAPI(title="Parallax node", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def serve(request: Request, parse: Callable[[Any], ChatCompletionRequest],
+                    adapter: Callable[[Any, Any], OutputAdapter] | None = None,
+                    internal_leg: bool = True) -> Response:
+        """One request through the chat path; `parse` turns the body into a chat request,
+        `adapter` translates the answer into another API's shape (not on the internal leg:
+        the scheduler translates what it relays)."""
         timer = RequestTimer()
         try:
             # a node of a cluster with a join token serves only its scheduler (which sends it)
             require_join_token(request, frontend.join_token)
             body = await frontend.read_body(request)
             raw = parse_json_body(body)
-            req = parse_chat_request(raw)
+            req = parse(raw)
             check_model_name(req.model, frontend.model_name)
-            job = await frontend.admit(req, timer, frontend.parse_internal(raw))
+            internal = frontend.parse_internal(raw) if internal_leg else None
+            job = await frontend.admit(req, timer, internal)
         except APIError as exc:
             frontend.metrics.observe_request(exc.status, None)
             raise
         frontend.watch(request, job)
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(frontend.stream(job), media_type="text/event-stream",
-                                     headers=headers)
-        return await frontend.complete(job)
+            response: Response = StreamingResponse(
+                frontend.stream(job), media_type="text/event-stream", headers=headers)
+        else:
+            response = await frontend.complete(job)
+        if adapter is None or job.internal:
+            return response
+        return adapt_response(response, adapter(req, raw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, parse_chat_request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve(request, parse_completion_request, completion_adapter)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        # the scheduler sends the chat request it means: no internal leg here
+        return await serve(request, parse_responses_request, responses_adapter,
+                           internal_leg=False)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

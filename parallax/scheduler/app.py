@@ -34,7 +34,7 @@ from parallax.protocol import (
 )
 from parallax.scheduler.allocation import NodeInfo
 from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
-from parallax.scheduler.forward import Forwarder, effective_running
+from parallax.scheduler.forward import CHAT_PATH, COMPLETIONS_PATH, Forwarder, effective_running
 from parallax.scheduler.link_keys import LinkKeys
 from parallax.scheduler.registry import NodeRecord, Registry
 from parallax.scheduler.status import (
@@ -45,6 +45,8 @@ from parallax.scheduler.status import (
     status_events,
     with_join_token,
 )
+from parallax.serving.adapters import OutputAdapter, adapt_response
+from parallax.serving.completions import completion_adapter, parse_completion_request
 from parallax.serving.errors import (
     APIError,
     check_secret,
@@ -52,11 +54,13 @@ from parallax.serving.errors import (
     require_join_token,
 )
 from parallax.serving.openai_schemas import (
+    ChatCompletionRequest,
     check_model_name,
     models_list,
     parse_chat_request,
     parse_json_body,
 )
+from parallax.serving.responses_api import responses_adapter, responses_to_chat
 from parallax.serving.security import (
     CONTROL_BODY_LIMIT,
     install_security,
@@ -370,24 +374,47 @@ def build_app(state: SchedulerState) -> FastAPI:
 
     # ---- OpenAI API -------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def serve(request: Request, parse: Callable[[Any], ChatCompletionRequest],
+                    path: str = CHAT_PATH,
+                    adapter: Callable[[Any, Any], OutputAdapter] | None = None,
+                    to_chat: Callable[[Any], Any] | None = None) -> Response:
+        """Validate, place on a pipeline, relay (with replay on failure). `path`: the head's
+        endpoint; `to_chat` translates the body into a chat body first, `adapter` the chat
+        answer into the client's API."""
         require_api_key(request, config.api_key)
-        body = parse_json_body(await read_body_capped(request, config.max_body_bytes))
-        req = parse_chat_request(body)  # 400 on a malformed request, before routing
+        raw = parse_json_body(await read_body_capped(request, config.max_body_bytes))
+        body = raw if to_chat is None else to_chat(raw)
+        req = parse(body)  # 400 on a malformed request, before routing
         state.check_model(req.model)
         payload = {k: v for k, v in body.items() if k not in ("model", "rid", "routing_table")}
         # always our own id: a client-chosen one could collide with (and abort) another's
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         try:
-            placed = await state.forwarder.place(payload, rid, request)
+            placed = await state.forwarder.place(payload, rid, request, path=path,
+                                                 priority=req.priority)
         except APIError as exc:
             state.metrics.requests.labels(status=str(exc.status)).inc()
             raise
         if placed is None:  # the client went away first
             return Response(status_code=499)
         ticket, response = placed
-        return await state.forwarder.respond(ticket, response, stream=req.stream, request=request)
+        answer = await state.forwarder.respond(ticket, response, stream=req.stream,
+                                               request=request)
+        return answer if adapter is None else adapt_response(answer, adapter(req, raw))
+
+    @app.post(CHAT_PATH)
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, parse_chat_request)
+
+    @app.post(COMPLETIONS_PATH)
+    async def completions(request: Request) -> Response:
+        return await serve(request, parse_completion_request, COMPLETIONS_PATH,
+                           completion_adapter)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await serve(request, parse_chat_request, CHAT_PATH, responses_adapter,
+                           responses_to_chat)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

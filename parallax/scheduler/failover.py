@@ -228,7 +228,8 @@ class FailoverMixin:
         while True:
             decision = self.pick(excluded)
             if decision.pipeline_index is not None:
-                ticket = self._acquire(decision.pipeline_index, session.attempt_rid())
+                ticket = self._acquire(decision.pipeline_index, session.attempt_rid(),
+                                       session.path)
                 ticket.payload = session.payload
                 try:
                     response = await self._send(ticket, session.attempt_payload())

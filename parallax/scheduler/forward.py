@@ -8,6 +8,11 @@ non-streaming client gets the stream assembled into one `chat.completion`. A tic
 pipeline loses a node (evicted, left) is cut at once, whatever its head still says, so no
 request waits on a pipeline that no longer exists.
 
+Requests waiting for a free pipeline queue in `wait_queue.WaitQueue` (lower `priority` first,
+then arrival order); only the first in line looks for room. A `/v1/completions` request goes to
+the heads' `/v1/completions` (`Ticket.path`, kept across replays); every head answers the
+scheduler in chat chunks, which the app translates for the client (serving/adapters.py).
+
 Decisions stay in the pure modules: :func:`parallax.scheduler.routing.route` picks the pipeline
 from :func:`effective_loads`. Load is what heartbeats report plus what the scheduler itself has
 in flight: the part of a node's reported load the scheduler did not send (another client, a
@@ -48,12 +53,15 @@ from parallax.scheduler.registry import Registry
 from parallax.scheduler.replay import ReplaySession
 from parallax.scheduler.routing import NodeLoad, RouteDecision, route
 from parallax.scheduler.status import ClusterMetrics
+from parallax.scheduler.wait_queue import QueueFull, Waiter, WaitQueue
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.internal_leg import request_fields
 
 logger = logging.getLogger("parallax.scheduler")
 
 _MAX_LINE = 1 << 20
+CHAT_PATH = "/v1/chat/completions"  # the head's endpoints a request may be forwarded to
+COMPLETIONS_PATH = "/v1/completions"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -144,6 +152,7 @@ class Ticket:
     label: str
     released: bool = False
     payload: dict[str, Any] | None = None  # the client's request (for replays)
+    path: str = CHAT_PATH  # the head's endpoint it goes to
     broken: asyncio.Event = field(default_factory=asyncio.Event)  # a node of it is gone
 
     @property
@@ -164,7 +173,7 @@ class Forwarder(FailoverMixin):
         self.config = config
         self.metrics = metrics
         self.inflight = InFlight()
-        self.queued = 0  # requests waiting for room
+        self.waiting = WaitQueue(config.max_queued)  # requests waiting for room, in order
         self._init_failover()
         self._on_change = on_change or (lambda: None)
         self._room = asyncio.Event()
@@ -174,6 +183,11 @@ class Forwarder(FailoverMixin):
         self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
                                         limits=NODE_LIMITS,
                                         verify=config.tls.client_verify())  # https nodes
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for room."""
+        return len(self.waiting)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -210,9 +224,9 @@ class Forwarder(FailoverMixin):
                 stage.end_layer)))
         return table
 
-    def _acquire(self, index: int, rid: str) -> Ticket:
+    def _acquire(self, index: int, rid: str, path: str = CHAT_PATH) -> Ticket:
         pipeline = self.registry.allocation.pipelines[index]
-        ticket = Ticket(rid, index, pipeline, ">".join(s.node_id for s in pipeline))
+        ticket = Ticket(rid, index, pipeline, ">".join(s.node_id for s in pipeline), path=path)
         self.inflight.add(ticket.node_ids, +1)
         self.active[rid] = ticket
         self.metrics.pipeline_requests.labels(pipeline=ticket.label).inc()
@@ -229,26 +243,30 @@ class Forwarder(FailoverMixin):
             self.wake()
             self._on_change()
 
-    async def open(self, payload: dict[str, Any], rid: str) -> tuple[Ticket, httpx.Response]:
+    async def open(self, payload: dict[str, Any], rid: str, path: str = CHAT_PATH,
+                   priority: int = 0) -> tuple[Ticket, httpx.Response]:
         """Route and send; returns the head's response (status 200 or an error to pass on).
 
-        All busy: wait for room (a request ending, or `retry_interval_s`) until
-        `retry_attempts × retry_interval_s` passed, then 429. A head that cannot be reached or
-        answers 429 / 503 costs one of `retry_attempts` and the request tries another pipeline
-        (or waits). No ready pipeline: 503 at once.
+        All busy: join the wait queue (bounded: `max_queued`, then 429) and wait for room (a
+        request ending, or `retry_interval_s`) until `retry_attempts × retry_interval_s`
+        passed, then 429. Only the first in line (lower `priority` first, equal ones first
+        come, first served) tries to place itself. A head that cannot be reached or answers
+        429 / 503 costs one of `retry_attempts` and the request tries another pipeline (or
+        waits). No ready pipeline: 503 at once.
         """
         attempts, interval = self.config.retry_attempts, self.config.retry_interval_s
         deadline = time.monotonic() + attempts * interval
         failures, excluded = 0, set()
         last: APIError | None = None
-        queued = False  # counted in `self.queued` (waiting for room)
+        waiter: Waiter | None = None  # in the wait queue
         try:
             while True:
-                decision = self.pick(excluded)
-                if decision.pipeline_index is not None:
-                    if queued:
-                        self.queued, queued = self.queued - 1, False
-                    ticket = self._acquire(decision.pipeline_index, rid)
+                turn = self.waiting.first() is waiter  # nobody waits, or this one is first
+                decision = self.pick(excluded) if turn else None
+                if decision is not None and decision.pipeline_index is not None:
+                    if waiter is not None:
+                        waiter = self._leave_queue(waiter)
+                    ticket = self._acquire(decision.pipeline_index, rid, path)
                     try:
                         return ticket, await self._send(ticket, payload)
                     except _Retryable as exc:
@@ -270,25 +288,34 @@ class Forwarder(FailoverMixin):
                     raise last or APIError(
                         429, f"every pipeline is busy; gave up after {attempts} retries "
                              f"{interval:g} s apart")
-                self.metrics.retries.labels(reason="all_busy").inc()
-                if not queued:
-                    if self.queued >= self.config.max_queued:  # the wait queue is bounded
+                if waiter is None:
+                    try:
+                        waiter = self.waiting.push(priority)
+                    except QueueFull:
                         raise APIError(429, f"every pipeline is busy and "
                                             f"{self.config.max_queued} requests already wait; "
-                                            "retry later")
-                    self.queued, queued = self.queued + 1, True
+                                            "retry later") from None
                     self._on_change()
+                    continue  # look again: it may be first in line now
+                self.metrics.retries.labels(reason="all_busy").inc()
                 room = self._room
                 try:
                     await asyncio.wait_for(room.wait(), min(interval, remaining) or 0.001)
                 except asyncio.TimeoutError:
                     excluded.clear()
         finally:
-            if queued:
-                self.queued -= 1
+            if waiter is not None:
+                self._leave_queue(waiter)
 
-    async def place(self, payload: dict[str, Any], rid: str,
-                    request: Request) -> tuple[Ticket, httpx.Response] | None:
+    def _leave_queue(self, waiter: Waiter) -> None:
+        """Out of the wait queue; the next in line looks for room at once."""
+        self.waiting.remove(waiter)
+        self.wake()
+        self._on_change()
+
+    async def place(self, payload: dict[str, Any], rid: str, request: Request,
+                    path: str = CHAT_PATH,
+                    priority: int = 0) -> tuple[Ticket, httpx.Response] | None:
         """:meth:`open`, abandoned (None) as soon as the client goes away.
 
         A non-streaming answer sends no byte before the whole completion is ready, so without
@@ -296,7 +323,7 @@ class Forwarder(FailoverMixin):
         """
         # the head always streams to us, with the internal fields (internal_leg.py)
         internal = {**payload, "stream": True, **request_fields([])}
-        opening = asyncio.ensure_future(self.open(internal, rid))
+        opening = asyncio.ensure_future(self.open(internal, rid, path, priority))
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -324,7 +351,7 @@ class Forwarder(FailoverMixin):
 
     async def _send(self, ticket: Ticket, payload: dict[str, Any]) -> httpx.Response:
         head = self.registry.nodes[ticket.pipeline[0].node_id]
-        url = head.http_url.rstrip("/") + "/v1/chat/completions"
+        url = head.http_url.rstrip("/") + ticket.path
         body = {**payload, "rid": ticket.rid, "routing_table": self.routing_table(ticket.pipeline)}
         headers = {"content-type": "application/json"}
         if self.config.join_token:  # nodes of a cluster with a token serve only their scheduler
@@ -371,7 +398,8 @@ class Forwarder(FailoverMixin):
         non-streaming request, or the head's whole body (an error before any stream)."""
         if response.status_code == 200 and _media_type(response) == _SSE:
             attempt = _Attempt(ticket, response)
-            session = ReplaySession(ticket.rid, ticket.payload or {}, collect=not stream)
+            session = ReplaySession(ticket.rid, ticket.payload or {}, collect=not stream,
+                                    path=ticket.path)
             if stream:
                 return _Relay(self._drive(attempt, session), self, attempt,
                               media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -91,6 +91,7 @@ class ReplaySession:
     payload: dict[str, Any]  # the client's request, as the scheduler forwards it
     clock: Callable[[], float] = time.perf_counter
     collect: bool = False  # keep the text for a non-streaming answer
+    path: str = "/v1/chat/completions"  # the heads' endpoint (each attempt's)
     generated_ids: list[int] = field(default_factory=list)
     failovers: int = 0
     replay_ms: float = 0.0
@@ -288,5 +289,5 @@ class ReplaySession:
                           choice.get("finish_reason") or "stop", self.final.get("usage") or {},
                           self.final.get("metrics"),
                           [self.tool_calls[i] for i in sorted(self.tool_calls)] or None,
-                          self.logprob_entries if self.payload.get("logprobs") is True
-                          else None)
+                          self.logprob_entries if self.payload.get("logprobs") not in
+                          (None, False) else None)  # /v1/completions: 0..5
