@@ -12,7 +12,7 @@ from parallax.models import gguf as gguf_format
 from parallax.models.hub import ModelSource, download_for_shard, resolve
 from parallax.models.quant import loading as quant_loading
 from parallax.models.registry import family_for
-from parallax.models.weights import ReadLog, iter_safetensors
+from parallax.models.weights import ReadLog, iter_safetensors, weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ def load_shard(
         reader = gguf_format.open_reader(source.path)
         packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
         stripped = quant_loading.strip(shard, packed)
+    elif hasattr(shard, "match_checkpoint"):
+        # e.g. gpt-oss: experts held MXFP4 exactly where the checkpoint stores them so
+        shard.match_checkpoint({name for name in weight_map(source.path) if owns(name)})
     shard.to_empty(device=device)
     shard.to(dtype)
     shard.rotary.build(device)
@@ -94,6 +97,7 @@ def load_shard(
         loaded = quant_loading.load_weights(shard, tensors, stripped, dtype, device)
     else:
         loaded = shard.load_weights(tensors)
+        quant_loading.log_paths(shard)
     expected = {name for name, _ in shard.named_parameters(remove_duplicate=False)}
     missing = sorted(expected - loaded)
     if missing:

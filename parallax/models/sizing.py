@@ -3,8 +3,9 @@
 `estimate_layer_bytes` builds the model on the meta device (no memory, no weights) and counts
 the parameters each decoder layer really has in our implementation, so every family is sized
 by the same code that runs it: all experts of an MoE layer count (a node holds all of them),
-gpt-oss' MXFP4 experts count at the load dtype (they are dequantized at load), q/k norms,
-sinks and biases count. Model types without a family fall back to a formula.
+gpt-oss' MXFP4 experts count their packed bytes (4.25 bits a value: a node holds them
+packed; the config's `quantization_config` says so), q/k norms, sinks and biases count.
+Model types without a family fall back to a formula.
 
 A GGUF file loaded packed (the default) is sized from its tensor table instead: quantized
 tensors of the packed types count their bytes in the file, which is what a node holds, and
@@ -44,10 +45,16 @@ def estimate_layer_bytes(config, dtype_bytes: int) -> tuple[int, int, int, int]:
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family(config, 0, config.num_hidden_layers)
-    layer = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
-    embedding = model.embed_tokens.weight.numel()
-    lm_head = model.lm_head.weight.numel() + sum(p.numel() for p in model.norm.parameters())
-    return layer * dtype_bytes, embedding * dtype_bytes, lm_head * dtype_bytes, kv
+
+    def held(module: torch.nn.Module) -> int:
+        """Float parameters at the load dtype, packed ones (uint8 blocks) at their size."""
+        return sum(p.numel() * (1 if p.dtype == torch.uint8 else dtype_bytes)
+                   for p in module.parameters())
+
+    layer = max(held(block) for block in model.layers)
+    embedding = model.embed_tokens.weight.numel() * dtype_bytes
+    lm_head = model.lm_head.weight.numel() * dtype_bytes + held(model.norm)
+    return layer, embedding, lm_head, kv
 
 
 def formula_param_counts(config) -> tuple[int, int, int]:
