@@ -27,7 +27,7 @@ from parallax.models.moe import FusedExperts, silu_and_mul
 from parallax.models.quant import native, native_call_count
 from parallax.models.quant.formats import QT
 from parallax.models.quant.loading import kernel_summary
-from parallax.models.sizing import estimate_layer_bytes, formula_param_counts
+from parallax.models.sizing import estimate_layer_bytes, formula_param_counts, shard_bytes
 
 # fp32 on both sides; the differences are summation order only (observed max ~3e-7 on logits
 # of magnitude ~0.5-1).
@@ -361,6 +361,10 @@ def test_gpt_oss_mxfp4_sizing_counts_packed_bytes(tmp_path):
     assert layer * shard.config.num_hidden_layers + embedding + lm_head == held
     float_layer, _, _, _ = estimate_layer_bytes(tiny_config("gpt_oss"), dtype_bytes=2)
     assert layer < float_layer / 2
+    tail = load_shard(str(tmp_path), 2, 4, dtype=torch.bfloat16)  # a pipeline's last stage
+    assert_experts_packed(tail.model, CONFIGS["gpt_oss"]["num_local_experts"])
+    held = sum(p.numel() * p.element_size() for p in tail.model.parameters())
+    assert held == shard_bytes(tail.source, tail.config, 2, 4, dtype_bytes=2)
 
 
 def test_gpt_oss_float_experts_under_an_mxfp4_config_load_as_float(tmp_path):
