@@ -40,13 +40,12 @@ import tempfile
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models import moe
 from parallax.models.loader import load_shard
-from parallax.models.mxfp4 import dequantize_mxfp4
+from parallax.models.mxfp4 import save_random_mxfp4_checkpoint
 
 COMMON = dict(
     hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
@@ -63,43 +62,19 @@ FAMILIES = {
 
 def save_model(model_type: str, directory: str, dtype: torch.dtype, mxfp4: bool = False) -> str:
     """Save a random model for transformers into `directory`; returns the checkpoint our engine
-    loads: the same one, or (mxfp4) a copy whose experts are MXFP4 blocks of the same values."""
+    loads: the same one, or (mxfp4, gpt-oss) a copy whose experts are MXFP4 blocks of the same
+    values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **COMMON, **FAMILIES[model_type])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    packed = mxfp4_experts(model) if mxfp4 and model_type == "gpt_oss" else {}
+    ours = directory
+    if mxfp4 and model_type == "gpt_oss":
+        ours = os.path.join(directory, "mxfp4")
+        save_random_mxfp4_checkpoint(model, ours)  # also sets the model's experts to it
     model.save_pretrained(directory, safe_serialization=True)
-    if not packed:
-        return directory
-    ours = os.path.join(directory, "mxfp4")
-    model.save_pretrained(ours, safe_serialization=True)
-    tensors = load_file(os.path.join(ours, "model.safetensors"))
-    for name in packed:
-        tensors.pop(name.rsplit("_", 1)[0], None)  # the float experts' place
-    save_file({**tensors, **packed}, os.path.join(ours, "model.safetensors"),
-              metadata={"format": "pt"})
     return ours
-
-
-def mxfp4_experts(model) -> dict[str, torch.Tensor]:
-    """Random MXFP4 blocks/scales for every gpt-oss expert weight (magnitudes near the init's);
-    writes their dequantization into the model. Returns the checkpoint tensors by name."""
-    generator = torch.Generator().manual_seed(0)
-    packed = {}
-    for name, param in model.named_parameters():
-        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            continue
-        experts, fan_in, fan_out = param.shape  # transformers' [E, in, out]
-        blocks = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8,
-                               generator=generator)
-        scales = torch.randint(118, 122, (experts, fan_out, fan_in // 32), dtype=torch.uint8,
-                               generator=generator)
-        with torch.no_grad():
-            param.copy_(dequantize_mxfp4(blocks, scales, param.dtype).transpose(1, 2))
-        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
-    return packed
 
 
 def make_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:

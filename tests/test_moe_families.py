@@ -15,7 +15,6 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.model_runner import kv_bytes_per_token
@@ -24,6 +23,7 @@ from parallax.models import attention
 from parallax.models.attention import AttentionMetadata, PrefillSpan
 from parallax.models.loader import load_shard
 from parallax.models.moe import FusedExperts, silu_and_mul
+from parallax.models.mxfp4 import save_random_mxfp4_checkpoint
 from parallax.models.quant import native, native_call_count
 from parallax.models.quant.formats import QT
 from parallax.models.quant.loading import kernel_summary
@@ -266,36 +266,11 @@ def test_shards_chained_equal_full_model(family):
 # ---- MXFP4 checkpoints --------------------------------------------------------------------------
 
 
-def quantize_experts_randomly(hf_model, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random MXFP4 blocks/scales for every expert weight; writes their dequantization (by
-    transformers' own function) into hf_model and returns the packed tensors by HF name."""
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    packed = {}
-    for name, param in hf_model.named_parameters():
-        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            continue
-        experts, fan_in, fan_out = param.shape  # transformers' [E, in, out]
-        blocks = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8,
-                               generator=generator)
-        scales = torch.randint(118, 124, (experts, fan_out, fan_in // 32), dtype=torch.uint8,
-                               generator=generator)
-        with torch.no_grad():
-            param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
-        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
-    return packed
-
-
 def save_mxfp4_checkpoint(hf_model, path, quantization_config: bool = False) -> None:
-    """hf_model's checkpoint with MXFP4 experts (as published: `*_blocks` + `*_scales` instead
-    of the float expert weights), after setting hf_model's experts to their dequantization;
-    with `quantization_config`, config.json says MXFP4 too, as gpt-oss' own does."""
-    packed = quantize_experts_randomly(hf_model, torch.Generator().manual_seed(0))
-    hf_model.save_pretrained(path, safe_serialization=True)
-    tensors = load_file(path / "model.safetensors")
-    for name in packed:
-        tensors.pop(name.removesuffix("_blocks").removesuffix("_scales"), None)
-    save_file({**tensors, **packed}, path / "model.safetensors", metadata={"format": "pt"})
+    """hf_model's checkpoint with random MXFP4 experts (as published: `*_blocks` + `*_scales`
+    instead of the float expert weights; hf_model's experts become their dequantization); with
+    `quantization_config`, config.json says MXFP4 too, as gpt-oss' own does."""
+    save_random_mxfp4_checkpoint(hf_model, str(path))
     if quantization_config:
         add_quantization_config(path)
 

@@ -73,3 +73,35 @@ def dequantize_mxfp4(
         values = torch.ldexp(values.flatten(1), exponents[start : start + rows_per_chunk])
         out[start : start + rows_per_chunk] = values
     return out.view(*prefix, groups * num_bytes * 2)  # [*, R, G*32]
+
+
+def save_random_mxfp4_checkpoint(hf_model, path: str, seed: int = 0,
+                                 exponents: tuple[int, int] = (118, 124)) -> None:
+    """For tests and benchmarks: give a transformers gpt-oss model random MXFP4 experts and save
+    it to `path` the way the published checkpoints are (`*_blocks` + `*_scales` in place of the
+    float expert weights). The model's experts are set to their dequantization by transformers'
+    own function, so it computes what the checkpoint holds. Exponents are drawn from
+    [exponents[0], exponents[1]) (118-124: magnitudes near a random init's)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    generator = torch.Generator().manual_seed(seed)
+    packed = {}
+    for name, param in hf_model.named_parameters():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            continue
+        experts, fan_in, fan_out = param.shape  # transformers' [E, in, out]
+        blocks = torch.randint(0, 256, (experts, fan_out, fan_in // GROUP_SIZE, 16),
+                               dtype=torch.uint8, generator=generator)
+        scales = torch.randint(*exponents, (experts, fan_out, fan_in // GROUP_SIZE),
+                               dtype=torch.uint8, generator=generator)
+        with torch.no_grad():
+            param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=param.dtype))
+        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
+    hf_model.save_pretrained(path, safe_serialization=True)
+    file = os.path.join(path, "model.safetensors")
+    tensors = {name: tensor for name, tensor in load_file(file).items()
+               if f"{name}_blocks" not in packed}
+    save_file({**tensors, **packed}, file, metadata={"format": "pt"})
