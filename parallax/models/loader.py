@@ -80,8 +80,8 @@ def load_shard(
         reader = gguf_format.open_reader(source.path)
         packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
         stripped = quant_loading.strip(shard, packed)
-    elif hasattr(shard, "match_checkpoint"):
-        # e.g. gpt-oss: experts held MXFP4 exactly where the checkpoint stores them so
+    elif source.kind != "gguf" and hasattr(shard, "match_checkpoint"):
+        # e.g. gpt-oss: experts held MXFP4 exactly where the safetensors store them so
         shard.match_checkpoint({name for name in weight_map(source.path) if owns(name)})
     shard.to_empty(device=device)
     shard.to(dtype)
