@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/moe_bench.py [--families qwen3_moe gpt_oss minimax_m2]
         [--batches 1 16] [--prompt-len 64] [--new-tokens 32] [--dtype float32] [--device cpu]
-        [--threads 1] [--repeats 1] [--no-pack]
+        [--threads 1] [--repeats 1] [--no-pack] [--mxfp4]
 
 Each family gets a tiny-but-not-trivial config (hidden 1024, 16 experts, top-4, 4 layers),
 saved with save_pretrained and loaded by both sides. For every batch size, each system greedily
@@ -17,6 +17,10 @@ This benchmark runs our CPU expert matmuls on oneDNN-packed weights
 because the packed copy doubles expert memory); `--no-pack` turns that off, for an A/B
 against the plain F.linear per expert, which is what servers run by default.
 
+`--mxfp4` gives gpt-oss random MXFP4 experts, as its published checkpoints have: our engine
+loads them packed (MXFP4 kernels, parallax.models.quant), transformers gets their
+dequantization in the benchmark's dtype (what it runs on a CPU).
+
 Baselines: transformers' greedy loop of forward calls with its DynamicCache (no generate()
 overhead), with its default experts implementation (5.24: `grouped_mm`, already grouped by
 expert) and with `experts_implementation="eager"` (the per-expert loop in the modeling files).
@@ -30,6 +34,7 @@ tens of milliseconds, so wall time there measures the neighbours, not the code. 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -40,6 +45,7 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models import moe
 from parallax.models.loader import load_shard
+from parallax.models.mxfp4 import save_random_mxfp4_checkpoint
 
 COMMON = dict(
     hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
@@ -54,13 +60,21 @@ FAMILIES = {
 }
 
 
-def save_model(model_type: str, directory: str, dtype: torch.dtype) -> None:
+def save_model(model_type: str, directory: str, dtype: torch.dtype, mxfp4: bool = False) -> str:
+    """Save a random model for transformers into `directory`; returns the checkpoint our engine
+    loads: the same one, or (mxfp4, gpt-oss) a copy whose experts are MXFP4 blocks of the same
+    values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **COMMON, **FAMILIES[model_type])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    ours = directory
+    if mxfp4 and model_type == "gpt_oss":
+        ours = os.path.join(directory, "mxfp4")
+        save_random_mxfp4_checkpoint(model, ours)  # also sets the model's experts to it
     model.save_pretrained(directory, safe_serialization=True)
+    return ours
 
 
 def make_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -131,6 +145,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per system; keep the best")
     parser.add_argument("--no-pack", action="store_true",
                         help="plain F.linear experts (no oneDNN-packed weights) for an A/B")
+    parser.add_argument("--mxfp4", action="store_true",
+                        help="gpt-oss with MXFP4 experts (ours packed, transformers dequantized)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     moe.PACK_CPU_EXPERTS = not args.no_pack
@@ -139,15 +155,16 @@ def main() -> None:
 
     print(f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request, "
-          f"packed experts {moe.PACK_CPU_EXPERTS}, best of {args.repeats}; "
+          f"packed experts {moe.PACK_CPU_EXPERTS}, MXFP4 gpt-oss experts {args.mxfp4}, "
+          f"best of {args.repeats}; "
           "tok/s by wall time (by process CPU time)\n")
     print("| family | batch | parallax tok/s | transformers (grouped_mm) tok/s | "
           "transformers (eager experts) tok/s | parallax / grouped_mm | parallax / eager |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for family in args.families:
         with tempfile.TemporaryDirectory() as directory:
-            save_model(family, directory, dtype)
-            ours = load_shard(directory, device=args.device, dtype=dtype).model
+            ours_path = save_model(family, directory, dtype, args.mxfp4)
+            ours = load_shard(ours_path, device=args.device, dtype=dtype).model
             baselines = [
                 AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
                 .to(args.device).eval()

@@ -1,6 +1,11 @@
 """Packed GGUF matmul speed: native kernels vs the pure-torch path vs fp32 F.linear, one run.
 
     .venv/bin/python benchmarks/quant_kernels_bench.py [--threads 2] [--types Q4_0,Q8_0]
+        [--batches 1,32] [--shapes 2880x5760]
+
+MXFP4 is gpt-oss' expert type (its safetensors blocks repacked into ggml's layout at load);
+its "fp32 F.linear" column is the old path, an fp32 matmul on the dequantized expert, and
+2880 → 5760 is one gpt-oss-20b expert's gate_up projection.
 
 Prints the CPU flags and the native variant, then per shape, type and batch the best time
 of each path: the fused kernel (weights decoded in registers, fp32 activations), the tiled
@@ -25,7 +30,8 @@ from parallax.models.quant import native
 from parallax.models.quant.formats import PACKED_TYPES, QT, block_size, random_blocks
 from parallax.models.quant.packed import PackedLinear, PackedWeight, native_gemm
 
-SHAPES = [(2048, 8192), (576, 1536)]  # (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN
+# (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN, a gpt-oss-20b expert's gate_up
+SHAPES = [(2048, 8192), (576, 1536), (2880, 5760)]
 BATCHES = [1, 4, 16, 32, 512]
 
 
@@ -75,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--types", default=",".join(t.name for t in PACKED_TYPES))
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
+                        help="in_features x out_features, comma-separated")
     parser.add_argument("--seconds", type=float, default=0.2, help="time per cell and round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -85,7 +93,8 @@ def main() -> None:
     types = [QT[name] for name in args.types.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     cells = []
-    for in_features, out_features in SHAPES:
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
+    for in_features, out_features in shapes:
         dense = torch.randn(out_features, in_features)
         for qtype in types:
             if in_features % block_size(qtype):

@@ -10,11 +10,11 @@ model's logits at position p depend only on tokens <= p, so one forward checks e
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.model_runner import kv_bytes_per_token
@@ -23,7 +23,11 @@ from parallax.models import attention
 from parallax.models.attention import AttentionMetadata, PrefillSpan
 from parallax.models.loader import load_shard
 from parallax.models.moe import FusedExperts, silu_and_mul
-from parallax.models.sizing import estimate_layer_bytes, formula_param_counts
+from parallax.models.mxfp4 import save_random_mxfp4_checkpoint
+from parallax.models.quant import native, native_call_count
+from parallax.models.quant.formats import QT
+from parallax.models.quant.loading import kernel_summary
+from parallax.models.sizing import estimate_layer_bytes, formula_param_counts, shard_bytes
 
 # fp32 on both sides; the differences are summation order only (observed max ~3e-7 on logits
 # of magnitude ~0.5-1).
@@ -262,39 +266,96 @@ def test_shards_chained_equal_full_model(family):
 # ---- MXFP4 checkpoints --------------------------------------------------------------------------
 
 
-def quantize_experts_randomly(hf_model, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random MXFP4 blocks/scales for every expert weight; writes their dequantization (by
-    transformers' own function) into hf_model and returns the packed tensors by HF name."""
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    packed = {}
-    for name, param in hf_model.named_parameters():
-        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            continue
-        experts, fan_in, fan_out = param.shape  # transformers' [E, in, out]
-        blocks = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8,
-                               generator=generator)
-        scales = torch.randint(118, 124, (experts, fan_out, fan_in // 32), dtype=torch.uint8,
-                               generator=generator)
-        with torch.no_grad():
-            param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
-        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
-    return packed
+def save_mxfp4_checkpoint(hf_model, path, quantization_config: bool = False) -> None:
+    """hf_model's checkpoint with random MXFP4 experts (as published: `*_blocks` + `*_scales`
+    instead of the float expert weights; hf_model's experts become their dequantization); with
+    `quantization_config`, config.json says MXFP4 too, as gpt-oss' own does."""
+    save_random_mxfp4_checkpoint(hf_model, str(path))
+    if quantization_config:
+        add_quantization_config(path)
 
 
-def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path):
+def add_quantization_config(path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def assert_experts_packed(model, num_experts: int) -> None:
+    """Every layer's experts are MXFP4 rows (4.25 bits a value) and no float tensor of an
+    expert weight's size exists anywhere in the model."""
+    float_shapes = set()
+    for layer in model.layers:
+        experts = layer.mlp.experts
+        assert experts.gate_up_proj is None and experts.down_proj is None
+        for proj, (rows, cols) in experts.shapes.items():
+            assert experts.quant_types[proj] == QT.MXFP4
+            data = getattr(experts, f"{proj}_packed")
+            assert data.dtype == torch.uint8 and data.shape == (num_experts, rows, cols // 32 * 17)
+            float_shapes.add((num_experts, rows, cols))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            assert tuple(tensor.shape) not in float_shapes, f"{name} is a float expert copy"
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path, monkeypatch):
+    """Experts stay MXFP4 (the checkpoint's names decide: this config does not say) and the
+    engine's logits still equal transformers' on the dequantized experts."""
+    from parallax.models import gpt_oss
+
+    def no_float_copy(*args, **kwargs):
+        raise AssertionError("MXFP4 experts were dequantized at load")
+
+    monkeypatch.setattr(gpt_oss, "dequantize_mxfp4", no_float_copy)
     hf_model = build_hf_model("gpt_oss", seed=2)
-    packed = quantize_experts_randomly(hf_model, torch.Generator().manual_seed(0))
-    hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    tensors = load_file(tmp_path / "model.safetensors")
-    for name in packed:
-        tensors.pop(name.removesuffix("_blocks").removesuffix("_scales"), None)
-    save_file({**tensors, **packed}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_mxfp4_checkpoint(hf_model, tmp_path)
     shard = load_shard(str(tmp_path))
     assert any(name.endswith("_blocks") for name in shard.read_log.tensor_names)
+    assert_experts_packed(shard.model, CONFIGS["gpt_oss"]["num_local_experts"])
+    lib = native.kernels()
+    assert kernel_summary(shard.model) == {"mxfp4": lib.variant if lib else "torch"}
+    calls_before = native_call_count()
     prompt = prompts_of_lengths([12], seed=4)[0]
     (ours,), _ = engine_logits(shard.model, [prompt])
+    if lib is not None:
+        assert native_call_count() > calls_before, "the native MXFP4 kernel did not run"
     assert_logits_close(ours, reference_logits(hf_model, prompt, ours))
+
+
+def test_gpt_oss_mxfp4_sizing_counts_packed_bytes(tmp_path):
+    """A config that says MXFP4 is sized packed, and a bf16 shard holds exactly that: uint8
+    expert rows, every other tensor (expert biases included) in bf16."""
+    save_mxfp4_checkpoint(build_hf_model("gpt_oss", seed=2), tmp_path, quantization_config=True)
+    shard = load_shard(str(tmp_path), dtype=torch.bfloat16)
+    model = shard.model
+    assert_experts_packed(model, CONFIGS["gpt_oss"]["num_local_experts"])
+    dtypes = {p.dtype for name, p in model.named_parameters() if not name.endswith("_packed")}
+    assert dtypes == {torch.bfloat16}
+    layer, embedding, lm_head, _ = estimate_layer_bytes(shard.config, dtype_bytes=2)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert layer * shard.config.num_hidden_layers + embedding + lm_head == held
+    float_layer, _, _, _ = estimate_layer_bytes(tiny_config("gpt_oss"), dtype_bytes=2)
+    assert layer < float_layer / 2
+    tail = load_shard(str(tmp_path), 2, 4, dtype=torch.bfloat16)  # a pipeline's last stage
+    assert_experts_packed(tail.model, CONFIGS["gpt_oss"]["num_local_experts"])
+    held = sum(p.numel() * p.element_size() for p in tail.model.parameters())
+    assert held == shard_bytes(tail.source, tail.config, 2, 4, dtype_bytes=2)
+
+
+def test_gpt_oss_float_experts_under_an_mxfp4_config_load_as_float(tmp_path):
+    """The checkpoint's tensors decide the layout: float experts load as float even where
+    config.json (kept from an MXFP4 checkpoint) says MXFP4."""
+    hf_model = build_hf_model("gpt_oss", seed=2, num_hidden_layers=2)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    add_quantization_config(tmp_path)
+    model = load_shard(str(tmp_path)).model
+    assert all(not layer.mlp.experts.quant_types for layer in model.layers)
+    attach_cache(model)
+    ids = torch.tensor(prompts_of_lengths([9], seed=5)[0])
+    with torch.inference_mode():
+        ours = model.compute_logits(model(ids, torch.arange(len(ids)), prefill_meta(len(ids))))
+    with torch.no_grad():
+        assert_logits_close(ours, hf_model(ids[None]).logits[0])
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -392,3 +453,7 @@ def test_layer_bytes_of_published_configs_count_all_experts():
     total_params = (24 * layer + embedding + lm_head) / 2
     assert 20.5e9 < total_params < 21.5e9
     assert kv == 2 * 8 * 64 * 2
+    # as published, MXFP4 experts (kept packed): about the checkpoint's 13.8 GB, not 42 GB
+    config.quantization_config = {"quant_method": "mxfp4"}
+    layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes=2)
+    assert 13.5e9 < 24 * layer + embedding + lm_head < 14e9

@@ -1,7 +1,7 @@
 """GGUF files: config from metadata, tensors with HF names — packed or dequantized on load.
 
-Quantized tensors of the packed types (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) come out as
-`PackedWeight`s, their block bytes read straight from the file (never through a float copy);
+Quantized tensors of the packed types (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K/MXFP4) come out
+as `PackedWeight`s, their block bytes read straight from the file (never through a float copy);
 `PARALLAX_GGUF_DEQUANTIZE=1` is the old path that dequantizes everything to float.
 llama.cpp's converter permutes the rows of Q and K for its RoPE layout in Llama models; we
 un-permute them (on packed bytes too: whole rows move, blocks run along K) so the shard

@@ -1,7 +1,9 @@
 """GPT-OSS (gpt-oss-20b / 120b): attention sinks, alternating sliding / full attention, YaRN,
 and a biased MoE with a clamped SwiGLU. Expert weights load from bf16 checkpoints (transformers'
-`save_pretrained`) or from the published MXFP4 ones (`*_blocks` + `*_scales`), dequantized
-to the shard's dtype at load.
+`save_pretrained`) or from the published MXFP4 ones (`*_blocks` + `*_scales`), which stay MXFP4
+in memory: repacked once per expert into ggml's MXFP4 blocks (same bytes) and multiplied by
+parallax.models.quant's kernels, one active expert at a time. Biases, attention, router, norms,
+embeddings and LM head follow the shard's dtype.
 
 As transformers 5.24 computes it:
 - q/k/v/o carry biases (`attention_bias`); every head has a learned sink logit that joins the
@@ -25,12 +27,25 @@ from torch import nn
 from parallax.models.layers import RMSNorm
 from parallax.models.llama import Attention, LlamaForCausalLM
 from parallax.models.moe import FusedExperts
-from parallax.models.mxfp4 import dequantize_mxfp4
+from parallax.models.mxfp4 import dequantize_mxfp4, repack_mxfp4
+from parallax.models.quant.formats import QT
 
 # layers.{i}.mlp.experts.{gate_up_proj|down_proj}[_bias|_blocks|_scales]
 EXPERT_TENSOR = re.compile(
     r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$"
 )
+
+
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def mxfp4_experts(config) -> bool:
+    """Whether the config says the experts are MXFP4 (the published checkpoints'
+    `quantization_config`): sizing counts them packed, and the shard is built that way."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else \
+        getattr(quant, "quant_method", None)
+    return str(method).lower() == "mxfp4"
 
 
 class GptOssRMSNorm(RMSNorm):
@@ -68,6 +83,9 @@ class GptOssSparseBlock(nn.Module):
             config.num_local_experts, config.hidden_size, config.intermediate_size, bias=True,
             activation=clamped_swiglu(config.swiglu_alpha, config.swiglu_limit),
         )
+        if mxfp4_experts(config):
+            for proj in EXPERT_PROJECTIONS:
+                self.experts.set_weight_type(proj, QT.MXFP4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)  # [T, E]
@@ -96,6 +114,16 @@ class GptOssForCausalLM(LlamaForCausalLM):
             self.norm = GptOssRMSNorm(config.hidden_size, eps)
         self._mxfp4_pending: dict[str, dict[str, torch.Tensor]] = {}
 
+    def match_checkpoint(self, names: set[str]) -> None:
+        """Hold each layer's expert weights the way the checkpoint stores them: MXFP4 where it
+        has `*_blocks`, float otherwise (whatever the config said). Called on the meta-device
+        shard before to_empty, so the other layout is never allocated."""
+        for local, layer in enumerate(self.layers):
+            prefix = f"model.layers.{self.start_layer + local}.mlp.experts."
+            for proj in EXPERT_PROJECTIONS:
+                packed = f"{prefix}{proj}_blocks" in names
+                layer.mlp.experts.set_weight_type(proj, QT.MXFP4 if packed else None)
+
     def load_one(self, params: dict, target: str, tensor: torch.Tensor) -> set[str]:
         match = EXPERT_TENSOR.match(target)
         if not match:
@@ -118,6 +146,10 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def _copy_expert(self, experts_path: str, name: str, tensor: torch.Tensor) -> set[str]:
         """Copy a whole-layer expert tensor ([E, out] or [E, out, in]) into our parameter."""
         param = getattr(self.get_submodule(experts_path), name)
+        if param is None:
+            raise ValueError(f"{experts_path}.{name} was built for MXFP4 blocks, the checkpoint "
+                             "has float weights: load it through parallax.models.loader, which "
+                             "matches the layout to the checkpoint")
         if name.startswith("gate_up_proj"):
             tensor = deinterleave(tensor)
         if param.shape != tensor.shape:
@@ -132,18 +164,25 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def _copy_mxfp4(
         self, experts_path: str, proj: str, blocks: torch.Tensor, scales: torch.Tensor
     ) -> set[str]:
-        """Dequantize one expert at a time straight into our parameter (a 120B layer's
-        experts never exist twice in memory). blocks [E, out, in/32, 16], scales [E, out, in/32]
-        already have our [E, out, in] orientation."""
-        param = getattr(self.get_submodule(experts_path), proj)
-        if blocks.shape[:2] != param.shape[:2] or blocks.shape[2] * 32 != param.shape[2]:
+        """Repack (or, for float experts, dequantize) one expert at a time straight into our
+        parameter, so a layer's experts never exist twice in memory. blocks [E, out, in/32, 16],
+        scales [E, out, in/32] already have our [E, out, in] orientation."""
+        experts = self.get_submodule(experts_path)
+        packed = proj in experts.quant_types
+        name = f"{proj}_packed" if packed else proj
+        param = getattr(experts, name)
+        num_experts, (rows, cols) = experts.num_experts, experts.shapes[proj]
+        if blocks.shape[:3] != (num_experts, rows, cols // 32) or cols % 32:
             raise ValueError(
                 f"MXFP4 blocks for {experts_path}.{proj} have shape {tuple(blocks.shape)}, "
-                f"which does not dequantize to the model's {tuple(param.shape)}"
+                f"which does not dequantize to the model's {(num_experts, rows, cols)}"
             )
-        for expert in range(param.shape[0]):
-            weight = dequantize_mxfp4(blocks[expert], scales[expert], param.dtype)  # [out, in]
+        for expert in range(num_experts):
+            if packed:  # [out, in/32 * 17] bytes
+                weight = repack_mxfp4(blocks[expert], scales[expert])
+            else:  # [out, in]
+                weight = dequantize_mxfp4(blocks[expert], scales[expert], param.dtype)
             if proj == "gate_up_proj":
-                weight = deinterleave(weight, dim=0)
+                weight = deinterleave(weight, dim=0)  # whole rows move, packed or not
             param.data[expert].copy_(weight)
-        return {f"{experts_path}.{proj}"}
+        return {f"{experts_path}.{name}"}

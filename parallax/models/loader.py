@@ -87,10 +87,14 @@ def load_shard(
         reader = gguf_format.open_reader(source.path)
         packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
         stripped = quant_loading.strip(shard, packed)
-    elif qtype is not None:
+    else:
         names = [name for name in weight_map(source.path) if owns(name)]
-        packed = set(quantizer.quantized_names(shard, names, qtype))
-        stripped = quant_loading.strip(shard, packed)
+        if hasattr(shard, "match_checkpoint"):
+            # e.g. gpt-oss: experts held MXFP4 exactly where the safetensors store them so
+            shard.match_checkpoint(set(names))
+        if qtype is not None:
+            packed = set(quantizer.quantized_names(shard, names, qtype))
+            stripped = quant_loading.strip(shard, packed)
     shard.to_empty(device=device)
     shard.to(dtype)
     shard.rotary.build(device)
@@ -107,6 +111,7 @@ def load_shard(
         loaded = quant_loading.load_weights(shard, tensors, stripped, dtype, device)
     else:
         loaded = shard.load_weights(tensors)
+        quant_loading.log_paths(shard)
     expected = {name for name, _ in shard.named_parameters(remove_duplicate=False)}
     missing = sorted(expected - loaded)
     if missing:

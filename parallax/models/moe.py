@@ -6,6 +6,11 @@ one contiguous slice of the gathered rows, and adds its weighted results into th
 rows with an index_add. There is no per-token Python loop; the loop is over experts (at most E
 iterations, usually fewer on decode batches), with one host sync for the group sizes.
 
+An expert weight may also stay quantized (gpt-oss' MXFP4 experts, see
+`FusedExperts.set_weight_type`): it is then held as packed rows (`<proj>_packed`, uint8
+[E, out, row_bytes]) and each active expert multiplies its own rows with
+parallax.models.quant's kernels; no float copy of the experts exists.
+
 With PARALLAX_PACK_CPU_EXPERTS=1, CPU expert matmuls run on oneDNN-packed copies of the weights
 (see `pack_for_onednn`): a decode step gives each expert only a few rows, and a plain matmul
 re-packs the whole weight on every call, which costs more than the multiply itself.
@@ -20,6 +25,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parallax.models.quant import native
+from parallax.models.quant.formats import QT, row_bytes
+from parallax.models.quant.packed import PackedWeight, native_for, packed_matmul
 
 # Whether CPU forwards keep oneDNN-packed copies of the expert weights: about 2x faster expert
 # matmuls on decode-sized groups (1.2x at 256 rows), for a second copy of the expert weights in
@@ -111,6 +120,12 @@ class FusedExperts(nn.Module):
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
         self.activation = activation
+        # projection -> (out, in) of one expert; projection -> quantized type, if packed
+        self.shapes = {"gate_up_proj": (2 * intermediate_size, hidden_size),
+                       "down_proj": (hidden_size, intermediate_size)}
+        self.quant_types: dict[str, QT] = {}
+        # per packed projection: E (PackedWeight view, native kernels or None), made lazily
+        self._quantized: dict[str, list[tuple[PackedWeight, native.NativeKernels | None]]] = {}
         self._loaded_parts: set[tuple[str, int]] = set()
         # oneDNN-packed (gate_up, down) per expert, and the weights' state they were made from
         self._packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -126,22 +141,66 @@ class FusedExperts(nn.Module):
         # a token's K expert outputs add up in fp32, whatever x's dtype: one rounding at the end
         # (as transformers' sum over K), not one per expert
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        packed = self._packed_weights()
-        gate_up, down = packed if packed is not None else (self.gate_up_proj, self.down_proj)
-        linear = _packed_linear if packed is not None else F.linear
-        gate_up_bias, down_bias = self.gate_up_proj_bias, self.down_proj_bias
+        onednn = self._packed_weights()
+        gate_up = self._expert_linear("gate_up_proj", onednn)
+        down = self._expert_linear("down_proj", onednn)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             end = start + count
-            hidden = self.activation(linear(rows[start:end], gate_up[expert],
-                                            _row(gate_up_bias, expert)))
-            out = linear(hidden, down[expert], _row(down_bias, expert)) * weights[start:end]
+            hidden = self.activation(gate_up(rows[start:end], expert))
+            out = down(hidden, expert) * weights[start:end]
             # scattered as each expert finishes: no [T*K, H] buffer to copy into and weight
             total.index_add_(0, token_of[start:end], out.float())
             start = end
         return total.to(x.dtype)
+
+    def _expert_linear(self, proj: str, onednn: tuple | None
+                       ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """(rows, expert) -> rows @ W[expert]^T + b[expert] in rows' dtype, for one projection:
+        on its quantized rows, its oneDNN-packed copy (`onednn`) or the plain weight."""
+        bias = getattr(self, f"{proj}_bias")
+        if proj in self.quant_types:
+            experts = self._quantized_experts(proj)
+
+            def quantized(rows: torch.Tensor, expert: int) -> torch.Tensor:
+                out = packed_matmul(rows, *experts[expert])  # fp32 on CPU
+                if bias is not None:
+                    out.add_(bias[expert])
+                return out.to(rows.dtype)
+
+            return quantized
+        index = 0 if proj == "gate_up_proj" else 1
+        weight = onednn[index] if onednn is not None else getattr(self, proj)
+        linear = _packed_linear if onednn is not None else F.linear
+        return lambda rows, expert: linear(rows, weight[expert], _row(bias, expert))
+
+    def _quantized_experts(self, proj: str
+                           ) -> list[tuple[PackedWeight, native.NativeKernels | None]]:
+        """Per expert: its packed rows and the native kernels that multiply them (or None: the
+        torch path). Made once; `.to()` and `set_weight_type` drop it."""
+        if proj not in self._quantized:
+            data = getattr(self, f"{proj}_packed").data
+            lib = native.kernels()
+            weights = [PackedWeight(rows, self.quant_types[proj], self.shapes[proj][1])
+                       for rows in data]
+            self._quantized[proj] = [(w, lib if native_for(lib, w) else None) for w in weights]
+        return self._quantized[proj]
+
+    def _apply(self, fn, recurse=True):
+        # to_empty / .to(device) replace the packed rows: the cached views must follow
+        result = super()._apply(fn, recurse)
+        self._quantized = {}
+        return result
+
+    def kernel_paths(self) -> list[str]:
+        """Per quantized projection: "<type>:native-<isa>" or "<type>:torch" (logs, /health)."""
+        paths = []
+        for proj, qtype in sorted(self.quant_types.items()):
+            lib = self._quantized_experts(proj)[0][1]
+            paths.append(f"{qtype.name}:" + (f"native-{lib.variant}" if lib else "torch"))
+        return paths
 
     def _packed_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """The oneDNN-packed weights, (re)made when the weights changed; None off CPU and
@@ -150,7 +209,8 @@ class FusedExperts(nn.Module):
         Loaders write through `.data` before the first forward; later in-place edits (under
         no_grad), `.to()` and new `.data` show in the key, so they repack.
         """
-        if torch.is_grad_enabled() or not can_pack_for_onednn(self.gate_up_proj):
+        if (torch.is_grad_enabled() or self.quant_types
+                or not can_pack_for_onednn(self.gate_up_proj)):
             return None
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in (self.gate_up_proj, self.down_proj))
         if key != self._packed_key:
@@ -159,6 +219,28 @@ class FusedExperts(nn.Module):
         return self._packed
 
     # ---- weights -------------------------------------------------------------------------
+
+    def set_weight_type(self, proj: str, qtype: QT | None) -> None:
+        """Hold `proj` ("gate_up_proj" / "down_proj") as float [E, out, in] (qtype None) or as
+        packed rows of `qtype` in `<proj>_packed`: uint8 [E, out, row_bytes] (a parameter
+        without grad, so the loader's completeness check sees it). Call it on the meta-device
+        model, before to_empty: the layout not chosen is never allocated."""
+        experts, (rows, cols) = self.num_experts, self.shapes[proj]
+        device = next(self.parameters()).device  # meta while a shard is being built
+        packed_name = f"{proj}_packed"
+        if qtype is None:
+            if proj in self.quant_types:
+                del self.quant_types[proj]
+                delattr(self, packed_name)
+                setattr(self, proj, nn.Parameter(torch.empty(experts, rows, cols, device=device)))
+        else:
+            qtype = QT(qtype)
+            data = torch.empty(experts, rows, row_bytes(qtype, cols), dtype=torch.uint8,
+                               device=device)
+            setattr(self, proj, None)
+            setattr(self, packed_name, nn.Parameter(data, requires_grad=False))
+            self.quant_types[proj] = qtype
+        self._quantized = {}
 
     def load_expert(self, expert: int, part: str, tensor: torch.Tensor) -> set[str]:
         """Copy one expert's gate ([I, H]), up ([I, H]) or down ([H, I]) weight.

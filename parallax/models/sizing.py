@@ -3,8 +3,9 @@
 `estimate_layer_bytes` builds the model on the meta device (no memory, no weights) and counts
 the parameters each decoder layer really has in our implementation, so every family is sized
 by the same code that runs it: all experts of an MoE layer count (a node holds all of them),
-gpt-oss' MXFP4 experts count at the load dtype (they are dequantized at load), q/k norms,
-sinks and biases count. Model types without a family fall back to a formula.
+gpt-oss' MXFP4 experts count their packed bytes (4.25 bits a value: a node holds them
+packed; the config's `quantization_config` says so), q/k norms, sinks and biases count.
+Model types without a family fall back to a formula.
 
 A GGUF file loaded packed (the default) is sized from its tensor table instead: quantized
 tensors of the packed types count their bytes in the file, which is what a node holds, and

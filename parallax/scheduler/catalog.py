@@ -56,6 +56,8 @@ CURATED_CONFIGS: dict[str, dict[str, Any]] = {
                            "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
                            "rope_theta": 150000.0, "max_position_embeddings": 131072,
                            "swiglu_limit": 7.0,
+                           # the experts are MXFP4 and stay so in memory (sized packed)
+                           "quantization_config": {"quant_method": "mxfp4"},
                            "rope_scaling": {"rope_type": "yarn", "factor": 32.0,
                                             "beta_fast": 32.0, "beta_slow": 1.0,
                                             "truncate": False,

@@ -13,9 +13,13 @@ from collections.abc import Callable
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from parallax.models.mxfp4 import FP4_VALUES
+
 QT = GGMLQuantizationType
-# The types that stay packed in memory (what Q4_K_M / Q5_K_M / Q6_K / Q8_0 files hold).
-PACKED_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+# The types that stay packed in memory (what Q4_K_M / Q5_K_M / Q6_K / Q8_0 files hold, and
+# MXFP4: gpt-oss' experts, from GGUF or repacked from its safetensors by parallax.models.mxfp4).
+PACKED_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+                QT.MXFP4)
 
 
 def block_size(qtype: QT) -> int:
@@ -117,9 +121,22 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (scale.unsqueeze(-1) * q).reshape(b.shape[0], 256)
 
 
+def _mxfp4(b: torch.Tensor) -> torch.Tensor:
+    """ggml's MXFP4 block: one E8M0 exponent byte e, then 16 bytes of E2M1 codes (value j in the
+    low nibble of byte j, value j + 16 in the high one); value = E2M1 * 2 ** (e - 127).
+
+    Computed as ggml does: the doubled E2M1 value (an integer) times 2 ** (e - 128) made from
+    its bits, which is exact and twice as fast as ldexp on every value."""
+    e = b[:, :1].to(torch.int32)
+    half = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
+    doubled = 2 * torch.tensor(FP4_VALUES, dtype=torch.float32, device=b.device)
+    codes = _nibbles(b[:, 1:]).reshape(b.shape[0], 32)
+    return doubled[codes.int()] * half
+
+
 DEQUANTIZERS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
     QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q8_0: _q8_0,
-    QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
+    QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k, QT.MXFP4: _mxfp4,
 }
 
 

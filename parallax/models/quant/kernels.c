@@ -1,4 +1,5 @@
-/* Matmul on packed GGUF blocks: y[m, n] = x[m, k] . W[n, k]^T, W kept in ggml's block layout.
+/* Matmul on packed GGUF blocks: y[m, n] = x[m, k] . W[n, k]^T, W kept in ggml's block layout
+ * (the legacy 32-value types, the K-quants, and MXFP4: gpt-oss' experts).
  *
  * Activations stay fp32. Every 32-value group of a weight row is decoded to fp32 in registers
  * (block scale and min folded in) and meets up to MAXR activation rows in fused multiply-adds,
@@ -31,7 +32,7 @@
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_MXFP4 = 39 };
 
 static long long call_count = 0;
 
@@ -62,6 +63,18 @@ static inline float load_f16(const uint8_t *p) {
     memcpy(&h, p, 2);
     return fp16_to_fp32(h);
 }
+
+/* MXFP4's E8M0 exponent e as 2 ** (e - 128), half the block scale (ggml's
+ * ggml_e8m0_to_fp32_half): the E2M1 table below holds doubled values, all integers, so every
+ * decoded weight is an exact small integer times a power of two, as in the fp32 reference. */
+static inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#define MXFP4_DOUBLED 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12
 
 /* Q4_K / Q5_K header: d * (8 six-bit scales) and dmin * (8 six-bit mins) */
 INLINE void k_header(const uint8_t *b, float *scale, float *min) {
@@ -226,6 +239,13 @@ INLINE void dec_q8_0(const uint8_t *b, grp_t *w) {
     emit_i8(load16(b + 2), load16(b + 18), d, d, w);
 }
 
+/* MXFP4: exponent byte, then value j in the low nibble of byte j, j + 16 in the high one */
+INLINE void dec_mxfp4(const uint8_t *b, grp_t *w) {
+    const __m128i lut = _mm_setr_epi8(MXFP4_DOUBLED), q = load16(b + 1);
+    const float d = e8m0_half(b[0]);
+    emit_i8(_mm_shuffle_epi8(lut, nib_lo(q)), _mm_shuffle_epi8(lut, nib_hi(q)), d, d, w);
+}
+
 /* K-quant sub-block j: nibbles of 32 bytes at q, low (j even) or high (j odd) */
 INLINE void k_nibbles(const uint8_t *q, int j, __m128i *lo, __m128i *hi) {
     *lo = j & 1 ? nib_hi(load16(q)) : nib_lo(load16(q));
@@ -308,6 +328,17 @@ INLINE void dec_q5_1(const uint8_t *b, grp_t *w) {
 
 INLINE void dec_q8_0(const uint8_t *b, grp_t *w) {
     emit_i8((const int8_t *)(b + 2), load_f16(b), load_f16(b), w);
+}
+
+INLINE void dec_mxfp4(const uint8_t *b, grp_t *w) {
+    static const int8_t lut[16] = {MXFP4_DOUBLED};
+    int8_t q[QK];
+    for (int i = 0; i < 16; i++) {
+        q[i] = lut[b[1 + i] & 0xF];
+        q[i + 16] = lut[b[1 + i] >> 4];
+    }
+    const float d = e8m0_half(b[0]);
+    emit_i8(q, d, d, w);
 }
 
 INLINE void dec_q4_k(const uint8_t *b, int j, float scale, float min, grp_t *w) {
@@ -419,6 +450,7 @@ INLINE void grp_store(const grp_t *w, float *out) { memcpy(out, w->v, sizeof(w->
 #define G_Q5_0(body) LEGACY_GROUPS(dec_q5_0, 22, body)
 #define G_Q5_1(body) LEGACY_GROUPS(dec_q5_1, 24, body)
 #define G_Q8_0(body) LEGACY_GROUPS(dec_q8_0, 34, body)
+#define G_MXFP4(body) LEGACY_GROUPS(dec_mxfp4, 17, body)
 #define G_Q4_K(body) K45_GROUPS(dec_q4_k, 144, body)
 #define G_Q5_K(body) K45_GROUPS(dec_q5_k, 176, body)
 KERNELS(q4_0, G_Q4_0)
@@ -426,6 +458,7 @@ KERNELS(q4_1, G_Q4_1)
 KERNELS(q5_0, G_Q5_0)
 KERNELS(q5_1, G_Q5_1)
 KERNELS(q8_0, G_Q8_0)
+KERNELS(mxfp4, G_MXFP4)
 KERNELS(q4_k, G_Q4_K)
 KERNELS(q5_k, G_Q5_K)
 KERNELS(q6_k, Q6K_GROUPS)
@@ -444,6 +477,7 @@ static int info_for(int qtype, type_info *t) {
     case T_Q4_K: *t = (type_info){QKK, 144, dot_q4_k, deq_q4_k}; return 1;
     case T_Q5_K: *t = (type_info){QKK, 176, dot_q5_k, deq_q5_k}; return 1;
     case T_Q6_K: *t = (type_info){QKK, 210, dot_q6_k, deq_q6_k}; return 1;
+    case T_MXFP4: *t = (type_info){QK, 17, dot_mxfp4, deq_mxfp4}; return 1;
     default: return 0;
     }
 }

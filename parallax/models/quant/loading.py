@@ -116,13 +116,14 @@ def load_weights(shard: nn.Module, items: Iterable[tuple[str, torch.Tensor | Pac
 
 
 def kernel_paths(shard: nn.Module) -> Counter[str]:
-    """How many packed segments use each "<type>:<path>" (native-<isa> or torch)."""
+    """How many packed segments (a PackedLinear's, or an MoE layer's quantized experts) use
+    each "<type>:<path>" (native-<isa> or torch)."""
     counts: Counter[str] = Counter()
     for module in shard.modules():
-        if isinstance(module, PackedLinear):
-            counts.update(module.kernel_paths())
-        elif isinstance(module, PackedEmbedding):
+        if isinstance(module, PackedEmbedding):
             counts[f"{module.qtype.name}:embedding-gather"] += 1
+        elif callable(getattr(module, "kernel_paths", None)):  # PackedLinear, MoE experts
+            counts.update(module.kernel_paths())
     return counts
 
 
@@ -142,6 +143,8 @@ def kernel_summary(shard: nn.Module) -> dict[str, str]:
 def log_paths(shard: nn.Module) -> None:
     counts = kernel_paths(shard)
     if counts:
-        held = sum(b.numel() for b in shard.buffers() if b.dtype == torch.uint8)
+        # packed bytes: PackedLinear buffers and quantized MoE experts (uint8 parameters)
+        held = sum(t.numel() for t in (*shard.buffers(), *shard.parameters())
+                   if t.dtype == torch.uint8)
         logger.info("packed weights (%.1f MB): %s", held / 1e6,
                     ", ".join(f"{n} × {path}" for path, n in sorted(counts.items())))

@@ -126,6 +126,33 @@ def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight
         torch.mm(x, buffer[: count * k].view(count, k).t(), out=out[:, start : start + count])
 
 
+def native_for(lib: native.NativeKernels | None, weight: PackedWeight) -> bool:
+    """Whether `lib` multiplies this weight: CPU, contiguous bytes, type and K supported."""
+    return (lib is not None and weight.data.device.type == "cpu" and weight.data.is_contiguous()
+            and lib.supports(weight.qtype, weight.in_features))
+
+
+def packed_matmul(x: torch.Tensor, weight: PackedWeight,
+                  lib: native.NativeKernels | None) -> torch.Tensor:
+    """x [m, k] @ W^T -> [m, n], fp32 on CPU (x's dtype elsewhere), for one packed weight (an
+    MoE expert's). `lib`: the native kernels where `native_for` allows them, else None (the
+    torch path). The fused kernel below GEMM_MIN_ROWS rows, the tiled GEMM from there."""
+    m, n = x.shape[0], weight.out_features
+    out = torch.empty(m, n, dtype=torch.float32 if x.device.type == "cpu" else x.dtype,
+                      device=x.device)
+    if lib is None:
+        torch_matmul(x, weight, out)
+        return out
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    if m >= GEMM_MIN_ROWS:
+        native_gemm(lib, xf, weight, out)
+    elif lib.matmul(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1], n,
+                    weight.in_features, xf.data_ptr(), m, out.data_ptr(), n,
+                    torch.get_num_threads()) != 0:
+        raise RuntimeError(f"native {weight.qtype.name} matmul refused shape {weight.shape}")
+    return out
+
+
 class PackedLinear(nn.Module):
     """y = x W^T (+ b) with W in packed blocks; W may be row segments of different types.
 
@@ -180,8 +207,7 @@ class PackedLinear(nn.Module):
         self._calls: list[tuple] = []
         offset = 0
         for w in self.segments:
-            use_native = (lib is not None and w.data.device.type == "cpu"
-                          and w.data.is_contiguous() and lib.supports(w.qtype, self.in_features))
+            use_native = native_for(lib, w)
             self._calls.append((w, use_native, offset, int(w.qtype), w.data.data_ptr(),
                                 w.data.shape[1], w.out_features))
             offset += w.out_features

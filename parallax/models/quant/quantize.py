@@ -200,7 +200,8 @@ def quantizable(path: str, module: nn.Module, qtype: QT) -> bool:
 
 def module_bytes(module: nn.Module, dtype_bytes: int, qtype: QT | None) -> int:
     """Bytes of a (meta-device) module's parameters as a node holds them: the weights
-    --quantize packs at blocks × type size, every other parameter at the load dtype."""
+    --quantize packs at blocks × type size, packed parameters already there (uint8 blocks,
+    e.g. MXFP4 experts) at their size, every other parameter at the load dtype."""
     total, packed = 0, set()
     if qtype is not None:
         for path, sub in module.named_modules():
@@ -208,8 +209,8 @@ def module_bytes(module: nn.Module, dtype_bytes: int, qtype: QT | None) -> int:
             if weight is not None and id(weight) not in packed and quantizable(path, sub, qtype):
                 packed.add(id(weight))
                 total += weight.numel() // block_size(qtype) * type_size(qtype)
-    return total + sum(p.numel() * dtype_bytes for p in module.parameters()
-                       if id(p) not in packed)
+    return total + sum(p.numel() * (1 if p.dtype == torch.uint8 else dtype_bytes)
+                       for p in module.parameters() if id(p) not in packed)
 
 
 def quantized_names(shard: nn.Module, names: Iterable[str], qtype: QT) -> dict[str, QT]:
