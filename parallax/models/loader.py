@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,20 @@ class LoadedShard:
     read_log: ReadLog
 
 
+def header_source(source: ModelSource) -> ModelSource:
+    """A hub GGUF as a local "gguf" source whose header is present (fetched when missing; the
+    tensor data may not be): enough for its config, sizing and tokenizer. Others as they are."""
+    if source.kind != "hubgguf":
+        return source
+    from parallax.models.hub_gguf import ensure_headers
+
+    return ModelSource(source.name, "gguf", ensure_headers(source.hub_model or source.name),
+                       hub_model=source.hub_model)
+
+
 def load_config(source: ModelSource):
     """The transformers config of a resolved source (GGUF metadata or config.json)."""
+    source = header_source(source)
     if source.kind == "gguf":
         return gguf_format.gguf_config(gguf_format.open_reader(source.path), source.path)
     try:
@@ -38,7 +51,7 @@ def load_config(source: ModelSource):
 
 def num_layers_of(model: str | None) -> int:
     """Layer count of a model without loading weights (repo ids need the hub or its cache)."""
-    source = resolve(model)
+    source = header_source(resolve(model))
     if source.kind == "repo":
         from huggingface_hub import hf_hub_download
 
@@ -53,9 +66,14 @@ def load_shard(
     end_layer: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    report: Callable[[str], None] | None = None,
 ) -> LoadedShard:
-    """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input."""
+    """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input.
+
+    `report` gets download progress lines (a hub GGUF fetches only this shard's tensors)."""
     source = resolve(model)
+    if source.kind == "hubgguf":
+        source = _fetch_hub_gguf(source, start_layer, end_layer, report)
     if source.kind == "repo":
         def owns_for_config(config_dict: dict):
             config = AutoConfig.for_model(**config_dict)
@@ -105,6 +123,22 @@ def load_shard(
     logger.info("loaded %s layers [%d, %d) (%.1f MB read)", source.name, start_layer, end,
                 log.num_bytes / 1e6)
     return LoadedShard(shard, config, source, source.path, log)
+
+
+def _fetch_hub_gguf(source: ModelSource, start_layer: int, end_layer: int | None,
+                    report: Callable[[str], None] | None) -> ModelSource:
+    """Fetch the header, then the bytes of the shard's own tensors; a local "gguf" source."""
+    from parallax.models.hub_gguf import ensure_shard, resolve_pinned
+
+    # one commit for the header and the tensors (`serve -m REPO:TAG` resolves it here)
+    source = ModelSource(source.name, source.kind, "", hub_model=resolve_pinned(
+        source.hub_model or source.name).model)
+    config = load_config(source)  # from the header alone
+    family = family_for(config.model_type)
+    end = config.num_hidden_layers if end_layer is None else end_layer
+    path = ensure_shard(source.hub_model or source.name,
+                        lambda name: family.owns_tensor(name, start_layer, end, config), report)
+    return ModelSource(source.name, "gguf", path, hub_model=source.hub_model)
 
 
 def load_tokenizer(path: str):

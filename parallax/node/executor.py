@@ -304,7 +304,8 @@ def _build_engine(config: ExecutorConfig, report):
     dtype = getattr(torch, config.dtype)
     started = time.perf_counter()
     report(f"loading {config.model or 'the built-in model'} on {config.device} ({config.dtype})")
-    shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype)
+    shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype,
+                       report)
     load_seconds = time.perf_counter() - started
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
     eos_ids = _eos_token_ids(shard.config, shard.source)
