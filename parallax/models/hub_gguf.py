@@ -348,7 +348,7 @@ def ensure_headers(model: str) -> str:
 
 
 def ensure_shard(model: str, owns: Callable[[str], bool],
-                 report: Callable[[str], None] | None = None) -> str:
+                 report: Callable[[Progress], None] | None = None) -> str:
     """Fetch the bytes of every tensor whose HF name `owns` accepts (after the headers);
     returns the local path of the first part. Already cached ranges are not fetched again.
     With every part complete, each is checked against the hub's sha256 (X-Linked-Etag)."""
@@ -372,7 +372,7 @@ def ensure_shard(model: str, owns: Callable[[str], bool],
             raise ValueError(f"HF_HUB_OFFLINE is set and {lacking / 1e6:.1f} MB of this shard's "
                              f"tensors are not cached ({', '.join(names)} of {hub.model}): "
                              "run once online")
-        progress = Progress(hub.name, lacking, lambda p: _say(report, p.text()))
+        progress = Progress(hub.name, lacking, lambda p: _say(report, p))
         for path, spans in wanted.items():
             part, url = parts[path]
             if lacking:
@@ -381,15 +381,14 @@ def ensure_shard(model: str, owns: Callable[[str], bool],
                 raise ValueError(f"{os.path.basename(path)}: sha256 differs from the hub's "
                                  "X-Linked-Etag; the cached copy was dropped, load again")
         if lacking:
-            _say(report, f"downloaded {lacking / 1e6:.1f} MB of {hub.name} in "
-                         f"{progress.done / max(progress.rate, 1.0):.1f} s")
+            _say(report, progress)  # the last word: all of it
     finally:
         if client is not None:
             client.close()
     return first
 
 
-def _say(report: Callable[[str], None] | None, text: str) -> None:
-    logger.info("%s", text)
+def _say(report: Callable[[Progress], None] | None, progress: Progress) -> None:
+    logger.info("%s", progress.text())
     if report is not None:
-        report(text)
+        report(progress)

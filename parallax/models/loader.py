@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
@@ -14,6 +15,9 @@ from parallax.models.hub import ModelSource, download_for_shard, resolve
 from parallax.models.quant import loading as quant_loading
 from parallax.models.registry import family_for
 from parallax.models.weights import ReadLog, iter_safetensors
+
+if TYPE_CHECKING:
+    from parallax.models.range_cache import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +70,14 @@ def load_shard(
     end_layer: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    report: Callable[[str], None] | None = None,
+    on_download: Callable[[Progress], None] | None = None,
 ) -> LoadedShard:
     """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input.
 
-    `report` gets download progress lines (a hub GGUF fetches only this shard's tensors)."""
+    `on_download` gets download progress (a hub GGUF fetches only this shard's tensors)."""
     source = resolve(model)
     if source.kind == "hubgguf":
-        source = _fetch_hub_gguf(source, start_layer, end_layer, report)
+        source = _fetch_hub_gguf(source, start_layer, end_layer, on_download)
     if source.kind == "repo":
         def owns_for_config(config_dict: dict):
             config = AutoConfig.for_model(**config_dict)
@@ -126,7 +130,7 @@ def load_shard(
 
 
 def _fetch_hub_gguf(source: ModelSource, start_layer: int, end_layer: int | None,
-                    report: Callable[[str], None] | None) -> ModelSource:
+                    on_download: Callable[[Progress], None] | None) -> ModelSource:
     """Fetch the header, then the bytes of the shard's own tensors; a local "gguf" source."""
     from parallax.models.hub_gguf import ensure_shard, resolve_pinned
 
@@ -137,7 +141,8 @@ def _fetch_hub_gguf(source: ModelSource, start_layer: int, end_layer: int | None
     family = family_for(config.model_type)
     end = config.num_hidden_layers if end_layer is None else end_layer
     path = ensure_shard(source.hub_model or source.name,
-                        lambda name: family.owns_tensor(name, start_layer, end, config), report)
+                        lambda name: family.owns_tensor(name, start_layer, end, config),
+                        on_download)
     return ModelSource(source.name, "gguf", path, hub_model=source.hub_model)
 
 

@@ -204,6 +204,9 @@ class Progress:
         return max(0, self.wanted - self.done) / max(1.0, self.rate)
 
     def text(self) -> str:
+        if self.done >= self.wanted:
+            return (f"downloaded {self.done / 1e6:.1f} MB of {self.label} in "
+                    f"{time.monotonic() - self.started:.1f} s ({self.rate / 1e6:.1f} MB/s)")
         return (f"downloading {self.label}: {self.done / 1e6:.1f} / {self.wanted / 1e6:.1f} MB, "
                 f"{self.rate / 1e6:.1f} MB/s, ETA {self.eta_s:.0f} s")
 

@@ -200,6 +200,7 @@ class NodeAgent:
             error=self.client.error,
             link_key_id=self.client.link_key_id,
             curve_public_key=info.curve_public_key if ready else "",
+            download=self.client.download if self.client.state == "loading" else None,
         )
 
     def _same_layers(self, assignment: P.Assignment | None) -> bool:
