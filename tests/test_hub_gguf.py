@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -252,3 +253,94 @@ def test_scheduler_sizes_a_hub_gguf_from_its_header(node, hub, files):
     header = owned_bytes(files[0], 0, 0)[1]  # the header alone (in at least one request)
     assert hub.sent[node] <= max(hub_gguf.HEADER_FIRST_BYTES, 1.3 * header)
     assert display_name(spec.name) == "test/Model-GGUF/Model-Q8_0"
+
+
+# ---- the proof: a cluster started with -m REPO:TAG ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_nodes_fetch_their_own_halves_and_answer_like_the_whole_file(tmp_path):
+    """`parallax run -m test/Big-GGUF:Q8_0` + two `parallax join`, each with its own cache and
+    hub prefix: each node's bytes are its own tensors plus the header (within 5 %), and
+    greedy answers equal the whole local file's."""
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+
+    from parallax.scheduler.catalog import ModelCatalog, solo_memory_bytes
+    from tests.processes import die_with_pytest, free_port
+    from tests.test_cluster import running
+
+    path = write_llama_gguf(str(tmp_path / "Big-Q8_0.gguf"), LAYERS,
+                            tokenizer_from=builtin_gguf_path())[0]
+    memory = int(0.6 * solo_memory_bytes(ModelCatalog("float32").spec(path)) / 2**20)
+    procs = []
+
+    def spawn(name: str, args: list[str]) -> None:
+        env = {**os.environ, "TMPDIR": str(tmp_path), "HF_ENDPOINT": hub.endpoint(name),
+               "HF_HUB_CACHE": str(tmp_path / f"cache-{name}")}
+        env.pop("HF_HUB_OFFLINE", None)
+        log = open(tmp_path / f"{name}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "parallax.cli", *args], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env,
+                                      preexec_fn=die_with_pytest))
+
+    class Cluster:
+        url = ""
+
+        def wait_status(self, wanted, timeout):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    status = httpx.get(f"{self.url}/cluster/status_json", timeout=5).json()
+                    if status["data"]["status"] in wanted:
+                        return status["data"]
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
+            raise TimeoutError(f"cluster not {wanted}: {logs}")
+
+        def close(self):
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    with FakeHub({"test/Big-GGUF": {"Big-Q8_0.gguf": path}}) as hub:
+        port, cluster = free_port(), Cluster()
+        cluster.url = f"http://127.0.0.1:{port}"
+        spawn("scheduler", ["run", "-m", "test/Big-GGUF:Q8_0", "-n", "2", "--port", str(port),
+                            "--no-mdns"])
+        node_ports = [free_port(), free_port()]
+        for node_port in node_ports:
+            spawn(f"node{node_port}", ["join", "-s", f"127.0.0.1:{port}", "--port",
+                                       str(node_port), "--activation-port", str(free_port()),
+                                       "--memory", f"{memory}MB", "--no-warmup"])
+        with running(cluster, timeout=300):
+            status = cluster.wait_status({"available"}, 5)
+            assert len(status["pipelines"]) == 1 and len(status["pipelines"][0]) == 2
+            assert status["model_name"] == f"test/Big-GGUF@{COMMIT}/Big-Q8_0.gguf"
+            for node in status["node_list"]:
+                node_port = int(node["node_id"].rsplit("-", 1)[1])
+                own, header = owned_bytes(path, node["start_layer"], node["end_layer"])
+                sent = hub.sent[f"node{node_port}"]
+                assert own + header <= sent <= 1.05 * (own + header), (node, sent, own, header)
+            assert hub.sent["scheduler"] < 1.3 * header + hub_gguf.HEADER_FIRST_BYTES
+            tokenizer = load_tokenizer(path)
+            client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
+            for prompt in ("What is the capital of France?", "Count to five."):
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                    add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+                want = whole_greedy(load_shard(path).model, list(ids), tokenizer.eos_token_id)
+                answer = client.chat.completions.create(
+                    model="default", messages=[{"role": "user", "content": prompt}],
+                    temperature=0, max_tokens=32)
+                assert answer.choices[0].message.content == \
+                    tokenizer.decode(want, skip_special_tokens=True)
