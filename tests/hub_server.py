@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,6 +46,8 @@ class FakeHub:
         self.sent: dict[str, int] = defaultdict(int)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, range)
         self.cut_after: int | None = None
+        self.bytes_per_s: float | None = None  # a link's bandwidth, shared by all answers
+        self._free_at = 0.0
         self.bad_length_once = False
         self.lock = threading.Lock()
         hub = self
@@ -150,12 +153,25 @@ class FakeHub:
         if cut is not None:  # send part of the body, then drop the connection
             body = body[:cut]
             req.close_connection = True
-        req.wfile.write(body)
+        for i in range(0, len(body), 2**16):
+            self._throttle(len(body[i : i + 2**16]))
+            req.wfile.write(body[i : i + 2**16])
         with self.lock:
             self.sent[prefix.strip("/")] += len(body)
         if cut is not None:
             req.wfile.flush()
             req.connection.shutdown(2)
+
+    def _throttle(self, num_bytes: int) -> None:
+        """Wait until a link of `bytes_per_s` (all answers share it) could carry these bytes."""
+        if not self.bytes_per_s:
+            return
+        with self.lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + num_bytes / self.bytes_per_s
+            wait = self._free_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
 
     def _send(self, req, status: int, body: bytes, head: bool,
               content_type: str = "text/plain") -> None:

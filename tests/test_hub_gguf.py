@@ -245,14 +245,29 @@ def test_offline_uses_the_cache_and_names_what_is_missing(node, hub, monkeypatch
 def test_scheduler_sizes_a_hub_gguf_from_its_header(node, hub, files):
     from parallax.scheduler.catalog import ModelCatalog, display_name
 
-    spec = ModelCatalog("float32").spec(MODEL)
+    catalog = ModelCatalog("float32")
+    spec = catalog.spec(MODEL)
     local = ModelCatalog("float32").spec(files[0])
     assert spec.name == f"test/Model-GGUF@{COMMIT}/Model-Q8_0.gguf"
+    assert catalog.known_as(MODEL) == spec.name  # requests may name the model by its tag
+    assert catalog.spec(spec.name) is spec
     assert (spec.layer_bytes, spec.embedding_bytes, spec.lm_head_bytes, spec.num_layers) == \
         (local.layer_bytes, local.embedding_bytes, local.lm_head_bytes, LAYERS)
     header = owned_bytes(files[0], 0, 0)[1]  # the header alone (in at least one request)
     assert hub.sent[node] <= max(hub_gguf.HEADER_FIRST_BYTES, 1.3 * header)
     assert display_name(spec.name) == "test/Model-GGUF/Model-Q8_0"
+
+    from parallax.config import SchedulerConfig
+    from parallax.scheduler.app import SchedulerState
+    from parallax.serving.errors import APIError
+
+    state = SchedulerState(SchedulerConfig(mdns=False), catalog=catalog)
+    state.set_model(MODEL)
+    assert state.model_name == spec.name  # what every node is handed
+    for name in (MODEL, spec.name, "test/Model-GGUF/Model-Q8_0", "default"):
+        state.check_model(name)  # requests may name it each way
+    with pytest.raises(APIError):
+        state.check_model("test/Other-GGUF:Q8_0")
 
 
 # ---- the proof: a cluster started with -m REPO:TAG ---------------------------------------------

@@ -157,6 +157,8 @@ class SchedulerState:
         served = self.model_name
         if served is None:
             raise APIError(503, "no model is selected yet; choose one with POST /scheduler/init")
+        if requested and self.catalog.known_as(requested) == served:
+            return  # e.g. the `OWNER/REPO:QUANT` the model was chosen by, for its pinned name
         try:
             check_model_name(requested, served)
         except APIError:

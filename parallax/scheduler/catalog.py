@@ -187,6 +187,13 @@ class ModelCatalog:
             self._specs[name] = self._specs[pinned] = spec
         return spec
 
+    def known_as(self, model: str) -> str | None:
+        """The name of the spec already sized for `model` (a hub GGUF's pinned string for the
+        tag it was chosen by), or None; never looks anything up."""
+        with self._lock:
+            spec = self._specs.get(canonical_model(model))
+        return None if spec is None else spec.name
+
     def entry(self, spec: ModelSpec) -> dict[str, Any]:
         """One `/model/list` item: `{name, memory_gb, num_layers, weights_gb, dtype}`."""
         return {
