@@ -2,13 +2,13 @@
 synthetic Llama GGUF files to serve from it (tests/test_hub_gguf.py, benchmarks/hub_gguf_bench.py).
 
 - `GET {prefix}/api/models/{repo}[/revision/{rev}]`: model info with `sha` and `siblings`.
-- `HEAD|GET {prefix}/{repo}/resolve/{rev}/{file}`: a 302 to `{prefix}/storage/{sha256}` carrying
+- `HEAD|GET {prefix}/{repo}/resolve/{rev}/{file}`: a 302 to `http://localhost:PORT{prefix}/storage/{sha256}` carrying
   `X-Linked-Size`, `X-Linked-Etag` and `X-Repo-Commit`, like the real hub for LFS files.
 - `HEAD|GET {prefix}/storage/{sha256}` with `Range`: 206 partial content.
 
 `prefix` is any path before `/api` or the repo (e.g. `/node1`): give each client its own
 HF_ENDPOINT `http://127.0.0.1:PORT/node1` and `sent[prefix]` counts the body bytes it got.
-Faults for the tests: `cut_after` (the next storage answer longer than that sends that many
+Faults for the tests: `expire_once` (the next storage answer is a 403), `cut_after` (the next storage answer longer than that sends that many
 bytes and drops the connection) and `bad_length_once` (the next answer has the wrong length).
 """
 
@@ -45,6 +45,8 @@ class FakeHub:
                 self.etags[(repo, name)] = digest
         self.sent: dict[str, int] = defaultdict(int)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, range)
+        self.authorized: list[str] = []  # paths of requests that carried an Authorization
+        self.expire_once = False  # the next storage answer is 403, as an expired signed URL
         self.cut_after: int | None = None
         self.bytes_per_s: float | None = None  # a link's bandwidth, shared by all answers
         self._free_at = 0.0
@@ -87,6 +89,8 @@ class FakeHub:
         match = ROUTE.match(path)
         with self.lock:
             self.requests.append((req.command, path, req.headers.get("Range", "")))
+            if req.headers.get("Authorization"):
+                self.authorized.append(path)
         if not match:
             return self._send(req, 404, b'{"error": "not found"}', head)
         prefix, rest = match["prefix"] or "", match["rest"]
@@ -101,7 +105,9 @@ class FakeHub:
             return self._send(req, 404, b"Entry not found", head)
         etag = self.etags[(repo, name)]
         req.send_response(302)
-        req.send_header("Location", f"{prefix}/storage/{etag}?signed=1")
+        # another host name, as the real hub's storage is: the token must not follow
+        req.send_header("Location",
+                        f"http://localhost:{self.port}{prefix}/storage/{etag}?signed=1")
         req.send_header("X-Linked-Size", str(os.path.getsize(self.files[repo][name])))
         req.send_header("X-Linked-Etag", f'"{etag}"')
         req.send_header("X-Repo-Commit", COMMIT)
@@ -125,6 +131,10 @@ class FakeHub:
         path = self.blobs.get(key)
         if path is None:
             return self._send(req, 404, b"NoSuchKey", head)
+        with self.lock:
+            expired, self.expire_once = self.expire_once, False
+        if expired:
+            return self._send(req, 403, b"Request has expired", head)
         size = os.path.getsize(path)
         start, end = 0, size
         match = re.match(r"^bytes=(\d+)-(\d*)$", req.headers.get("Range", ""))

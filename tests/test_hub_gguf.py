@@ -227,6 +227,19 @@ def test_a_wrong_length_answer_is_fetched_again(node, hub, files):
     assert_same_weights(shard, load_shard(files[0], LAYERS // 2, LAYERS))
 
 
+def test_an_expired_storage_url_is_resolved_again_and_the_token_stays_on_the_hub(
+        node, hub, files, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    hub_gguf.ensure_headers(MODEL)
+    heads = sum(1 for method, _, _ in hub.requests if method == "HEAD")
+    hub.expire_once = True
+    hub_gguf._HEADS.clear()  # as if the remembered storage URL were old
+    shard = load_shard(MODEL, 0, 2)
+    assert sum(1 for method, _, _ in hub.requests if method == "HEAD") >= heads + 2
+    assert_same_weights(shard, load_shard(files[0], 0, 2))
+    assert hub.authorized and not any("/storage/" in path for path in hub.authorized)
+
+
 def test_offline_uses_the_cache_and_names_what_is_missing(node, hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set and test/Model-GGUF at main"):

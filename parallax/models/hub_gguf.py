@@ -257,14 +257,19 @@ class HubClient:
         url = self.resolve_url(filename)
         known = _HEADS.get(url)
         if known is not None and time.monotonic() - known[0] < HEAD_TTL_S:
-            return known[1]
-        remote = self._head(url)
-        _HEADS[url] = (time.monotonic(), remote)
+            remote = known[1]
+        else:
+            try:
+                remote = self._head(url)
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                raise ValueError(f"cannot reach {filename} of {self.hub.repo_id}@"
+                                 f"{self.hub.revision} on {endpoint()}: {exc}") from exc
+            _HEADS[url] = (time.monotonic(), remote)
+        self._resolved[remote.url] = url  # to resolve again when the storage URL expires
         return remote
 
     def _head(self, url: str) -> RemoteFile:
         filename = _filename_of(url, self.hub)
-        start = url
         for _ in range(MAX_REDIRECTS):
             response = self.http.head(url, headers={**headers_for(url),
                                                     "Accept-Encoding": "identity"})
@@ -272,8 +277,7 @@ class HubClient:
             if response.is_redirect and linked is not None:  # LFS: storage URL, real size
                 target = urljoin(url, response.headers["location"])
                 etag = response.headers.get("x-linked-etag") or response.headers.get("etag", "")
-                self._resolved[target] = start
-                return RemoteFile(target, int(linked), etag.strip('"').removeprefix("W/"))
+                return RemoteFile(target, int(linked), _etag(etag))
             if response.is_redirect:  # a renamed repo: follow on the hub
                 url = urljoin(url, response.headers["location"])
                 continue
@@ -282,7 +286,7 @@ class HubClient:
                                  f"{response.status_code} from {url}")
             etag = response.headers.get("x-linked-etag") or response.headers.get("etag", "")
             size = response.headers.get("x-linked-size") or response.headers["content-length"]
-            return RemoteFile(url, int(size), etag.strip('"').removeprefix("W/"))
+            return RemoteFile(url, int(size), _etag(etag))
         raise ValueError(f"{filename}: more than {MAX_REDIRECTS} redirects from the hub")
 
     def _refresh(self, url: str) -> str:
@@ -292,6 +296,10 @@ class HubClient:
             return url
         _HEADS.pop(start, None)
         return self.head(_filename_of(start, self.hub)).url
+
+
+def _etag(value: str) -> str:
+    return value.strip().removeprefix("W/").strip('"')
 
 
 def _filename_of(resolve_url: str, hub: HubGGUF) -> str:

@@ -106,13 +106,17 @@ class PartialFile:
             if meta.get("size") != self.size or meta.get("etag") != self.etag \
                     or os.path.getsize(self.path) != self.size:
                 return []
-            self.hash_verified = bool(meta.get("hash_verified"))
+            self.hash_verified = self.hash_verified or bool(meta.get("hash_verified"))
             return merge((int(a), int(b)) for a, b in meta["ranges"])
         except (OSError, ValueError, KeyError, TypeError):
             return []
 
-    def save(self) -> None:
+    def save(self, forget_others: bool = False) -> None:
+        """Write the sidecar. Ranges another process (a second node on this machine sharing
+        the cache) recorded meanwhile are kept: every recorded byte is the remote's."""
         with self._lock:
+            if not forget_others:
+                self.ranges = merge([*self.ranges, *self._load()])
             meta = {"size": self.size, "etag": self.etag, "ranges": self.ranges,
                     "hash_verified": self.hash_verified}
             tmp = f"{self.sidecar}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -164,7 +168,7 @@ class PartialFile:
             return True
         with self._lock:
             self.ranges = []
-        self.save()
+        self.save(forget_others=True)
         return False
 
 
