@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -372,3 +373,36 @@ def test_two_nodes_fetch_their_own_halves_and_answer_like_the_whole_file(tmp_pat
                     temperature=0, max_tokens=32)
                 assert answer.choices[0].message.content == \
                     tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_download_progress_travels_from_the_executor_to_the_heartbeat():
+    import asyncio
+
+    from parallax import protocol as P
+    from parallax.node.executor import _download_reporter
+    from parallax.node.executor_client import ExecutorClient
+
+    class Push:
+        sent: list[bytes] = []
+
+        def send(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    progress = range_cache.Progress("test/Model", 4_000_000, _download_reporter(Push()))
+    progress.add(1_000_000)
+    message = P.decode_from_executor(Push.sent[-1])
+    assert message.download.done_bytes == 1_000_000 and message.download.total_bytes == 4_000_000
+    assert "downloading test/Model: 1.0 / 4.0 MB" in message.message
+
+    async def relay() -> P.DownloadProgress | None:
+        lines: list[str] = []
+        client = ExecutorClient(None, on_progress=lines.append)
+        client._dispatch(message)
+        assert lines == [message.message]
+        try:
+            return client.download
+        finally:
+            client._context.destroy(0)
+            shutil.rmtree(client._dir, ignore_errors=True)
+
+    assert asyncio.run(relay()) == message.download

@@ -389,7 +389,7 @@ def ensure_shard(model: str, owns: Callable[[str], bool],
                 raise ValueError(f"{os.path.basename(path)}: sha256 differs from the hub's "
                                  "X-Linked-Etag; the cached copy was dropped, load again")
         if lacking:
-            _say(report, progress)  # the last word: all of it
+            progress.finish()
     finally:
         if client is not None:
             client.close()

@@ -184,31 +184,39 @@ class Progress:
     wanted: int
     report: Callable[[Progress], None] | None = None
     done: int = 0
+    finished: bool = False
     started: float = field(default_factory=time.monotonic)
     _reported: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def add(self, num_bytes: int) -> None:
+        """Count bytes from any fetching thread; `report` runs under the lock, one call at a
+        time (it may send on a ZeroMQ socket, which is not thread-safe)."""
         with self._lock:
             self.done += num_bytes
             now = time.monotonic()
-            due = now - self._reported >= 1.0
-            if due:
+            if now - self._reported >= 1.0 and self.report is not None:
                 self._reported = now
-        if due and self.report is not None:
-            self.report(self)
+                self.report(self)
 
     @property
     def rate(self) -> float:
         """Bytes per second since the start."""
         return self.done / max(1e-6, time.monotonic() - self.started)
 
+    def finish(self) -> None:
+        """The last report (everything arrived), from the thread that waited for the rest."""
+        with self._lock:
+            self.finished = True
+            if self.report is not None:
+                self.report(self)
+
     @property
     def eta_s(self) -> float:
-        return max(0, self.wanted - self.done) / max(1.0, self.rate)
+        return 0.0 if self.finished else max(0, self.wanted - self.done) / max(1.0, self.rate)
 
     def text(self) -> str:
-        if self.done >= self.wanted:
+        if self.finished:
             return (f"downloaded {self.done / 1e6:.1f} MB of {self.label} in "
                     f"{time.monotonic() - self.started:.1f} s ({self.rate / 1e6:.1f} MB/s)")
         return (f"downloading {self.label}: {self.done / 1e6:.1f} / {self.wanted / 1e6:.1f} MB, "

@@ -352,8 +352,9 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
 def _download_reporter(push) -> Callable[[Progress], None]:
     """Send a hub download's progress to the frontend (its log and heartbeats)."""
     def send(progress: Progress) -> None:
-        download = P.DownloadProgress(progress.done, progress.wanted, round(progress.rate),
-                                      round(progress.eta_s, 1))
+        # (bytes between two close tensors come along, so done may pass what was wanted)
+        download = P.DownloadProgress(progress.done, max(progress.done, progress.wanted),
+                                      round(progress.rate), round(progress.eta_s, 1))
         push.send(P.encode(P.ExecutorProgress(progress.text(), download)))
     return send
 
