@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from parallax.config import DTYPES, ConfigError, ServeConfig, parse_size
+from parallax.config import DTYPES, QUANTIZE_CHOICES, ConfigError, ServeConfig, parse_size
 from parallax.models.hub import DEFAULT_MODEL
 
 
@@ -97,6 +97,11 @@ def _add_p2p_options(p, port_default: int | None, port_help: str) -> None:
                         "NAT; also used to find peers (repeatable)")
 
 
+def _add_quantize(p, help_text: str) -> None:
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                   help=f"{help_text}; default: keep the checkpoint's float weights")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a whole model on this machine (OpenAI API, no scheduler)",
@@ -111,6 +116,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    _add_quantize(p, "quantize a float checkpoint's linear and embedding weights into GGUF "
+                     "blocks as it loads (not for .gguf files, which stay packed as stored)")
     p.add_argument("--max-batch-size", type=_positive_int, default=32,
                    help="requests decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, default=64,
@@ -136,7 +143,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(
         model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
+        quantize=args.quantize, max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
         kv_memory_bytes=args.kv_memory, threads=args.threads, max_model_len=args.max_model_len,
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), warmup=not args.no_warmup,
         allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
@@ -183,6 +190,9 @@ def _add_run(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weight dtype nodes load (sizes memory figures; default float32, what "
                         "CPU nodes use; bfloat16 for CUDA nodes)")
+    _add_quantize(p, "every node quantizes the model's float weights into GGUF blocks as it "
+                     "loads, and memory is sized by them (float checkpoints only: with a .gguf "
+                     "-m it is an error; the setup page's GGUF models ignore it)")
     p.add_argument("--add-model", action="append", default=[], metavar="PATH",
                    help="a local model dir or .gguf file to offer in /model/list (repeatable)")
     p.add_argument("--no-mdns", action="store_true",
@@ -212,7 +222,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         retry_attempts=args.retry_attempts,
         retry_interval_s=args.retry_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         replay_wait_s=args.replay_wait_s, max_replays=args.max_replays,
-        dtype=args.dtype, mdns=not args.no_mdns, local_models=tuple(args.add_model),
+        dtype=args.dtype, quantize=args.quantize, mdns=not args.no_mdns, local_models=tuple(args.add_model),
         p2p=args.p2p, p2p_port=args.p2p_port, relays=tuple(args.relay),
         max_queued=args.max_queued, allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )

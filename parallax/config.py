@@ -13,6 +13,8 @@ from parallax.p2p.peer import MULTIADDR_RE, is_p2p_target
 from parallax.serving.tls import NO_TLS, TLSConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --quantize: GGUF block types a float checkpoint is packed into at load (quant/quantize.py)
+QUANTIZE_CHOICES = ("q8_0", "q4_0", "q4_k")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -48,6 +50,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+def check_quantize(value: str | None) -> None:
+    """None (float weights) or one of QUANTIZE_CHOICES; ConfigError naming them otherwise."""
+    if value is not None and value not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (or absent "
+                          f"for float weights), got {value!r}")
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -64,6 +73,7 @@ class ExecutorConfig:
     end_layer: int | None = None
     device: str = "cpu"
     dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
+    quantize: str | None = None  # pack a float checkpoint into GGUF blocks at load (q8_0, ...)
     kv_memory_bytes: int | None = None  # None: a share of free memory, chosen at load time
     block_size: int = 16
     max_batch_size: int = 32
@@ -83,6 +93,7 @@ class ExecutorConfig:
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES[1:]:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES[1:])}, got {self.dtype!r}")
+        check_quantize(self.quantize)
         if self.start_layer < 0 or (self.end_layer is not None
                                     and self.end_layer <= self.start_layer):
             raise ConfigError(f"bad layer range [{self.start_layer}, {self.end_layer})")
@@ -101,6 +112,7 @@ class ServeConfig:
     port: int = 3000
     device: str = "cpu"
     dtype: str = "auto"
+    quantize: str | None = None  # q8_0 | q4_0 | q4_k: pack a float checkpoint at load
     max_batch_size: int = 32
     max_waiting: int = 64  # admitted requests beyond the batch; more -> 429
     kv_memory_bytes: int | None = None
@@ -132,6 +144,7 @@ class ServeConfig:
             model=self.model,
             device=self.device,
             dtype=resolve_dtype(self.dtype, self.device),
+            quantize=self.quantize,
             kv_memory_bytes=self.kv_memory_bytes,
             max_batch_size=self.max_batch_size,
             max_num_batched_tokens=self.max_num_batched_tokens,
@@ -169,6 +182,7 @@ class SchedulerConfig:
     max_replays: int = 3
     replay_keepalive_s: float = 5.0
     dtype: str = "float32"  # what nodes load weights in: sizes /model/list and allocation
+    quantize: str | None = None  # q8_0 | q4_0 | q4_k: nodes pack -m's float weights at load
     mdns: bool = True
     local_models: tuple[str, ...] = ()  # extra model dirs / .gguf files offered in /model/list
     connect_timeout_s: float = 5.0  # scheduler -> head node
@@ -215,6 +229,7 @@ class SchedulerConfig:
         if self.dtype not in SCHEDULER_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(SCHEDULER_DTYPES)}, "
                               f"got {self.dtype!r}")
+        check_quantize(self.quantize)
         for name in ("join_token", "api_key"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{name} must not be empty when given")

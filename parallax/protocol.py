@@ -202,13 +202,14 @@ def decode_from_executor(
 # (after the join) the node's own secret from its JoinResponse in the header `X-Node-Secret`.
 
 
-class Assignment(msgspec.Struct, frozen=True):
+class Assignment(msgspec.Struct, frozen=True, omit_defaults=True):
     """The layers a node must hold: `model` is what it passes to load_shard."""
 
     model: str
     start_layer: int
     end_layer: int
     generation: int  # bumps with every allocation change
+    quantize: str | None = None  # q8_0 | q4_0 | q4_k: pack the float weights at load (--quantize)
 
 
 class NodeJoin(msgspec.Struct, frozen=True):
@@ -242,6 +243,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     total_blocks: int = 0
     layer_latency_ms: float = 0.0  # measured per decoder layer (EWMA)
     loaded_model: str | None = None  # what the executor has loaded and serves
+    loaded_quantize: str | None = None  # ... and the quantization it was loaded with
     loaded_start_layer: int | None = None
     loaded_end_layer: int | None = None
     error: str | None = None

@@ -77,6 +77,14 @@ def resolve(model: str | None) -> ModelSource:
     )
 
 
+def check_quantize_source(source: ModelSource, quantize: str | None) -> None:
+    """--quantize applies to float checkpoints; a GGUF is quantized already (ValueError)."""
+    if quantize is not None and source.kind in ("gguf", "hubgguf"):
+        raise ValueError(f"{source.path or source.name} is a GGUF file, already quantized (its weights stay "
+                         "packed as stored): drop --quantize / 'quantize', which is for float "
+                         "checkpoints (safetensors directories, Hugging Face repos)")
+
+
 def download_for_shard(repo_id: str, owns_for_config: Callable[[dict], Callable[[str], bool]]) -> str:
     """Download config, tokenizer and only the weight files holding the owned tensors.
 

@@ -11,10 +11,11 @@ import torch
 from transformers import AutoConfig
 
 from parallax.models import gguf as gguf_format
-from parallax.models.hub import ModelSource, download_for_shard, resolve
+from parallax.models.hub import ModelSource, check_quantize_source, download_for_shard, resolve
 from parallax.models.quant import loading as quant_loading
+from parallax.models.quant import quantize as quantizer
 from parallax.models.registry import family_for
-from parallax.models.weights import ReadLog, iter_safetensors
+from parallax.models.weights import ReadLog, iter_safetensors, weight_map
 
 if TYPE_CHECKING:
     from parallax.models.range_cache import Progress
@@ -71,11 +72,16 @@ def load_shard(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     on_download: Callable[[Progress], None] | None = None,
+    quantize: str | None = None,
 ) -> LoadedShard:
     """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input.
 
-    `on_download` gets download progress (a hub GGUF fetches only this shard's tensors)."""
+    `on_download` gets download progress (a hub GGUF fetches only this shard's tensors).
+    `quantize` ("q8_0" / "q4_0" / "q4_k") packs a float checkpoint's linear and embedding
+    weights into GGUF blocks as they stream in, one tensor at a time (quant/quantize.py)."""
+    qtype = None if quantize is None else quantizer.qtype_of(quantize)
     source = resolve(model)
+    check_quantize_source(source, quantize)
     if source.kind == "hubgguf":
         source = _fetch_hub_gguf(source, start_layer, end_layer, on_download)
     if source.kind == "repo":
@@ -102,6 +108,10 @@ def load_shard(
         reader = gguf_format.open_reader(source.path)
         packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
         stripped = quant_loading.strip(shard, packed)
+    elif qtype is not None:
+        names = [name for name in weight_map(source.path) if owns(name)]
+        packed = set(quantizer.quantized_names(shard, names, qtype))
+        stripped = quant_loading.strip(shard, packed)
     shard.to_empty(device=device)
     shard.to(dtype)
     shard.rotary.build(device)
@@ -112,6 +122,8 @@ def load_shard(
         tensors = gguf_format.iter_gguf(reader, config, owns, log, packed)
     else:
         tensors = iter_safetensors(source.path, owns, log)
+        if qtype is not None:
+            tensors = quantizer.quantize_stream(tensors, packed, qtype)
     if stripped:
         loaded = quant_loading.load_weights(shard, tensors, stripped, dtype, device)
     else:

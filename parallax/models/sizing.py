@@ -10,6 +10,9 @@ A GGUF file loaded packed (the default) is sized from its tensor table instead: 
 tensors of the packed types count their bytes in the file, which is what a node holds, and
 every other tensor counts at the load dtype (`gguf_tensor_bytes`). Layers differ there (Q4_K_M
 gives some layers Q6_K tensors), so a shard is summed layer by layer (`shard_bytes`).
+
+A float checkpoint loaded with `quantize` ("q8_0" / "q4_0" / "q4_k") counts the weights the
+loader packs at blocks × type size (quant/quantize.py `module_bytes`: the same rule picks them).
 """
 
 from __future__ import annotations
@@ -28,26 +31,35 @@ def kv_bytes_per_token_per_layer(config, dtype_bytes: int) -> int:
     return 2 * num_kv_heads * head_dim_of(config) * dtype_bytes
 
 
-def estimate_layer_bytes(config, dtype_bytes: int) -> tuple[int, int, int, int]:
+def estimate_layer_bytes(config, dtype_bytes: int,
+                         quantize: str | None = None) -> tuple[int, int, int, int]:
     """(layer_bytes, embedding_bytes, lm_head_bytes, kv_bytes_per_token_per_layer).
 
     layer_bytes is the largest decoder layer (layers differ when some are dense, e.g. Qwen3-MoE
     `mlp_only_layers`), so a node never gets more layers than fit. lm_head_bytes includes the
     final norm and is the full matrix even with tied embeddings (a last stage that is not the
     first holds its own copy). The KV figure is for a full-attention layer; sliding-window
-    layers hold at most their window once the engine frees old blocks.
+    layers hold at most their window once the engine frees old blocks. With `quantize`, the
+    weights the loader packs count at blocks × type size.
     """
+    from parallax.models.quant.quantize import module_bytes, qtype_of
+
     kv = kv_bytes_per_token_per_layer(config, dtype_bytes)
     if getattr(config, "model_type", None) not in FAMILIES:
+        if quantize is not None:
+            raise ValueError(f"model_type {config.model_type!r} has no family here, so "
+                             "--quantize cannot apply to it")
         layer, embedding, lm_head = formula_param_counts(config)
         return layer * dtype_bytes, embedding * dtype_bytes, lm_head * dtype_bytes, kv
+    qtype = None if quantize is None else qtype_of(quantize)
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family(config, 0, config.num_hidden_layers)
-    layer = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
-    embedding = model.embed_tokens.weight.numel()
-    lm_head = model.lm_head.weight.numel() + sum(p.numel() for p in model.norm.parameters())
-    return layer * dtype_bytes, embedding * dtype_bytes, lm_head * dtype_bytes, kv
+    layer = max(module_bytes(block, dtype_bytes, qtype) for block in model.layers)
+    embedding = module_bytes(model.embed_tokens, dtype_bytes, qtype)
+    lm_head = module_bytes(model.lm_head, dtype_bytes, qtype) + \
+        module_bytes(model.norm, dtype_bytes, None)
+    return layer, embedding, lm_head, kv
 
 
 def formula_param_counts(config) -> tuple[int, int, int]:
@@ -124,20 +136,32 @@ def gguf_estimate(path: str, config,
     return max(layers), embedding, lm_head, kv_bytes_per_token_per_layer(config, dtype_bytes)
 
 
-def model_estimate(source, config, dtype_bytes: int) -> tuple[int, int, int, int]:
+def model_estimate(source, config, dtype_bytes: int,
+                   quantize: str | None = None) -> tuple[int, int, int, int]:
     """`estimate_layer_bytes` of a resolved model source: a GGUF by its tensor table, any other
-    source (or a GGUF loaded dequantized) by its config."""
+    source (or a GGUF loaded dequantized) by its config, quantized by `quantize` (a GGUF with
+    `quantize` is a ValueError: it is quantized already)."""
+    _check_quantize(source, quantize)
     if getattr(source, "kind", None) == "gguf":
         estimate = gguf_estimate(source.path, config, dtype_bytes)
         if estimate is not None:
             return estimate
-    return estimate_layer_bytes(config, dtype_bytes)
+    return estimate_layer_bytes(config, dtype_bytes, quantize)
 
 
-def shard_bytes(source, config, start: int, end: int, dtype_bytes: int) -> int:
+def _check_quantize(source, quantize: str | None) -> None:
+    from parallax.models.hub import check_quantize_source
+
+    if source is not None:
+        check_quantize_source(source, quantize)
+
+
+def shard_bytes(source, config, start: int, end: int, dtype_bytes: int,
+                quantize: str | None = None) -> int:
     """Weight bytes a node holds for layers [start, end) (+ embedding on the first stage, norm
     and LM head on the last; a tied matrix once on a stage that is both), each layer by its own
     tensors for a GGUF."""
+    _check_quantize(source, quantize)
     first, last = start == 0, end == config.num_hidden_layers
     sizes = None
     if getattr(source, "kind", None) == "gguf":
@@ -146,7 +170,7 @@ def shard_bytes(source, config, start: int, end: int, dtype_bytes: int) -> int:
         layers, embedding, lm_head = sizes
         body = sum(layers[start:end])
     else:
-        layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes)
+        layer, embedding, lm_head, _ = estimate_layer_bytes(config, dtype_bytes, quantize)
         body = (end - start) * layer
     if first and last and getattr(config, "tie_word_embeddings", False):
         return body + max(embedding, lm_head)

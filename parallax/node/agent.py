@@ -30,7 +30,8 @@ class JoinRejected(Exception):
     """The scheduler refused this node (wrong join token): retrying cannot help."""
 
 
-def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int) -> int:
+def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int,
+                       quantize: str | None = None) -> int:
     """Estimated bytes of the weights of layers [start, end) (+ embedding / LM head)."""
     from parallax.models.hub import resolve
     from parallax.models.loader import header_source, load_config
@@ -40,7 +41,7 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int) -> in
     if source.kind == "repo":
         return 0  # unknown until downloaded; the KV budget falls back to the default
     # a GGUF counts its packed bytes, layer by layer, from the file's tensor table
-    return shard_bytes(source, load_config(source), start, end, dtype_bytes)
+    return shard_bytes(source, load_config(source), start, end, dtype_bytes, quantize)
 
 
 class NodeAgent:
@@ -195,6 +196,7 @@ class NodeAgent:
             free_blocks=stats.num_free_blocks, total_blocks=stats.num_total_blocks,
             layer_latency_ms=stats.layer_latency_ms,
             loaded_model=assignment.model if ready and assignment is not None else None,
+            loaded_quantize=assignment.quantize if ready and assignment is not None else None,
             loaded_start_layer=info.start_layer if ready else None,
             loaded_end_layer=info.end_layer if ready else None,
             error=self.client.error,
@@ -207,8 +209,8 @@ class NodeAgent:
         current = self.assignment
         if current is None or assignment is None:
             return current is assignment
-        return (current.model, current.start_layer, current.end_layer) == (
-            assignment.model, assignment.start_layer, assignment.end_layer)
+        return (current.model, current.quantize, current.start_layer, current.end_layer) == (
+            assignment.model, assignment.quantize, assignment.start_layer, assignment.end_layer)
 
     async def apply(self, assignment: P.Assignment | None) -> None:
         """Load a new layer range when it changed (only then: nothing else moves)."""
@@ -224,7 +226,8 @@ class NodeAgent:
             self.say("no layers assigned (standby)")
             await self.client.reconfigure(None)
             return
-        self.say(f"assigned {assignment.model} layers [{assignment.start_layer}, "
+        quantized = f" quantized to {assignment.quantize}" if assignment.quantize else ""
+        self.say(f"assigned {assignment.model}{quantized} layers [{assignment.start_layer}, "
                  f"{assignment.end_layer}); loading")
         await self.client.reconfigure(await self._executor_config(assignment))
         self._ready_task = asyncio.create_task(self._announce_ready(assignment))
@@ -235,11 +238,13 @@ class NodeAgent:
         if self.config.memory_bytes:
             weights = await asyncio.to_thread(
                 shard_weight_bytes, assignment.model, assignment.start_layer,
-                assignment.end_layer, 2 if dtype in ("bfloat16", "float16") else 4)
+                assignment.end_layer, 2 if dtype in ("bfloat16", "float16") else 4,
+                assignment.quantize)
             kv_bytes = max(32 * 2**20, int(self.config.memory_bytes * 0.9) - weights)
         return ExecutorConfig(
             model=assignment.model, start_layer=assignment.start_layer,
             end_layer=assignment.end_layer, device=self.config.device, dtype=dtype,
+            quantize=assignment.quantize,
             kv_memory_bytes=kv_bytes, max_batch_size=self.config.max_batch_size,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             threads=self.config.threads, warmup=self.config.warmup,

@@ -308,9 +308,11 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = getattr(torch, config.dtype)
     started = time.perf_counter()
-    report(f"loading {config.model or 'the built-in model'} on {config.device} ({config.dtype})")
+    quantized = f", quantized to {config.quantize}" if config.quantize else ""
+    report(f"loading {config.model or 'the built-in model'} on {config.device} "
+           f"({config.dtype}{quantized})")
     shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype,
-                       on_download)
+                       on_download, quantize=config.quantize)
     load_seconds = time.perf_counter() - started
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
     eos_ids = _eos_token_ids(shard.config, shard.source)
@@ -324,10 +326,13 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
                      device=config.device, dtype=dtype),
         eos_ids,
     )
+    kernels = kernel_summary(shard.model)
     report(f"loaded {shard.source.name} in {load_seconds:.1f} s "
            f"({shard.read_log.num_bytes / 1e6:.0f} MB read); KV cache "
            f"{engine.num_total_blocks} blocks of {config.block_size} tokens "
            f"({kv_bytes / 2**20:.0f} MiB)")
+    if kernels:  # which kernel each packed weight type multiplies with (also in /health)
+        report("packed weights: " + ", ".join(f"{t} -> {p}" for t, p in kernels.items()))
     if config.warmup and engine.is_first and engine.is_last:
         report("warming up")
         engine.add_request("__warmup__", [1 + i % 7 for i in range(8)],
@@ -344,7 +349,7 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
         block_size=config.block_size, num_total_blocks=engine.num_total_blocks,
         eos_token_ids=eos_ids, tokenizer_path=shard.tokenizer_path, device=config.device,
         dtype=config.dtype, load_seconds=round(load_seconds, 2),
-        kernels=kernel_summary(shard.model),
+        kernels=kernels,
     )
     return engine, ready
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from parallax.config import ServeConfig
-from parallax.models.hub import resolve
+from parallax.models.hub import check_quantize_source, resolve
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.frontend import NodeFrontend, build_app
 from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say, url_host
@@ -17,6 +17,7 @@ logger = logging.getLogger("parallax.serve")
 async def serve_async(config: ServeConfig) -> int:
     """Run the node until SIGINT/SIGTERM; returns the process exit code."""
     source = resolve(config.model)  # ValueError for an unknown model, before anything starts
+    check_quantize_source(source, config.quantize)  # --quantize with a GGUF: say so now
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     client = ExecutorClient(config.executor, max_restarts=config.max_restarts, on_progress=say)

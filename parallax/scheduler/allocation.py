@@ -51,6 +51,8 @@ class ModelSpec:
     kv_bytes_per_token_per_layer: int
     tie_word_embeddings: bool = False
     """When tied, a stage that is both first and last holds the shared matrix once."""
+    quantize: str | None = None
+    """q8_0 / q4_0 / q4_k: nodes pack the float weights at load (bytes above count that)."""
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_bytes < 1:

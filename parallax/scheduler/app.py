@@ -21,7 +21,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from parallax.config import MAX_INIT_NODES, SchedulerConfig
+from parallax.config import MAX_INIT_NODES, QUANTIZE_CHOICES, SchedulerConfig
 from parallax.node.link_crypto import is_curve_key
 from parallax.protocol import (
     Assignment,
@@ -106,7 +106,8 @@ class SchedulerState:
         local = [*config.local_models]
         if (config.model and config.model.endswith(".gguf")) or _is_dir(config.model):
             local.insert(0, config.model)
-        self.catalog = catalog or ModelCatalog(config.dtype, local_models=local)
+        self.catalog = catalog or ModelCatalog(config.dtype, local_models=local,
+                                               quantize=config.quantize)
         self.hub = StatusHub()
         self.metrics = ClusterMetrics()
         self.link_keys = LinkKeys()  # stage-link keys, handed out in heartbeat answers
@@ -132,13 +133,21 @@ class SchedulerState:
     def model_name(self) -> str | None:
         return None if self.registry.model is None else self.registry.model.name
 
-    def set_model(self, model: str | None, init_nodes_num: int | None = None) -> None:
-        """Size `model` (blocking; ValueError if unknown) and allocate it afresh."""
-        spec = self.catalog.spec(model)
+    @property
+    def quantize(self) -> str | None:
+        """The served model's --quantize (None: float weights, or a GGUF packed as stored)."""
+        return None if self.registry.model is None else self.registry.model.quantize
+
+    def set_model(self, model: str | None, init_nodes_num: int | None = None,
+                  quantize: str | None = None) -> None:
+        """Size `model` loaded with `quantize` (blocking; ValueError if unknown, or `quantize`
+        with a GGUF) and allocate it afresh."""
+        spec = self.catalog.spec(model, quantize)
         if init_nodes_num is not None:
             self.registry.init_nodes_num = init_nodes_num
         self.registry.set_model(spec)
-        logger.info("model %s: %d layers; %s", spec.name, spec.num_layers,
+        logger.info("model %s%s: %d layers; %s", spec.name,
+                    f" (quantized to {quantize})" if quantize else "", spec.num_layers,
                     self.registry.allocation.reason if self.registry.allocation else "waiting")
         self.changed()
 
@@ -148,8 +157,13 @@ class SchedulerState:
                 self._model_list = await asyncio.to_thread(self.catalog.entries)
             entries = list(self._model_list)
         current = self.registry.model
-        if current is not None and all(e["name"] != current.name for e in entries):
-            entries.insert(0, self.catalog.entry(current))
+        if current is not None:  # as served (its quantize): replaces one sized otherwise
+            served = self.catalog.entry(current)
+            names = [e["name"] for e in entries]
+            if current.name in names:
+                entries[names.index(current.name)] = served
+            else:
+                entries.insert(0, served)
         return entries
 
     def check_model(self, requested: str | None) -> None:
@@ -170,7 +184,8 @@ class SchedulerState:
         layers = self.registry.assignment(node_id)
         if layers is None or self.registry.model is None:
             return None
-        return Assignment(self.registry.model.name, layers[0], layers[1], self.registry.generation)
+        return Assignment(self.registry.model.name, layers[0], layers[1], self.registry.generation,
+                          quantize=self.registry.model.quantize)
 
     def node_join_command(self, *, reveal: bool) -> str:
         """The join command: with the real token only when `reveal` (an operator asks)."""
@@ -235,7 +250,8 @@ class SchedulerState:
             message.node_id, self.clock(), running_requests=message.running_requests,
             waiting_requests=message.waiting_requests, free_blocks=message.free_blocks,
             total_blocks=message.total_blocks, layer_latency_ms=message.layer_latency_ms,
-            loaded_model=message.loaded_model if loaded else None, loaded_range=loaded_range,
+            loaded_model=message.loaded_model if loaded else None,
+            loaded_quantize=message.loaded_quantize if loaded else None, loaded_range=loaded_range,
             download=_download_view(message.download))
         if not known:
             return HeartbeatResponse(known=False)
@@ -310,6 +326,9 @@ class SchedulerState:
                 self.evict_silent()
             except Exception:  # never let the sweeper die
                 logger.exception("evicting silent nodes failed")
+
+
+_DEFAULT = object()  # /scheduler/init without 'quantize'
 
 
 def _is_dir(model: str | None) -> bool:
@@ -422,8 +441,13 @@ def build_app(state: SchedulerState) -> FastAPI:
         body = parse_json_body(await read_body_capped(request, CONTROL_BODY_LIMIT))
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object {model_name, init_nodes_num, "
-                                "is_local_network}")
+                                "is_local_network, quantize}")
         model = body.get("model_name")
+        quantize = body.get("quantize", _DEFAULT)
+        if quantize is not _DEFAULT and quantize is not None \
+                and quantize not in QUANTIZE_CHOICES:
+            raise APIError(400, f"'quantize' must be one of {', '.join(QUANTIZE_CHOICES)} or "
+                                f"null (float weights), got {quantize!r}")
         nodes = body.get("init_nodes_num", state.registry.init_nodes_num)
         local = body.get("is_local_network", state.is_local_network)
         if model is not None and not isinstance(model, str):
@@ -435,17 +459,24 @@ def build_app(state: SchedulerState) -> FastAPI:
         if not isinstance(local, bool):
             raise APIError(400, f"'is_local_network' must be true or false, got {local!r}")
         name = canonical_model(model)
-        if name != state.model_name or nodes != state.registry.init_nodes_num:
+        if quantize is _DEFAULT:  # absent: the scheduler's --quantize (float checkpoints only)
             try:
-                await asyncio.wait_for(asyncio.to_thread(state.catalog.spec, name), 60)
+                quantize = state.catalog.default_quantize(name)
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from None
+        if name != state.model_name or nodes != state.registry.init_nodes_num \
+                or quantize != state.quantize:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(state.catalog.spec, name, quantize), 60)
             except asyncio.TimeoutError:
                 raise APIError(503, f"sizing {name} took too long; retry") from None
             except (ValueError, OSError) as exc:
                 raise APIError(400, str(exc)) from None
-            state.set_model(name, nodes)  # cached: instant
+            state.set_model(name, nodes, quantize)  # cached: instant
         state.is_local_network = local
         return {"type": "scheduler_init",
-                "data": {"model_name": state.model_name, "init_nodes_num": nodes,
+                "data": {"model_name": state.model_name, "quantize": state.quantize,
+                         "init_nodes_num": nodes,
                          "is_local_network": local, "status": state.registry.status()}}
 
     @app.get("/metrics")

@@ -11,7 +11,9 @@ file loaded packed (the default) is sized by its tensor table instead: the packe
 layer as stored, float tensors at the load dtype (:func:`parallax.models.sizing.model_estimate`).
 
 Bytes assume the dtype nodes load weights in: float32 (4 bytes a parameter, what CPU nodes use)
-unless the scheduler is told bfloat16 (2 bytes, CUDA nodes).
+unless the scheduler is told bfloat16 (2 bytes, CUDA nodes). A model chosen with `quantize`
+(q8_0 / q4_0 / q4_k, float checkpoints only) counts the weights nodes pack at their block bytes;
+specs are cached per (model, quantize).
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ def solo_memory_bytes(spec: ModelSpec) -> float:
 
 
 def _spec_from_config(name: str, config: Any, dtype_bytes: int,
-                      source: ModelSource | None = None) -> ModelSpec:
-    """The allocator's view of a model; a GGUF `source` is sized by its packed tensor bytes."""
+                      source: ModelSource | None = None,
+                      quantize: str | None = None) -> ModelSpec:
+    """The allocator's view of a model; a GGUF `source` is sized by its packed tensor bytes, a
+    float one with `quantize` by the blocks its packed weights take."""
     from parallax.models.registry import FAMILIES
     from parallax.models.sizing import model_estimate
 
@@ -111,11 +115,12 @@ def _spec_from_config(name: str, config: Any, dtype_bytes: int,
     if model_type not in FAMILIES:
         raise ValueError(f"{name}: model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(sorted(FAMILIES))}")
-    layer, embedding, lm_head, kv = model_estimate(source, config, dtype_bytes)
+    layer, embedding, lm_head, kv = model_estimate(source, config, dtype_bytes, quantize)
     return ModelSpec(name=name, num_layers=int(config.num_hidden_layers), layer_bytes=layer,
                      embedding_bytes=embedding, lm_head_bytes=lm_head,
                      kv_bytes_per_token_per_layer=kv,
-                     tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                     tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                     quantize=quantize)
 
 
 def _repo_config(repo_id: str, curated: Mapping[str, dict[str, Any]]) -> Any:
@@ -148,32 +153,39 @@ class ModelCatalog:
     def __init__(self, dtype: str = "float32", local_models: Iterable[str] = (),
                  curated: Mapping[str, dict[str, Any]] | None = None,
                  known: Mapping[str, ModelSpec] | None = None,
-                 include_builtin: bool = True) -> None:
+                 include_builtin: bool = True, quantize: str | None = None) -> None:
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
         self.dtype = dtype
         self.dtype_bytes = DTYPE_BYTES[dtype]
+        self.quantize = quantize  # what /model/list sizes float checkpoints with
         self.local_models = [canonical_model(m) for m in local_models]
         self.curated = dict(CURATED_CONFIGS if curated is None else curated)
         self.include_builtin = include_builtin
-        self._specs: dict[str, ModelSpec] = dict(known or {})
+        self._specs: dict[tuple[str, str | None], ModelSpec] = {
+            (name, spec.quantize): spec for name, spec in (known or {}).items()}
         self._known = list(known or {})
         self._lock = threading.Lock()
 
-    def spec(self, model: str | None) -> ModelSpec:
-        """The ModelSpec of `model` (cached). Raises ValueError for unknown / unsupported ones."""
+    def spec(self, model: str | None, quantize: str | None = None) -> ModelSpec:
+        """The ModelSpec of `model` loaded with `quantize` (cached). Raises ValueError for
+        unknown / unsupported models, a bad `quantize`, or `quantize` with a GGUF."""
+        from parallax.config import check_quantize
+
+        check_quantize(quantize)
         name = canonical_model(model)
+        key = (name, quantize)
         with self._lock:
-            if name in self._specs:
-                return self._specs[name]
+            if key in self._specs:
+                return self._specs[key]
         source = resolve(name)
         pinned = name
         if source.kind == "hubgguf":  # one commit and file list, handed to every node as is
             pinned = hub_gguf.resolve_pinned(name).model
             with self._lock:
-                if pinned in self._specs:
-                    self._specs[name] = self._specs[pinned]
-                    return self._specs[pinned]
+                if (pinned, quantize) in self._specs:
+                    self._specs[key] = self._specs[(pinned, quantize)]
+                    return self._specs[key]
             source = resolve(pinned)
         if source.kind == "repo":
             config = _repo_config(source.repo_id or name, self.curated)
@@ -182,26 +194,41 @@ class ModelCatalog:
 
             source = header_source(source)  # a hub GGUF is sized from its header
             config = load_config(source)
-        spec = _spec_from_config(pinned, config, self.dtype_bytes, source)
+        spec = _spec_from_config(pinned, config, self.dtype_bytes, source, quantize)
         with self._lock:
-            self._specs[name] = self._specs[pinned] = spec
+            self._specs[key] = self._specs[(pinned, quantize)] = spec
         return spec
 
     def known_as(self, model: str) -> str | None:
         """The name of the spec already sized for `model` (a hub GGUF's pinned string for the
         tag it was chosen by), or None; never looks anything up."""
         with self._lock:
-            spec = self._specs.get(canonical_model(model))
+            spec = self._specs.get((canonical_model(model), None))
         return None if spec is None else spec.name
 
+    def default_quantize(self, model: str | None) -> str | None:
+        """The scheduler's --quantize for `model`: None for GGUF files (packed as stored) and
+        models given ready-sized (`known`). ValueError for a model string that is not one."""
+        name = canonical_model(model)
+        if self.quantize is None or name in self._known or \
+                resolve(name).kind in ("gguf", "hubgguf"):
+            return None
+        return self.quantize
+
+    def listed_spec(self, name: str) -> ModelSpec:
+        """The spec /model/list shows: the model as `default_quantize` loads it."""
+        return self.spec(name, self.default_quantize(name))
+
     def entry(self, spec: ModelSpec) -> dict[str, Any]:
-        """One `/model/list` item: `{name, memory_gb, num_layers, weights_gb, dtype}`."""
+        """One `/model/list` item: `{name, memory_gb, num_layers, weights_gb, dtype, quantize}`
+        (quantize: null for float weights and for GGUF files, packed as stored)."""
         return {
             "name": spec.name,
             "memory_gb": round(solo_memory_bytes(spec) / 2**30, 2),
             "num_layers": spec.num_layers,
             "weights_gb": round(spec.total_bytes / 2**30, 2),
             "dtype": self.dtype,
+            "quantize": spec.quantize,
         }
 
     def names(self) -> list[str]:
@@ -217,7 +244,7 @@ class ModelCatalog:
         out = []
         for name in self.names():
             try:
-                out.append(self.entry(self.spec(name)))
+                out.append(self.entry(self.listed_spec(name)))
             except (ValueError, OSError) as exc:
                 logger.warning("model list: skipping %s: %s", name, exc)
         return out

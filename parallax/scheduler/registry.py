@@ -30,6 +30,7 @@ class NodeRecord:
     max_running_requests: int = 64
     layer_latency_ms: float = 0.0
     loaded_model: str | None = None  # what the node reports as loaded and ready
+    loaded_quantize: str | None = None  # ... and with which --quantize
     loaded_range: tuple[int, int] | None = None
     peer_id: str | None = None  # P2P mode: requests reach this node over Lattica
     curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes)
@@ -110,6 +111,7 @@ class Registry:
         if record is None or self.model is None:
             return False
         return (record.loaded_model == self.model.name
+                and record.loaded_quantize == self.model.quantize
                 and record.loaded_range == self.assignment(node_id))
 
     def ready_pipelines(self) -> list[int]:

@@ -75,7 +75,8 @@ async def serve(config: SchedulerConfig, state: SchedulerState | None = None) ->
 
 async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
     if config.model is not None and state.registry.model is None:
-        await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num)
+        await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num,
+                                config.quantize)
     if p2p is not None:  # before the first request can ask for it
         from parallax.p2p.roles import join_command
         from parallax.scheduler.link_keys import relay_keys
