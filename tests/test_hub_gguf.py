@@ -406,3 +406,10 @@ def test_download_progress_travels_from_the_executor_to_the_heartbeat():
             shutil.rmtree(client._dir, ignore_errors=True)
 
     assert asyncio.run(relay()) == message.download
+
+
+def test_quantize_is_refused_for_a_hub_gguf():
+    from parallax.models.hub import check_quantize_source
+
+    with pytest.raises(ValueError, match="already quantized"):
+        check_quantize_source(resolve(MODEL), "q8_0")
