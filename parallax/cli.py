@@ -107,8 +107,8 @@ def _add_serve(sub) -> None:
         "serve", help="serve a whole model on this machine (OpenAI API, no scheduler)",
         description="Load a model on this machine and serve the OpenAI chat API at /v1.")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"built-in name, HF repo id, model dir or .gguf file "
-                        f"(default: {DEFAULT_MODEL})")
+                   help=f"built-in name, HF repo id, model dir, .gguf file, or a hub GGUF "
+                        f"OWNER/REPO:QUANT or OWNER/REPO/FILE.gguf (default: {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; "
                         "0.0.0.0 for every interface)")
@@ -158,8 +158,10 @@ def _add_run(sub) -> None:
                     "scheduler splits the model's layers across them and serves the OpenAI "
                     "chat API, the cluster status and the node join command.")
     p.add_argument("-m", "--model", default=None,
-                   help="model to serve: built-in name, HF repo id, model dir or .gguf file "
-                        "(default: none yet; choose with POST /scheduler/init)")
+                   help="model to serve: built-in name, HF repo id, model dir, .gguf file, or a "
+                        "hub GGUF OWNER/REPO:QUANT or OWNER/REPO/FILE.gguf (each node downloads "
+                        "only its layers' bytes) (default: none yet; choose with POST "
+                        "/scheduler/init)")
     p.add_argument("-n", "--init-nodes-num", type=_positive_int, default=1,
                    help="nodes to wait for before the first allocation (default 1)")
     p.add_argument("--host", default="127.0.0.1",

@@ -50,10 +50,20 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     """Finish the loop and exit cleanly."""
 
 
+class DownloadProgress(msgspec.Struct, frozen=True):
+    """Bytes of the node's shard fetched from the hub so far (a hub GGUF's tensor ranges)."""
+
+    done_bytes: int
+    total_bytes: int
+    bytes_per_s: float
+    eta_s: float
+
+
 class ExecutorProgress(msgspec.Struct, tag="progress", frozen=True):
     """A start-up step ("loading ...", "warming up ...") for the operator's console."""
 
     message: str
+    download: DownloadProgress | None = None  # while the shard's weights are downloading
 
 
 class ExecutorReady(msgspec.Struct, tag="ready", frozen=True):
@@ -241,6 +251,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     # (link_crypto.link_fingerprint)
     link_key_id: str = ""
     curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes; "" none)
+    download: DownloadProgress | None = None  # loading: its shard's download from the hub
 
 
 class PeerEndpoint(msgspec.Struct, frozen=True):

@@ -298,7 +298,7 @@ def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
     node = status["node_list"][0]
     assert set(node) == {"node_id", "status", "device", "device_name", "memory_gb",
                          "start_layer", "end_layer", "running_requests", "gflops",
-                         "layer_latency_ms", "link_encryption"}
+                         "layer_latency_ms", "link_encryption", "download"}
     assert node["status"] == "ready" and node["device_name"] == "fake cpu"
     assert node["link_encryption"] == "none"  # no TLS, no P2P: the links are in the clear
 
@@ -633,3 +633,14 @@ def test_run_command_builds_the_scheduler_config():
     with pytest.raises(ConfigError):
         SchedulerConfig(dtype="float16")
     assert SchedulerConfig(heartbeat_timeout_s=9).heartbeat_interval_s == 3
+
+
+def test_a_loading_nodes_hub_download_shows_in_the_cluster_view(scheduler):
+    s = scheduler()
+    s.join("a", 4000)
+    download = {"done_bytes": 300, "total_bytes": 1000, "bytes_per_s": 150.0, "eta_s": 4.67}
+    s.heartbeat("a", download=download)
+    node = s.status()["node_list"][0]
+    assert node["download"] == {**download, "bytes_per_s": 150, "eta_s": 4.7}
+    s.heartbeat("a", download={**download, "done_bytes": 2000})  # nonsense is not shown
+    assert s.status()["node_list"][0]["download"] is None

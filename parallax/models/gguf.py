@@ -161,7 +161,8 @@ def _read_packed(reader, tensor, name: str, config) -> PackedWeight:
     """The tensor's block bytes read from the file into owned memory: touching the reader's
     memmap would add the file's pages to this process's RSS on top of the copy."""
     rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
-    blocks = np.fromfile(reader.data.filename, dtype=np.uint8, count=int(tensor.n_bytes),
+    path = getattr(tensor, "path", None) or reader.data.filename  # split GGUF: its own part
+    blocks = np.fromfile(path, dtype=np.uint8, count=int(tensor.n_bytes),
                          offset=int(tensor.data_offset)).reshape(rows, -1)
     heads = _row_permutation(name, config)
     if heads is not None:

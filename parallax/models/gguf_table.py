@@ -10,6 +10,8 @@ a tensor's bytes only when asked. The tokenizer is still read by transformers, i
 from __future__ import annotations
 
 import mmap
+import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -67,18 +69,76 @@ class DataFile:
     filename: str  # what iter_gguf reads packed bytes from (gguf's reader has data.filename)
 
 
+class HeaderTruncated(ValueError):
+    """The bytes given end inside the header: read more of the file and parse again."""
+
+
 class GGUFTable:
-    """Metadata (`fields`: key -> value) and `tensors` of a GGUF file."""
+    """Metadata (`fields`: key -> value) and `tensors` of a GGUF file.
+
+    The first part of a split file (`NAME-00001-of-0000N.gguf`, as llama.cpp's gguf-split
+    writes it) opens all its parts: metadata from the first, tensors from every part (each
+    tensor knows its own file). `data_start` is where the first part's tensor data begins.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.data = DataFile(path)
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf, \
-                memoryview(buf) as view:
-            self.fields, self.tensors = _parse(view, path)
+        self.parts = split_part_paths(path)
+        self.fields, self.tensors, self.data_start = _parse_file(self.parts[0])
+        for part in self.parts[1:]:
+            self.tensors += _parse_file(part)[1]
 
 
-def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], list[TableTensor]]:
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_names(name: str) -> list[str]:
+    """All part names of a split GGUF given its first part's name; [name] for any other file.
+    Raises ValueError for a later part (the first part carries the metadata)."""
+    match = SPLIT_NAME.match(name)
+    if not match:
+        return [name]
+    if int(match.group("part")) != 1:
+        raise ValueError(f"{name} is part {int(match.group('part'))} of a split GGUF: pass its "
+                         "first part (-00001-of-...)")
+    count, stem = match.group("count"), match.group("stem")
+    return [f"{stem}-{i:05d}-of-{count}.gguf" for i in range(1, int(count) + 1)]
+
+
+def split_part_paths(path: str) -> list[str]:
+    """`split_part_names` for a path; a missing part is a ValueError naming it."""
+    folder, name = os.path.split(path)
+    paths = [os.path.join(folder, part) for part in split_part_names(name)]
+    missing = [p for p in paths[1:] if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"split GGUF {path}: part {missing[0]} is missing")
+    return paths
+
+
+def _parse_file(path: str) -> tuple[dict[str, Any], list[TableTensor], int]:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf, \
+            memoryview(buf) as view:
+        return _parse(view, path)
+
+
+def parse_header(buf: bytes | memoryview,
+                 path: str) -> tuple[dict[str, Any], list[TableTensor], int]:
+    """Parse the header at the start of a GGUF file: (fields, tensors, data_start).
+
+    Raises HeaderTruncated when `buf` ends before the tensor data starts (read more),
+    ValueError when it is not a GGUF file.
+    """
+    try:
+        fields, tensors, data_start = _parse(memoryview(buf), path)
+    except (struct.error, IndexError) as exc:
+        raise HeaderTruncated(f"header longer than {len(buf)} bytes") from exc
+    if data_start > len(buf):
+        raise HeaderTruncated(f"header ends at {data_start}, after {len(buf)} bytes")
+    return fields, tensors, data_start
+
+
+def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], list[TableTensor], int]:
     if bytes(buf[:4]) != MAGIC:
         raise ValueError("no GGUF magic")
     version, = struct.unpack_from("<I", buf, 4)
@@ -90,6 +150,8 @@ def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], list[TableTensor
     def string() -> str:
         nonlocal pos
         length, = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + length > len(buf):
+            raise IndexError("string past the end")
         value = bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8", errors="replace")
         pos += 8 + length
         return value
@@ -138,4 +200,4 @@ def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], list[TableTensor
         n_elements = int(np.prod(dims))
         tensors.append(TableTensor(path, name, qtype, dims, n_elements,
                                    n_elements // block * size, start + offset))
-    return fields, tensors
+    return fields, tensors, start

@@ -1,7 +1,10 @@
-"""Model name -> local files: the built-in model, a directory, a .gguf file or a HF repo id.
+"""Model name -> local files: the built-in model, a directory, a .gguf file, a HF repo id or a
+GGUF on the hub.
 
 For a repo id only the checkpoint files that hold the shard's layers are downloaded (with
-huggingface_hub's progress bar), plus config and tokenizer files.
+huggingface_hub's progress bar), plus config and tokenizer files. For a hub GGUF
+(`OWNER/REPO:QUANT`, `OWNER/REPO/FILE.gguf`) only the byte ranges of the shard's tensors are
+fetched (hub_gguf.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from parallax.models import hub_gguf
 from parallax.models.weights import INDEX_FILE, SINGLE_FILE, check_weight_map, files_for_shard
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -24,12 +28,15 @@ SIDE_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_to
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model lives on this machine. kind: "gguf" (path is the file) or "dir"."""
+    """Where a model lives on this machine. kind: "gguf" (path is the file), "dir", "repo"
+    (safetensors repo id, fetched per shard) or "hubgguf" (`hub_model` is a hub GGUF string,
+    fetched per shard by hub_gguf.ensure_shard)."""
 
     name: str
     kind: str
     path: str
     repo_id: str | None = None
+    hub_model: str | None = None
 
 
 def builtin_gguf_path(name: str = DEFAULT_MODEL) -> str:
@@ -51,10 +58,12 @@ def resolve(model: str | None) -> ModelSource:
     if model in (None, "", "default", DEFAULT_MODEL):
         return ModelSource(DEFAULT_MODEL, "gguf", builtin_gguf_path())
     expanded = os.path.expanduser(model)
-    if expanded.endswith(".gguf"):
-        if not os.path.isfile(expanded):
-            raise ValueError(f"GGUF file {model} does not exist")
+    if expanded.endswith(".gguf") and os.path.isfile(expanded):  # a local file wins
         return ModelSource(os.path.basename(expanded).removesuffix(".gguf"), "gguf", expanded)
+    if hub_gguf.is_hub_gguf(model):
+        return ModelSource(hub_gguf.display_name(model), "hubgguf", "", hub_model=model)
+    if expanded.endswith(".gguf"):
+        raise ValueError(f"GGUF file {model} does not exist (a hub file is OWNER/REPO/FILE.gguf)")
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
             raise ValueError(f"{model} is a directory without config.json; pass a HF model dir")
@@ -63,14 +72,15 @@ def resolve(model: str | None) -> ModelSource:
         return ModelSource(model, "repo", "", repo_id=model)
     raise ValueError(
         f"unknown model {model!r}: pass {DEFAULT_MODEL!r}, a .gguf file, a directory with "
-        "config.json and safetensors, or a Hugging Face repo id like 'Qwen/Qwen3-0.6B'"
+        "config.json and safetensors, a Hugging Face repo id like 'Qwen/Qwen3-0.6B', or a "
+        "GGUF on the hub like 'Qwen/Qwen3-8B-GGUF:Q4_K_M' or 'OWNER/REPO/FILE.gguf'"
     )
 
 
 def check_quantize_source(source: ModelSource, quantize: str | None) -> None:
     """--quantize applies to float checkpoints; a GGUF is quantized already (ValueError)."""
-    if quantize is not None and source.kind == "gguf":
-        raise ValueError(f"{source.path} is a GGUF file, already quantized (its weights stay "
+    if quantize is not None and source.kind in ("gguf", "hubgguf"):
+        raise ValueError(f"{source.path or source.name} is a GGUF file, already quantized (its weights stay "
                          "packed as stored): drop --quantize / 'quantize', which is for float "
                          "checkpoints (safetensors directories, Hugging Face repos)")
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
@@ -14,6 +16,9 @@ from parallax.models.quant import loading as quant_loading
 from parallax.models.quant import quantize as quantizer
 from parallax.models.registry import family_for
 from parallax.models.weights import ReadLog, iter_safetensors, weight_map
+
+if TYPE_CHECKING:
+    from parallax.models.range_cache import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +32,20 @@ class LoadedShard:
     read_log: ReadLog
 
 
+def header_source(source: ModelSource) -> ModelSource:
+    """A hub GGUF as a local "gguf" source whose header is present (fetched when missing; the
+    tensor data may not be): enough for its config, sizing and tokenizer. Others as they are."""
+    if source.kind != "hubgguf":
+        return source
+    from parallax.models.hub_gguf import ensure_headers
+
+    return ModelSource(source.name, "gguf", ensure_headers(source.hub_model or source.name),
+                       hub_model=source.hub_model)
+
+
 def load_config(source: ModelSource):
     """The transformers config of a resolved source (GGUF metadata or config.json)."""
+    source = header_source(source)
     if source.kind == "gguf":
         return gguf_format.gguf_config(gguf_format.open_reader(source.path), source.path)
     try:
@@ -39,7 +56,7 @@ def load_config(source: ModelSource):
 
 def num_layers_of(model: str | None) -> int:
     """Layer count of a model without loading weights (repo ids need the hub or its cache)."""
-    source = resolve(model)
+    source = header_source(resolve(model))
     if source.kind == "repo":
         from huggingface_hub import hf_hub_download
 
@@ -54,15 +71,19 @@ def load_shard(
     end_layer: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    on_download: Callable[[Progress], None] | None = None,
     quantize: str | None = None,
 ) -> LoadedShard:
     """Load layers [start_layer, end_layer) (end None = all). Raises ValueError on bad input.
 
+    `on_download` gets download progress (a hub GGUF fetches only this shard's tensors).
     `quantize` ("q8_0" / "q4_0" / "q4_k") packs a float checkpoint's linear and embedding
     weights into GGUF blocks as they stream in, one tensor at a time (quant/quantize.py)."""
     qtype = None if quantize is None else quantizer.qtype_of(quantize)
     source = resolve(model)
     check_quantize_source(source, quantize)
+    if source.kind == "hubgguf":
+        source = _fetch_hub_gguf(source, start_layer, end_layer, on_download)
     if source.kind == "repo":
         def owns_for_config(config_dict: dict):
             config = AutoConfig.for_model(**config_dict)
@@ -123,6 +144,23 @@ def load_shard(
     logger.info("loaded %s layers [%d, %d) (%.1f MB read)", source.name, start_layer, end,
                 log.num_bytes / 1e6)
     return LoadedShard(shard, config, source, source.path, log)
+
+
+def _fetch_hub_gguf(source: ModelSource, start_layer: int, end_layer: int | None,
+                    on_download: Callable[[Progress], None] | None) -> ModelSource:
+    """Fetch the header, then the bytes of the shard's own tensors; a local "gguf" source."""
+    from parallax.models.hub_gguf import ensure_shard, resolve_pinned
+
+    # one commit for the header and the tensors (`serve -m REPO:TAG` resolves it here)
+    source = ModelSource(source.name, source.kind, "", hub_model=resolve_pinned(
+        source.hub_model or source.name).model)
+    config = load_config(source)  # from the header alone
+    family = family_for(config.model_type)
+    end = config.num_hidden_layers if end_layer is None else end_layer
+    path = ensure_shard(source.hub_model or source.name,
+                        lambda name: family.owns_tensor(name, start_layer, end, config),
+                        on_download)
+    return ModelSource(source.name, "gguf", path, hub_model=source.hub_model)
 
 
 def load_tokenizer(path: str):

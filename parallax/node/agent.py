@@ -34,10 +34,10 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int,
                        quantize: str | None = None) -> int:
     """Estimated bytes of the weights of layers [start, end) (+ embedding / LM head)."""
     from parallax.models.hub import resolve
-    from parallax.models.loader import load_config
+    from parallax.models.loader import header_source, load_config
     from parallax.models.sizing import shard_bytes
 
-    source = resolve(model)
+    source = header_source(resolve(model))  # a hub GGUF: its header only
     if source.kind == "repo":
         return 0  # unknown until downloaded; the KV budget falls back to the default
     # a GGUF counts its packed bytes, layer by layer, from the file's tensor table
@@ -202,6 +202,7 @@ class NodeAgent:
             error=self.client.error,
             link_key_id=self.client.link_key_id,
             curve_public_key=info.curve_public_key if ready else "",
+            download=self.client.download if self.client.state == "loading" else None,
         )
 
     def _same_layers(self, assignment: P.Assignment | None) -> bool:

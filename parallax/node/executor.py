@@ -26,6 +26,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -37,6 +39,9 @@ from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
 from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.node.stage import RouteRejected, StageRouter
+
+if TYPE_CHECKING:
+    from parallax.models.range_cache import Progress
 
 logger = logging.getLogger("parallax.executor")
 
@@ -288,7 +293,7 @@ class ExecutorLoop:
             self._check_parent()
 
 
-def _build_engine(config: ExecutorConfig, report):
+def _build_engine(config: ExecutorConfig, report, on_download=None):
     """Load the shard, size the KV cache, warm up. Returns (engine, ready message)."""
     import torch
 
@@ -307,7 +312,7 @@ def _build_engine(config: ExecutorConfig, report):
     report(f"loading {config.model or 'the built-in model'} on {config.device} "
            f"({config.dtype}{quantized})")
     shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype,
-                       quantize=config.quantize)
+                       on_download, quantize=config.quantize)
     load_seconds = time.perf_counter() - started
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
     eos_ids = _eos_token_ids(shard.config, shard.source)
@@ -349,6 +354,16 @@ def _build_engine(config: ExecutorConfig, report):
     return engine, ready
 
 
+def _download_reporter(push) -> Callable[[Progress], None]:
+    """Send a hub download's progress to the frontend (its log and heartbeats)."""
+    def send(progress: Progress) -> None:
+        # (bytes between two close tensors come along, so done may pass what was wanted)
+        download = P.DownloadProgress(progress.done, max(progress.done, progress.wanted),
+                                      round(progress.rate), round(progress.eta_s, 1))
+        push.send(P.encode(P.ExecutorProgress(progress.text(), download)))
+    return send
+
+
 def run_executor_process(
     config: ExecutorConfig, input_address: str, output_address: str,
     parent_pid: int | None = None,
@@ -372,7 +387,8 @@ def run_executor_process(
     links = None
     try:
         engine, ready = _build_engine(
-            config, lambda text: push.send(P.encode(P.ExecutorProgress(text))))
+            config, lambda text: push.send(P.encode(P.ExecutorProgress(text))),
+            _download_reporter(push))
         if config.activation_bind:  # bound once the shard says what a valid message holds
             curve = CurveKeyPair.generate() if config.link_encryption else None
             links = PipelineLinks(context, config.activation_bind,

@@ -90,6 +90,7 @@ class ExecutorClient:
         self.state = "loading"  # idle | loading | ready | error | stopped
         self.error: str | None = None
         self.info: P.ExecutorReady | None = None  # the latest ready executor's facts
+        self.download: P.DownloadProgress | None = None  # the loading executor's hub download
         self.stats = P.ExecutorStats()
         self.num_restarts = 0
         self.requests: dict[str, asyncio.Queue] = {}
@@ -136,6 +137,7 @@ class ExecutorClient:
     def _spawn(self) -> None:
         self.state = "loading"
         self.info = None
+        self.download = None
         self.stats = P.ExecutorStats()
         self._process = self.launcher(self.config, self.input_address, self.output_address)
 
@@ -289,6 +291,7 @@ class ExecutorClient:
                     del self.requests[output.rid]
                 queue.put_nowait(output)
         elif isinstance(message, P.ExecutorProgress):
+            self.download = message.download
             self.on_progress(message.message)
         elif isinstance(message, P.ExecutorReady):
             if self._process is None or message.pid != self._process.pid:

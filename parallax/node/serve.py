@@ -24,7 +24,7 @@ async def serve_async(config: ServeConfig) -> int:
     frontend = NodeFrontend(config, client, source.name)
     server = make_server(build_app(frontend), config.tls, lifespan="off")
     install_signal_handlers(server, on_stop=client.begin_shutdown)
-    await frontend.start(tokenizer_path=source.path if source.kind != "repo" else None)
+    await frontend.start(tokenizer_path=source.path if source.kind == "gguf" else None)
     serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     ready_task = asyncio.create_task(frontend.wait_ready())
     code = 0

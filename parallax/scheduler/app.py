@@ -25,6 +25,7 @@ from parallax.config import MAX_INIT_NODES, QUANTIZE_CHOICES, SchedulerConfig
 from parallax.node.link_crypto import is_curve_key
 from parallax.protocol import (
     Assignment,
+    DownloadProgress,
     Heartbeat,
     HeartbeatResponse,
     JoinResponse,
@@ -79,6 +80,17 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _JSON = msgspec.json.Encoder()
 _NODE_ID = re.compile(r"^[\w.:@-]{1,128}$")
 NODE_SECRET_HEADER = "x-node-secret"
+
+
+def _download_view(download: DownloadProgress | None) -> dict[str, float] | None:
+    """A node's hub download for the cluster view, or None when absent or nonsensical."""
+    if download is None:
+        return None
+    numbers = (download.done_bytes, download.total_bytes, download.bytes_per_s, download.eta_s)
+    if not all(0 <= n < 2**62 for n in numbers) or download.done_bytes > download.total_bytes:
+        return None
+    return {"done_bytes": download.done_bytes, "total_bytes": download.total_bytes,
+            "bytes_per_s": round(download.bytes_per_s), "eta_s": round(download.eta_s, 1)}
 
 
 def _msgspec_response(obj: Any) -> Response:
@@ -163,6 +175,8 @@ class SchedulerState:
         served = self.model_name
         if served is None:
             raise APIError(503, "no model is selected yet; choose one with POST /scheduler/init")
+        if requested and self.catalog.known_as(requested) == served:
+            return  # e.g. the `OWNER/REPO:QUANT` the model was chosen by, for its pinned name
         try:
             check_model_name(requested, served)
         except APIError:
@@ -241,7 +255,8 @@ class SchedulerState:
             waiting_requests=message.waiting_requests, free_blocks=message.free_blocks,
             total_blocks=message.total_blocks, layer_latency_ms=message.layer_latency_ms,
             loaded_model=message.loaded_model if loaded else None,
-            loaded_quantize=message.loaded_quantize if loaded else None, loaded_range=loaded_range)
+            loaded_quantize=message.loaded_quantize if loaded else None, loaded_range=loaded_range,
+            download=_download_view(message.download))
         if not known:
             return HeartbeatResponse(known=False)
         self.forwarder.inflight.mark_heartbeat(message.node_id)

@@ -1,7 +1,9 @@
 """Model name -> ModelSpec (the memory shape allocation plans with), and the `/model/list` entries.
 
 A model string is what nodes pass to `load_shard`: the built-in name, a local directory, a
-`.gguf` file or a Hugging Face repo id. Its config comes from the GGUF metadata or config.json;
+`.gguf` file, a Hugging Face repo id, or a hub GGUF pinned to one commit
+(`OWNER/REPO@COMMIT/FILE.gguf`, what `OWNER/REPO:QUANT` and `OWNER/REPO/FILE.gguf` resolve to
+here, sized from the file's header fetched alone). Its config comes from the GGUF metadata or config.json;
 for a repo id, from the local HF cache when present, else from :data:`CURATED_CONFIGS` (a few
 popular ids), else by downloading config.json alone. Sizing builds the model on the meta device
 (:func:`parallax.models.sizing.estimate_layer_bytes`), so results are cached per model. A GGUF
@@ -22,6 +24,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from parallax.models import hub_gguf
 from parallax.models.hub import DEFAULT_MODEL, REPO_ID, ModelSource, resolve
 from parallax.scheduler.allocation import DEFAULT_MEMORY_FRACTION, ModelSpec, layer_bytes_with_kv
 
@@ -86,6 +89,8 @@ def display_name(model: str) -> str:
     """Short name for `/v1/models`: a file or directory's base name, a repo id as is."""
     if model == DEFAULT_MODEL or (REPO_ID.match(model) and not os.path.exists(model)):
         return model
+    if hub_gguf.is_hub_gguf(model):
+        return hub_gguf.display_name(model)
     base = os.path.basename(os.path.normpath(os.path.expanduser(model)))
     return base.removesuffix(".gguf") or model
 
@@ -176,22 +181,39 @@ class ModelCatalog:
             if key in self._specs:
                 return self._specs[key]
         source = resolve(name)
+        pinned = name
+        if source.kind == "hubgguf":  # one commit and file list, handed to every node as is
+            pinned = hub_gguf.resolve_pinned(name).model
+            with self._lock:
+                if (pinned, quantize) in self._specs:
+                    self._specs[key] = self._specs[(pinned, quantize)]
+                    return self._specs[key]
+            source = resolve(pinned)
         if source.kind == "repo":
             config = _repo_config(source.repo_id or name, self.curated)
         else:
-            from parallax.models.loader import load_config
+            from parallax.models.loader import header_source, load_config
 
+            source = header_source(source)  # a hub GGUF is sized from its header
             config = load_config(source)
-        spec = _spec_from_config(name, config, self.dtype_bytes, source, quantize)
+        spec = _spec_from_config(pinned, config, self.dtype_bytes, source, quantize)
         with self._lock:
-            self._specs[key] = spec
+            self._specs[key] = self._specs[(pinned, quantize)] = spec
         return spec
+
+    def known_as(self, model: str) -> str | None:
+        """The name of the spec already sized for `model` (a hub GGUF's pinned string for the
+        tag it was chosen by), or None; never looks anything up."""
+        with self._lock:
+            spec = self._specs.get((canonical_model(model), None))
+        return None if spec is None else spec.name
 
     def default_quantize(self, model: str | None) -> str | None:
         """The scheduler's --quantize for `model`: None for GGUF files (packed as stored) and
         models given ready-sized (`known`). ValueError for a model string that is not one."""
         name = canonical_model(model)
-        if self.quantize is None or name in self._known or resolve(name).kind == "gguf":
+        if self.quantize is None or name in self._known or \
+                resolve(name).kind in ("gguf", "hubgguf"):
             return None
         return self.quantize
 

@@ -34,6 +34,7 @@ class NodeRecord:
     loaded_range: tuple[int, int] | None = None
     peer_id: str | None = None  # P2P mode: requests reach this node over Lattica
     curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes)
+    download: dict | None = None  # loading: its hub download (done/total bytes, rate, ETA)
 
 
 @dataclass

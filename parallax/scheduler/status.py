@@ -132,6 +132,7 @@ def cluster_status(
             # how its activation links travel: CURVE-encrypted, libp2p (P2P), or in the clear
             "link_encryption": "curve" if record.curve_public_key else (
                 "libp2p" if record.peer_id else "none"),
+            "download": record.download,  # a loading node's hub download, else None
         })
     pipelines = [] if allocation is None else [
         [stage.node_id for stage in pipeline] for pipeline in allocation.pipelines]

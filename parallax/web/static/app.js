@@ -229,6 +229,14 @@
       ? "layers [" + node.start_layer + ", " + node.end_layer + ")" : "no layers yet";
   }
 
+  function downloadText(node) {
+    const d = node.download;
+    if (!d || !d.total_bytes) return "";
+    const pct = Math.floor(100 * d.done_bytes / d.total_bytes);
+    return "downloading " + pct + "% of " + (d.total_bytes / 1e6).toFixed(0) + " MB · " +
+      (d.bytes_per_s / 1e6).toFixed(1) + " MB/s · ETA " + Math.round(d.eta_s) + " s";
+  }
+
   function renderJoin() {
     const s = state.status || {};
     const command = state.joinCommand || s.node_join_command || "…";
@@ -257,6 +265,7 @@
       card.appendChild(text("div", node.node_id, "muted small"));
       card.appendChild(text("div", (node.device || "?") + " · " + fmtGB(node.memory_gb)));
       card.appendChild(text("div", layerText(node)));
+      if (downloadText(node)) card.appendChild(text("div", downloadText(node), "small"));
       card.appendChild(text("div", (node.status || "") + " · " + loadText(node), "small"));
       card.appendChild(loadBar(node));
       cards.appendChild(card);
