@@ -108,7 +108,7 @@ def load_shard(
         reader = gguf_format.open_reader(source.path)
         packed = quant_loading.packable_names(shard, gguf_format.tensor_types(reader, owns))
         stripped = quant_loading.strip(shard, packed)
-    else:
+    elif source.kind != "gguf":
         names = [name for name in weight_map(source.path) if owns(name)]
         if hasattr(shard, "match_checkpoint"):
             # e.g. gpt-oss: experts held MXFP4 exactly where the safetensors store them so
