@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate, rebalance
+from parallax.scheduler.network import LatencyMatrix, probe_targets
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Registry:
     model: ModelSpec | None = None
     allocation: Allocation | None = None
     generation: int = 0  # bumps whenever the allocation changes
+    network: LatencyMatrix = field(default_factory=LatencyMatrix)
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -61,9 +63,27 @@ class Registry:
             setattr(record, key, value)
         return True
 
+    def report_links(self, node_id: str, links: list[tuple[str, float, float]], now: float,
+                     scheduler_rtt_ms: float = 0.0) -> int:
+        """Record a node's network measurements (peers it may not know are ignored); returns
+        how many were taken."""
+        if node_id not in self.nodes:
+            return 0
+        known = [link for link in links if link[0] in self.nodes]
+        return self.network.report(node_id, known, now, scheduler_rtt_ms)
+
+    def probe_peers(self, node_id: str) -> list[str]:
+        """Peers ``node_id`` should measure next: its pipeline's nodes, then the rest in turn."""
+        neighbours: list[str] = []
+        index = None if self.allocation is None else self.allocation.pipeline_index_of(node_id)
+        if index is not None:
+            neighbours = [s.node_id for s in self.allocation.pipelines[index]]
+        return probe_targets(self.network, node_id, neighbours, self.nodes)
+
     def leave(self, node_id: str) -> bool:
         if self.nodes.pop(node_id, None) is None:
             return False
+        self.network.forget(node_id)
         self._reallocate()
         return True
 
@@ -72,6 +92,7 @@ class Registry:
         silent = [n for n, r in self.nodes.items() if now - r.last_seen > self.heartbeat_timeout_s]
         for node_id in silent:
             del self.nodes[node_id]
+            self.network.forget(node_id)
         if silent:
             self._reallocate()
         return silent
