@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate, rebalance
+from parallax.scheduler.allocation import (
+    Allocation,
+    ModelSpec,
+    NodeInfo,
+    allocate,
+    degraded_pipelines,
+    rebalance,
+)
 from parallax.scheduler.network import LatencyMatrix, probe_targets
 
 
@@ -70,7 +77,26 @@ class Registry:
         if node_id not in self.nodes:
             return 0
         known = [link for link in links if link[0] in self.nodes]
-        return self.network.report(node_id, known, now, scheduler_rtt_ms)
+        taken = self.network.report(node_id, known, now, scheduler_rtt_ms)
+        if self.model is not None and self.allocation is not None \
+                and degraded_pipelines(self.allocation, self.model, self.network):
+            self._reallocate()  # a pipeline's links degraded: re-plan through rebalance
+        return taken
+
+    def link_latency_ms(self) -> dict[tuple[str, str], float]:
+        """One-way cost (ms) of every hop of the current pipelines, forward hops with their
+        activation transfer: what routing adds to each pipeline's compute."""
+        out: dict[tuple[str, str], float] = {}
+        if self.allocation is None:
+            return out
+        size = self.model.activation_bytes if self.model is not None else 0
+        for pipeline in self.allocation.pipelines:
+            ids = [s.node_id for s in pipeline]
+            for a, b in zip(ids, ids[1:], strict=False):
+                out[(a, b)] = self.network.link(a, b).hop_ms(size)
+            if len(ids) > 1:
+                out[(ids[-1], ids[0])] = self.network.link(ids[-1], ids[0]).hop_ms()
+        return out
 
     def probe_peers(self, node_id: str) -> list[str]:
         """Peers ``node_id`` should measure next: its pipeline's nodes, then the rest in turn."""
@@ -110,9 +136,9 @@ class Registry:
             return
         infos = [r.info for r in sorted(self.nodes.values(), key=lambda r: r.joined_at)]
         if self.allocation is None or not self.allocation.pipelines:
-            new = allocate(infos, self.model)
+            new = allocate(infos, self.model, network=self.network)
         else:
-            new = rebalance(self.allocation, infos, self.model)
+            new = rebalance(self.allocation, infos, self.model, network=self.network)
         if new != self.allocation:
             self.allocation = new
             self.generation += 1
