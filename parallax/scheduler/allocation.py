@@ -52,6 +52,8 @@ NEAR_RTT_MS = 20.0
 """Nodes within this RTT of a region's leader belong to its region."""
 FAR_COST_FACTOR = 2.0
 """A cross-region pipeline is used only when it costs at most this × the regional median."""
+SPEED_TIER_GAP = 1.5
+"""Within a region, pipelines form first among nodes whose speeds differ less than this."""
 DEGRADED_FACTOR = 2.0
 DEGRADED_MIN_MS = 20.0
 
@@ -481,21 +483,43 @@ def _regions(cands: list[_Candidate], network: Network) -> list[list[_Candidate]
     return regions
 
 
+def _speed_tiers(cands: list[_Candidate]) -> list[list[_Candidate]]:
+    """Runs of similar speed: sorted by speed, cut where one is SPEED_TIER_GAP × the next.
+    A pipeline of equally fast nodes water-fills evenly; a fast node tied to a slow one whose
+    memory forces it to take many layers waits on it."""
+    ordered = sorted(cands, key=lambda c: -c.speed)
+    tiers: list[list[_Candidate]] = []
+    for c in ordered:
+        if tiers and tiers[-1][-1].speed <= SPEED_TIER_GAP * c.speed:
+            tiers[-1].append(c)
+        else:
+            tiers.append([c])
+    return tiers
+
+
 def _network_groups(
     cands: list[_Candidate], model: ModelSpec, network: Network
 ) -> list[tuple[Stage, ...]]:
     """Regional pipelines, then cross-region ones that cost at most FAR_COST_FACTOR × the
     regional median (module docstring)."""
+    rank = {id(c): k for k, c in enumerate(cands)}
+
+    def in_order(group: list[_Candidate]) -> list[_Candidate]:
+        return sorted(group, key=lambda c: rank[id(c)])  # capacity order, for the greedy
+
     local, leftover = [], []
     for region in _regions(cands, network):
-        groups, rest = _greedy_groups(region, model.num_layers)
+        mixed = []
+        for tier in _speed_tiers(region):
+            groups, rest = _greedy_groups(in_order(tier), model.num_layers)
+            local.extend(groups)
+            mixed.extend(rest)
+        groups, rest = _greedy_groups(in_order(mixed), model.num_layers)
         local.extend(groups)
         leftover.extend(rest)
-    rank = {id(c): k for k, c in enumerate(cands)}
-    leftover.sort(key=lambda c: rank[id(c)])  # back to capacity order for the greedy
-    far, _ = _greedy_groups(leftover, model.num_layers)
+    far, _ = _greedy_groups(in_order(leftover), model.num_layers)
     nodes = {c.node.node_id: c.node for c in cands}
-    chosen = [_build_pipeline(g, model.num_layers, network) for g in _choose_groups(local)]
+    chosen = [_build_pipeline(g, model.num_layers, network) for g in local]
     far_built = [_build_pipeline(g, model.num_layers, network) for g in far]
     if not chosen:
         return [_build_pipeline(g, model.num_layers, network) for g in _choose_groups(far)]
@@ -664,7 +688,10 @@ def rebalance(
     by_id = {n.node_id: n for n in nodes}
     before = {s.node_id for p in previous.pipelines for s in p}
     pool = [n for n in _ordered(nodes) if n.node_id not in before]
-    degraded = set(degraded_pipelines(previous, model, network))
+    present = [
+        i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
+    ]
+    degraded = set(degraded_pipelines(previous, model, network, present))
     kept: list[tuple[Stage, ...]] = []
     planned: list[float] = []
     loose: list[NodeInfo] = []
@@ -732,15 +759,20 @@ def _slow_hops(
 
 
 def degraded_pipelines(
-    allocation: Allocation, model: ModelSpec, network: Network | None
+    allocation: Allocation,
+    model: ModelSpec,
+    network: Network | None,
+    indices: Sequence[int] | None = None,
 ) -> list[int]:
-    """Indices of pipelines whose hops now cost more than DEGRADED_FACTOR × (and at least
-    DEGRADED_MIN_MS more than) when they were planned; a pipeline planned without figures
-    counts as planned at 0 ms, so the first real measurements can re-plan it."""
+    """Indices (of ``indices``, default all) of pipelines whose hops now cost more than
+    DEGRADED_FACTOR × (and at least DEGRADED_MIN_MS more than) when they were planned; a
+    pipeline planned without figures counts as planned at 0 ms, so the first real measurements
+    can re-plan it."""
     if network is None:
         return []
     out = []
-    for index, pipeline in enumerate(allocation.pipelines):
+    for index in range(len(allocation.pipelines)) if indices is None else indices:
+        pipeline = allocation.pipelines[index]
         planned = allocation.planned_hop_ms[index] if index < len(allocation.planned_hop_ms) else 0
         if _degraded(hop_cost_ms(pipeline, network, model.activation_bytes), planned):
             out.append(index)

@@ -84,10 +84,16 @@ def pipeline_token_cost_ms(
         )
     if any(not (math.isfinite(c) and c >= 0) for c in stage_compute_ms):
         raise ValueError("stage compute times must be finite and >= 0")
-    cost = sum(stage_compute_ms) + sum(link.hop_ms(activation_bytes) for link in forward_links)
+    hops = [link.hop_ms(activation_bytes) for link in forward_links]
     if len(stage_compute_ms) > 1 and return_link is not None:
-        cost += return_link.hop_ms()
-    return cost
+        hops.append(return_link.hop_ms())
+    return token_cost_ms(stage_compute_ms, hops)
+
+
+def token_cost_ms(stage_compute_ms: Sequence[float], hop_ms: Sequence[float]) -> float:
+    """The sum itself, for callers that already hold one-way hop costs (routing, per request):
+    Σ stage compute + Σ hop costs."""
+    return sum(stage_compute_ms) + sum(hop_ms)
 
 
 def bottleneck_ms(stage_compute_ms: Sequence[float]) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from parallax.scheduler.allocation import Stage
-from parallax.scheduler.cost import DEFAULT_LAYER_LATENCY_MS, Link, pipeline_token_cost_ms
+from parallax.scheduler.cost import DEFAULT_LAYER_LATENCY_MS, token_cost_ms
 
 _TIE = 1e-9
 
@@ -63,9 +63,8 @@ def _default_latency(loads: Mapping[str, NodeLoad]) -> float:
     return sum(known) / len(known) if known else DEFAULT_LAYER_LATENCY_MS
 
 
-def _hop(links: Mapping[tuple[str, str], float], a: str, b: str) -> Link:
-    one_way = links.get((a, b), links.get((b, a), 0.0))
-    return Link(2 * one_way)  # the cost model takes RTTs and charges half of each
+def _hop(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
+    return links.get((a, b), links.get((b, a), 0.0))
 
 
 def pipeline_cost_ms(
@@ -76,8 +75,8 @@ def pipeline_cost_ms(
 ) -> float:
     """Estimated cost of one token: Σ layers × layer latency × (1 + load factor) + link latencies.
 
-    The per-token cost model (:func:`parallax.scheduler.cost.pipeline_token_cost_ms`) with each
-    stage's compute stretched by its load. ``link_latency_ms`` holds one-way hop costs (transfer
+    The per-token cost model (:func:`parallax.scheduler.cost.token_cost_ms`) with each stage's
+    compute stretched by its load. ``link_latency_ms`` holds one-way hop costs (transfer
     included); the hops are those between consecutive stages plus the token's way back from the
     last stage to the head; a link missing from it (either direction) counts as 0. A node with
     no measured latency uses ``default_layer_latency_ms``.
@@ -88,10 +87,11 @@ def pipeline_cost_ms(
         load = loads[stage.node_id]
         per_layer = load.layer_latency_ms if load.layer_latency_ms > 0 else default_layer_latency_ms
         compute.append(stage.num_layers * per_layer * (1.0 + load.load_factor))
-    ids = [s.node_id for s in pipeline]
-    forward = [_hop(links, a, b) for a, b in zip(ids, ids[1:], strict=False)]
-    back = _hop(links, ids[-1], ids[0]) if len(ids) > 1 else None
-    return pipeline_token_cost_ms(compute, forward, back)
+    hops = []
+    if links and len(pipeline) > 1:
+        ids = [s.node_id for s in pipeline]
+        hops = [_hop(links, a, b) for a, b in zip(ids, ids[1:] + ids[:1], strict=True)]
+    return token_cost_ms(compute, hops)
 
 
 def route(
