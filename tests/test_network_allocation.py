@@ -134,3 +134,21 @@ def test_routing_prefers_the_cheaper_pipeline_unless_it_is_much_busier() -> None
     assert route([far, near], loads, link_latency_ms=links).pipeline_index == 1
     loads.update(a=load("a", running=9), b=load("b", running=9))  # much busier: the far one
     assert route([far, near], loads, link_latency_ms=links).pipeline_index == 0
+
+
+def test_standby_nodes_form_a_pipeline_once_they_measure_each_other_near() -> None:
+    registry = Registry(init_nodes_num=4)
+    registry.set_model(spec(32))
+    nodes = [node("n1", 20), node("n2", 14), node("f1", 20), node("f2", 14)]
+    for info in nodes:
+        registry.join(record(info.node_id, info))
+    # near nodes 2 ms from the scheduler, far ones 60 ms: the far pair is estimated 120 ms apart
+    for n, rtt in (("n1", 2.0), ("n2", 2.0), ("f1", 60.0), ("f2", 60.0)):
+        registry.report_links(n, [], now=1.0, scheduler_rtt_ms=rtt)
+    registry.report_links("n1", [("n2", 4.0, 100.0)], now=2.0)
+    registry.report_links("n2", [("n1", 4.0, 100.0)], now=2.0)
+    assert pairs(registry.allocation) == {frozenset({"n1", "n2"})}
+    assert set(registry.allocation.unassigned) == {"f1", "f2"}
+    registry.report_links("f1", [("f2", 4.0, 100.0)], now=20.0)
+    registry.report_links("f2", [("f1", 4.0, 100.0)], now=40.0)
+    assert pairs(registry.allocation) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}

@@ -52,6 +52,8 @@ class Registry:
     allocation: Allocation | None = None
     generation: int = 0  # bumps whenever the allocation changes
     network: LatencyMatrix = field(default_factory=LatencyMatrix)
+    replan_interval_s: float = 10.0  # standby nodes are re-planned with new figures this often
+    _last_replan: float = -float("inf")
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -78,9 +80,15 @@ class Registry:
             return 0
         known = [link for link in links if link[0] in self.nodes]
         taken = self.network.report(node_id, known, now, scheduler_rtt_ms)
-        if self.model is not None and self.allocation is not None \
-                and degraded_pipelines(self.allocation, self.model, self.network):
-            self._reallocate()  # a pipeline's links degraded: re-plan through rebalance
+        if self.model is None or self.allocation is None:
+            return taken
+        # a pipeline's links degraded: re-plan now; standby nodes may form a pipeline with the
+        # new figures (links found near): re-plan now and then (rebalance keeps the rest)
+        standby_due = bool(self.allocation.unassigned) \
+            and now - self._last_replan >= self.replan_interval_s
+        if standby_due or degraded_pipelines(self.allocation, self.model, self.network):
+            self._last_replan = now
+            self._reallocate()
         return taken
 
     def link_latency_ms(self) -> dict[tuple[str, str], float]:
