@@ -194,6 +194,7 @@ class NodeAgent:
             except Exception:  # a probe must never take the agent down
                 logger.exception("measuring peers failed")
             await asyncio.sleep(PROBE_INTERVAL_S)
+        self._link_reports = []  # no peers listed any more: nothing current to report
 
     async def leave(self) -> None:
         if self._probe_task is not None:
