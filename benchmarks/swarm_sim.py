@@ -26,7 +26,7 @@ Strategies, all in the same run over the same events:
 - `memory-only`: layers split in proportion to memory over nodes in join order (exo /
   llama.cpp RPC style), re-split from scratch on every event; no latency in routing.
 
-Routing: each `route` decision places up to a quarter of the chosen pipeline's free slots (so a
+Routing: each `route` decision fills the chosen pipeline's free slots from the queue (so a
 1 000-node run routes thousands, not hundreds of thousands, of times). Reports per model and size: allocation and rebalance wall time (ms), throughput as a share of
 the bound (steady state = the first quarter skipped), layer bytes moved per churn event, and the
 share of requests that needed a replay (their pipeline lost a node or moved). `--plot` writes
@@ -287,9 +287,9 @@ def step(strategy: Strategy, swarm: Swarm, model: ModelSpec, now: float, dt: flo
             break
         strategy.last_index = decision.pipeline_index
         p = pipelines[decision.pipeline_index]
-        # one decision places up to a quarter of the pipeline's free slots (keeps 1 000-node
-        # runs short; the load each placement adds is seen by the next decision)
-        take = max(1, (max_running - running[p]) // 4)
+        # one decision fills the chosen pipeline's free slots (keeps 1 000-node runs short;
+        # the load it adds is seen by the next decision)
+        take = max(1, max_running - running[p])
         for request in queue[:take]:
             request.pipeline = p
             strategy.active.append(request)
@@ -446,8 +446,10 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
+    style = {"ours": {"lw": 2.2, "zorder": 3}, "scratch": {"lw": 1, "ls": ":", "zorder": 4}}
     for s in result["strategies"]:
-        ax.plot([t for t, _, _ in s.series], [r for _, r, _ in s.series], label=s.name, lw=1)
+        ax.plot([t for t, _, _ in s.series], [r for _, r, _ in s.series], label=s.name,
+                **style.get(s.name, {"lw": 1}))
     first = result["strategies"][0].series
     ax.plot([t for t, _, _ in first], [b for _, _, b in first], "k--", lw=1, label="bound")
     for t in result["events"]:
