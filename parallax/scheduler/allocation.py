@@ -19,8 +19,11 @@ later joins). On random instances of up to 7 nodes this matched the exhaustive o
 
 With a ``network`` (link figures between nodes, :mod:`parallax.scheduler.network`), nodes are
 first split into regions: each region is a leader (the largest node not yet placed) and every
-remaining node within :data:`NEAR_RTT_MS` of it. Groups form inside each region; the nodes a
-region cannot use pool into cross-region groups, which are kept only when their per-token cost
+remaining node within :data:`NEAR_RTT_MS` of it. Groups form inside each region, first among
+nodes of similar speed (:data:`SPEED_TIER_GAP`), then from the rest of the region; every
+regional group is kept (the k² rule applies without a network: with one, routing sends requests
+to the cheaper pipelines first, and a longer regional pipeline still adds throughput). The nodes
+a region cannot use pool into cross-region groups, which are kept only when their per-token cost
 (:mod:`parallax.scheduler.cost`) is within :data:`FAR_COST_FACTOR` of the regional pipelines'
 median: a far node stays standby when near ones can do the job. Stages are ordered so each hop
 goes to the nearest remaining node. :func:`rebalance` re-plans a pipeline whose hops got
