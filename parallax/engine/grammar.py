@@ -150,8 +150,7 @@ class GrammarMasker:
                                {row: f"constrained decoding failed: {exc}" for row in rows})
 
     def _fill(self, seqs: list, rows: list[int]) -> GrammarMask:
-        import llguidance
-        import llguidance.torch as llt
+        import llguidance  # not llguidance.torch: it imports torch.compile (seconds)
 
         if self.vocab is None:
             raise GrammarUnavailable("this stage has no tokenizer for constrained decoding yet; "
@@ -173,9 +172,10 @@ class GrammarMasker:
                 continue
             live.append((state.matcher, len(kept)))
             kept.append(row)
-        bits = llt.allocate_token_bitmask(max(1, len(kept)), tokenizer.vocab_size)
-        if live:
-            llt.fill_next_token_bitmask_par(self._executor, live, bits)
+        words = (tokenizer.vocab_size + 31) // 32
+        bits = torch.full((max(1, len(kept)), words), -1, dtype=torch.int32)
+        if live:  # the matchers write their rows straight into `bits` (GIL released)
+            self._executor.unsafe_compute_mask_ptr(live, bits.data_ptr(), words * 4, len(kept))
         return GrammarMask(kept, bits[:len(kept)], errors)
 
     def close(self) -> None:

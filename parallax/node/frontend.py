@@ -176,10 +176,11 @@ class NodeFrontend:
     async def _load_tokenizer(self, path: str) -> None:
         from parallax.models.loader import load_tokenizer
 
-        self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        vocab = await asyncio.to_thread(tokenizer_json, self.tokenizer)
+        tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        vocab = await asyncio.to_thread(tokenizer_json, tokenizer)
         if vocab is not None:  # the executor constrains decoding with it (response_format)
             self.client.set_grammar_vocab(vocab)
+        self.tokenizer = tokenizer  # ready from here on
 
     async def close(self) -> None:
         await self.client.close()
