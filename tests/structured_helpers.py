@@ -81,6 +81,7 @@ def save_random_model(tmp_path, seed: int = 0) -> tuple[str, object]:
     tokenizer = save_bpe_tokenizer(tmp_path / "tokenizer")
     vocab = len(tokenizer)
     path, _ = save_tiny_model(tmp_path, "llama", seed=seed, vocab_size=vocab,
+                              max_position_embeddings=2048,  # room for a tools prompt
                               eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
                               bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
     tokenizer.save_pretrained(path)
