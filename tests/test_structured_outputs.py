@@ -371,7 +371,7 @@ def test_smollm2_json_schema_always_validates(tmp_path):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "parallax.cli", "serve", "--port", str(port),
-             "--max-batch-size", "20", "--kv-memory", "64MB"],
+             "--max-batch-size", "20", "--kv-memory", "256MB"],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_pytest)
     try:
         url = f"http://127.0.0.1:{port}"

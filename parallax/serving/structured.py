@@ -18,6 +18,7 @@ constrains decoding to it (parallax/engine/grammar.py).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -51,14 +52,21 @@ def _json_grammar(schema: dict[str, Any]) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
-def check_grammar(grammar: str, where: str) -> str:
-    """`grammar` if llguidance compiles it; else a 400 naming `where`."""
+@functools.lru_cache(maxsize=256)
+def _grammar_error(grammar: str) -> str:
+    """llguidance's complaint about `grammar` ("" when it compiles); agents repeat their
+    schemas, so the answers are kept."""
     import llguidance
 
+    return llguidance.LLMatcher.validate_grammar(grammar)
+
+
+def check_grammar(grammar: str, where: str) -> str:
+    """`grammar` if llguidance compiles it; else a 400 naming `where`."""
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise _bad(f"'{where}' is too large: its grammar has {len(grammar)} characters, at most "
                    f"{MAX_GRAMMAR_CHARS} are accepted; use a smaller schema")
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    error = _grammar_error(grammar)
     if error:
         raise _bad(f"'{where}' cannot be used to constrain the answer: {error}")
     return grammar
