@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from parallax.engine.grammar import GrammarMask
@@ -53,20 +54,29 @@ NON_FINITE_LOGITS = RowFailure(
     "retry, or run the model in float32 or bfloat16")
 
 
+def allowed_tokens(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmasks [R, W] (bit t % 32 of word t // 32) → bool [R, vocab]; tokens past the
+    mask's words are not allowed. numpy's unpackbits: an order of magnitude faster on CPU than
+    shifting in torch."""
+    raw = np.ascontiguousarray(bits.cpu().numpy()).view(np.uint8)  # little-endian words
+    allowed = torch.from_numpy(np.unpackbits(raw, axis=1, bitorder="little").view(np.bool_))
+    if allowed.shape[1] < vocab:
+        return torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return allowed[:, :vocab]
+
+
 def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask | None) -> torch.Tensor:
     """logits: [N, V]. The rows in `mask.rows` keep only their allowed tokens (the others
     -inf); a new tensor when a row is masked, `logits` itself otherwise. Tokens beyond the
     grammar's vocabulary (padding rows of the lm_head) are never allowed."""
     if mask is None or not mask.rows:
         return logits
-    vocab = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((mask.bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [rows, 32 * words]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    allowed = allowed_tokens(mask.bits, logits.shape[-1]).to(logits.device)
+    if mask.rows == list(range(logits.shape[0])):  # every row constrained: no copy first
+        return torch.where(allowed, logits, float("-inf"))
     rows = torch.tensor(mask.rows, device=logits.device)
     masked = logits.clone()
-    masked[rows] = logits[rows].masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
+    masked[rows] = torch.where(allowed, logits[rows], float("-inf"))
     return masked
 
 
