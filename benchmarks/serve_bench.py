@@ -8,6 +8,12 @@ p50/p99 (from the moment all N are sent), inter-token latency p50/p99, aggregate
 serving overhead 1 - served/in-process tok/s. Prints a markdown table.
 
     .venv/bin/python benchmarks/serve_bench.py [--clients 1,8,32] [--max-tokens 64]
+
+`--json-schema`: the per-token cost of grammar-constrained decoding instead (in-process engine,
+no server): at batch 1 and 16 (`--clients`, default 1,16 then), every request decodes
+`--max-tokens` tokens greedily either free or under a `response_format` JSON schema (an array of
+at least 500 objects with an enum, a number and a list of strings, so no answer completes
+early); reported: ms per decode step (mean) and tok/s of both, and the cost of the grammar.
 """
 
 from __future__ import annotations
@@ -125,10 +131,11 @@ class InProcess:
                                                       add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
-    def run(self, texts: list[str], max_tokens: int) -> dict:
+    def run(self, texts: list[str], max_tokens: int, grammar: str | None = None) -> dict:
         from parallax.engine.sampling_params import SamplingParams
 
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                grammar=grammar)
         ids = [self.encode(t) for t in texts]
         stamps: dict[str, list[float]] = {str(i): [] for i in range(len(texts))}
         t0 = time.perf_counter()
@@ -143,8 +150,62 @@ class InProcess:
                     stamps[o.request_id].append(now)
                     tokens += 1
         wall = max(s[-1] for s in stamps.values()) - t0
-        return summarize([s[0] - t0 for s in stamps.values()],
-                         [g for s in stamps.values() for g in gaps(s)], tokens, wall)
+        result = summarize([s[0] - t0 for s in stamps.values()],
+                           [g for s in stamps.values() for g in gaps(s)], tokens, wall)
+        # decode steps: from the last first token to the end, one token per request per step
+        first = max(s[0] for s in stamps.values())
+        result["step_ms"] = (wall - (first - t0)) / max(1, max_tokens - 1) * 1e3
+        return result
+
+
+# ---- grammar cost ---------------------------------------------------------------------------
+
+ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "amount": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["color", "amount", "tags"],
+    "additionalProperties": False,
+}
+LONG_SCHEMA = {"type": "array", "items": ITEM_SCHEMA, "minItems": 500}
+
+
+def json_schema_bench(args) -> None:
+    from parallax.models.quant.native import flags_summary
+    from parallax.serving.structured import parse_response_format, tokenizer_json
+
+    grammar = parse_response_format({"type": "json_schema", "json_schema": {
+        "name": "items", "schema": LONG_SCHEMA}}).grammar
+    local = InProcess(args)
+    local.engine.set_grammar_vocab(tokenizer_json(local.tokenizer))
+    local.run(prompts(2), 4)  # warm: model, vocabulary, mask thread
+    local.run(prompts(2), 4, grammar)
+    counts = [int(c) for c in (args.clients if args.clients != "1,8,32" else "1,16").split(",")]
+    rows = []
+    for n in counts:
+        texts = [f"List items as JSON: {t}" for t in prompts(n)]
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):  # interleaved, best of: the machine may be shared
+            for name, g in (("free", None), ("json_schema", grammar)):
+                r = local.run(texts, args.max_tokens, g)
+                if name not in best or r["step_ms"] < best[name]["step_ms"]:
+                    best[name] = r
+        rows.append((n, best["free"], best["json_schema"]))
+        print(f"N={n}: free {best['free']['step_ms']:.1f} ms/step, json_schema "
+              f"{best['json_schema']['step_ms']:.1f} ms/step", file=sys.stderr)
+    print(f"\nmodel {args.model or 'SmolLM2-135M-Instruct'}, {args.max_tokens} tokens per request "
+          f"(greedy), {os.cpu_count()} CPUs, threads {args.threads or 'default'}, "
+          f"CPU flags {flags_summary()}, best of {args.repeats}\n")
+    print("| batch | free ms/step | json_schema ms/step | free tok/s | json_schema tok/s "
+          "| grammar cost per token |")
+    print("|---|---|---|---|---|---|")
+    for n, free, constrained in rows:
+        cost = constrained["step_ms"] / free["step_ms"] - 1
+        print(f"| {n} | {free['step_ms']:.1f} | {constrained['step_ms']:.1f} | "
+              f"{free['tok_s']:.1f} | {constrained['tok_s']:.1f} | {cost:+.1%} |")
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -158,7 +219,13 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--kv-memory", default="512MB")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json-schema", action="store_true",
+                        help="measure grammar-constrained vs free decoding instead")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.json_schema:
+        json_schema_bench(args)
+        return
     counts = [int(c) for c in args.clients.split(",")]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

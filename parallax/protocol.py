@@ -165,8 +165,15 @@ class SetLinkSecurity(msgspec.Struct, tag="link_security", frozen=True):
     curve_keys: list[str] = []  # CURVE public key of each peer, in `peers` order ("": none)
 
 
+class SetGrammarVocab(msgspec.Struct, tag="grammar_vocab", frozen=True):
+    """The frontend's tokenizer as `tokenizer.json` text: the stage that samples builds its
+    grammar matchers from it (parallax/engine/grammar.py); GGUF tokenizers included."""
+
+    tokenizer_json: str
+
+
 ToExecutor = Union[AddRequest, AbortRequest, Shutdown, SetLinkAliases,  # noqa: UP007
-                   SetLinkSecurity]
+                   SetLinkSecurity, SetGrammarVocab]
 FromExecutor = Union[ExecutorProgress, ExecutorReady, StepOutputs, ExecutorError]  # noqa: UP007
 
 _encoder = msgspec.msgpack.Encoder()

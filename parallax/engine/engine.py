@@ -15,8 +15,9 @@ import torch
 
 from parallax.engine.batcher import ScheduledChunk, Scheduler
 from parallax.engine.block_manager import BlockManager, GroupedBlockManager, WindowBlockManager
+from parallax.engine.grammar import GrammarMask, GrammarMasker
 from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
-from parallax.engine.sampler import RowFailure, sample, token_logprobs
+from parallax.engine.sampler import RowFailure, apply_grammar_mask, sample, token_logprobs
 from parallax.engine.sampling_params import SamplingParams
 from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
 
@@ -100,6 +101,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
                                   config.dtype, window_blocks)
         self.sequences: dict[str, Sequence] = {}
+        # the stage that samples constrains the requests that carry a grammar
+        self.grammar = GrammarMasker(sorted(self.eos_token_ids)) if self.is_last else None
         self.num_steps = 0
         # first stage: tokens computed in prefill (whatever a request brought: prompt, resumed
         # ids) and in decode steps, since this engine started
@@ -166,8 +169,19 @@ class Engine:
                              f"{len(prompt_token_ids)}")
         seq = Sequence(request_id, prompt_token_ids, sampling_params, self.config.block_size)
         seq.num_prompt_tokens -= num_resumed_tokens
-        self.sequences[request_id] = seq
+        self._admit(seq)
+
+    def _admit(self, seq: Sequence) -> None:
+        self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
+        if self.grammar is not None and seq.sampling_params.grammar:
+            self.grammar.admit(seq)
+
+    def set_grammar_vocab(self, tokenizer_json: str) -> None:
+        """The model's tokenizer (`tokenizer.json` text) for constrained decoding; ignored on
+        stages that do not sample."""
+        if self.grammar is not None:
+            self.grammar.set_vocab(tokenizer_json)
 
     def _check_new(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
@@ -208,8 +222,7 @@ class Engine:
             sampling_params.validate()  # they came over the wire from the head
             seq = Sequence(request_id, [], sampling_params, self.config.block_size)
             seq.num_prompt_tokens = num_prompt_tokens
-            self.sequences[request_id] = seq
-            self.scheduler.add(seq)
+            self._admit(seq)
         if start_position != len(seq.token_ids):
             raise ValueError(
                 f"{request_id!r}: input at position {start_position}, expected {len(seq)}"
@@ -256,10 +269,15 @@ class Engine:
         if not chunks:
             return outputs
         chunks.sort(key=lambda c: not c.is_decode)  # attention metadata wants decodes first
+        # the grammar masks of the rows about to be sampled are filled while the forward runs
+        masks = None if self.grammar is None else self.grammar.start(
+            [c.seq for c in chunks if c.completes_sequence])
         try:
             hidden, logits, due = self.runner.run(chunks, self.is_first, self.is_last)
         except Exception as exc:  # noqa: BLE001 - handed up with the batch's request ids
             raise StepFailed([c.seq.request_id for c in chunks], exc) from exc
+        finally:
+            mask = None if self.grammar is None else self.grammar.wait(masks)
         self.num_steps += 1
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start_position + chunk.num_tokens
@@ -272,7 +290,7 @@ class Engine:
         if not self.is_last:
             outputs.extend(self._hidden_outputs(chunks, hidden))
         elif due:
-            outputs.extend(self._sample_outputs([chunks[i] for i in due], logits))
+            outputs.extend(self._sample_outputs([chunks[i] for i in due], logits, mask))
         return outputs
 
     def _hidden_outputs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor):
@@ -291,11 +309,16 @@ class Engine:
                 due=chunk.completes_sequence,
             )
 
-    def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor):
+    def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
+                        mask: GrammarMask | None = None):
         seqs = [c.seq for c in chunks]
         params = [s.sampling_params for s in seqs]
         generated = [s.generated_token_ids for s in seqs]
+        logits = apply_grammar_mask(logits, mask)
         token_ids = sample(logits, params, generated, [s.generator for s in seqs])
+        if mask is not None:  # rows whose grammar cannot go on fail alone
+            for row, message in mask.errors.items():
+                token_ids[row] = RowFailure(message)
         logprobs = token_logprobs(logits, params, generated, token_ids)
         for seq, token_id, lp in zip(seqs, token_ids, logprobs, strict=True):
             if isinstance(token_id, RowFailure):  # this request fails, its neighbours go on
@@ -306,6 +329,8 @@ class Engine:
                                  error=token_id.message)
                 continue
             reason = self._finish_reason(seq, token_id)
+            if seq.grammar is not None and seq.grammar.accept(token_id) and reason is None:
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow
             output = StepOutput(seq.request_id, token_id=token_id, finished=reason is not None,
                                 finish_reason=reason)
             if lp is not None:

@@ -8,6 +8,10 @@ left empty or non-finite, an error inside torch) becomes a `RowFailure`: only it
 the other rows of the batch get their tokens. Nothing non-finite ever reaches
 `torch.multinomial`, which on CUDA would be a device-side assert that poisons the process.
 
+Grammar-constrained rows (parallax/engine/grammar.py) have their disallowed tokens set to -inf
+by `apply_grammar_mask` before anything else, so greedy, sampling and logprobs all see the
+constrained distribution; the other rows of the batch are not touched.
+
 Logprobs (`token_logprobs`, only for the rows whose request asked): log-softmax of the logits
 after penalties and temperature, before top-k / top-p / min-p truncation; greedy rows use the
 logits after penalties as they are (temperature 1). One batched log-softmax and top-k for all
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from parallax.engine.grammar import GrammarMask
 from parallax.engine.sampling_params import SamplingParams
 
 
@@ -46,6 +52,32 @@ LOGPROB_FLOOR = -9999.0
 NON_FINITE_LOGITS = RowFailure(
     "the model produced NaN or infinite logits for this request (numerical overflow); "
     "retry, or run the model in float32 or bfloat16")
+
+
+def allowed_tokens(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmasks [R, W] (bit t % 32 of word t // 32) → bool [R, vocab]; tokens past the
+    mask's words are not allowed. numpy's unpackbits: an order of magnitude faster on CPU than
+    shifting in torch."""
+    raw = np.ascontiguousarray(bits.cpu().numpy()).view(np.uint8)  # little-endian words
+    allowed = torch.from_numpy(np.unpackbits(raw, axis=1, bitorder="little").view(np.bool_))
+    if allowed.shape[1] < vocab:
+        return torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return allowed[:, :vocab]
+
+
+def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask | None) -> torch.Tensor:
+    """logits: [N, V]. The rows in `mask.rows` keep only their allowed tokens (the others
+    -inf); a new tensor when a row is masked, `logits` itself otherwise. Tokens beyond the
+    grammar's vocabulary (padding rows of the lm_head) are never allowed."""
+    if mask is None or not mask.rows:
+        return logits
+    allowed = allowed_tokens(mask.bits, logits.shape[-1]).to(logits.device)
+    if mask.rows == list(range(logits.shape[0])):  # every row constrained: no copy first
+        return torch.where(allowed, logits, float("-inf"))
+    rows = torch.tensor(mask.rows, device=logits.device)
+    masked = logits.clone()
+    masked[rows] = torch.where(allowed, logits[rows], float("-inf"))
+    return masked
 
 
 def apply_penalties(

@@ -14,6 +14,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on `top_logprobs`
 
 
 MIN_PRIORITY, MAX_PRIORITY = -20, 20  # as vLLM's API, lower first
+# a grammar rides every stage message header of its request's first chunk (1 MiB of slack)
+MAX_GRAMMAR_CHARS = 256 * 1024
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -23,6 +25,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
     `top_p == 1` and `min_p == 0` disable those filters. `seed` makes sampling reproducible per
     request (same seed, same output). `logprobs`: the last stage reports each sampled token's
     log-probability and the `top_logprobs` most likely alternatives (parallax/engine/sampler.py).
+    `grammar`: an llguidance grammar (JSON schema or Lark, from parallax/serving/structured.py)
+    that the last stage constrains decoding to (parallax/engine/grammar.py).
     """
 
     temperature: float = 1.0
@@ -38,6 +42,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     logprobs: bool = False
     top_logprobs: int = 0
     priority: int = 0  # lower is admitted first; equal ones first come, first served
+    grammar: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError with a message a user can act on (NaN and inf included)."""
@@ -61,6 +66,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
                              f"{self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
+        if self.grammar is not None and not 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the grammar must have 1 to {MAX_GRAMMAR_CHARS} characters, got "
+                             f"{len(self.grammar)}; use a smaller JSON schema")
         if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got "
                              f"{self.priority}")

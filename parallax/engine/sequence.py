@@ -60,6 +60,7 @@ class Sequence:
         self.pending_inputs: list[PendingInput] = []  # non-first stages
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        self.grammar = None  # last stage, constrained requests: grammar.RequestGrammar
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)
 

@@ -169,6 +169,8 @@ class ExecutorLoop:
             if self.stage is not None:
                 self._pending.extend(self.stage.drop_orphans())
                 self._dirty = True
+        elif isinstance(message, P.SetGrammarVocab):
+            self.engine.set_grammar_vocab(message.tokenizer_json)
         elif isinstance(message, P.Shutdown):
             self.running = False
 

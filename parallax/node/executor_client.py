@@ -117,6 +117,7 @@ class ExecutorClient:
         self._restart_task: asyncio.Task | None = None
         self.link_aliases: dict[str, str] = {}
         self.link_security = P.SetLinkSecurity("", [])  # from the scheduler, kept across restarts
+        self.grammar_vocab: P.SetGrammarVocab | None = None  # the model's, kept across restarts
         self.shutting_down = False  # set on SIGTERM: an executor dying now is not restarted
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -163,6 +164,7 @@ class ExecutorClient:
         process, self._process = self._process, None
         await self._stop_process(process)
         self.config = config
+        self.grammar_vocab = None  # the model may change: its frontend sends the new one
         self._ready_event = asyncio.Event()
         self.info, self.error, self._failed_starts = None, None, 0
         self.stats = P.ExecutorStats()
@@ -246,6 +248,13 @@ class ExecutorClient:
         return link_fingerprint(parse_key(self.link_security.key),
                                 self.link_security.curve_keys)
 
+    def set_grammar_vocab(self, tokenizer_json: str) -> None:
+        """The model's tokenizer for constrained decoding: sent now when an executor is ready,
+        and to every executor that becomes ready later."""
+        self.grammar_vocab = P.SetGrammarVocab(tokenizer_json)
+        if self.state == "ready":
+            self._send(self.grammar_vocab)
+
     def abort(self, rid: str) -> bool:
         """Forget a request and tell the executor to free it. Returns whether it was in flight."""
         queue = self.requests.pop(rid, None)
@@ -304,6 +313,8 @@ class ExecutorClient:
                 self._send(P.SetLinkAliases(self.link_aliases))
             if self.link_security.key:  # ...and its link key, before any request
                 self._send(self.link_security)
+            if self.grammar_vocab is not None:  # ...and the tokenizer grammars are built on
+                self._send(self.grammar_vocab)
             self._ready_event.set()
         elif isinstance(message, P.ExecutorError):
             if self._process is not None and message.pid == self._process.pid:

@@ -65,6 +65,7 @@ from parallax.serving.responses_api import parse_responses_request, responses_ad
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
+from parallax.serving.structured import tokenizer_json, tool_call_grammar
 from parallax.serving.text_state import TextState
 from parallax.serving.tool_calls import (
     HarmonyToolParser,
@@ -184,7 +185,11 @@ class NodeFrontend:
     async def _load_tokenizer(self, path: str) -> None:
         from parallax.models.loader import load_tokenizer
 
-        self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        vocab = await asyncio.to_thread(tokenizer_json, tokenizer)
+        if vocab is not None:  # the executor constrains decoding with it (response_format)
+            self.client.set_grammar_vocab(vocab)
+        self.tokenizer = tokenizer  # ready from here on
 
     async def close(self) -> None:
         await self.client.close()
@@ -294,10 +299,30 @@ class NodeFrontend:
         eos: set[int] = set() if req.ignore_eos else set(info.eos_token_ids)
         if not req.ignore_eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
-        params = to_sampling_params(req, room, sorted(eos))
+        params = to_sampling_params(req, room, sorted(eos), self._grammar(req))
         if params.max_tokens > room:
             params = msgspec.structs.replace(params, max_tokens=room)
         return params
+
+    def _grammar(self, req: ChatCompletionRequest) -> str | None:
+        """The grammar the answer is decoded under: `response_format`'s, or the forced tool
+        calls' in this model's tool-call format (None: free decoding)."""
+        if req.response_format.grammar is not None:
+            grammar = req.response_format.grammar
+        elif req.forces_tool_call:
+            grammar = tool_call_grammar(req.template_tools(), self._tool_format(),
+                                        req.parallel_tool_calls)
+        else:
+            return None
+        if grammar is not None and self.client.grammar_vocab is None:
+            raise APIError(400, "this model's tokenizer cannot constrain decoding "
+                                "('response_format' or a forced 'tool_choice'); remove them")
+        return grammar
+
+    def _tool_format(self) -> str:
+        info = self.client.info
+        assert info is not None
+        return tool_format(info.model_type, self._chat_template(), self.template_renders_tools())
 
     def _check_admission(self, rid: str, num_rendering: int) -> None:
         """400 for a running rid, 429 at capacity (renders in progress count as running)."""
@@ -346,8 +371,7 @@ class NodeFrontend:
             make_reasoning_parser(info.model_type, prompt_text, enable_thinking)
         tools = None
         if req.uses_tools:
-            fmt = tool_format(info.model_type, self._chat_template(),
-                              self.template_renders_tools())
+            fmt = self._tool_format()
             harmony_calls = None
             if fmt == "harmony" and isinstance(parser, HarmonyParser):
                 parser = harmony_calls = HarmonyToolParser.from_parser(parser)

@@ -23,6 +23,11 @@ from parallax.engine.sampling_params import (
     SamplingParams,
 )
 from parallax.serving.errors import APIError
+from parallax.serving.structured import (
+    ResponseFormat,
+    check_tool_grammar,
+    parse_response_format,
+)
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
 # Request limits a production server keeps (each 400 names the limit). OpenAI allows 4 stop
@@ -103,6 +108,12 @@ class ChatCompletionRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     priority: int = 0
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """`tool_choice` is "required" or a named function: the answer is decoded as calls."""
+        return self.uses_tools and self.tool_choice in ("required", "function")
 
     @property
     def uses_tools(self) -> bool:
@@ -377,7 +388,7 @@ def _parse_template_kwargs(value: Any) -> dict[str, Any]:
 # fields that would change the answer and are not supported yet: a 400 names them rather than
 # silently answering as if they were absent (each value here is what "absent" means)
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "logit_bias": (None, {}), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "functions": (None, []),
     "function_call": (None, "none"), "web_search_options": (None,),
 }
@@ -477,6 +488,14 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
     tools = _parse_tools(body.get("tools"))
     tool_choice, tool_choice_name = _parse_tool_choice(body.get("tool_choice"), tools)
+    parallel_tool_calls = _opt_bool(body, "parallel_tool_calls", default=True)
+    response_format = parse_response_format(body.get("response_format"))
+    if tool_choice in ("required", "function"):  # their calls are decoded under a grammar
+        if response_format.grammar is not None:
+            raise _bad("'response_format' and a forced 'tool_choice' exclude each other: the "
+                       "answer is either the JSON or the calls")
+        check_tool_grammar([t for t in tools if tool_choice == "required"
+                            or t["function"]["name"] == tool_choice_name], parallel_tool_calls)
 
     return ChatCompletionRequest(
         messages=messages,
@@ -499,10 +518,11 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         tools=tools,
         tool_choice=tool_choice,
         tool_choice_name=tool_choice_name,
-        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls", default=True),
+        parallel_tool_calls=parallel_tool_calls,
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         priority=priority or 0,
+        response_format=response_format,
     )
 
 
@@ -532,8 +552,10 @@ def to_sampling_params(
     req: ChatCompletionRequest,
     default_max_tokens: int,
     eos_token_ids: Iterable[int] = (),
+    grammar: str | None = None,
 ) -> SamplingParams:
-    """Build engine sampling params from a request (OpenAI defaults: temperature 1, top_p 1)."""
+    """Build engine sampling params from a request (OpenAI defaults: temperature 1, top_p 1);
+    `grammar` (parallax/serving/structured.py) constrains the answer."""
     stop_ids = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
     top_k = req.top_k if req.top_k is not None else 0
     params = SamplingParams(
@@ -550,6 +572,7 @@ def to_sampling_params(
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs,
         priority=req.priority,
+        grammar=grammar,
     )
     try:
         params.validate()

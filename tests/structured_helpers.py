@@ -1,0 +1,95 @@
+"""A tiny byte-level BPE tokenizer and random-weight model for structured-output tests.
+
+A random model samples close to uniformly among the tokens it is allowed: without the grammar
+its output is never JSON, with it every answer must parse and validate (an adversarial
+stand-in for a real model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\n' + (message.content or '') + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS = "<|im_end|>"
+
+# an object with an enum, a number and a list (bounded so a random model can finish it)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "amount": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "bb", "ccc"]},
+                 "maxItems": 3},
+    },
+    "required": ["color", "amount", "tags"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def _corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["red", "green", "blue", "Paris", "Rome", "weather", "name", "arguments", "tags",
+             "color", "amount", "city", "days", "hello", "world", "the", "of", "tool_call"]
+    lines = []
+    for _ in range(400):
+        obj = {rng.choice(words): rng.choice([rng.randint(0, 999), rng.choice(words),
+                                              [rng.choice(words)], {"x": rng.random()}])
+               for _ in range(rng.randint(1, 3))}
+        lines.append(json.dumps(obj))
+        lines.append(" ".join(rng.choice(words) for _ in range(8)))
+        lines.append(f"<tool_call>\n{json.dumps({'name': rng.choice(words), 'arguments': obj})}"
+                     "\n</tool_call>")
+    return lines
+
+
+def save_bpe_tokenizer(path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on JSON-ish text, with ChatML specials and template,
+    saved into `path`; returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_random_model(tmp_path, seed: int = 0) -> tuple[str, object]:
+    """A random-weight tiny llama with the BPE tokenizer in one directory; (path, tokenizer)."""
+    from tiny_models import save_tiny_model
+
+    tokenizer = save_bpe_tokenizer(tmp_path / "tokenizer")
+    vocab = len(tokenizer)
+    path, _ = save_tiny_model(tmp_path, "llama", seed=seed, vocab_size=vocab,
+                              max_position_embeddings=2048,  # room for a tools prompt
+                              eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+                              bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def check_schema(value, schema: dict) -> None:
+    """Raise when `value` does not validate against `schema`."""
+    import jsonschema
+
+    jsonschema.validate(value, schema)
