@@ -31,6 +31,18 @@ SCHEMA = {
     "required": ["color", "amount", "tags"],
     "additionalProperties": False,
 }
+# for the real SmolLM2: a fruit with an enum, a number and a list
+SMOL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "fruit": {"type": "string", "enum": ["apple", "banana", "cherry"]},
+        "price": {"type": "number"},
+        "colors": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                   "maxItems": 4},
+    },
+    "required": ["fruit", "price", "colors"],
+    "additionalProperties": False,
+}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object",
@@ -93,3 +105,25 @@ def check_schema(value, schema: dict) -> None:
     import jsonschema
 
     jsonschema.validate(value, schema)
+
+
+def assert_fruit_json_always_validates(client, count: int = 20, workers: int = 20) -> None:
+    """`count` sampled SmolLM2 answers (temperature 1.0, max_tokens 160) under SMOL_SCHEMA,
+    sent `workers` at a time through an openai client: each ends with `stop` and validates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "fruit", "schema": SMOL_SCHEMA}}
+
+    def ask(seed: int):
+        return client.chat.completions.create(
+            model="default", temperature=1.0, seed=seed, max_tokens=160,
+            messages=[{"role": "user", "content": "Describe a fruit you like as JSON "
+                                                  "with its name, price and colors."}],
+            response_format=response_format)
+
+    with ThreadPoolExecutor(workers) as pool:
+        answers = list(pool.map(ask, range(count)))
+    for answer in answers:
+        assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
+        check_schema(json.loads(answer.choices[0].message.content), SMOL_SCHEMA)

@@ -9,17 +9,20 @@ quickly, and the cluster heals with the standby node without any manual step.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from processes import die_with_pytest, free_port
+from structured_helpers import WEATHER_TOOL, assert_fruit_json_always_validates, check_schema
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
@@ -237,6 +240,30 @@ def test_completions_and_responses_through_the_pipeline(cluster, reference_answe
     response = client.responses.create(model="default", input=PROMPTS[0], temperature=0,
                                        max_output_tokens=24)
     assert response.output_text == reference_answers[0]
+
+
+def test_structured_outputs_through_the_pipeline(cluster):
+    """The last stage of the 2-node pipeline applies the grammar: 20 sampled SmolLM2 answers
+    (temperature 1.0, max_tokens 160) under a json_schema all validate, and a forced tool call
+    always parses with arguments that validate against the tool's parameters."""
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=600,
+                           max_retries=0)
+
+    def ask_tool(seed: int):
+        return client.chat.completions.create(
+            model="default", temperature=1.0, seed=seed, max_tokens=160,
+            messages=[{"role": "user", "content": "What is the weather in Rome?"}],
+            tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False)
+
+    assert_fruit_json_always_validates(client, workers=8)
+    with ThreadPoolExecutor(4) as pool:
+        calls = list(pool.map(ask_tool, range(4)))
+    for answer in calls:
+        assert answer.choices[0].finish_reason == "tool_calls"
+        (call,) = answer.choices[0].message.tool_calls[:1]
+        assert call.function.name == "get_weather"
+        check_schema(json.loads(call.function.arguments),
+                     WEATHER_TOOL["function"]["parameters"])
 
 
 def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):

@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import torch
 from processes import die_with_pytest, free_port, serving_tiny_models, wait_healthy
-from structured_helpers import SCHEMA, WEATHER_TOOL, check_schema, save_random_model
+from structured_helpers import (
+    SCHEMA,
+    WEATHER_TOOL,
+    assert_fruit_json_always_validates,
+    check_schema,
+    save_random_model,
+)
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.grammar import GrammarMask, GrammarMasker
@@ -344,19 +349,6 @@ def test_served_bad_schema_is_a_400(served):
 # ---------------------------------------------------------------- the real model
 
 
-SMOL_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "fruit": {"type": "string", "enum": ["apple", "banana", "cherry"]},
-        "price": {"type": "number"},
-        "colors": {"type": "array", "items": {"type": "string", "maxLength": 20},
-                   "maxItems": 4},
-    },
-    "required": ["fruit", "price", "colors"],
-    "additionalProperties": False,
-}
-
-
 @pytest.mark.slow
 def test_smollm2_json_schema_always_validates(tmp_path):
     """20 sampled answers (temperature 1.0, max_tokens 160) of the built-in model, batched:
@@ -375,21 +367,7 @@ def test_smollm2_json_schema_always_validates(tmp_path):
         wait_healthy(url, proc, log_path, timeout=300)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600,
                                max_retries=0)
-        response_format = {"type": "json_schema",
-                           "json_schema": {"name": "fruit", "schema": SMOL_SCHEMA}}
-
-        def ask(seed: int):
-            return client.chat.completions.create(
-                model="default", temperature=1.0, seed=seed, max_tokens=160,
-                messages=[{"role": "user", "content": "Describe a fruit you like as JSON "
-                                                      "with its name, price and colors."}],
-                response_format=response_format)
-
-        with ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(ask, range(20)))
-        for answer in answers:
-            assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
-            check_schema(json.loads(answer.choices[0].message.content), SMOL_SCHEMA)
+        assert_fruit_json_always_validates(client)
     finally:
         proc.kill()
         proc.wait(10)
