@@ -185,12 +185,10 @@ class NodeFrontend:
         from parallax.models.loader import load_tokenizer
 
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        self.tokenizer = tokenizer  # ready from here on
-        # the executor constrains decoding with it (response_format); until it is there, a
-        # constrained request is a 400, so readiness (a replay waiting on it) does not wait
         vocab = await asyncio.to_thread(tokenizer_json, tokenizer)
-        if vocab is not None:
+        if vocab is not None:  # the executor constrains decoding with it (response_format)
             self.client.set_grammar_vocab(vocab)
+        self.tokenizer = tokenizer  # ready from here on
 
     async def close(self) -> None:
         await self.client.close()
