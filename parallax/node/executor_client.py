@@ -118,6 +118,7 @@ class ExecutorClient:
         self.link_aliases: dict[str, str] = {}
         self.link_security = P.SetLinkSecurity("", [])  # from the scheduler, kept across restarts
         self.grammar_vocab: P.SetGrammarVocab | None = None  # the model's, kept across restarts
+        self._vocab_model: str | None = None  # the model grammar_vocab belongs to
         self.shutting_down = False  # set on SIGTERM: an executor dying now is not restarted
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -163,8 +164,9 @@ class ExecutorClient:
         self._add_totals()
         process, self._process = self._process, None
         await self._stop_process(process)
+        if config is not None and config.model != self._vocab_model:
+            self.grammar_vocab = None  # another model: its frontend sends the new one
         self.config = config
-        self.grammar_vocab = None  # the model may change: its frontend sends the new one
         self._ready_event = asyncio.Event()
         self.info, self.error, self._failed_starts = None, None, 0
         self.stats = P.ExecutorStats()
@@ -252,6 +254,7 @@ class ExecutorClient:
         """The model's tokenizer for constrained decoding: sent now when an executor is ready,
         and to every executor that becomes ready later."""
         self.grammar_vocab = P.SetGrammarVocab(tokenizer_json)
+        self._vocab_model = self.config.model if self.config is not None else None
         if self.state == "ready":
             self._send(self.grammar_vocab)
 
