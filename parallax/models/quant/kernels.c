@@ -17,6 +17,7 @@
  * fp32 lanes); any other CPU gets the portable section, vectorized by the compiler alone.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__F16C__)
@@ -482,11 +483,289 @@ static int info_for(int qtype, type_info *t) {
     }
 }
 
+/* ---- int8 activations: llama.cpp's way, for the batch-small (decode) matmul --------------
+ *
+ * Each activation row is quantized once per matmul to blocks of 32 int8 values with an fp32
+ * scale d (and s = d * sum(q), for the types whose weights carry a min: Q4_1, Q5_1, Q4_K, Q5_K).
+ * A weight block is then decoded to 32 int8 values only (no fp32 widening) and meets each
+ * activation block in an integer dot product: AVX2 maddubs (u8 x s8 -> s16 pairs) + madd
+ * (-> s32), or one AVX-512 VNNI dpbusd where the build targets it. The int32 sums are scaled
+ * by d_w * d_x in fp32. The result differs from the fp32-activation kernels above only by the
+ * activations' rounding to int8 (relative error ~1e-2 of a dot product). Signed weights use
+ * the sign trick: |w| (unsigned) times x with w's sign moved onto it.
+ * The activation blocks are per 32 values for every type (llama.cpp's Q8_K uses one scale per
+ * 256): a K-quant sub-block of 32 meets exactly one activation block. */
+#if defined(__AVX2__)
+#define HAS_Q8 1
+
+typedef struct { float d, s; int8_t q[QK]; } xblock_t;
+
+INLINE float hsum_ps(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+INLINE int hsum_epi32(__m256i x) {
+    __m128i r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+    return _mm_cvtsi128_si32(r);
+}
+
+/* 32 floats -> int8 q = round(x / d), d = max|x| / 127 (0 for an all-zero block) */
+static void quantize_block(const float *x, xblock_t *o) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float a = _mm_cvtss_f32(m), d = a / 127.0f;
+    const __m256 id = _mm256_set1_ps(a > 0.0f ? 127.0f / a : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                                _mm256_add_epi32(q[2], q[3])));
+    /* packs interleave the 128-bit lanes: dwords come out as 0 2 4 6 1 3 5 7 of the wanted */
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                         _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i *)o->q,
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    o->d = d;
+    o->s = d * (float)sum;
+}
+
+INLINE __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE __m256i join(__m128i lo, __m128i hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+/* 16 bytes of legacy nibbles -> values 0-15 (low nibbles), then 16-31 (high nibbles) */
+INLINE __m256i nib32(const uint8_t *p) {
+    const __m128i q = load16(p);
+    return join(nib_lo(q), nib_hi(q));
+}
+/* 32 bytes of K-quant nibbles: the low (hi_half = 0) or high nibble of each */
+INLINE __m256i knib(const uint8_t *p, int hi_half) {
+    const __m256i q = load32(p);
+    return _mm256_and_si256(hi_half ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0F));
+}
+/* bits [shift, shift + width) of each of 32 bytes, moved to bit 4 */
+INLINE __m256i khigh(const uint8_t *p, int shift, int mask) {
+    const __m256i v = _mm256_srl_epi16(load32(p), _mm_cvtsi32_si128(shift));
+    return _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi8((char)mask)), 4);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+/* unsigned u8 x signed s8 -> 8 int32 sums of 4 products (VNNI: one instruction, unverified
+ * on this project's AVX2-only machine) */
+INLINE __m256i dot_us(__m256i u, __m256i s) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+/* Q6_K: int32 lanes 0-3 hold values 0-15, lanes 4-7 values 16-31: times the two scales */
+INLINE __m256i dot_ss_scaled(__m256i w, __m256i x, int sc0, int sc1) {
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),
+                                          _mm256_sign_epi8(x, w));
+    return _mm256_mullo_epi32(p, join(_mm_set1_epi32(sc0), _mm_set1_epi32(sc1)));
+}
+#else
+/* maddubs: |pair sums| <= 2 * 128 * 127 < 32768 for every type here, so it never saturates */
+INLINE __m256i dot_us(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+/* Q6_K: int16 lanes 0-7 hold values 0-15, lanes 8-15 values 16-31: madd by their scales */
+INLINE __m256i dot_ss_scaled(__m256i w, __m256i x, int sc0, int sc1) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, join(_mm_set1_epi16((short)sc0), _mm_set1_epi16((short)sc1)));
+}
+#endif
+/* signed weights: |w| times x carrying w's sign */
+INLINE __m256i dot_ss(__m256i w, __m256i x) {
+    return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+#define Q8_ARGS int64_t k, const uint8_t *w, const xblock_t *x, int64_t nbx, const int nr, \
+                float *out
+#define Q8_BEGIN                                                                            \
+    __m256 acc[MAXR];                                                                       \
+    float mn[MAXR];                                                                         \
+    for (int r = 0; r < nr; r++) { acc[r] = _mm256_setzero_ps(); mn[r] = 0.0f; }
+#define Q8_END for (int r = 0; r < nr; r++) out[r] = hsum_ps(acc[r]) + mn[r];
+/* the decoded weight group `wq` (scale dw, min term mw * s_x) against activation block xb of
+ * every row: DOT(wq, x) -> 8 int32 partial sums */
+#define Q8_ROWS(xb_index, DOT, dw, MIN)                                                     \
+    for (int r = 0; r < nr; r++) {                                                          \
+        const xblock_t *xb = x + r * nbx + (xb_index);                                      \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(wq, load32((const uint8_t *)xb->q))), \
+                                 _mm256_set1_ps((dw) * xb->d), acc[r]);                     \
+        MIN;                                                                                \
+    }
+#define NO_MIN (void)0
+#define Q8_DISPATCH(name)                                                                   \
+    static void q8_##name(Q8_ARGS) {                                                        \
+        switch (nr) {                                                                       \
+        case 1: q8_##name##_n(k, w, x, nbx, 1, out); break;                                 \
+        case 2: q8_##name##_n(k, w, x, nbx, 2, out); break;                                 \
+        case 3: q8_##name##_n(k, w, x, nbx, 3, out); break;                                 \
+        default: q8_##name##_n(k, w, x, nbx, 4, out); break;                                \
+        }                                                                                   \
+    }
+
+INLINE void q8_q4_0_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 18;
+        const __m256i wq = _mm256_sub_epi8(nib32(wb + 2), _mm256_set1_epi8(8));
+        Q8_ROWS(b, dot_ss, load_f16(wb), NO_MIN)
+    }
+    Q8_END
+}
+
+INLINE void q8_q4_1_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 20;
+        const __m256i wq = nib32(wb + 4);
+        const float m = load_f16(wb + 2);
+        Q8_ROWS(b, dot_us, load_f16(wb), mn[r] += m * xb->s)
+    }
+    Q8_END
+}
+
+INLINE __m256i legacy5(const uint8_t *qh, const uint8_t *qs) {
+    __m128i h0, h1;
+    bits5(qh, &h0, &h1);
+    return _mm256_or_si256(nib32(qs), join(h0, h1));
+}
+
+INLINE void q8_q5_0_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 22;
+        const __m256i wq = _mm256_sub_epi8(legacy5(wb + 2, wb + 6), _mm256_set1_epi8(16));
+        Q8_ROWS(b, dot_ss, load_f16(wb), NO_MIN)
+    }
+    Q8_END
+}
+
+INLINE void q8_q5_1_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 24;
+        const __m256i wq = legacy5(wb + 4, wb + 8);
+        const float m = load_f16(wb + 2);
+        Q8_ROWS(b, dot_us, load_f16(wb), mn[r] += m * xb->s)
+    }
+    Q8_END
+}
+
+INLINE void q8_q8_0_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 34;
+        const __m256i wq = load32(wb + 2);
+        Q8_ROWS(b, dot_ss, load_f16(wb), NO_MIN)
+    }
+    Q8_END
+}
+
+INLINE void q8_mxfp4_n(Q8_ARGS) {
+    const __m128i lut = _mm_setr_epi8(MXFP4_DOUBLED);
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *wb = w + b * 17;
+        const __m128i q = load16(wb + 1);
+        const __m256i wq = join(_mm_shuffle_epi8(lut, nib_lo(q)), _mm_shuffle_epi8(lut, nib_hi(q)));
+        Q8_ROWS(b, dot_ss, e8m0_half(wb[0]), NO_MIN)
+    }
+    Q8_END
+}
+
+/* Q4_K / Q5_K: sub-block j of super-block b meets activation block 8b + j */
+#define Q8_K45(name, ts, qs_off, HIGH)                                                      \
+    INLINE void q8_##name##_n(Q8_ARGS) {                                                    \
+        Q8_BEGIN                                                                            \
+        for (int64_t b = 0; b < k / QKK; b++) {                                             \
+            const uint8_t *wb = w + b * (ts);                                               \
+            float hs[8], hm[8];                                                             \
+            k_header(wb, hs, hm);                                                           \
+            for (int j = 0; j < 8; j++) {                                                   \
+                const __m256i wq = HIGH(knib(wb + (qs_off) + 32 * (j >> 1), j & 1));        \
+                const float m = hm[j];                                                      \
+                Q8_ROWS(8 * b + j, dot_us, hs[j], mn[r] -= m * xb->s)                       \
+            }                                                                               \
+        }                                                                                   \
+        Q8_END                                                                              \
+    }
+#define NO_HIGH(v) (v)
+#define Q5K_HIGH(v) _mm256_or_si256((v), khigh(wb + 16, j, 1))
+Q8_K45(q4_k, 144, 16, NO_HIGH)
+Q8_K45(q5_k, 176, 48, Q5K_HIGH)
+
+/* Q6_K sub-block g = 4h + t holds values 128h + 32t + l, with one int8 scale per 16 */
+INLINE void q8_q6_k_n(Q8_ARGS) {
+    Q8_BEGIN
+    for (int64_t b = 0; b < k / QKK; b++) {
+        const uint8_t *wb = w + b * 210;
+        const float d = load_f16(wb + 208);
+        const int8_t *sc = (const int8_t *)(wb + 192);
+        for (int g = 0; g < 8; g++) {
+            const int h = g >> 2, t = g & 3;
+            const __m256i low = knib(wb + 64 * h + 32 * (t & 1), t >> 1);
+            const __m256i wq = _mm256_sub_epi8(
+                _mm256_or_si256(low, khigh(wb + 128 + 32 * h, 2 * t, 3)), _mm256_set1_epi8(32));
+            const int s0 = sc[8 * h + 2 * t], s1 = sc[8 * h + 2 * t + 1];
+#define Q6_DOT(a, bx) dot_ss_scaled(a, bx, s0, s1)
+            Q8_ROWS(8 * b + g, Q6_DOT, d, NO_MIN)
+#undef Q6_DOT
+        }
+    }
+    Q8_END
+}
+
+Q8_DISPATCH(q4_0)
+Q8_DISPATCH(q4_1)
+Q8_DISPATCH(q5_0)
+Q8_DISPATCH(q5_1)
+Q8_DISPATCH(q8_0)
+Q8_DISPATCH(mxfp4)
+Q8_DISPATCH(q4_k)
+Q8_DISPATCH(q5_k)
+Q8_DISPATCH(q6_k)
+
+typedef void (*q8_fn)(Q8_ARGS);
+
+static q8_fn q8_for(int qtype) {
+    switch (qtype) {
+    case T_Q4_0: return q8_q4_0;
+    case T_Q4_1: return q8_q4_1;
+    case T_Q5_0: return q8_q5_0;
+    case T_Q5_1: return q8_q5_1;
+    case T_Q8_0: return q8_q8_0;
+    case T_MXFP4: return q8_mxfp4;
+    case T_Q4_K: return q8_q4_k;
+    case T_Q5_K: return q8_q5_k;
+    case T_Q6_K: return q8_q6_k;
+    default: return NULL;
+    }
+}
+#else
+#define HAS_Q8 0
+#endif /* __AVX2__ */
+
 /* ---- exported ---------------------------------------------------------------------------- */
 
 /* The ISA this build was compiled for (the loader checks it matches what it asked for). */
 const char *pq_isa(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__)
     return "avx2";
@@ -551,4 +830,52 @@ int pq_dequantize(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int
         t.deq(k, w + j * row_bytes, out + j * k);
     }
     return 0;
+}
+
+/* 1 when pq_matmul_q8 multiplies the type at this K (AVX2 builds and up), else 0. */
+int pq_supports_q8(int qtype, int64_t k) {
+#if HAS_Q8
+    return pq_supports(qtype, k) && q8_for(qtype) != NULL;
+#else
+    (void)qtype;
+    (void)k;
+    return 0;
+#endif
+}
+
+/* pq_matmul with int8 activations: x is quantized once (blocks of 32, see above), then the
+ * output rows are split across threads as in pq_matmul. Returns 0, -1 on a type or shape
+ * this build cannot do, -2 when the activation buffer cannot be allocated. */
+int pq_matmul_q8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
+                 const float *x, int64_t m, float *y, int64_t ldy, int nthreads) {
+#if HAS_Q8
+    type_info t;
+    if (!check(qtype, row_bytes, k, &t) || !pq_supports_q8(qtype, k)) return -1;
+    const q8_fn fn = q8_for(qtype);
+    const int64_t nb = k / QK;
+    xblock_t *xq = malloc((size_t)(m * nb) * sizeof(xblock_t));
+    if (xq == NULL) return -2;
+    __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
+    for (int64_t i = 0; i < m * nb; i++) quantize_block(x + i * QK, xq + i);
+    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
+            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
+            for (int64_t j = r0; j < r1; j++) {
+                float out[MAXR];
+                if (m0 == 0) prefetch_row(w, row_bytes, n, j + PREFETCH_ROWS);
+                fn(k, w + j * row_bytes, xq + m0 * nb, nb, nr, out);
+                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
+            }
+        }
+    }
+    free(xq);
+    return 0;
+#else
+    (void)qtype, (void)w, (void)row_bytes, (void)n, (void)k, (void)x, (void)m, (void)y;
+    (void)ldy, (void)nthreads;
+    return -1;
+#endif
 }

@@ -3,10 +3,12 @@
 kernels.c is compiled by gcc at first use, one shared library per ISA variant, into
 `$PARALLAX_KERNEL_CACHE` (default `~/.cache/parallax/kernels/`) as `<source hash>-<isa>.so`,
 written atomically so concurrent processes never load half a file. The variant is picked at run
-time from the CPU's flags: AVX-512 (F/BW/VL), AVX2 + FMA + F16C, or portable C (any other CPU,
+time from the CPU's flags: AVX-512 (F/BW/VL) with or without VNNI, AVX2 + FMA + F16C, or portable C (any other CPU,
 ARM included, where the compiler's own vectorization is all there is — untested there). The
 AVX-512 variant compiles the AVX2 intrinsics with AVX-512 enabled (32 vector registers); it has
-not run on this project's AVX2-only machine.
+not run on this project's AVX2-only machine, nor has the VNNI one (its int8 dot products use
+dpbusd): both are compiled by the tests here, never run.
+Every variant but the portable one also has the int8-activation kernels (`matmul_q8`).
 Without gcc, or when the build fails, one log line says so and every packed weight uses the
 pure-torch path. `PARALLAX_NATIVE_KERNELS=0` forces that path.
 """
@@ -30,11 +32,12 @@ SOURCE = Path(__file__).with_name("kernels.c")
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl"]
-# variant -> (CPU flags it needs, gcc flags). First match wins.
-# No VNNI variant: activations stay fp32 (kernels.c says why), so integer dot products are unused.
+AVX512_NEEDS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"})
+# variant -> (CPU flags it needs, gcc flags). First match wins. The VNNI variant differs from
+# avx512 only in the int8-activation kernels (dpbusd instead of maddubs + madd).
 VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
-    "avx512": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}),
-               AVX512_FLAGS),
+    "avx512vnni": (AVX512_NEEDS | {"avx512_vnni"}, AVX512_FLAGS + ["-mavx512vnni"]),
+    "avx512": (AVX512_NEEDS, AVX512_FLAGS),
     "avx2": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS),
     "generic": (frozenset(), []),
 }
@@ -113,10 +116,16 @@ class NativeKernels:
     dequantize: ctypes._CFuncPtr
     _supports: ctypes._CFuncPtr
     call_count: ctypes._CFuncPtr
+    matmul_q8: ctypes._CFuncPtr  # same arguments as matmul; activations quantized to int8
+    _supports_q8: ctypes._CFuncPtr
 
     def supports(self, qtype: int, in_features: int) -> bool:
         """Whether this library multiplies the type at this K (else: the torch path)."""
         return bool(self._supports(int(qtype), in_features))
+
+    def supports_q8(self, qtype: int, in_features: int) -> bool:
+        """Whether `matmul_q8` (int8 activations) multiplies the type at this K."""
+        return bool(self._supports_q8(int(qtype), in_features))
 
 
 def load(variant: str) -> NativeKernels:
@@ -134,12 +143,16 @@ def load(variant: str) -> NativeKernels:
     dequantize = lib.pq_dequantize
     dequantize.restype = ctypes.c_int
     dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
-    lib.pq_supports.restype = ctypes.c_int
-    lib.pq_supports.argtypes = [ctypes.c_int, i64]
+    matmul_q8 = lib.pq_matmul_q8
+    matmul_q8.restype = ctypes.c_int
+    matmul_q8.argtypes = matmul.argtypes
+    for supports in (lib.pq_supports, lib.pq_supports_q8):
+        supports.restype = ctypes.c_int
+        supports.argtypes = [ctypes.c_int, i64]
     lib.pq_call_count.restype = ctypes.c_longlong
     lib.pq_call_count.argtypes = []
     return NativeKernels(variant, path, lib, matmul, dequantize, lib.pq_supports,
-                         lib.pq_call_count)
+                         lib.pq_call_count, matmul_q8, lib.pq_supports_q8)
 
 
 def requested_variant() -> str | None:

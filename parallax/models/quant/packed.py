@@ -5,10 +5,17 @@ blocks per output feature (uint8 [out_features, bytes_per_row]): rows can be gat
 and concatenated as bytes, since blocks run along K. No fp32/bf16 copy of the whole matrix ever
 exists: the native kernel multiplies the blocks directly, and the torch path dequantizes
 TILE_ROWS output rows at a time.
+
+Below GEMM_MIN_ROWS activation rows (decode) the native kernel keeps activations in fp32 by
+default; with `activation_int8` on it quantizes them to int8 blocks once per matmul and uses
+integer dot products, as llama.cpp does (about 2-3x the weight bytes per second on AVX2, at the
+cost of rounding the activations: see `set_activation_int8` in loading.py for when a node
+turns it on).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -26,6 +33,13 @@ TILE_ROWS = 512  # torch path: output rows dequantized per step (peak extra memo
 # benchmarks/quant_kernels_bench.py); below, the fused kernel decodes weights in registers.
 GEMM_MIN_ROWS = 16
 GEMM_TILE_VALUES = 1 << 18  # fp32 values per dequantized tile (1 MB: stays in L2 with x)
+
+
+def activation_int8_default() -> bool:
+    """PARALLAX_ACTIVATION_INT8=1|on: new packed layers start with int8 activations (off when
+    unset; a node decides per model through loading.set_activation_int8)."""
+    value = os.environ.get("PARALLAX_ACTIVATION_INT8", "0").strip().lower()
+    return value in ("1", "on", "true", "yes")
 
 
 @dataclass(eq=False)
@@ -132,11 +146,12 @@ def native_for(lib: native.NativeKernels | None, weight: PackedWeight) -> bool:
             and lib.supports(weight.qtype, weight.in_features))
 
 
-def packed_matmul(x: torch.Tensor, weight: PackedWeight,
-                  lib: native.NativeKernels | None) -> torch.Tensor:
+def packed_matmul(x: torch.Tensor, weight: PackedWeight, lib: native.NativeKernels | None,
+                  activation_int8: bool = False) -> torch.Tensor:
     """x [m, k] @ W^T -> [m, n], fp32 on CPU (x's dtype elsewhere), for one packed weight (an
     MoE expert's). `lib`: the native kernels where `native_for` allows them, else None (the
-    torch path). The fused kernel below GEMM_MIN_ROWS rows, the tiled GEMM from there."""
+    torch path). The fused kernel below GEMM_MIN_ROWS rows (with int8 activations when
+    `activation_int8` and the library supports the type), the tiled GEMM from there."""
     m, n = x.shape[0], weight.out_features
     out = torch.empty(m, n, dtype=torch.float32 if x.device.type == "cpu" else x.dtype,
                       device=x.device)
@@ -146,9 +161,11 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight,
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     if m >= GEMM_MIN_ROWS:
         native_gemm(lib, xf, weight, out)
-    elif lib.matmul(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1], n,
-                    weight.in_features, xf.data_ptr(), m, out.data_ptr(), n,
-                    torch.get_num_threads()) != 0:
+        return out
+    fn = lib.matmul_q8 if activation_int8 and lib.supports_q8(weight.qtype, weight.in_features) \
+        else lib.matmul
+    if fn(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1], n, weight.in_features,
+          xf.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads()) != 0:
         raise RuntimeError(f"native {weight.qtype.name} matmul refused shape {weight.shape}")
     return out
 
@@ -180,6 +197,7 @@ class PackedLinear(nn.Module):
         for i, w in enumerate(merged):
             self.register_buffer(f"packed_{i}", w.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.activation_int8 = activation_int8_default()
         self.refresh()
 
     @property
@@ -201,21 +219,38 @@ class PackedLinear(nn.Module):
         """Decide per segment: native kernel (CPU, built, type supported) or the torch path.
 
         Runs at construction and after .to(); call it again after changing
-        PARALLAX_NATIVE_KERNELS to switch an existing layer."""
+        PARALLAX_NATIVE_KERNELS to switch an existing layer. Below GEMM_MIN_ROWS rows a native
+        segment uses the int8-activation kernel when `activation_int8` is set and the library
+        has it for the type (see `set_activation_int8`)."""
         lib = native.kernels()
         self._native = lib
         self._calls: list[tuple] = []
         offset = 0
         for w in self.segments:
             use_native = native_for(lib, w)
+            matmul = None
+            if use_native:
+                int8 = self.activation_int8 and lib.supports_q8(w.qtype, self.in_features)
+                matmul = lib.matmul_q8 if int8 else lib.matmul
             self._calls.append((w, use_native, offset, int(w.qtype), w.data.data_ptr(),
-                                w.data.shape[1], w.out_features))
+                                w.data.shape[1], w.out_features, matmul))
             offset += w.out_features
 
+    def set_activation_int8(self, enabled: bool) -> None:
+        """Quantize activations to int8 for the decode-sized native matmuls (or stop)."""
+        self.activation_int8 = bool(enabled)
+        self.refresh()
+
     def kernel_paths(self) -> list[str]:
-        """Per segment: "<type>:native-<isa>" or "<type>:torch" (for logs and /health)."""
-        return [f"{w.qtype.name}:" + (f"native-{self._native.variant}" if use else "torch")
-                for w, use, *_ in self._calls]
+        """Per segment: "<type>:native-<isa>", "<type>:native-<isa>-int8" (int8 activations
+        below GEMM_MIN_ROWS rows) or "<type>:torch" (for logs and /health)."""
+        paths = []
+        for w, use, *_, matmul in self._calls:
+            path = "torch" if not use else f"native-{self._native.variant}"
+            if use and matmul is self._native.matmul_q8:
+                path += "-int8"
+            paths.append(f"{w.qtype.name}:{path}")
+        return paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -225,7 +260,7 @@ class PackedLinear(nn.Module):
                           else x.dtype, device=x.device)
         xf = None
         n_out = self.out_features
-        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n in self._calls:
+        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n, matmul in self._calls:
             if use_native:
                 if xf is None:
                     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else \
@@ -233,7 +268,7 @@ class PackedLinear(nn.Module):
                 if m >= GEMM_MIN_ROWS:
                     native_gemm(self._native, xf, w, out[:, offset : offset + n])
                     continue
-                status = self._native.matmul(
+                status = matmul(
                     qtype, w_ptr, w_row_bytes, n, self.in_features, xf.data_ptr(), m,
                     out.data_ptr() + 4 * offset, n_out, torch.get_num_threads())
                 if status != 0:
