@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from parallax.models.quant.packed import (
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
+    packed_matmul,
 )
 
 OUT_FEATURES = TILE_ROWS + 19  # two torch tiles, the second partial; not a multiple of 16 either
@@ -148,7 +150,7 @@ def test_variant_choice_follows_cpu_flags():
     assert native.pick_variant(frozenset({"avx2", "fma", "f16c"})) == "avx2"
     avx512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}
     assert native.pick_variant(frozenset(avx512)) == "avx512"
-    assert native.pick_variant(frozenset(avx512 | {"avx512_vnni"})) == "avx512"
+    assert native.pick_variant(frozenset(avx512 | {"avx512_vnni"})) == "avx512vnni"
     assert native.pick_variant(frozenset({"neon", "asimd"})) == "generic"
 
 
@@ -166,3 +168,106 @@ def test_kernel_summary_names_the_path_per_type(kernel_path):
     shard = torch.nn.ModuleDict({"proj": linear, "embed": embedding})
     expected = "torch" if kernel_path is None else kernel_path.variant
     assert kernel_summary(shard) == {"q4_k": expected, "q6_k": "gather"}
+
+
+# ---- int8 activations (decode-sized batches) ---------------------------------------------
+
+# ||y - ref|| / ||ref|| against the fp32 reference: int8 rounding of activations in blocks of
+# 32 (step max|x| / 127) leaves ~5e-3 on Gaussian inputs; 2e-2 catches any decoding mistake
+# (a wrong nibble or scale gives O(1)).
+INT8_TOLERANCE = 2e-2
+# ... and against the reference fed the same int8-rounded activations: summation order only
+INT8_ROUNDED_TOLERANCE = 1e-5
+INT8_PATHS = [p for p in PATHS if p not in ("torch", "native-generic")]  # x86 builds have it
+
+
+def int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x with every 32-value block rounded as the kernel does: q = rint(x * 127 / max|x|),
+    times max|x| / 127, in fp32."""
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0)
+    q = np.rint(blocks * inverse.astype(np.float32))
+    return (q * (amax / np.float32(127))).astype(np.float32).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kernel_path", INT8_PATHS, indirect=True)
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_int8_activations_differ_from_gguf_reference_by_rounding_only(qtype, kernel_path):
+    cols = in_features_for(qtype)
+    blocks = random_blocks(qtype, OUT_FEATURES, cols, seed=3)
+    reference_weight = quants.dequantize(blocks, qtype)
+    layer = PackedLinear(PackedWeight.from_numpy(blocks, qtype, cols))
+    layer.set_activation_int8(True)
+    assert layer.kernel_paths() == [f"{qtype.name}:native-{kernel_path.variant}-int8"]
+    generator = torch.Generator().manual_seed(2)
+    for batch in (1, 7, GEMM_MIN_ROWS - 1):
+        x = torch.randn(batch, cols, generator=generator)
+        calls_before = kernel_path.call_count()
+        got = layer(x)
+        assert kernel_path.call_count() > calls_before, "the native kernel did not run"
+        error = relative_error(got, x.numpy() @ reference_weight.T)
+        assert 1e-4 < error < INT8_TOLERANCE, f"{qtype.name} batch {batch}: {error:.2e}"
+        rounded = relative_error(got, int8_rounded(x.numpy()) @ reference_weight.T)
+        assert rounded < INT8_ROUNDED_TOLERANCE, f"{qtype.name} batch {batch}: {rounded:.2e}"
+    x = torch.randn(GEMM_MIN_ROWS, cols, generator=generator)  # prefill-sized: fp32 tiled GEMM
+    assert relative_error(layer(x), x.numpy() @ reference_weight.T) < TORCH_TOLERANCE
+    layer.set_activation_int8(False)  # the fp32-activation kernel is still there when asked
+    assert layer.kernel_paths() == [f"{qtype.name}:native-{kernel_path.variant}"]
+    x = torch.randn(1, cols, generator=generator)
+    assert relative_error(layer(x), x.numpy() @ reference_weight.T) < NATIVE_TOLERANCE[qtype]
+
+
+@pytest.mark.parametrize("kernel_path", INT8_PATHS[:1], indirect=True)
+def test_int8_activations_follow_the_environment_default(kernel_path, monkeypatch):
+    blocks = random_blocks(QT.Q4_1, 16, 64)
+    monkeypatch.delenv("PARALLAX_ACTIVATION_INT8", raising=False)
+    assert PackedLinear(PackedWeight.from_numpy(blocks, QT.Q4_1, 64)).kernel_paths() == \
+        [f"Q4_1:native-{kernel_path.variant}"]  # off unless asked
+    monkeypatch.setenv("PARALLAX_ACTIVATION_INT8", "1")
+    assert PackedLinear(PackedWeight.from_numpy(blocks, QT.Q4_1, 64)).kernel_paths() == \
+        [f"Q4_1:native-{kernel_path.variant}-int8"]
+
+
+def test_int8_all_zero_and_mixed_blocks():
+    """A zero activation block (scale 0) contributes nothing; others are still exact-ish."""
+    if not HAS_GCC or not INT8_PATHS:
+        pytest.skip("no native kernels here")
+    lib = native.kernels()
+    blocks = random_blocks(QT.Q8_0, 40, 128)
+    x = torch.randn(2, 128)
+    x[0, 32:64] = 0
+    x[1] = 0
+    got = packed_matmul(x, PackedWeight.from_numpy(blocks, QT.Q8_0, 128), lib, True)
+    ref = int8_rounded(x.numpy()) @ quants.dequantize(blocks, QT.Q8_0).T
+    assert torch.equal(got[1], torch.zeros(40))
+    assert relative_error(got[:1], ref[:1]) < INT8_ROUNDED_TOLERANCE
+
+
+@pytest.mark.parametrize("kernel_path", ["native-generic"], indirect=True)
+def test_portable_build_keeps_fp32_activations(kernel_path):
+    """The portable C build has no int8 kernels: asking for them keeps its fp32 kernel."""
+    blocks = random_blocks(QT.Q4_K, 16, 256)
+    layer = PackedLinear(PackedWeight.from_numpy(blocks, QT.Q4_K, 256))
+    layer.set_activation_int8(True)
+    assert layer.kernel_paths() == ["Q4_K:native-generic"]
+    x = torch.randn(1, 256)
+    ref = x.numpy() @ quants.dequantize(blocks, QT.Q4_K).T
+    assert relative_error(layer(x), ref) < TORCH_TOLERANCE
+
+
+@pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed")
+def test_vnni_variant_compiles_with_dpbusd(monkeypatch, tmp_path):
+    """The AVX-512 VNNI build cannot run on an AVX2-only CPU, but it must compile and its int8
+    kernels must use dpbusd (objdump shows it)."""
+    monkeypatch.setenv("PARALLAX_KERNEL_CACHE", str(tmp_path))
+    path = native.build("avx512vnni")
+    assert path.exists()
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump is not installed: the instruction check needs it")
+    disassembly = subprocess.run(["objdump", "-d", str(path)], capture_output=True, text=True,
+                                 check=True).stdout
+    assert "vpdpbusd" in disassembly
+    assert "vpdpbusd" not in subprocess.run(
+        ["objdump", "-d", str(native.build("avx2"))], capture_output=True, text=True,
+        check=True).stdout

@@ -3,10 +3,13 @@
  *
  * Activations stay fp32. Every 32-value group of a weight row is decoded to fp32 in registers
  * (block scale and min folded in) and meets up to MAXR activation rows in fused multiply-adds,
- * so the result equals "dequantize, then an fp32 matmul" but for summation order. Why not
- * llama.cpp's 8-bit activations with integer dot products: on SmolLM2 Q4_1 they flipped 4 % of
- * the top-1 tokens against the fp32 model (issue 12), and batch-1 decode is bound by the weight
- * bytes read, which decoding in registers does not change. OpenMP splits the output rows.
+ * so the result equals "dequantize, then an fp32 matmul" but for summation order. OpenMP
+ * splits the output rows.
+ *
+ * pq_matmul_q8 (further down) is llama.cpp's way instead: activations rounded to int8 blocks,
+ * integer dot products. Decoding to fp32 costs more instructions than the weight bytes take to
+ * arrive on a small core, so the int8 path streams weights 1.5-2.5x faster on AVX2; it rounds
+ * the activations, so the caller turns it on per model (loading.py: set_activation_int8).
  *
  * pq_dequantize writes the same decoded values to memory: the caller's GEMM for large batches
  * (prefill) dequantizes a tile of rows at a time and hands it to BLAS, which beats decoding the
