@@ -11,7 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from parallax.config import DTYPES, QUANTIZE_CHOICES, ConfigError, ServeConfig, parse_size
+from parallax.config import (
+    ACTIVATION_INT8_CHOICES,
+    DTYPES,
+    QUANTIZE_CHOICES,
+    ConfigError,
+    ServeConfig,
+    parse_size,
+)
 from parallax.models.hub import DEFAULT_MODEL
 
 
@@ -102,6 +109,13 @@ def _add_quantize(p, help_text: str) -> None:
                    help=f"{help_text}; default: keep the checkpoint's float weights")
 
 
+def _add_activation_int8(p) -> None:
+    p.add_argument("--activation-int8", default="auto", choices=ACTIVATION_INT8_CHOICES,
+                   help="decode matmuls on packed GGUF weights round activations to int8 and "
+                        "use integer dot products, as llama.cpp does (faster on CPU, a little "
+                        "less exact); auto: on for models of 1B parameters or more (default)")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a whole model on this machine (OpenAI API, no scheduler)",
@@ -132,6 +146,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest accepted request body in MB; larger ones get 413 (default 4)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
+    _add_activation_int8(p)
     _add_allowed_hosts(p)
     _add_tls(p, None)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -146,7 +161,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize, max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
         kv_memory_bytes=args.kv_memory, threads=args.threads, max_model_len=args.max_model_len,
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), warmup=not args.no_warmup,
-        allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
+        activation_int8=args.activation_int8, allowed_hosts=_hosts(args.allowed_hosts),
+        tls=_tls(args),
     )
     return run_serve(config)
 
@@ -258,6 +274,7 @@ def _add_join(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
+    _add_activation_int8(p)
     _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
                               "(default: port + 200)")
     _add_allowed_hosts(p)
@@ -278,7 +295,8 @@ def _run_join(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, memory_bytes=args.memory,
         join_token=_secret(args, "--join-token", "PARALLAX_JOIN_TOKEN"),
         max_batch_size=args.max_batch_size, threads=args.threads,
-        warmup=not args.no_warmup, p2p_port=args.p2p_port, relays=tuple(args.relay),
+        warmup=not args.no_warmup, activation_int8=args.activation_int8,
+        p2p_port=args.p2p_port, relays=tuple(args.relay),
         allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
     )
     return run_join(config)

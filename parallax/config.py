@@ -15,6 +15,8 @@ from parallax.serving.tls import NO_TLS, TLSConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # --quantize: GGUF block types a float checkpoint is packed into at load (quant/quantize.py)
 QUANTIZE_CHOICES = ("q8_0", "q4_0", "q4_k")
+# --activation-int8: decode matmuls on packed weights with int8 activations (quant/loading.py)
+ACTIVATION_INT8_CHOICES = ("auto", "on", "off")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -57,6 +59,12 @@ def check_quantize(value: str | None) -> None:
                           f"for float weights), got {value!r}")
 
 
+def check_activation_int8(value: str) -> None:
+    if value not in ACTIVATION_INT8_CHOICES:
+        raise ConfigError(f"activation_int8 must be one of {', '.join(ACTIVATION_INT8_CHOICES)}, "
+                          f"got {value!r}")
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -82,6 +90,7 @@ class ExecutorConfig:
     enable_prefix_caching: bool = True
     threads: int | None = None
     warmup: bool = True
+    activation_int8: str = "auto"  # auto | on | off: int8 activations in packed decode matmuls
     # pipeline stage: where this executor's activation PULL socket binds, and the address
     # other nodes use to reach it (None: a single node, no activation socket)
     activation_bind: str | None = None
@@ -94,6 +103,7 @@ class ExecutorConfig:
         if self.dtype not in DTYPES[1:]:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES[1:])}, got {self.dtype!r}")
         check_quantize(self.quantize)
+        check_activation_int8(self.activation_int8)
         if self.start_layer < 0 or (self.end_layer is not None
                                     and self.end_layer <= self.start_layer):
             raise ConfigError(f"bad layer range [{self.start_layer}, {self.end_layer})")
@@ -122,6 +132,7 @@ class ServeConfig:
     max_body_bytes: int = 4 * 2**20  # larger request bodies -> 413
     max_restarts: int = 5  # consecutive failed executor starts before giving up
     warmup: bool = True
+    activation_int8: str = "auto"  # auto | on | off (see ExecutorConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
     executor: ExecutorConfig = field(init=False)
@@ -151,6 +162,7 @@ class ServeConfig:
             max_model_len=self.max_model_len,
             threads=self.threads,
             warmup=self.warmup,
+            activation_int8=self.activation_int8,
         )
         object.__setattr__(self, "executor", executor)
 
@@ -260,6 +272,7 @@ class JoinConfig:
     max_body_bytes: int = 4 * 2**20
     max_restarts: int = 5
     warmup: bool = True
+    activation_int8: str = "auto"  # auto | on | off (see ExecutorConfig)
     discovery_timeout_s: float = 15.0
     p2p_port: int | None = None  # P2P mode (-s PEER): the Lattica peer's port; default port + 200
     relays: tuple[str, ...] = ()
@@ -277,6 +290,7 @@ class JoinConfig:
             raise ConfigError(f"activation port must be in 1..65535, got {self.activation_port}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_activation_int8(self.activation_int8)
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.scheduler is not None and not (_SCHEDULER_ADDRESS.match(self.scheduler)

@@ -271,3 +271,37 @@ def test_vnni_variant_compiles_with_dpbusd(monkeypatch, tmp_path):
     assert "vpdpbusd" not in subprocess.run(
         ["objdump", "-d", str(native.build("avx2"))], capture_output=True, text=True,
         check=True).stdout
+
+
+def test_activation_int8_setting_resolves_per_model_size():
+    from parallax.config import ConfigError, ExecutorConfig, ServeConfig
+    from parallax.models.quant.loading import ACTIVATION_INT8_MIN_PARAMS, activation_int8_wanted
+
+    assert not activation_int8_wanted("auto", 135_000_000)  # SmolLM2: fp32 activations
+    assert activation_int8_wanted("auto", ACTIVATION_INT8_MIN_PARAMS)
+    assert activation_int8_wanted("on", 1) and not activation_int8_wanted("off", 10**10)
+    assert ServeConfig(activation_int8="on").executor.activation_int8 == "on"
+    from parallax.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).activation_int8 == "auto"
+    assert build_parser().parse_args(["join", "--activation-int8", "off"]).activation_int8 == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--activation-int8", "maybe"])
+    with pytest.raises(ConfigError, match="auto, on, off"):
+        ExecutorConfig(activation_int8="yes")
+
+
+@pytest.mark.parametrize("kernel_path", INT8_PATHS[:1] + ["torch"], indirect=True)
+def test_set_activation_int8_switches_every_packed_linear(kernel_path):
+    from parallax.models.quant.loading import set_activation_int8
+
+    shard = torch.nn.ModuleDict({
+        "a": PackedLinear(PackedWeight.from_numpy(random_blocks(QT.Q4_K, 8, 256), QT.Q4_K, 256)),
+        "b": PackedLinear(PackedWeight.from_numpy(random_blocks(QT.Q8_0, 8, 64), QT.Q8_0, 64))})
+    expected = 0 if kernel_path is None else 2  # the torch path has no int8 kernel
+    assert set_activation_int8(shard, True) == expected
+    if kernel_path is not None:
+        assert kernel_summary(shard) == {"q4_k": f"{kernel_path.variant}-int8",
+                                         "q8_0": f"{kernel_path.variant}-int8"}
+    assert set_activation_int8(shard, False) == 0
+    assert all(not p.endswith("-int8") for m in shard.values() for p in m.kernel_paths())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -280,7 +281,9 @@ TEMPLATE = ("{%- for m in messages %}{{- m['content'] }}{%- endfor %}"
 
 
 @pytest.mark.slow
-def test_serve_quantize_q8_0_answers_a_chat(tmp_path):
+@pytest.mark.parametrize("activation_int8", ["auto", "on"])
+def test_serve_quantize_q8_0_answers_a_chat(tmp_path, activation_int8):
+    """auto: a tiny model keeps fp32 activations; on: int8 activations in decode (native)."""
     model_dir = tmp_path / "tiny-successor"
     tokenizer = save_word_tokenizer(model_dir, ["It", " is", " Paris", "!", "Capital", "?"],
                                     ["<|assistant|>", "<|end|>"], [], "<|end|>", TEMPLATE)
@@ -291,13 +294,15 @@ def test_serve_quantize_q8_0_answers_a_chat(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "parallax.cli", "serve", "-m", str(model_dir), "--port",
              str(port), "--quantize", "q8_0", "--kv-memory", "4MB", "--threads", "1",
-             "--max-batch-size", "2"],
+             "--max-batch-size", "2", "--activation-int8", activation_int8],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_pytest)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log_path)
         health = httpx.get(f"{url}/health", timeout=10).json()
         assert "q8_0" in health["kernels"]
+        int8 = activation_int8 == "on" and shutil.which("gcc") is not None
+        assert health["kernels"]["q8_0"].endswith("-int8") == int8
         answer = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 8,
             "temperature": 0})
@@ -306,4 +311,7 @@ def test_serve_quantize_q8_0_answers_a_chat(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
-    assert "packed weights: q8_0 -> " in log_path.read_text()  # the node names its kernel path
+    log_text = log_path.read_text()
+    assert "packed weights: q8_0 -> " in log_text  # the node names its kernel path
+    assert f"decode activations: {'int8' if int8 else 'fp32'} (--activation-int8 " \
+        f"{activation_int8}" in log_text

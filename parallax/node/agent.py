@@ -248,6 +248,7 @@ class NodeAgent:
             kv_memory_bytes=kv_bytes, max_batch_size=self.config.max_batch_size,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             threads=self.config.threads, warmup=self.config.warmup,
+            activation_int8=self.config.activation_int8,
             activation_bind=self.activation_bind,
             activation_endpoint=self.join_message.activation_endpoint,
             link_encryption=self.config.tls.serves_tls,  # CURVE with TLS (link_crypto.py)

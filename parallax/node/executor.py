@@ -302,7 +302,12 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
     from parallax.engine.engine import Engine, EngineConfig
     from parallax.engine.sampling_params import SamplingParams
     from parallax.models.loader import load_shard
-    from parallax.models.quant.loading import kernel_summary
+    from parallax.models.quant.loading import (
+        activation_int8_wanted,
+        kernel_summary,
+        set_activation_int8,
+    )
+    from parallax.models.sizing import formula_param_counts
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -316,6 +321,10 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
     shard = load_shard(config.model, config.start_layer, config.end_layer, config.device, dtype,
                        on_download, quantize=config.quantize)
     load_seconds = time.perf_counter() - started
+    layer, embedding, head = formula_param_counts(shard.config)
+    num_params = layer * shard.config.num_hidden_layers + embedding + head
+    int8 = activation_int8_wanted(config.activation_int8, num_params)
+    int8_segments = set_activation_int8(shard.model, int8)
     kv_bytes = config.kv_memory_bytes or _default_kv_bytes(config.device)
     eos_ids = _eos_token_ids(shard.config, shard.source)
     engine = Engine(
@@ -335,6 +344,9 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
            f"({kv_bytes / 2**20:.0f} MiB)")
     if kernels:  # which kernel each packed weight type multiplies with (also in /health)
         report("packed weights: " + ", ".join(f"{t} -> {p}" for t, p in kernels.items()))
+        report(f"decode activations: {'int8' if int8_segments else 'fp32'} "
+               f"(--activation-int8 {config.activation_int8}, {num_params / 1e9:.2f} B params"
+               + ("" if int8_segments or not int8 else "; no int8 kernel on this build") + ")")
     if config.warmup and engine.is_first and engine.is_last:
         report("warming up")
         engine.add_request("__warmup__", [1 + i % 7 for i in range(8)],

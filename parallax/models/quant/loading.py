@@ -129,7 +129,7 @@ def kernel_paths(shard: nn.Module) -> Counter[str]:
 
 def kernel_summary(shard: nn.Module) -> dict[str, str]:
     """Per packed weight type, the path its matmuls take: the native ISA ("avx2", "avx512",
-    "generic"), "torch", both joined by "+" when they differ per layer, or "gather" for a type
+    "generic"; "-int8" appended where decode uses int8 activations), "torch", both joined by "+" when they differ per layer, or "gather" for a type
     only an embedding holds (its rows are dequantized on lookup). Shown in the node's /health."""
     paths: dict[str, set[str]] = {}
     for key in kernel_paths(shard):
@@ -148,3 +148,28 @@ def log_paths(shard: nn.Module) -> None:
                    if t.dtype == torch.uint8)
         logger.info("packed weights (%.1f MB): %s", held / 1e6,
                     ", ".join(f"{n} × {path}" for path, n in sorted(counts.items())))
+
+
+# --activation-int8 auto: int8 activations from this many model parameters on. Rounding the
+# activations to int8 (blocks of 32) costs a tiny model more of its top-1 choices than a large
+# one (measured on SmolLM2-135M Q4_1: benchmarks/README notes), while the speed gain matters
+# most where the weights are largest.
+ACTIVATION_INT8_MIN_PARAMS = 1_000_000_000
+
+
+def activation_int8_wanted(mode: str, num_params: int) -> bool:
+    """--activation-int8 (validated by config.py): "on", "off", or "auto" (on from
+    ACTIVATION_INT8_MIN_PARAMS parameters of the whole model, so every stage agrees)."""
+    return mode == "on" or (mode == "auto" and num_params >= ACTIVATION_INT8_MIN_PARAMS)
+
+
+def set_activation_int8(shard: nn.Module, enabled: bool) -> int:
+    """Switch every PackedLinear of the shard to int8 (or fp32) activations for decode-sized
+    matmuls; returns how many segments now use the int8 kernel (0 without native kernels, on
+    the portable build, or on CUDA). MoE experts keep fp32 activations."""
+    used = 0
+    for module in shard.modules():
+        if isinstance(module, PackedLinear):
+            module.set_activation_int8(enabled)
+            used += sum(path.endswith("-int8") for path in module.kernel_paths())
+    return used
