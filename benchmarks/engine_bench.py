@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/engine_bench.py [--model smollm2|synthetic-q4_k_m|synthetic-q8_0|PATH]
         [--dtype float32|bfloat16] [--new-tokens 128] [--llama-python PYTHON] [--skip NAME ...]
+        [--activation-int8 auto|on|off|both]
 
 Prints a markdown table: batch-1 decode tok/s, aggregate tok/s at 8 and 32 concurrent requests,
 prefill tok/s for a 512-token prompt, peak RSS after batch-1 decode and prefill with a 2048-token
@@ -11,7 +12,9 @@ its peak RSS is its own. `synthetic-*` is the 1.2 B Llama of benchmarks/syntheti
 once, cached). llama.cpp runs where llama-cpp-python imports: in this interpreter or in
 `--llama-python` (a separate venv: `python -m venv V && V/bin/pip install llama-cpp-python`;
 never part of `make test`). llama-cpp-python serves one sequence at a time, so it has batch-1
-rows only.
+rows only. `--activation-int8` is the node's setting for our decode matmuls (auto: int8
+activations from 1 B parameters); `both` adds a row "parallax-fp32act" with them off, so the
+table shows the int8 path against the fp32-activation one in the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def model_path(model: str) -> str:
     return model
 
 
+ACTIVATION_INT8 = "auto"  # child mode: --activation-int8 of the parallax rows
+
+
 class ParallaxSystem:
     name = "parallax"
 
@@ -65,11 +71,16 @@ class ParallaxSystem:
         import torch
 
         from parallax.models.loader import load_shard
-        from parallax.models.sizing import kv_bytes_per_token_per_layer
+        from parallax.models.quant.loading import activation_int8_wanted, set_activation_int8
+        from parallax.models.sizing import formula_param_counts, kv_bytes_per_token_per_layer
 
         self.dtype = getattr(torch, dtype_name)
         shard = load_shard(path, dtype=self.dtype)
         self.model = shard.model
+        layer, embedding, head = formula_param_counts(shard.config)
+        num_params = layer * shard.config.num_hidden_layers + embedding + head
+        mode = "off" if self.name == "parallax-fp32act" else ACTIVATION_INT8
+        set_activation_int8(self.model, activation_int8_wanted(mode, num_params))
         self.kv_bytes_per_token = shard.config.num_hidden_layers * kv_bytes_per_token_per_layer(
             shard.config, torch.finfo(self.dtype).bits // 8)
 
@@ -92,6 +103,10 @@ class ParallaxSystem:
             if engine.step() and first is None:
                 first = time.perf_counter() - start
         return first, time.perf_counter() - start
+
+
+class ParallaxFp32ActSystem(ParallaxSystem):
+    name = "parallax-fp32act"  # decode matmuls with fp32 activations (--activation-int8 both)
 
 
 class TransformersSystem:
@@ -172,7 +187,8 @@ def measure(system, new_tokens: int) -> dict[str, float]:
     return row
 
 
-SYSTEMS = {cls.name: cls for cls in (ParallaxSystem, TransformersSystem, LlamaCppSystem)}
+SYSTEMS = {cls.name: cls for cls in (ParallaxSystem, ParallaxFp32ActSystem, TransformersSystem,
+                                     LlamaCppSystem)}
 
 
 def run_one(name: str, path: str, dtype_name: str, new_tokens: int,
@@ -200,7 +216,8 @@ def run_child(python: str, name: str, path: str, args) -> dict[str, float]:
     """One system in its own process (its peak RSS is its own); its row from the last line."""
     result = subprocess.run(
         [python, __file__, "--system", name, "--model", path, "--dtype", args.dtype,
-         "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+         "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+         "--activation-int8", "on" if args.activation_int8 == "both" else args.activation_int8],
         capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
@@ -218,14 +235,21 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="systems to skip")
     parser.add_argument("--llama-python", default=None,
                         help="a Python that imports llama_cpp (default: this one, if it does)")
+    parser.add_argument("--activation-int8", default="auto", choices=["auto", "on", "off", "both"],
+                        help="our decode activations, as the node's setting (both: two rows)")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
+    global ACTIVATION_INT8
+    ACTIVATION_INT8 = args.activation_int8
     if args.system:
         print(json.dumps(run_one(args.system, args.model, args.dtype, args.new_tokens,
                                  args.threads)))
         return
     path = model_path(args.model)
     pythons = {"parallax": sys.executable, "transformers": sys.executable}
+    if args.activation_int8 == "both":
+        pythons = {"parallax": sys.executable, "parallax-fp32act": sys.executable,
+                   "transformers": sys.executable}
     if "llama.cpp" not in args.skip:
         found = llama_python(args.llama_python)
         if found:
@@ -251,7 +275,7 @@ def print_table(rows: dict[str, dict[str, float]], path: str, args) -> None:
           f"{args.threads} threads, {args.new_tokens} new tokens per request; CPU flags: "
           f"{native.flags_summary()}; GGUF "
           f"{'dequantized on load' if dequantize_requested() else 'kept packed'}, kernels "
-          f"{lib.variant if lib else 'torch path'}\n")
+          f"{lib.variant if lib else 'torch path'}, --activation-int8 {args.activation_int8}\n")
     header = "| metric | " + " | ".join(names) + " | " + " | ".join(
         f"parallax / {n}" for n in names[1:]) + " |"
     print(header)

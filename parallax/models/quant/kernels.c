@@ -489,13 +489,15 @@ static int info_for(int qtype, type_info *t) {
 /* ---- int8 activations: llama.cpp's way, for the batch-small (decode) matmul --------------
  *
  * Each activation row is quantized once per matmul to blocks of 32 int8 values with an fp32
- * scale d (and s = d * sum(q), for the types whose weights carry a min: Q4_1, Q5_1, Q4_K, Q5_K).
+ * scale d and s = d * sum(q) (for the weights' min or offset).
  * A weight block is then decoded to 32 int8 values only (no fp32 widening) and meets each
  * activation block in an integer dot product: AVX2 maddubs (u8 x s8 -> s16 pairs) + madd
  * (-> s32), or one AVX-512 VNNI dpbusd where the build targets it. The int32 sums are scaled
  * by d_w * d_x in fp32. The result differs from the fp32-activation kernels above only by the
- * activations' rounding to int8 (relative error ~1e-2 of a dot product). Signed weights use
- * the sign trick: |w| (unsigned) times x with w's sign moved onto it.
+ * activations' rounding to int8 (relative error ~5e-3 of a dot product). Weights with a
+ * fixed offset (Q4_0: q - 8, Q5_0: q - 16, MXFP4) multiply unsigned and take the offset back
+ * through s, cheaper than the sign trick that Q8_0 and Q6_K use (|w| times x carrying w's
+ * sign).
  * The activation blocks are per 32 values for every type (llama.cpp's Q8_K uses one scale per
  * 256): a K-quant sub-block of 32 meets exactly one activation block. */
 #if defined(__AVX2__)
@@ -624,8 +626,9 @@ INLINE void q8_q4_0_n(Q8_ARGS) {
     Q8_BEGIN
     for (int64_t b = 0; b < k / QK; b++) {
         const uint8_t *wb = w + b * 18;
-        const __m256i wq = _mm256_sub_epi8(nib32(wb + 2), _mm256_set1_epi8(8));
-        Q8_ROWS(b, dot_ss, load_f16(wb), NO_MIN)
+        const __m256i wq = nib32(wb + 2);
+        const float d = load_f16(wb), off = -8.0f * d;
+        Q8_ROWS(b, dot_us, d, mn[r] += off * xb->s)
     }
     Q8_END
 }
@@ -651,8 +654,9 @@ INLINE void q8_q5_0_n(Q8_ARGS) {
     Q8_BEGIN
     for (int64_t b = 0; b < k / QK; b++) {
         const uint8_t *wb = w + b * 22;
-        const __m256i wq = _mm256_sub_epi8(legacy5(wb + 2, wb + 6), _mm256_set1_epi8(16));
-        Q8_ROWS(b, dot_ss, load_f16(wb), NO_MIN)
+        const __m256i wq = legacy5(wb + 2, wb + 6);
+        const float d = load_f16(wb), off = -16.0f * d;
+        Q8_ROWS(b, dot_us, d, mn[r] += off * xb->s)
     }
     Q8_END
 }
@@ -678,14 +682,16 @@ INLINE void q8_q8_0_n(Q8_ARGS) {
     Q8_END
 }
 
+/* MXFP4: the doubled E2M1 values plus 12 (0..24, unsigned), the 12 taken back through s_x */
 INLINE void q8_mxfp4_n(Q8_ARGS) {
-    const __m128i lut = _mm_setr_epi8(MXFP4_DOUBLED);
+    const __m128i lut = _mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
     Q8_BEGIN
     for (int64_t b = 0; b < k / QK; b++) {
         const uint8_t *wb = w + b * 17;
         const __m128i q = load16(wb + 1);
         const __m256i wq = join(_mm_shuffle_epi8(lut, nib_lo(q)), _mm_shuffle_epi8(lut, nib_hi(q)));
-        Q8_ROWS(b, dot_ss, e8m0_half(wb[0]), NO_MIN)
+        const float d = e8m0_half(wb[0]), off = -12.0f * d;
+        Q8_ROWS(b, dot_us, d, mn[r] += off * xb->s)
     }
     Q8_END
 }
