@@ -568,15 +568,30 @@ INLINE __m256i khigh(const uint8_t *p, int shift, int mask) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-/* unsigned u8 x signed s8 -> 8 int32 sums of 4 products (VNNI: one instruction, unverified
- * on this project's AVX2-only machine) */
-INLINE __m256i dot_us(__m256i u, __m256i s) {
+#define HAS_DPBUSD 1
+/* unsigned u8 x signed s8 -> 8 int32 sums of 4 products: one VNNI instruction (never run on
+ * this project's AVX2-only machine; the code around it is, through the emulation below) */
+INLINE __m256i dpbusd(__m256i u, __m256i s) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
+#elif defined(PQ_EMULATE_DPBUSD)
+#define HAS_DPBUSD 1
+/* Tests only (native.py's "avx2-dpbusd-emu" variant): dpbusd's exact result from AVX2, so the
+ * VNNI build's int8 kernels are checked on a CPU without VNNI. */
+INLINE __m256i dpbusd(__m256i u, __m256i s) {
+    const __m256i lo = _mm256_set1_epi16(0x00FF);
+    const __m256i u_even = _mm256_and_si256(u, lo), u_odd = _mm256_srli_epi16(u, 8);
+    const __m256i s_even = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8);
+    const __m256i s_odd = _mm256_srai_epi16(s, 8);
+    return _mm256_add_epi32(_mm256_madd_epi16(u_even, s_even), _mm256_madd_epi16(u_odd, s_odd));
+}
+#endif
+
+#if defined(HAS_DPBUSD)
+INLINE __m256i dot_us(__m256i u, __m256i s) { return dpbusd(u, s); }
 /* Q6_K: int32 lanes 0-3 hold values 0-15, lanes 4-7 values 16-31: times the two scales */
 INLINE __m256i dot_ss_scaled(__m256i w, __m256i x, int sc0, int sc1) {
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),
-                                          _mm256_sign_epi8(x, w));
+    const __m256i p = dpbusd(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     return _mm256_mullo_epi32(p, join(_mm_set1_epi32(sc0), _mm_set1_epi32(sc1)));
 }
 #else
@@ -776,6 +791,8 @@ const char *pq_isa(void) {
     return "avx512vnni";
 #elif defined(__AVX512F__)
     return "avx512";
+#elif defined(__AVX2__) && defined(PQ_EMULATE_DPBUSD)
+    return "avx2-dpbusd-emu";
 #elif defined(__AVX2__)
     return "avx2";
 #else

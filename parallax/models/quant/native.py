@@ -7,7 +7,8 @@ time from the CPU's flags: AVX-512 (F/BW/VL) with or without VNNI, AVX2 + FMA + 
 ARM included, where the compiler's own vectorization is all there is — untested there). The
 AVX-512 variant compiles the AVX2 intrinsics with AVX-512 enabled (32 vector registers); it has
 not run on this project's AVX2-only machine, nor has the VNNI one (its int8 dot products use
-dpbusd): both are compiled by the tests here, never run.
+dpbusd): the tests compile it and check for the instruction, and run its int8 kernels with
+dpbusd emulated in AVX2 (the test-only "avx2-dpbusd-emu" variant).
 Every variant but the portable one also has the int8-activation kernels (`matmul_q8`).
 Without gcc, or when the build fails, one log line says so and every packed weight uses the
 pure-torch path. `PARALLAX_NATIVE_KERNELS=0` forces that path.
@@ -40,6 +41,9 @@ VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
     "avx512": (AVX512_NEEDS, AVX512_FLAGS),
     "avx2": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS),
     "generic": (frozenset(), []),
+    # tests only, never picked (generic matches first): the VNNI build's int8 kernels with
+    # dpbusd emulated in AVX2, so that code runs on a CPU without VNNI
+    "avx2-dpbusd-emu": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS + ["-DPQ_EMULATE_DPBUSD"]),
 }
 BUILD_TIMEOUT_S = 180
 
