@@ -8,9 +8,9 @@ TILE_ROWS output rows at a time.
 
 Below GEMM_MIN_ROWS activation rows (decode) the native kernel keeps activations in fp32 by
 default; with `activation_int8` on it quantizes them to int8 blocks once per matmul and uses
-integer dot products, as llama.cpp does (about 2-3x the weight bytes per second on AVX2, at the
-cost of rounding the activations: see `set_activation_int8` in loading.py for when a node
-turns it on).
+integer dot products, as llama.cpp does (1.6-2.4x the weight bytes per second on one AVX2
+core, at the cost of rounding the activations: see `set_activation_int8` in loading.py for
+when a node turns it on).
 """
 
 from __future__ import annotations
