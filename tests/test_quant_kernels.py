@@ -305,3 +305,27 @@ def test_set_activation_int8_switches_every_packed_linear(kernel_path):
                                          "q8_0": f"{kernel_path.variant}-int8"}
     assert set_activation_int8(shard, False) == 0
     assert all(not p.endswith("-int8") for m in shard.values() for p in m.kernel_paths())
+
+
+def test_a_failed_build_falls_back_to_the_next_variant(monkeypatch, tmp_path):
+    """The best variant for the CPU fails to compile: the next one it runs is used instead."""
+    monkeypatch.setenv("PARALLAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("PARALLAX_NATIVE_KERNELS", raising=False)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    real_build = native.build
+
+    def build(variant: str):
+        if variant == "avx2":
+            raise RuntimeError("gcc: error: unrecognized command-line option")
+        return real_build(variant)
+
+    monkeypatch.setattr(native, "build", build)
+    native._load_cached.cache_clear()
+    try:
+        lib = native.kernels()
+        if HAS_GCC:
+            assert lib is not None and lib.variant == "generic"
+        else:
+            assert lib is None
+    finally:
+        native._load_cached.cache_clear()

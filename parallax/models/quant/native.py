@@ -181,7 +181,26 @@ def _load_cached(variant: str) -> NativeKernels | None:
     return kernels
 
 
+TEST_ONLY_VARIANTS = frozenset({"avx2-dpbusd-emu"})
+
+
 def kernels() -> NativeKernels | None:
-    """The native kernels for this CPU, or None (disabled, or no compiler / failed build)."""
+    """The native kernels for this CPU, or None (disabled, or no compiler / failed builds).
+
+    When the best variant fails to build (an older gcc without -mavx512vnni, say) and none was
+    named in PARALLAX_NATIVE_KERNELS, the next one this CPU runs is tried."""
     variant = requested_variant()
-    return None if variant is None else _load_cached(variant)
+    if variant is None:
+        return None
+    lib = _load_cached(variant)
+    if lib is not None or os.environ.get("PARALLAX_NATIVE_KERNELS", "").strip().lower() \
+            in VARIANTS:
+        return lib
+    flags = cpu_flags()
+    names = list(VARIANTS)
+    for fallback in names[names.index(variant) + 1:]:
+        if fallback not in TEST_ONLY_VARIANTS and VARIANTS[fallback][0] <= flags:
+            lib = _load_cached(fallback)
+            if lib is not None:
+                return lib
+    return None
