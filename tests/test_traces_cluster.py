@@ -97,7 +97,7 @@ def test_the_final_chunk_lists_the_stages_in_order_and_marks_the_slow_node(clust
         assert stage["queue_ms"] >= 0 and stage["compute_ms"] > 0
 
     slow = pipeline.index(slow_node_id(cluster))
-    assert metrics["slowest_stage"] == slow
+    assert metrics["slowest_stage"] == slow, stages
     others = [s for i, s in enumerate(stages) if i != slow]
     assert stages[slow]["compute_ms"] >= max(s["compute_ms"] for s in others) + DELAY_MS
     # per token (step) too, by most of the delay (the stages' own work differs a little)
@@ -187,3 +187,26 @@ def test_parallax_status_in_a_terminal_shows_nodes_and_pipelines(cluster, traced
         assert panes.strip() == "0"
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
+
+
+def test_the_web_ui_marks_the_slow_node_in_its_pipeline_panel(cluster, traced):
+    chromium = os.environ.get("PARALLAX_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(chromium):
+        pytest.skip(f"needs Chromium at {chromium}")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from test_web_ui import LAUNCH_ARGS  # (Chromium exists: that module imports cleanly)
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(cluster.url + "/")
+            page.wait_for_selector("#page-chat:not([hidden])")
+            slow = page.locator(".pipeline-node.slowest")
+            slow.wait_for()
+            assert slow.get_attribute("data-node-id") == slow_node_id(cluster)
+            assert slow.locator(".stage-speed").inner_text().endswith("ms/token · slowest")
+            assert page.locator(".pipeline-node .stage-speed").count() == 3
+        finally:
+            browser.close()

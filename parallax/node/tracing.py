@@ -41,8 +41,9 @@ STEP_DELAY_ENV = "PARALLAX_TEST_STEP_DELAY_MS"
 
 
 def step_delay_s() -> float:
-    """Test-only: seconds every engine step of this executor sleeps (`PARALLAX_TEST_STEP_DELAY_MS`,
-    milliseconds; unset or 0: none). Makes one node of a test cluster the slow one."""
+    """Test-only: seconds this executor sleeps after every engine step that ran a request
+    (`PARALLAX_TEST_STEP_DELAY_MS`, milliseconds; unset or 0: none), counted as the step's
+    compute. Makes one node of a test cluster the slow one."""
     raw = os.environ.get(STEP_DELAY_ENV, "").strip()
     if not raw:
         return 0.0
