@@ -83,22 +83,20 @@ def render(data: dict[str, Any], base_url: str) -> Group:
                       str(n.get("device_name") or n.get("device") or ""), _layers(n),
                       str(n.get("running_requests", 0)), _ms(n.get("ms_per_token")))
     pipelines = Table(title="Pipelines", title_justify="left", expand=False)
-    pipelines.add_column("#")
-    pipelines.add_column("stages (layers, ms/token)")
+    for column in ("pipeline", "stage", "node", "layers", "ms/token", ""):
+        pipelines.add_column(column, justify="right" if column == "ms/token" else "left")
     ready = set(data.get("ready_pipelines") or [])
     for k, ids in enumerate(data.get("pipelines") or []):
         stages = [by_id.get(str(i), {"node_id": i}) for i in ids]
         slowest = slowest_of(stages)
-        line = Text()
         for i, stage in enumerate(stages):
-            if i:
-                line.append(" -> ")
-            style = "bold red" if i == slowest else ""
-            line.append(f"{stage.get('node_id')} {_layers(stage)} {_ms(stage.get('ms_per_token'))}"
-                        + (" (slowest)" if i == slowest else ""), style=style)
-        pipelines.add_row(f"{k + 1}" + ("" if k in ready else " (loading)"), line)
+            name = (f"{k + 1}" + ("" if k in ready else " (loading)")) if i == 0 else ""
+            pipelines.add_row(name, str(i + 1), str(stage.get("node_id")), _layers(stage),
+                              _ms(stage.get("ms_per_token")),
+                              "slowest" if i == slowest else "",
+                              style="bold red" if i == slowest else None)
     if not data.get("pipelines"):
-        pipelines.add_row("-", data.get("reason") or "no pipeline yet")
+        pipelines.add_row("-", "", data.get("reason") or "no pipeline yet", "", "", "")
     return Group(head, table, pipelines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,9 +25,9 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "trace-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-# large next to a stage's own step time even on a loaded 2-core machine (there, 10 layers of
-# the built-in model can take 100-300 ms a step, and stages differ by as much)
-DELAY_MS = 400
+# large next to the noise in a stage's own step time on a heavily loaded 2-core machine (there,
+# 10 layers of the built-in model took from 0.1 to 3.4 s a step, varying with the other load)
+DELAY_MS = 3000
 SLOW_NODE = 1  # index into the node ports: this node sleeps DELAY_MS in every engine step
 HIDDEN_SIZE = 576  # SmolLM2-135M
 
@@ -68,7 +69,7 @@ def slow_node_id(cluster: LocalCluster) -> str:
 def traced(cluster):
     """One greedy streamed request: (its events, its final chunk)."""
     body = {"model": "default", "messages": [{"role": "user", "content": "Name three fruits."}],
-            "max_tokens": 6, "temperature": 0, "stream": True}
+            "max_tokens": 3, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, headers=AUTH,
                       timeout=180) as response:
         assert response.status_code == 200
@@ -100,9 +101,7 @@ def test_the_final_chunk_lists_the_stages_in_order_and_marks_the_slow_node(clust
     assert metrics["slowest_stage"] == slow, stages
     others = [s for i, s in enumerate(stages) if i != slow]
     assert stages[slow]["compute_ms"] >= max(s["compute_ms"] for s in others) + DELAY_MS
-    # per token (step) too, by most of the delay (the stages' own work differs a little)
-    assert stages[slow]["ms_per_token"] >= max(s["ms_per_token"] for s in others) + \
-        0.5 * DELAY_MS
+    assert stages[slow]["ms_per_token"] >= DELAY_MS  # every step of it slept the delay
 
     # hops: head -> 2 -> 3 -> head; the head sent the hidden states of every token it ran
     assert len(metrics["hops_ms"]) == 3 and all(h >= 0 for h in metrics["hops_ms"])
@@ -157,6 +156,8 @@ def test_node_metrics_have_step_and_link_histograms(cluster, traced):
 
 
 def test_parallax_status_in_a_terminal_shows_nodes_and_pipelines(cluster, traced, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux (apt-get install tmux) for a pseudo-terminal")
     socket = f"parallax-status-{os.getpid()}"
     command = " ".join(shlex.quote(a) for a in [
         "env", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", sys.executable, "-m",
@@ -172,15 +173,18 @@ def test_parallax_status_in_a_terminal_shows_nodes_and_pipelines(cluster, traced
         while time.monotonic() < deadline:
             screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "status"],
                                     capture_output=True, text=True, timeout=10).stdout
-            if "Pipelines" in screen and "(slowest)" in screen:
+            if "Pipelines" in screen and "slowest" in screen:
                 break
             time.sleep(0.5)
         assert "Nodes (3)" in screen and "Pipelines" in screen, screen
         for node in status["node_list"]:
             assert node["node_id"] in screen
-        line = next(row for row in screen.splitlines() if pipeline[0] in row and "->" in row)
-        assert all(n in line for n in pipeline) and "[0, " in line, line
-        assert f"{slow_node_id(cluster)} [" in line.split("(slowest)")[0].split("->")[-1]
+        table = screen[screen.index("Pipelines"):]
+        layers = {n["node_id"]: (n["start_layer"], n["end_layer"]) for n in status["node_list"]}
+        for number, node in enumerate(pipeline, 1):  # one row per stage, in order
+            row = next(line for line in table.splitlines() if f" {node} " in line)
+            assert f" {number} " in row and f"[{layers[node][0]}, {layers[node][1]})" in row
+            assert ("slowest" in row) == (node == slow_node_id(cluster)), row
         time.sleep(1.5)  # it refreshes live: still running, not exited
         panes = subprocess.run([*tmux, "list-panes", "-t", "status", "-F", "#{pane_dead}"],
                                capture_output=True, text=True, timeout=10).stdout

@@ -273,10 +273,12 @@ class StageRouter:
         return for_frontend
 
     def _to_head(self, head_endpoint: str, outputs: list[P.TokenOutput]) -> None:
-        send_id = self.tracer.on_send(head_endpoint, [(o.rid, 16) for o in outputs])
+        send_id = self.tracer.next_send_id()
+        data = P.encode(P.StageTokens(outputs, send_id, self.links.own_endpoint))
+        self.tracer.on_send(head_endpoint, [(o.rid, len(data) // len(outputs)) for o in outputs],
+                            send_id)
         try:
-            self.links.send_message(head_endpoint, P.StageTokens(outputs, send_id,
-                                                                 self.links.own_endpoint))
+            self.links.send(head_endpoint, [data])
         except PeerUnreachable:
             logger.warning("the head %s is unreachable; dropping %d outputs", head_endpoint,
                            len(outputs))

@@ -114,10 +114,15 @@ class StageTracer:
 
     # ---- hops ------------------------------------------------------------------------------
 
-    def on_send(self, peer: str, items: list[tuple[str, int]]) -> int:
-        """A message to `peer` holding (rid, bytes) items is going out: its send id."""
+    def next_send_id(self) -> int:
         send_id = self._next_send_id
         self._next_send_id += 1
+        return send_id
+
+    def on_send(self, peer: str, items: list[tuple[str, int]], send_id: int | None = None) -> int:
+        """A message to `peer` holding (rid, bytes) items is going out: its send id (a new one
+        unless given, from `next_send_id`)."""
+        send_id = self.next_send_id() if send_id is None else send_id
         if len(self.unacked) >= MAX_UNACKED:
             self.unacked.popitem(last=False)  # its ack never came (peer gone)
         self.unacked[send_id] = (now_ms(), peer, items)
