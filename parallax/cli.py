@@ -366,6 +366,41 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return run_gateway(config)
 
 
+def _add_status(sub) -> None:
+    p = sub.add_parser(
+        "status", help="show the cluster (nodes, pipelines, ms/token per stage) live",
+        description="Print the scheduler's cluster view in this terminal and refresh it live "
+                    "(Ctrl-C quits): every node's status, layers and load, every pipeline's "
+                    "stages with their compute ms per token, the slowest stage marked.")
+    p.add_argument("-s", "--scheduler", default="127.0.0.1:3001", metavar="HOST:PORT",
+                   help="the scheduler (`parallax run`) to read (default 127.0.0.1:3001)")
+    _add_secret(p, "--api-key", "PARALLAX_API_KEY",
+                "the scheduler's API key (optional: with it the view shows the real join "
+                "command)")
+    p.add_argument("--once", action="store_true", help="print the view once and exit")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                   help="CA certificate(s) that the scheduler's certificate must chain to; "
+                        "with it (or an https:// -s) the scheduler is read over https")
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from parallax.serving.tls import TLSConfig
+    from parallax.status_view import SchedulerUnreachable, run_status
+
+    if not 0.1 <= args.interval <= 3600:
+        raise ConfigError(f"--interval must be from 0.1 to 3600 seconds, got {args.interval:g}")
+    try:
+        return run_status(args.scheduler, api_key=_secret(args, "--api-key", "PARALLAX_API_KEY"),
+                          tls=TLSConfig(ca_file=args.tls_ca_file), once=args.once,
+                          interval_s=args.interval)
+    except SchedulerUnreachable as exc:
+        print(f"parallax status: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parallax", description="Decentralized LLM inference: split a model's layers "
@@ -376,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_join(sub)
     _add_chat(sub)
     _add_gateway(sub)
+    _add_status(sub)
     return parser
 
 

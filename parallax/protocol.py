@@ -100,6 +100,12 @@ class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
     # ids of replayed requests) and in decode steps (a head's own counters, for failover proof)
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # the step just taken (node/tracing.py; Prometheus histograms of the node): its wall time,
+    # the requests it ran, and the prompt tokens its prefills took from / computed past the
+    # prefix cache (counters since start)
+    step_ms: float = 0.0
+    num_batched: int = 0
+    num_prefix_hit_tokens: int = 0
 
 
 # Why a request failed (TokenOutput.kind), so that whoever drives it can decide to replay it:
@@ -130,6 +136,17 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     peer: str | None = None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = []
+    # the request's trace so far: one STAGE_RECORD_LEN-float record per stage, the head first
+    # (parallax/node/tracing.py; every stage measures with its own clock only)
+    trace: list[float] = []
+
+
+class LinkSample(msgspec.Struct, frozen=True, array_like=True):
+    """One measured stage-to-stage message: its round trip less the receiver's own time (ms)."""
+
+    peer: str  # the receiver's activation endpoint
+    transfer_ms: float
+    num_bytes: int
 
 
 class StepOutputs(msgspec.Struct, tag="outputs", frozen=True):
@@ -137,6 +154,7 @@ class StepOutputs(msgspec.Struct, tag="outputs", frozen=True):
 
     outputs: list[TokenOutput]
     stats: ExecutorStats
+    links: list[LinkSample] = []  # link transfers measured since the last StepOutputs
 
 
 class ExecutorError(msgspec.Struct, tag="error", frozen=True):
@@ -331,18 +349,24 @@ class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_default
     downstream: list[str] = []
     head_endpoint: str = ""
     due: bool = False  # the last stage samples a token after this chunk
+    trace: list[float] = []  # the request's trace records of the stages before (tracing.py)
 
 
 class StageActivations(msgspec.Struct, tag="activations", frozen=True):
     entries: list[ActivationEntry]
     dtype: str  # torch dtype name of frame 1, e.g. "float32"
     hidden_size: int
+    # > 0: answer with a StageAck to `sender` (the hop's transfer time, node/tracing.py)
+    send_id: int = 0
+    sender: str = ""
 
 
 class StageTokens(msgspec.Struct, tag="tokens", frozen=True):
     """Last stage -> head: sampled tokens (or per-request errors) of one step."""
 
     outputs: list[TokenOutput]
+    send_id: int = 0  # as in StageActivations
+    sender: str = ""
 
 
 class StageRelease(msgspec.Struct, tag="release", frozen=True):
@@ -351,14 +375,23 @@ class StageRelease(msgspec.Struct, tag="release", frozen=True):
     rids: list[str]
 
 
-StageMessage = Union[StageActivations, StageTokens, StageRelease]  # noqa: UP007
+class StageAck(msgspec.Struct, tag="ack", frozen=True):
+    """Receiver -> sender of a message with a `send_id`, at once: the sender's round trip less
+    `held_ms` (the receiver's time between taking the message and acking) is the hop's
+    transfer time, with no clock shared between the two (parallax/node/tracing.py)."""
+
+    send_id: int
+    held_ms: float
+
+
+StageMessage = Union[StageActivations, StageTokens, StageRelease, StageAck]  # noqa: UP007
 _stage_decoder = msgspec.msgpack.Decoder(StageMessage)
 
 
 _seal_decoder = msgspec.msgpack.Decoder(StageSeal)
 
 
-def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease:
+def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease | StageAck:
     """Decode the header frame (frame 1) of a stage-to-stage message."""
     return _stage_decoder.decode(data)
 

@@ -69,7 +69,7 @@ class FakeScheduler:
         self.nodes.append({"node_id": node_id, "status": "ready", "device": "cuda",
                            "device_name": name, "memory_gb": 24.0, "start_layer": None,
                            "end_layer": None, "running_requests": 0, "gflops": 1000.0,
-                           "layer_latency_ms": 1.5})
+                           "layer_latency_ms": 1.5, "ms_per_token": None})
         if len(self.nodes) >= self.init_nodes_num:
             share = 24 // len(self.nodes)
             for i, node in enumerate(self.nodes):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 import zmq
 from processes import free_port
 from tiny_models import greedy_tokens, save_tiny_model
@@ -18,6 +19,7 @@ from parallax.models.loader import load_shard
 from parallax.node.link_auth import LinkSecurity
 from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.node.stage import StageRouter
+from parallax.node.tracing import StageTracer, split_records
 
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 KEY = bytes(range(32))
@@ -114,6 +116,34 @@ def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
         for engine in cluster.engines:
             assert engine.num_free_blocks == engine.num_total_blocks
             assert not engine.sequences
+    finally:
+        cluster.close()
+
+
+def test_the_head_gets_every_stage_trace_record_in_order_and_none_is_left(model_path):
+    ranges = [(0, 1), (1, 3), (3, 4)]
+    cluster = Cluster(model_path, ranges)
+    for router, (start, end) in zip(cluster.routers, ranges, strict=True):
+        router.tracer = StageTracer(start, end)
+    try:
+        cluster.add("t", [5, 6, 7, 8])
+        cluster.routers[0].tracer.ready("t")  # as the executor does on AddRequest
+        final = cluster.run()["t"][-1]
+        assert final.finished
+        records = split_records(final.trace)
+        assert [(r["start_layer"], r["end_layer"]) for r in records] == ranges
+        # the head's 10 activation messages (the prompt's 4 tokens, then one per token) were
+        # acked by the next stage; the last ack may come after the last token
+        engine = cluster.engines[0]
+        row_bytes = engine.model.config.hidden_size * torch.empty(
+            0, dtype=engine.config.dtype).element_size()
+        hops = int(records[0]["hops"])
+        assert hops in (9, 10) and records[0]["hop_bytes"] == (4 + hops - 1) * row_bytes
+        assert records[1]["hops"] >= 8 and records[2]["hops"] >= 8  # tokens back to the head
+        assert all(r["hop_ms"] >= 0 for r in records)
+        cluster.settle()
+        for router in cluster.routers:  # every stage forgot the request and its sends
+            assert router.tracer.records == {} and router.tracer.unacked == {}
     finally:
         cluster.close()
 

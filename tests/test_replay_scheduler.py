@@ -159,6 +159,25 @@ def test_a_broken_pipeline_is_continued_on_another(scheduler, heads):
     assert second["parallax"]["resume_token_ids"] == [0, 1, 2]
     assert first["rid"] != second["rid"] and second["stream"] is True
     assert "parallax" not in response.text  # stripped, errors included
+    # its trace (the operator's: a loopback client of a scheduler without an API key) lists
+    # both attempts, the broken one with its failure kind
+    trace = wait_for_trace(s, final["id"])
+    assert trace["failovers"] == 1 and trace["finish_reason"] == "length"
+    broken, done = trace["attempts"]
+    assert (broken["rid"], broken["pipeline"], broken["outcome"]) == (
+        first["rid"], [first_head], "peer_lost")
+    assert (done["rid"], done["pipeline"], done["outcome"]) == (second["rid"], [second_head], "ok")
+
+
+def wait_for_trace(s, request_id: str) -> dict:
+    """GET /v1/traces/{id} once the scheduler stored it (just after the stream's end)."""
+    deadline = time.monotonic() + 5
+    while True:
+        response = s.http.get(f"/v1/traces/{request_id}")
+        if response.status_code != 404 or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            return response.json()
+        time.sleep(0.05)
 
 
 def test_non_streaming_requests_are_replayed_too(scheduler, heads):

@@ -298,7 +298,7 @@ def test_join_allocate_heartbeat_available_and_stream_through(scheduler, nodes):
     node = status["node_list"][0]
     assert set(node) == {"node_id", "status", "device", "device_name", "memory_gb",
                          "start_layer", "end_layer", "running_requests", "gflops",
-                         "layer_latency_ms", "link_encryption", "download"}
+                         "layer_latency_ms", "link_encryption", "download", "ms_per_token"}
     assert node["status"] == "ready" and node["device_name"] == "fake cpu"
     assert node["link_encryption"] == "none"  # no TLS, no P2P: the links are in the clear
 

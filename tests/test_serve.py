@@ -203,7 +203,9 @@ def test_raw_sse_chunk_sequence(serve_url):
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert last["choices"][0]["finish_reason"] == "length"
     assert last["usage"]["completion_tokens"] == 6
-    assert set(last["metrics"]) == {"ttft_ms", "tps", "duration_ms"}
+    assert set(last["metrics"]) == {"ttft_ms", "tps", "duration_ms", "stages", "slowest_stage"}
+    [stage] = last["metrics"]["stages"]  # the whole model on one node: one stage, no hops
+    assert stage["layers"] == [0, 30] and stage["steps"] >= 6 and stage["compute_ms"] > 0
     counts = [c["usage"]["completion_tokens"] for c in chunks]
     assert counts == sorted(counts)
 

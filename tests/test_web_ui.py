@@ -233,3 +233,26 @@ def test_phone_sized_screen(page_factory) -> None:
         assert page.is_visible("#prompt")
     finally:
         fake.stop()
+
+
+def test_pipeline_panel_shows_ms_per_token_and_marks_the_slowest_stage(page_factory) -> None:
+    fake = _fake(init_nodes_num=3)
+    for name in ("Fake GPU A", "Fake GPU B", "Fake GPU C"):
+        fake.add_node(name)
+    for node, ms in zip(fake.nodes, (4.0, 61.5, 7.25), strict=True):
+        node["ms_per_token"] = ms
+    try:
+        page = page_factory(fake.url)
+        page.wait_for_selector("#page-chat:not([hidden])")
+        rows = page.locator("#pipelines .pipeline-node")
+        rows.nth(2).locator(".stage-speed").wait_for()
+        assert [rows.nth(i).locator(".stage-speed").inner_text() for i in range(3)] == \
+            ["4.0 ms/token", "61.5 ms/token · slowest", "7.3 ms/token"]
+        assert page.locator(".pipeline-node.slowest").get_attribute("data-node-id") == "node-2"
+        fake.nodes[2]["ms_per_token"] = 90.0  # the live status moves the mark
+        page.wait_for_selector(".pipeline-node.slowest[data-node-id='node-3']")
+        assert page.locator(".pipeline-node.slowest").count() == 1
+        _shot(page, "8-pipeline-speeds")
+        assert page.errors == []
+    finally:
+        fake.stop()

@@ -39,6 +39,7 @@ from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
 from parallax.node.peers import PipelineLinks, StageLimits
 from parallax.node.stage import RouteRejected, StageRouter
+from parallax.node.tracing import StageTracer, step_delay_s
 
 if TYPE_CHECKING:
     from parallax.models.range_cache import Progress
@@ -123,7 +124,11 @@ class ExecutorLoop:
         self.poller = zmq.Poller()
         self.poller.register(pull, zmq.POLLIN)
         self.links = links
-        self.stage = StageRouter(engine, links) if links is not None else None
+        model = getattr(engine, "model", None)
+        self.tracer = StageTracer(getattr(model, "start_layer", 0), getattr(model, "end_layer", 0))
+        self.step_delay_s = step_delay_s()  # test-only: make this node the slow one
+        self.last_step = (0.0, 0)  # (ms, requests) of the step just taken
+        self.stage = StageRouter(engine, links, self.tracer) if links is not None else None
         if links is not None:
             self.poller.register(links.pull, zmq.POLLIN)
         self.layer_latency_ms = 0.0
@@ -136,6 +141,8 @@ class ExecutorLoop:
     def handle(self, message: P.ToExecutor) -> None:
         """Apply one control message to the engine; a bad request fails only itself."""
         if isinstance(message, P.AddRequest):
+            self.tracer.forget(message.rid)
+            self.tracer.ready(message.rid)
             try:
                 if message.downstream and self.stage is not None:
                     self.stage.add_request(message)
@@ -158,6 +165,8 @@ class ExecutorLoop:
             else:
                 for rid in message.rids:
                     self.engine.abort(rid)
+            for rid in message.rids:
+                self.tracer.forget(rid)
             self._dirty = True
         elif isinstance(message, P.SetLinkAliases):
             if self.links is not None:
@@ -207,6 +216,8 @@ class ExecutorLoop:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
+            if outputs and self.step_delay_s:  # test-only: a step that ran something is slow
+                time.sleep(self.step_delay_s)
         except StepFailed as exc:  # the batch's forward failed: fail its requests only
             logger.error("engine step failed for %d requests: %s", len(exc.request_ids), exc,
                          exc_info=exc.__cause__)
@@ -215,18 +226,26 @@ class ExecutorLoop:
             logger.exception("engine step failed; failing every request in the engine")
             return self._fail_all(f"the engine failed: {type(exc).__name__}: {exc}")
         if outputs:
+            step_ms = (time.perf_counter() - started) * 1000
             num_layers = getattr(self.engine, "num_local_layers", 1) or 1
-            per_layer = (time.perf_counter() - started) * 1000 / num_layers
+            per_layer = step_ms / num_layers
             self.layer_latency_ms = per_layer if not self.layer_latency_ms else (
                 0.8 * self.layer_latency_ms + 0.2 * per_layer)
+            ran = [o.request_id for o in outputs if o.finish_reason != "error"]
+            self.tracer.on_step(started * 1000, step_ms, ran)
+            self.last_step = (step_ms, len(set(ran)))
         if self.stage is not None:
             return self.stage.after_step(outputs)
-        return [
-            P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                          P.ENGINE_ERROR if o.finish_reason == "error" else None,
-                          logprob=o.logprob, top_logprobs=o.top_logprobs or [])
-            for o in outputs
-        ]
+        return [self._whole_model_output(o) for o in outputs]
+
+    def _whole_model_output(self, o: StepOutput) -> P.TokenOutput:
+        """A token of a node that holds the whole model (its trace on the last one)."""
+        trace = self.tracer.trace_of(o.request_id) if o.finished else []
+        if o.finished:
+            self.tracer.forget(o.request_id)
+        return P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
+                             P.ENGINE_ERROR if o.finish_reason == "error" else None,
+                             logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
 
     def _fail_all(self, message: str) -> list[P.TokenOutput]:
         return self._fail_requests(list(self.engine.sequences), message)
@@ -254,11 +273,14 @@ class ExecutorLoop:
 
     def _publish(self, outputs: list[P.TokenOutput]) -> None:
         e = self.engine
+        step_ms, num_batched = self.last_step
+        self.last_step = (0.0, 0)  # each step is reported once
         stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
                                 e.num_total_blocks, round(self.layer_latency_ms, 3),
                                 getattr(e, "num_prefill_tokens", 0),
-                                getattr(e, "num_decode_tokens", 0))
-        self.push.send(P.encode(P.StepOutputs(outputs, stats)))
+                                getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
+                                num_batched, _prefix_hit_tokens(e))
+        self.push.send(P.encode(P.StepOutputs(outputs, stats, self.tracer.take_link_samples())))
 
     def _check_parent(self) -> None:
         now = time.monotonic()
@@ -293,6 +315,12 @@ class ExecutorLoop:
         while self.running:
             self.run_once()
             self._check_parent()
+
+
+def _prefix_hit_tokens(engine) -> int:
+    """Prompt tokens the engine's prefix cache saved since start (0 where it has none)."""
+    manager = getattr(engine, "block_manager", None)
+    return int(getattr(manager, "num_prefix_hit_tokens", 0) or 0)
 
 
 def _build_engine(config: ExecutorConfig, report, on_download=None):

@@ -92,6 +92,7 @@ class ExecutorClient:
         self.info: P.ExecutorReady | None = None  # the latest ready executor's facts
         self.download: P.DownloadProgress | None = None  # the loading executor's hub download
         self.stats = P.ExecutorStats()
+        self.on_step: Callable[[P.StepOutputs], None] | None = None  # metrics of each step
         self.num_restarts = 0
         self.requests: dict[str, asyncio.Queue] = {}
         # prefill / decode tokens of executors that are gone (their stats reset with them)
@@ -295,6 +296,8 @@ class ExecutorClient:
     def _dispatch(self, message) -> None:
         if isinstance(message, P.StepOutputs):
             self.stats = message.stats
+            if self.on_step is not None:
+                self.on_step(message)
             for output in message.outputs:
                 queue = self.requests.get(output.rid)
                 if queue is None:

@@ -31,6 +31,7 @@ from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
+from parallax.node.tracing import trace_summary
 from parallax.serving.adapters import OutputAdapter, adapt_response
 from parallax.serving.completions import (
     TextCompletionRequest,
@@ -121,6 +122,12 @@ class ChatJob:
     # on with the next chunk (the one carrying their text, or the final one)
     logprob_entries: list[dict[str, Any]] = field(default_factory=list)
     logprobs_sent: int = 0
+    stage_ids: list[str] = field(default_factory=list)  # node ids of its pipeline, head first
+    trace: list[float] = field(default_factory=list)  # the executors' trace (node/tracing.py)
+
+    def metrics(self) -> dict[str, Any]:
+        """The final chunk's `metrics`: times, and the trace summary of its stages."""
+        return {**self.timer.metrics_dict(), **trace_summary(self.trace, self.stage_ids)}
 
     def take_logprobs(self) -> list[dict[str, Any]] | None:
         """Stream: the entries not sent yet, for the chunk being built (None: none, or the
@@ -152,6 +159,7 @@ class NodeFrontend:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.metrics = ServingMetrics()
+        client.on_step = lambda step: self.metrics.observe_step(step.stats, step.links)
         self.created = int(time.time())
         self.node_id: str | None = None  # set when this node is part of a cluster
         self.join_token: str | None = None  # the cluster's: required from whoever sends chats
@@ -397,6 +405,7 @@ class NodeFrontend:
             rid=rid, model=self.model_name, created=int(time.time()), prompt_ids=prompt_ids,
             queue=queue, text=text, timer=timer or RequestTimer(), internal=internal.internal,
             num_completion_tokens=len(resume), tools=tools, logprobs=req.logprobs,
+            stage_ids=self.stage_ids(req.routing_table),
         )
         if done_at_once is not None:
             job.done, job.finish_reason = True, done_at_once
@@ -432,6 +441,13 @@ class NodeFrontend:
             raise APIError(400, "'routing_table' does not reach the last layer")
         return [entry.activation_endpoint for entry in entries[1:]]
 
+    def stage_ids(self, routing_table: Any) -> list[str]:
+        """The node ids of a request's stages (validated by `downstream_endpoints`)."""
+        if routing_table:
+            return [str(entry.get("node_id", "")) for entry in routing_table
+                    if isinstance(entry, dict)]
+        return [self.node_id or "local"]
+
     async def deltas(self, job: ChatJob) -> AsyncIterator[tuple[str, str]]:
         """Yield (reasoning, content) text deltas until the request ends; sets finish fields
         and `job.final_delta`, the text held back until the end (none after a failure on the
@@ -442,6 +458,8 @@ class NodeFrontend:
                 job.done, job.finish_reason = True, "error"
                 job.error, job.error_status, job.error_kind = item.message, 503, item.kind
                 break
+            if getattr(item, "trace", None):
+                job.trace = list(item.trace)
             if item.token_id is not None:
                 job.num_completion_tokens += 1
                 job.timer.mark_tokens(1)
@@ -539,7 +557,7 @@ class NodeFrontend:
             else:
                 for delta in final:
                     yield self._chunk(job, delta)
-            yield self._chunk(job, last, job.finish(), job.timer.metrics_dict())
+            yield self._chunk(job, last, job.finish(), job.metrics())
             if job.finish_reason == "error":
                 error = error_body(job.error_status, job.error or "error")
                 if job.internal:
@@ -563,7 +581,7 @@ class NodeFrontend:
             raise APIError(job.error_status, job.error or "the request failed")
         body = completion(job.rid, job.model, job.created, "".join(job.content),
                           "".join(job.reasoning_content) if job.text.parser is not None
-                          else None, job.finish(), job.usage(), job.timer.metrics_dict(),
+                          else None, job.finish(), job.usage(), job.metrics(),
                           [call.to_dict() for call in job.tool_calls],
                           job.logprob_entries if job.logprobs else None)
         return JSONResponse(body)

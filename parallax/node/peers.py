@@ -31,6 +31,7 @@ from parallax import protocol as P
 from parallax.engine.sampling_params import MAX_TOP_LOGPROBS
 from parallax.node.link_auth import LinkSecurity, NoLinkKey
 from parallax.node.link_crypto import CurveKeyPair, connect_curve, is_curve_key, serve_curve
+from parallax.node.tracing import ack_problem, trace_problem
 
 logger = logging.getLogger("parallax.peers")
 
@@ -246,11 +247,13 @@ class PipelineLinks:
         socket.close(linger=0)
 
     def send_activations(self, endpoint: str, entries: list[P.ActivationEntry],
-                         hidden: torch.Tensor) -> None:
-        """hidden: [sum of entries' tokens, hidden_size], rows in entry order."""
+                         hidden: torch.Tensor, send_id: int = 0) -> None:
+        """hidden: [sum of entries' tokens, hidden_size], rows in entry order. `send_id` > 0
+        asks the receiver for a StageAck (node/tracing.py)."""
         hidden = hidden.contiguous()
         header = P.StageActivations(entries, str(hidden.dtype).removeprefix("torch."),
-                                    hidden.shape[-1])
+                                    hidden.shape[-1], send_id,
+                                    self.own_endpoint if send_id else "")
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
         self.send(endpoint, [P.encode(header), memoryview(payload)])
 
@@ -339,7 +342,9 @@ def _rid_problem(rid: str) -> str | None:
 
 
 def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) -> str | None:
-    """Why a StageTokens / StageRelease must be dropped, or None."""
+    """Why a StageTokens / StageRelease / StageAck must be dropped, or None."""
+    if isinstance(message, P.StageAck):
+        return ack_problem(message)
     if isinstance(message, P.StageRelease):
         if not 0 < len(message.rids) <= MAX_IDS:
             return f"release of {len(message.rids)} requests"
@@ -360,6 +365,8 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
         if output.peer is not None and len(output.peer) > MAX_RID_CHARS:
             return f"peer endpoint of {len(output.peer)} characters"
         if (problem := _logprobs_problem(output, limits)) is not None:
+            return problem
+        if output.trace and (problem := trace_problem(output.trace)) is not None:
             return problem
     return None
 
@@ -428,6 +435,8 @@ def _entry_problem(entry: P.ActivationEntry, limits: StageLimits, allows) -> str
         return f"{entry.rid}: token id outside the vocabulary"
     if len(entry.downstream) > MAX_DOWNSTREAM:
         return f"{entry.rid}: {len(entry.downstream)} downstream stages"
+    if entry.trace and (problem := trace_problem(entry.trace)) is not None:
+        return f"{entry.rid}: {problem}"
     for endpoint in (entry.head_endpoint, *entry.downstream):
         if not allows(endpoint):
             return f"{entry.rid}: endpoint {endpoint[:80]!r} is not in this pipeline"

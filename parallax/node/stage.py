@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+import msgspec
 import torch
 
 from parallax import protocol as P
 from parallax.engine.engine import Engine, StepOutput
 from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
+from parallax.node.tracing import STAGE_RECORD_LEN, StageTracer, now_ms
 
 logger = logging.getLogger("parallax.stage")
 
@@ -37,9 +39,11 @@ def error_output(rid: str, message: str, kind: str = P.ENGINE_ERROR,
 class StageRouter:
     """Routes one executor's engine outputs and peer messages. Returns frontend outputs."""
 
-    def __init__(self, engine: Engine, links: PipelineLinks) -> None:
+    def __init__(self, engine: Engine, links: PipelineLinks,
+                 tracer: StageTracer | None = None) -> None:
         self.engine = engine
         self.links = links
+        self.tracer = tracer or StageTracer(0, 0)
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -65,11 +69,18 @@ class StageRouter:
     def abort(self, rids: list[str]) -> None:
         for rid in rids:
             self.engine.abort(rid)
+            self.tracer.forget(rid)
         self._release(rids)
 
     # ---- from peers --------------------------------------------------------------------
 
     def on_message(self, message, hidden: torch.Tensor | None) -> list[P.TokenOutput]:
+        taken_ms = now_ms()
+        if isinstance(message, P.StageAck):
+            self.tracer.on_ack(message)
+            return []
+        if isinstance(message, (P.StageActivations, P.StageTokens)) and message.send_id:
+            self._ack(message, taken_ms)
         if isinstance(message, P.StageActivations):
             self._on_activations(message, hidden)
             return []
@@ -90,6 +101,9 @@ class StageRouter:
                 self.routes[entry.rid] = Route(next_endpoint, list(entry.downstream[1:]),
                                                entry.head_endpoint)
             route = self.routes.get(entry.rid)
+            if route is not None:
+                self.tracer.ready(entry.rid)
+                self.tracer.set_upstream(entry.rid, list(entry.trace))
             if route is None:  # released meanwhile, or state lost: tell the head
                 if entry.head_endpoint:
                     self._to_head(entry.head_endpoint, [error_output(
@@ -109,6 +123,7 @@ class StageRouter:
     def _on_tokens(self, outputs: list[P.TokenOutput]) -> list[P.TokenOutput]:
         """Head: tokens sampled by the last stage."""
         finished = []
+        outputs = [self._head_trace(output) for output in outputs]
         for output in outputs:
             if output.finish_reason == "error":
                 self.engine.abort(output.rid)
@@ -117,8 +132,28 @@ class StageRouter:
                                          output.finish_reason)
             if output.finished:
                 finished.append(output.rid)
+                self.tracer.forget(output.rid)
+            else:
+                self.tracer.ready(output.rid)  # the next decode step's input is here
         self._release(finished)
-        return list(outputs)
+        return outputs
+
+    def _head_trace(self, output: P.TokenOutput) -> P.TokenOutput:
+        """The head's own record, as it stands now, replaces the one it sent down."""
+        if not output.trace:
+            return output
+        return msgspec.structs.replace(
+            output, trace=self.tracer.own(output.rid) + list(output.trace[STAGE_RECORD_LEN:]))
+
+    def _ack(self, message: P.StageActivations | P.StageTokens, taken_ms: float) -> None:
+        """Answer a message that asked for it at once (its sender times the hop)."""
+        if not self.links.allows(message.sender) or message.sender == self.links.own_endpoint:
+            return
+        try:
+            self.links.send_message(message.sender,
+                                    P.StageAck(message.send_id, round(now_ms() - taken_ms, 3)))
+        except PeerUnreachable:
+            pass  # the sender is gone: nobody waits for this hop's time
 
     # ---- after a step ------------------------------------------------------------------
 
@@ -135,9 +170,12 @@ class StageRouter:
                 output = P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
                                        o.error,
                                        P.ENGINE_ERROR if o.finish_reason == "error" else None,
-                                       logprob=o.logprob, top_logprobs=o.top_logprobs or [])
+                                       logprob=o.logprob, top_logprobs=o.top_logprobs or [],
+                                       trace=self.tracer.trace_of(o.request_id) if o.finished
+                                       else [])
                 if o.finished:
                     self.routes.pop(o.request_id, None)
+                    self.tracer.forget(o.request_id)
                 if route is None or route.head_endpoint == self.links.own_endpoint:
                     for_frontend.append(output)
                 else:
@@ -166,9 +204,13 @@ class StageRouter:
                 seq.sampling_params if first and seq is not None else None,
                 seq.num_prompt_tokens if first and seq is not None else 0,
                 route.downstream_after_next if first else [],
-                route.head_endpoint, o.due))
+                route.head_endpoint, o.due, self.tracer.trace_of(o.request_id)))
+        hidden = torch.cat([o.hidden for o, _ in items])
+        row_bytes = hidden.shape[-1] * hidden.element_size()
+        send_id = self.tracer.on_send(endpoint, [(o.request_id, len(o.token_ids) * row_bytes)
+                                                 for o, _ in items])
         try:
-            self.links.send_activations(endpoint, entries, torch.cat([o.hidden for o, _ in items]))
+            self.links.send_activations(endpoint, entries, hidden, send_id)
         except PeerUnreachable as exc:
             return self._fail([o.request_id for o, _ in items], str(exc), P.PEER_LOST, endpoint)
         return []
@@ -231,8 +273,12 @@ class StageRouter:
         return for_frontend
 
     def _to_head(self, head_endpoint: str, outputs: list[P.TokenOutput]) -> None:
+        send_id = self.tracer.next_send_id()
+        data = P.encode(P.StageTokens(outputs, send_id, self.links.own_endpoint))
+        self.tracer.on_send(head_endpoint, [(o.rid, len(data) // len(outputs)) for o in outputs],
+                            send_id)
         try:
-            self.links.send_message(head_endpoint, P.StageTokens(outputs))
+            self.links.send(head_endpoint, [data])
         except PeerUnreachable:
             logger.warning("the head %s is unreachable; dropping %d outputs", head_endpoint,
                            len(outputs))

@@ -306,6 +306,7 @@ class SchedulerState:
         self.node_states.pop(node_id, None)
         self.node_secrets.pop(node_id, None)
         self.forwarder.inflight.forget(node_id)
+        self.forwarder.traces.forget_node(node_id)
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -314,7 +315,8 @@ class SchedulerState:
         return cluster_status(self.registry,
                               node_join_command=self.node_join_command(reveal=reveal),
                               running=effective_running(self.registry, self.forwarder.inflight),
-                              reported_states=self.node_states)
+                              reported_states=self.node_states,
+                              stage_ms=self.forwarder.traces.stage_ms)
 
     def render_metrics(self) -> tuple[bytes, str]:
         running = effective_running(self.registry, self.forwarder.inflight)
@@ -505,6 +507,16 @@ def build_app(state: SchedulerState) -> FastAPI:
                 "data": {"model_name": state.model_name, "quantize": state.quantize,
                          "init_nodes_num": nodes,
                          "is_local_network": local, "status": state.registry.status()}}
+
+    @app.get("/v1/traces/{request_id}")
+    async def trace(request: Request, request_id: str) -> dict[str, Any]:
+        """Every attempt of a recent request: stages, layers, queue/compute, hops (operator)."""
+        require_operator(request, config.api_key, "reading request traces")
+        found = state.forwarder.traces.get(request_id)
+        if found is None:
+            raise APIError(404, f"no trace of request {request_id[:80]!r}: the scheduler keeps "
+                                f"the latest {state.forwarder.traces.capacity} requests' traces")
+        return found
 
     @app.get("/metrics")
     async def metrics() -> Response:

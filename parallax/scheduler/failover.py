@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 
 from parallax import protocol as P
 from parallax.scheduler.replay import KEEPALIVE, Failure, ReplaySession, SSELines, should_replay
+from parallax.scheduler.traces import TraceStore, attempt_trace
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.sse import DONE, encode_event
 
@@ -79,6 +80,7 @@ class FailoverMixin:
         # the scheduler need not wait for the heartbeat timeout to rebuild without it
         self.on_unreachable: Callable[[str], None] | None = None
         self._probes: dict[str, asyncio.Task] = {}
+        self.traces = TraceStore()  # GET /v1/traces/{id}: every attempt of recent requests
 
     def _cut_broken(self) -> None:
         """Cut the tickets whose pipeline lost a node (evicted, left)."""
@@ -132,6 +134,7 @@ class FailoverMixin:
     async def _drive(self, attempt: _Attempt, session: ReplaySession) -> AsyncIterator[bytes]:
         """Client bytes of one request across attempts: chunks, keep-alives while no pipeline
         is there to continue on, and [DONE] (after an error event when it gives up)."""
+        attempts: list[dict[str, Any]] = []  # their traces
         try:
             while True:
                 broke: Failure | None = None
@@ -142,6 +145,8 @@ class FailoverMixin:
                         yield data
                 failure = session.end_attempt(broke)
                 ticket = attempt.ticket
+                attempts.append(attempt_trace(ticket.rid, list(ticket.node_ids),
+                                              session.final or session.error_final, failure))
                 await attempt.close(self)
                 if failure is None:  # complete (a missing [DONE] costs nothing)
                     self.metrics.observe_final(ticket.label, session.final or {})
@@ -170,6 +175,11 @@ class FailoverMixin:
                 yield encode_event(event)
             yield DONE
         finally:
+            if attempts:
+                final = session.final or {}
+                choices = final.get("choices") or [{}]
+                self.traces.add(session.client_id, attempts,
+                                choices[0].get("finish_reason") if final else "error")
             await attempt.close(self)
 
     async def _read_attempt(self, attempt: _Attempt,

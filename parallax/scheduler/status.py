@@ -20,13 +20,21 @@ from prometheus_client import (
     generate_latest,
 )
 
+from parallax.node.tracing import hop_list
 from parallax.scheduler.registry import Registry
-from parallax.serving.metrics import TPS_BUCKETS, TTFT_BUCKETS
+from parallax.serving.metrics import (
+    BYTES_BUCKETS,
+    STEP_BUCKETS,
+    TPS_BUCKETS,
+    TRANSFER_BUCKETS,
+    TTFT_BUCKETS,
+)
 from parallax.serving.sse import encode_event
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 # what non-operators see instead of the join token
 TOKEN_PLACEHOLDER = "<token>"
+MAX_TRACE_LABELS = 256  # node and link label values of the trace histograms
 
 
 def lan_address() -> str:
@@ -105,12 +113,16 @@ def cluster_status(
     node_join_command: str,
     running: Mapping[str, int] | None = None,
     reported_states: Mapping[str, str] | None = None,
+    stage_ms: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The `cluster_status` event: `{"type": "cluster_status", "data": {...}}`.
 
     `running` overrides a node's running-request count (the scheduler's own, fresher figure);
-    `reported_states` holds each node's last heartbeat `state` (to show "error").
+    `reported_states` holds each node's last heartbeat `state` (to show "error"); `stage_ms` each
+    node's compute ms per token in its latest request trace (else its heartbeat's per-layer
+    latency times its layers stands in).
     """
+    stage_ms = stage_ms or {}
     running = running or {}
     reported_states = reported_states or {}
     allocation = registry.allocation
@@ -129,6 +141,7 @@ def cluster_status(
             "running_requests": running.get(record.node_id, record.running_requests),
             "gflops": round(record.info.gflops, 1),
             "layer_latency_ms": round(record.layer_latency_ms, 3),
+            "ms_per_token": _ms_per_token(record, layers, stage_ms.get(record.node_id)),
             # how its activation links travel: CURVE-encrypted, libp2p (P2P), or in the clear
             "link_encryption": "curve" if record.curve_public_key else (
                 "libp2p" if record.peer_id else "none"),
@@ -154,6 +167,18 @@ def cluster_status(
             "reason": _reason(registry),
         },
     }
+
+
+def _ms_per_token(record: Any, layers: tuple[int, int] | None,
+                  traced: float | None) -> float | None:
+    """A stage's compute per token: from its latest trace, else per-layer latency x layers."""
+    if layers is None:
+        return None
+    if traced is not None:
+        return round(traced, 3)
+    if not record.layer_latency_ms:
+        return None
+    return round(record.layer_latency_ms * (layers[1] - layers[0]), 3)
 
 
 class StatusHub:
@@ -229,6 +254,20 @@ class ClusterMetrics:
                               buckets=TTFT_BUCKETS, namespace=ns, registry=r)
         self.tps = Histogram("tokens_per_second", "Decode speed reported by head nodes",
                              buckets=TPS_BUCKETS, namespace=ns, registry=r)
+        # from the traces in final chunks (parallax/node/tracing.py): per node and per link
+        self.stage_step = Histogram("stage_step_seconds", "A stage's compute per step (one "
+                                    "token) of a request, from its trace", ["node"],
+                                    buckets=STEP_BUCKETS, namespace=ns, registry=r)
+        self.stage_queue = Histogram("stage_queue_seconds", "Time a request queued on a stage "
+                                     "in all, from its trace", ["node"], buckets=STEP_BUCKETS,
+                                     namespace=ns, registry=r)
+        self.link_transfer = Histogram("link_transfer_seconds", "A hop's transfer time per "
+                                       "message of a request, from its trace", ["link"],
+                                       buckets=TRANSFER_BUCKETS, namespace=ns, registry=r)
+        self.link_bytes = Histogram("link_bytes", "Bytes a request sent over a hop, from its "
+                                    "trace", ["link"], buckets=BYTES_BUCKETS, namespace=ns,
+                                    registry=r)
+        self._labels: set[str] = set()
 
     def observe_final(self, pipeline: str, final: Mapping[str, Any]) -> None:
         """Record a final chunk / completion body's `metrics` and `usage`."""
@@ -241,6 +280,33 @@ class ClusterMetrics:
         tokens = usage.get("completion_tokens")
         if isinstance(tokens, int) and tokens > 0:
             self.pipeline_tokens.labels(pipeline=pipeline).inc(tokens)
+        if isinstance(metrics, dict):
+            self._observe_trace(metrics)
+
+    def _observe_trace(self, metrics: Mapping[str, Any]) -> None:
+        """Stage and hop histograms from a final chunk's trace summary (label sets bounded)."""
+        stages = [s for s in metrics.get("stages") or [] if isinstance(s, dict)]
+        for stage in stages:
+            node, per_token = str(stage.get("node_id")), stage.get("ms_per_token")
+            if isinstance(per_token, (int, float)) and self._room_for(node):
+                self.stage_step.labels(node=node).observe(per_token / 1000.0)
+                if isinstance(stage.get("queue_ms"), (int, float)):
+                    self.stage_queue.labels(node=node).observe(stage["queue_ms"] / 1000.0)
+        steps = max([s.get("steps") or 0 for s in stages if isinstance(s.get("steps"), int)]
+                    or [0])
+        for hop in hop_list(dict(metrics)):
+            link = f"{hop['from']}->{hop['to']}"
+            if not isinstance(hop["ms"], (int, float)) or not self._room_for(link):
+                continue
+            self.link_transfer.labels(link=link).observe(hop["ms"] / 1000.0 / max(1, steps))
+            if isinstance(hop["bytes"], int):
+                self.link_bytes.labels(link=link).observe(hop["bytes"])
+
+    def _room_for(self, label: str) -> bool:
+        if label in self._labels or len(self._labels) < MAX_TRACE_LABELS:
+            self._labels.add(label)
+            return True
+        return False
 
     def set_nodes(self, running: Mapping[str, int], ready: Mapping[str, bool],
                   pipelines_ready: int, queue_depth: int) -> None:

@@ -17,6 +17,12 @@ from prometheus_client import (
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+TRANSFER_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BYTES_BUCKETS = (64, 1024, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+MAX_LINK_LABELS = 64  # peers a node keeps link series for (a pipeline has few)
 
 
 @dataclass
@@ -129,6 +135,50 @@ class ServingMetrics:
         self.waiting = Gauge(
             "num_requests_waiting", "Requests waiting to start", namespace=namespace, registry=r
         )
+        self._step_metrics(namespace)
+
+    def _step_metrics(self, ns: str) -> None:
+        """This node's engine steps and activation links (ExecutorStats, LinkSample)."""
+        r = self.registry
+        self.step_time = Histogram("step_seconds", "Wall time of one engine step of this node",
+                                   namespace=ns, buckets=STEP_BUCKETS, registry=r)
+        self.batch_size = Histogram("batch_size", "Requests in one engine step", namespace=ns,
+                                    buckets=COUNT_BUCKETS, registry=r)
+        self.queue_depth = Histogram("queue_depth", "Requests waiting after an engine step",
+                                     namespace=ns, buckets=COUNT_BUCKETS, registry=r)
+        self.prefix_hit_ratio = Histogram(
+            "prefix_cache_hit_ratio", "Share of the prompt tokens prefilled between two steps "
+            "that the prefix cache held (steps that prefilled prompt tokens)", namespace=ns,
+            buckets=RATIO_BUCKETS, registry=r)
+        self.link_transfer = Histogram(
+            "link_transfer_seconds", "Transfer time of one stage message to a peer: the round "
+            "trip of its ack less the peer's own time", ["peer"], namespace=ns,
+            buckets=TRANSFER_BUCKETS, registry=r)
+        self.link_bytes = Histogram("link_bytes", "Bytes of one stage message to a peer",
+                                    ["peer"], namespace=ns, buckets=BYTES_BUCKETS, registry=r)
+        self._peers: set[str] = set()
+        self._last_counts = (0, 0)  # (prefill tokens, prefix hit tokens) at the last step
+
+    def observe_step(self, stats, links=()) -> None:
+        """One StepOutputs' `stats` (protocol.ExecutorStats) and link samples."""
+        if stats.step_ms > 0:
+            self.step_time.observe(stats.step_ms / 1000.0)
+            self.batch_size.observe(stats.num_batched)
+            self.queue_depth.observe(stats.num_waiting)
+        prefill, hits = stats.num_prefill_tokens, stats.num_prefix_hit_tokens
+        new_prefill = prefill - self._last_counts[0]
+        new_hits = hits - self._last_counts[1]
+        if new_prefill < 0 or new_hits < 0:  # a restarted executor counts from zero again
+            new_prefill, new_hits = prefill, hits
+        self._last_counts = (prefill, hits)
+        if new_prefill > 0:
+            self.prefix_hit_ratio.observe(new_hits / (new_hits + new_prefill))
+        for sample in links:
+            if sample.peer not in self._peers and len(self._peers) >= MAX_LINK_LABELS:
+                continue
+            self._peers.add(sample.peer)
+            self.link_transfer.labels(peer=sample.peer).observe(sample.transfer_ms / 1000.0)
+            self.link_bytes.labels(peer=sample.peer).observe(sample.num_bytes)
 
     def observe_request(
         self,

@@ -307,17 +307,33 @@
       const p = document.createElement("div");
       p.className = "pipeline";
       p.appendChild(text("div", "Pipeline " + (k + 1), "card-title"));
-      for (const id of ids) {
+      const slowest = slowestStage(ids.map((id) => byId[id] || {}));
+      ids.forEach((id, i) => {
         const n = byId[id] || { node_id: id };
         const row = document.createElement("div");
-        row.className = "pipeline-node";
+        row.className = "pipeline-node" + (i === slowest ? " slowest" : "");
+        row.dataset.nodeId = id;
         row.appendChild(text("div", (n.device_name || n.device || id), "small strong"));
         row.appendChild(text("div", layerText(n) + " · " + loadText(n), "small"));
+        const speed = typeof n.ms_per_token === "number"
+          ? n.ms_per_token.toFixed(1) + " ms/token" + (i === slowest ? " · slowest" : "") : "";
+        if (speed) row.appendChild(text("div", speed, "small stage-speed"));
         row.appendChild(loadBar(n));
         p.appendChild(row);
-      }
+      });
       box.appendChild(p);
     });
+  }
+
+  // the stage with the most compute per token (from the requests' traces), in a pipeline of
+  // two or more stages; -1 when none is known
+  function slowestStage(nodes) {
+    let slowest = -1;
+    nodes.forEach((n, i) => {
+      if (typeof n.ms_per_token !== "number") return;
+      if (slowest < 0 || n.ms_per_token > nodes[slowest].ms_per_token) slowest = i;
+    });
+    return nodes.length > 1 ? slowest : -1;
   }
 
   // ---------------------------------------------------------------- chat
