@@ -257,7 +257,10 @@ class ExecutorLoop:
         stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
                                 e.num_total_blocks, round(self.layer_latency_ms, 3),
                                 getattr(e, "num_prefill_tokens", 0),
-                                getattr(e, "num_decode_tokens", 0))
+                                getattr(e, "num_decode_tokens", 0),
+                                getattr(e, "num_prefix_hit_tokens", 0),
+                                getattr(e, "num_prefix_recomputed_tokens", 0),
+                                self.links.num_activation_bytes_sent if self.links else 0)
         self.push.send(P.encode(P.StepOutputs(outputs, stats)))
 
     def _check_parent(self) -> None:

@@ -122,6 +122,7 @@ class PipelineLinks:
         self.routes: dict[str, Route] = {}
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
         self._drop_window, self._drop_logged, self._drops_unlogged = 0.0, 0, 0
+        self.num_activation_bytes_sent = 0  # hidden-state bytes handed to send_activations
 
     def close(self) -> None:
         for socket in [self.pull, *self.pushes.values(), *self.monitors]:
@@ -253,6 +254,7 @@ class PipelineLinks:
                                     hidden.shape[-1])
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
         self.send(endpoint, [P.encode(header), memoryview(payload)])
+        self.num_activation_bytes_sent += payload.nbytes
 
     def send_message(self, endpoint: str, message: msgspec.Struct) -> None:
         self.send(endpoint, [P.encode(message)])
@@ -309,6 +311,8 @@ class PipelineLinks:
         tensor = isinstance(message, P.StageActivations)
         if len(frames) != (3 if tensor else 2):
             return f"{len(frames)} frames for a {type(message).__name__}"
+        if isinstance(message, (P.StagePrefixQuery, P.StagePrefixAnswer)):
+            return prefix_problem(message, self.limits, self.allows) or (message, None)
         if not tensor:
             return stage_problem(message, self.limits) or (message, None)
         problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
@@ -361,6 +365,28 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return f"peer endpoint of {len(output.peer)} characters"
         if (problem := _logprobs_problem(output, limits)) is not None:
             return problem
+    return None
+
+
+def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: StageLimits,
+                   allows) -> str | None:
+    """Why a prefix query / answer must be dropped, or None (`allows` as in
+    activations_problem)."""
+    if (problem := _rid_problem(message.rid)) is not None:
+        return problem
+    if isinstance(message, P.StagePrefixAnswer):
+        if not 0 <= message.num_cached_tokens <= limits.max_position:
+            return f"{message.rid}: {message.num_cached_tokens} cached tokens"
+        return None
+    if not 0 < len(message.token_ids) <= limits.max_position:
+        return f"{message.rid}: prefix of {len(message.token_ids)} tokens"
+    if not all(0 <= t < limits.vocab_size for t in message.token_ids):
+        return f"{message.rid}: token id outside the vocabulary"
+    if len(message.downstream) > MAX_DOWNSTREAM:
+        return f"{message.rid}: {len(message.downstream)} downstream stages"
+    for endpoint in (message.head_endpoint, *message.downstream):
+        if not allows(endpoint):
+            return f"{message.rid}: endpoint {endpoint[:80]!r} is not in this pipeline"
     return None
 
 
