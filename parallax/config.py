@@ -124,6 +124,7 @@ class ServeConfig:
     warmup: bool = True
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
+    enable_prefix_caching: bool = True  # --no-prefix-caching turns it off
     executor: ExecutorConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +152,7 @@ class ServeConfig:
             max_model_len=self.max_model_len,
             threads=self.threads,
             warmup=self.warmup,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         object.__setattr__(self, "executor", executor)
 
@@ -265,6 +267,7 @@ class JoinConfig:
     relays: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
+    enable_prefix_caching: bool = True  # --no-prefix-caching turns it off on this stage
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

@@ -266,3 +266,88 @@ def test_prefix_messages_are_validated():
     assert prefix_problem(P.StagePrefixAnswer("", 0), limits, allowed)
     assert P.decode_stage(P.encode(good)) == good
     assert KEY  # the links of these tests carry the pipeline key (test_pipeline_links)
+
+
+# ---------------------------------------------------------------- a real 2-node cluster (slow)
+
+CHAT_TURNS = ["Name a fruit.", "What color is it?", "Where does it grow?",
+              "Name another one.", "Which of the two is sweeter?", "Say goodbye."]
+
+
+def health(port: int) -> dict:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.slow
+def test_six_turn_chat_reuses_the_prefix_on_both_stages(tmp_path_factory):
+    """A 6-turn conversation through a 2-node pipeline: both stages' prefix hits grow every
+    turn, greedy answers equal the whole model with caching off, turn 6 computes at most the
+    tokens after the longest common full-block prefix with turn 5's tokens on each stage, and
+    the head sent hidden states for exactly the tokens it computed."""
+    import openai
+    from test_cluster import LocalCluster, running, split_memory
+
+    from parallax.models.hub import builtin_gguf_path
+    from parallax.models.loader import load_tokenizer
+
+    class TwoNodes(LocalCluster):
+        max_replays = 1
+
+    path = builtin_gguf_path()
+    tokenizer = load_tokenizer(path)
+    model = load_shard(path).model
+    hidden_bytes = int(model.config.hidden_size) * 4  # float32 activations on CPU
+    reference_engine = Engine(model, EngineConfig(kv_memory_bytes=64 * 2**20,
+                                                  enable_prefix_caching=False),
+                              eos_token_ids=[tokenizer.eos_token_id])
+    cluster = TwoNodes(tmp_path_factory.mktemp("prefix_cluster"), num_nodes=2,
+                       memory=split_memory())
+    with running(cluster):
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=120)
+        messages: list[dict] = []
+        hits: list[list[int]] = []
+        history: list[list[int]] = []  # per turn: prompt ids + generated ids but the last
+        for turn, question in enumerate(CHAT_TURNS):
+            messages.append({"role": "user", "content": question})
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+            prompt = tokenizer.encode(text, add_special_tokens=False)
+            reference_engine.add_request(str(turn), prompt,
+                                         SamplingParams(temperature=0, max_tokens=16))
+            generated: list[int] = []
+            while reference_engine.has_work():
+                generated += [o.token_id for o in reference_engine.step()]
+            before = {port: health(port) for port in cluster.node_ports}
+            answer = client.chat.completions.create(model="default", messages=messages,
+                                                    temperature=0, max_tokens=16)
+            after = {port: health(port) for port in cluster.node_ports}
+            content = answer.choices[0].message.content
+            assert content == tokenizer.decode(generated, skip_special_tokens=True)
+            assert answer.usage.prompt_tokens == len(prompt)
+            messages.append({"role": "assistant", "content": content})
+            moved = {port: {key: after[port][key] - before[port][key] for key in (
+                "num_prefix_hit_tokens", "num_prefill_tokens", "num_decode_tokens",
+                "num_activation_bytes_sent")} for port in cluster.node_ports}
+            hits.append([moved[p]["num_prefix_hit_tokens"] for p in cluster.node_ports])
+            head = max(cluster.node_ports, key=lambda p: moved[p]["num_activation_bytes_sent"])
+            computed = moved[head]["num_prefill_tokens"] + moved[head]["num_decode_tokens"]
+            assert moved[head]["num_activation_bytes_sent"] == computed * hidden_bytes
+            if turn == len(CHAT_TURNS) - 1:
+                shared = common_prefix(history[-1], prompt) // BLOCK * BLOCK
+                for port in cluster.node_ports:
+                    assert moved[port]["num_prefill_tokens"] <= len(prompt) - shared
+                    assert moved[port]["num_prefill_tokens"] == (
+                        len(prompt) - moved[port]["num_prefix_hit_tokens"])
+            history.append(prompt + generated[:-1])
+        for earlier, later in zip(hits, hits[1:], strict=False):
+            assert later[0] > earlier[0] and later[1] > earlier[1], hits
+        assert all(h[0] == h[1] for h in hits), hits  # both stages skipped the same prefix
