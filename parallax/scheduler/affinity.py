@@ -37,8 +37,10 @@ class PrefixAffinity:
     def preferred(self, keys: Sequence[str],
                   pipelines: Sequence[Sequence[str]]) -> int | None:
         """Index in `pipelines` (each a sequence of node ids) of the pipeline that served the
-        longest remembered leading part of this conversation; None when none is known."""
-        for key in reversed(keys):
+        longest remembered leading part of this conversation, shorter than the whole (a next
+        turn always adds messages; the same messages again, e.g. identical requests sent
+        together, are spread as usual); None when none is known."""
+        for key in reversed(keys[:-1]):
             node_ids = self._pipelines.get(key)
             if node_ids is None:
                 continue
