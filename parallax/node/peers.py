@@ -276,8 +276,7 @@ class PipelineLinks:
 
     # ---- incoming ----------------------------------------------------------------------
 
-    def receive(self) -> tuple[P.StageActivations | P.StageTokens | P.StageRelease,
-                               torch.Tensor | None] | None:
+    def receive(self) -> tuple[P.StageMessage, torch.Tensor | None] | None:
         """One valid message if available (non-blocking): (header, hidden [T, H] or None).
 
         Invalid messages are dropped with a log line; None when nothing valid is waiting (or
