@@ -40,7 +40,10 @@ from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
 
 logger = logging.getLogger("parallax.stage")
 
-PREFIX_QUERY_TIMEOUT_S = 10.0  # then the head runs the request from 0 (never hangs on a query)
+# then the head runs the request from 0 (it never hangs on a query). A query waits for at most
+# one step of each later stage; a loaded CPU stage's prefill step can take over 10 s, and an
+# answer really lost is rare (a lost link fails the request at once), so this is generous.
+PREFIX_QUERY_TIMEOUT_S = 30.0
 
 
 class RouteRejected(ValueError):
