@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cluster_bench.py [--new-tokens 64] [--concurrency 16]
     .venv/bin/python benchmarks/cluster_bench.py --p2p [--reps 2] [--new-tokens 64]
+    .venv/bin/python benchmarks/cluster_bench.py --chat-turns 8 [--new-tokens 32]
 
 For each size it starts `parallax run` and N `parallax join` nodes with memory limits that
 force an N-way split, then measures batch-1 decode tok/s and aggregate tok/s at 16 concurrent
@@ -25,6 +26,12 @@ Lattica probes public STUN servers whenever a peer starts, so --p2p runs inside 
 namespace with only loopback: outside one, the script re-executes itself under
 `unshare --net --mount` (needs root or user namespaces; PARALLAX_NETNS=1 marks the inside),
 and both kinds of cluster run there.
+
+With --chat-turns N it measures a chat through a 2-node pipeline: one conversation of N turns,
+each sending the whole history plus a new user message of about 100 tokens (greedy answers of
+--new-tokens tokens), once on a cluster with prefix caching (the default) and once on one whose
+nodes run with --no-prefix-caching. It prints time to first token per turn for both (and the
+prefix tokens each stage skipped, from the nodes' /health), and turn N's TTFT / turn 1's.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import argparse
 import asyncio
 import ctypes
 import itertools
+import json
 import os
 import re
 import shutil
@@ -89,8 +97,10 @@ def _die_with_parent() -> None:
 class Cluster:
     """`parallax run` + N `parallax join` on loopback; nodes join directly or over Lattica."""
 
-    def __init__(self, num_nodes: int, logdir: str, p2p: bool = False, name: str = "") -> None:
+    def __init__(self, num_nodes: int, logdir: str, p2p: bool = False, name: str = "",
+                 node_args: tuple[str, ...] = ()) -> None:
         self.num_nodes, self.p2p = num_nodes, p2p
+        self.node_args = node_args  # more `parallax join` options for every node
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(logdir, f"cluster-{name or num_nodes}.log")
@@ -163,6 +173,7 @@ class Cluster:
                     "--threads", str(max(1, (os.cpu_count() or 1) // self.num_nodes))]
             if self.p2p:
                 args += ["--p2p-port", str(free_port())]
+            args += list(self.node_args)
             proc = self._spawn(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self.node_ports.append(port)
             self.followers.append(threading.Thread(target=self._follow, args=(port, proc),
@@ -477,6 +488,87 @@ def run_p2p_comparison(args: argparse.Namespace) -> None:
         print(f"log: {problem}")
 
 
+CHAT_TOPICS = ["the history of tea", "how bridges carry loads", "why the sky is blue",
+               "the water cycle", "how vaccines train the immune system",
+               "the rules of chess", "how compilers work", "the life of honey bees",
+               "plate tectonics", "how batteries store energy"]
+
+
+def chat_message(turn: int) -> str:
+    """A user message of about 100 tokens, different every turn."""
+    topic = CHAT_TOPICS[turn % len(CHAT_TOPICS)]
+    return (f"Turn {turn + 1}. I am preparing a short talk and I would like your help with "
+            f"{topic}. Please keep in mind that the audience are curious students who know "
+            f"little about {topic}, that the talk lasts five minutes, and that I want one "
+            f"surprising fact, one simple comparison with everyday life, and one open question "
+            f"to finish. Start with a single sentence that introduces {topic} plainly.")
+
+
+async def chat_turns(url: str, node_ports: list[int], turns: int,
+                     new_tokens: int) -> list[dict[str, float]]:
+    """One conversation of `turns` turns; per turn: prompt tokens, TTFT (ms) and the prefix
+    tokens each stage skipped (its /health counter's growth)."""
+    rows = []
+    messages: list[dict[str, str]] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one_stream(client, url, "Hello", 2)  # warm-up (a different prefix)
+        for turn in range(turns):
+            messages.append({"role": "user", "content": chat_message(turn)})
+            before = [httpx.get(f"http://127.0.0.1:{p}/health", timeout=5).json()
+                      for p in node_ports]
+            body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            first, text, usage = None, [], {}
+            start = time.perf_counter()
+            async with client.stream("POST", f"{url}/v1/chat/completions",
+                                     json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices", []):
+                        piece = choice.get("delta", {}).get("content")
+                        if piece:
+                            first = first or time.perf_counter() - start
+                            text.append(piece)
+            after = [httpx.get(f"http://127.0.0.1:{p}/health", timeout=5).json()
+                     for p in node_ports]
+            messages.append({"role": "assistant", "content": "".join(text)})
+            rows.append({"prompt tokens": usage.get("prompt_tokens", 0),
+                         "ttft ms": 1000 * (first or float("nan")),
+                         "hits": [a.get("num_prefix_hit_tokens", 0)
+                                  - b.get("num_prefix_hit_tokens", 0)
+                                  for a, b in zip(after, before, strict=True)]})
+            print(turn + 1, rows[-1], flush=True)
+    return rows
+
+
+def run_chat_turns(args: argparse.Namespace) -> None:
+    logdir = tempfile.mkdtemp(prefix="parallax-bench-")
+    results = {}
+    for mode, node_args in (("caching", ()), ("no caching", ("--no-prefix-caching",))):
+        cluster = Cluster(2, logdir, name=mode.replace(" ", "-"), node_args=node_args)
+        try:
+            cluster.start()
+            results[mode] = asyncio.run(chat_turns(cluster.url, cluster.node_ports,
+                                                   args.chat_turns, args.new_tokens))
+        finally:
+            cluster.stop()
+    on, off = results["caching"], results["no caching"]
+    print(f"\nSmolLM2-135M-Instruct, 2-node pipeline on loopback, one chat of "
+          f"{args.chat_turns} turns ({args.new_tokens} new tokens each); logs in {logdir}\n")
+    print("| turn | prompt tokens | TTFT caching ms | prefix hit per stage | "
+          "TTFT no caching ms |")
+    print("|---|---|---|---|---|")
+    for turn, (a, b) in enumerate(zip(on, off, strict=True), 1):
+        hits = " / ".join(str(h) for h in a["hits"])
+        print(f"| {turn} | {a['prompt tokens']} | {a['ttft ms']:.0f} | {hits} | "
+              f"{b['ttft ms']:.0f} |")
+    print(f"\nturn {len(on)} / turn 1 TTFT: caching {on[-1]['ttft ms'] / on[0]['ttft ms']:.2f}x, "
+          f"no caching {off[-1]['ttft ms'] / off[0]['ttft ms']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -490,11 +582,19 @@ def main() -> None:
                         help="--p2p: repetitions, each with a fresh cluster per mode (default 2)")
     parser.add_argument("--batch1-runs", type=int, default=4,
                         help="--p2p: batch-1 streams per cluster and repetition (default 4)")
+    parser.add_argument("--chat-turns", type=int, default=0, metavar="N",
+                        help="measure TTFT per turn of an N-turn chat on a 2-node pipeline, "
+                             "with and without prefix caching, instead of the size sweep")
     args = parser.parse_args()
     # SIGTERM (e.g. `timeout`) unwinds through the finally blocks that stop the clusters
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.p2p:
         run_p2p_comparison(args)
+        return
+    if args.chat_turns:
+        if args.new_tokens == parser.get_default("new_tokens"):
+            args.new_tokens = 32
+        run_chat_turns(args)
         return
     rows = {}
     logdir = tempfile.mkdtemp(prefix="parallax-bench-")

@@ -116,6 +116,13 @@ def _add_activation_int8(p) -> None:
                         "less exact); auto: on for models of 1B parameters or more (default)")
 
 
+def _add_no_prefix_caching(p) -> None:
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute every prompt from the start (default: reuse the KV of "
+                        "prefixes seen before; in a pipeline a stage with caching off holds "
+                        "no prefix, so the whole pipeline recomputes)")
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a whole model on this machine (OpenAI API, no scheduler)",
@@ -147,6 +154,7 @@ def _add_serve(sub) -> None:
                    help="largest accepted request body in MB; larger ones get 413 (default 4)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
     _add_activation_int8(p)
+    _add_no_prefix_caching(p)
     _add_allowed_hosts(p)
     _add_tls(p, None)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -162,7 +170,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         kv_memory_bytes=args.kv_memory, threads=args.threads, max_model_len=args.max_model_len,
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), warmup=not args.no_warmup,
         activation_int8=args.activation_int8, allowed_hosts=_hosts(args.allowed_hosts),
-        tls=_tls(args),
+        tls=_tls(args), enable_prefix_caching=not args.no_prefix_caching,
     )
     return run_serve(config)
 
@@ -275,6 +283,7 @@ def _add_join(sub) -> None:
                    help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
     _add_activation_int8(p)
+    _add_no_prefix_caching(p)
     _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
                               "(default: port + 200)")
     _add_allowed_hosts(p)
@@ -298,6 +307,7 @@ def _run_join(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup, activation_int8=args.activation_int8,
         p2p_port=args.p2p_port, relays=tuple(args.relay),
         allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
+        enable_prefix_caching=not args.no_prefix_caching,
     )
     return run_join(config)
 

@@ -135,6 +135,7 @@ class ServeConfig:
     activation_int8: str = "auto"  # auto | on | off (see ExecutorConfig)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
+    enable_prefix_caching: bool = True  # --no-prefix-caching turns it off
     executor: ExecutorConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +164,7 @@ class ServeConfig:
             threads=self.threads,
             warmup=self.warmup,
             activation_int8=self.activation_int8,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         object.__setattr__(self, "executor", executor)
 
@@ -278,6 +280,7 @@ class JoinConfig:
     relays: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
+    enable_prefix_caching: bool = True  # --no-prefix-caching turns it off on this stage
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

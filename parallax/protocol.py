@@ -100,12 +100,16 @@ class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):
     # ids of replayed requests) and in decode steps (a head's own counters, for failover proof)
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
-    # the step just taken (node/tracing.py; Prometheus histograms of the node): its wall time,
-    # the requests it ran, and the prompt tokens its prefills took from / computed past the
-    # prefix cache (counters since start)
+    # the step just taken (node/tracing.py; Prometheus histograms of the node): its wall time
+    # and the requests it ran
     step_ms: float = 0.0
     num_batched: int = 0
+    # prefix caching (every stage): prompt tokens skipped thanks to its cache; on a head, the
+    # tokens of its own cached prefixes it ran again because a later stage had lost them; and
+    # the bytes of hidden states this stage sent to the next one
     num_prefix_hit_tokens: int = 0
+    num_prefix_recomputed_tokens: int = 0
+    num_activation_bytes_sent: int = 0
 
 
 # Why a request failed (TokenOutput.kind), so that whoever drives it can decide to replay it:
@@ -350,6 +354,9 @@ class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_default
     head_endpoint: str = ""
     due: bool = False  # the last stage samples a token after this chunk
     trace: list[float] = []  # the request's trace records of the stages before (tracing.py)
+    # a first chunk that starts at start_position > 0: the receiving stage reuses the
+    # [0, start_position) of the prefix it reserved for the request (StagePrefixQuery)
+    reuses_prefix: bool = False
 
 
 class StageActivations(msgspec.Struct, tag="activations", frozen=True):
@@ -384,14 +391,38 @@ class StageAck(msgspec.Struct, tag="ack", frozen=True):
     held_ms: float
 
 
-StageMessage = Union[StageActivations, StageTokens, StageRelease, StageAck]  # noqa: UP007
+class StagePrefixQuery(msgspec.Struct, tag="prefix_query", frozen=True):
+    """Head -> along the chain, before a request with a cached prefix runs: "how much of
+    `token_ids` (full blocks) do you hold?". Each stage drops any stale state of `rid`, pins
+    the longest prefix its own cache holds (at most what the stage before it holds) and
+    passes the query on with `token_ids` cut to that; the last one (or the first that holds
+    nothing) answers the head with StagePrefixAnswer. Like a first chunk, it carries the
+    stages after the receiver and the head's endpoint."""
+
+    rid: str
+    token_ids: list[int]
+    downstream: list[str] = []
+    head_endpoint: str = ""
+
+
+class StagePrefixAnswer(msgspec.Struct, tag="prefix_answer", frozen=True):
+    """Later stage -> head: every later stage holds (and has pinned) the first
+    `num_cached_tokens` of the request's prefix; the head starts the request there."""
+
+    rid: str
+    num_cached_tokens: int
+
+
+StageMessage = Union[StageActivations, StageTokens, StageRelease,  # noqa: UP007
+                     StageAck, StagePrefixQuery, StagePrefixAnswer]
 _stage_decoder = msgspec.msgpack.Decoder(StageMessage)
 
 
 _seal_decoder = msgspec.msgpack.Decoder(StageSeal)
 
 
-def decode_stage(data: bytes) -> StageActivations | StageTokens | StageRelease | StageAck:
+def decode_stage(data: bytes) -> (StageActivations | StageTokens | StageRelease | StageAck
+                                  | StagePrefixQuery | StagePrefixAnswer):
     """Decode the header frame (frame 1) of a stage-to-stage message."""
     return _stage_decoder.decode(data)
 

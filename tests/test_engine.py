@@ -157,6 +157,12 @@ def run_pipeline(model_path, prompts, boundaries, max_tokens=12, **config):
             for rid in engine.take_preempted():  # released before this step's chunks travel
                 for later in engines[index + 1:]:
                     later.abort(rid)
+            if index == 0:
+                for query in engine.take_prefix_queries():  # StagePrefixQuery along the chain
+                    held = len(query.token_ids)
+                    for later in engines[1:]:
+                        held = later.reserve_prefix(query.request_id, query.token_ids[:held])
+                    engine.resume_prefix(query.request_id, held)
             for o in outputs:
                 if index + 1 < len(engines):
                     downstream = engines[index + 1]

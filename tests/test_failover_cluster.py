@@ -178,10 +178,13 @@ def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[S
     prompts = [s.final["usage"]["prompt_tokens"] for s in streams]
     completions = [s.final["usage"]["completion_tokens"] for s in streams]
     # a node that joined after the kill counted nothing before it
-    start = before.get(new_head, {"num_prefill_tokens": 0, "num_decode_tokens": 0})
+    start = before.get(new_head, {"num_prefill_tokens": 0, "num_decode_tokens": 0,
+                                  "num_prefix_hit_tokens": 0})
     prefilled = after["num_prefill_tokens"] - start["num_prefill_tokens"]
     decoded = after["num_decode_tokens"] - start["num_decode_tokens"]
-    assert prefilled == sum(prompts) + sum(replayed)
+    # what the head's prefix cache held (a shared system prompt) it did not compute again
+    cached = after["num_prefix_hit_tokens"] - start["num_prefix_hit_tokens"]
+    assert prefilled + cached == sum(prompts) + sum(replayed)
     # each new token but the last is fed back once: nothing generated before the kill again
     assert decoded == sum(c - r - 1 for c, r in zip(completions, replayed, strict=True))
     print(f"killed {victim_id}, head -> {new_head}; replay_ms "

@@ -130,3 +130,61 @@ def test_retry_policy_defaults_follow_the_contract() -> None:
     assert (policy.attempts, policy.interval_s) == (20, 5.0)
     with pytest.raises(ValueError):
         RetryPolicy(attempts=-1)
+
+
+# ---------------------------------------------------------------- cache-aware routing (issue 15)
+
+
+def test_a_conversation_goes_back_to_the_pipeline_holding_its_prefix() -> None:
+    loads = idle("a", "b", "c", "d", "e", "f")
+    assert route(PIPELINES, loads, last_index=0).pipeline_index == 1  # round-robin
+    assert route(PIPELINES, loads, last_index=0, preferred=2).pipeline_index == 2
+    loads["e"] = load("e", running=3)  # a little busier: the cached prefix is worth more
+    assert route(PIPELINES, loads, preferred=2).pipeline_index == 2
+
+
+def test_a_much_busier_preferred_pipeline_is_passed_over() -> None:
+    loads = idle("a", "b", "c", "d", "e", "f")
+    loads["e"] = load("e", running=7)
+    loads["f"] = load("f", running=7)  # cost 1.875x an idle pipeline's
+    assert route(PIPELINES, loads, preferred=2).pipeline_index == 0
+    assert route(PIPELINES, loads, preferred=2, affinity_cost_ratio=2.0).pipeline_index == 2
+    loads["e"] = load("e", running=8)  # at capacity: never
+    assert route(PIPELINES, loads, preferred=2, affinity_cost_ratio=9.0).pipeline_index == 0
+    dead = {**idle("a", "b", "c", "d", "e"), "f": load("f", alive=False)}
+    assert route(PIPELINES, dead, preferred=2).pipeline_index in (0, 1)
+
+
+def test_conversation_keys_chain_the_messages() -> None:
+    from parallax.scheduler.routing import conversation_keys
+
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Bye"}]
+    keys1, keys2 = conversation_keys(turn1), conversation_keys(turn2)
+    assert len(keys2) == 4 and keys2[:2] == keys1
+    assert conversation_keys([{"content": "Be brief.", "role": "system"}])[0] == keys1[0]
+    other = conversation_keys([{"role": "system", "content": "Be brief!"}, turn1[1]])
+    assert other[0] != keys1[0] and other[1] != keys1[1]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert conversation_keys(parts) != conversation_keys([turn1[1]])
+    assert conversation_keys("not a list") == [] and conversation_keys(None) == []
+
+
+def test_affinity_finds_the_longest_remembered_history_and_stays_bounded() -> None:
+    from parallax.scheduler.affinity import PrefixAffinity
+    from parallax.scheduler.routing import conversation_keys
+
+    pipelines = [["a", "b"], ["c", "d"]]
+    affinity = PrefixAffinity(max_entries=2)
+    chat = [{"role": "user", "content": "Hi"}]
+    affinity.remember(conversation_keys(chat), ("c", "d"))
+    chat2 = [*chat, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "?"}]
+    assert affinity.preferred(conversation_keys(chat2), pipelines) == 1
+    assert affinity.preferred(conversation_keys([{"role": "user", "content": "Yo"}]),
+                              pipelines) is None
+    assert affinity.preferred(conversation_keys(chat2), [["a", "b"], ["c", "e"]]) is None
+    for n in range(3):  # the oldest conversation is forgotten
+        affinity.remember(conversation_keys([{"role": "user", "content": str(n)}]), ("a", "b"))
+    assert len(affinity) == 2
+    assert affinity.preferred(conversation_keys(chat2), pipelines) is None

@@ -644,3 +644,21 @@ def test_a_loading_nodes_hub_download_shows_in_the_cluster_view(scheduler):
     assert node["download"] == {**download, "bytes_per_s": 150, "eta_s": 4.7}
     s.heartbeat("a", download={**download, "done_bytes": 2000})  # nonsense is not shown
     assert s.status()["node_list"][0]["download"] is None
+
+
+def test_a_conversations_turns_stay_on_the_pipeline_holding_its_prefix(scheduler, nodes):
+    """Cache-aware routing (issue 15): round-robin would alternate pipelines between requests;
+    each turn of a chat goes back to the head that served its history instead."""
+    s = scheduler()
+    s.bring_up({"a": HALF, "b": HALF, "c": HALF, "d": HALF})
+    assert len(s.status()["ready_pipelines"]) == 2
+    messages: list[dict] = []
+    heads = []
+    for turn in range(3):
+        messages.append({"role": "user", "content": f"turn {turn}"})
+        assert s.chat(messages=messages).status_code == 200
+        heads.append(nodes.heads()[-1])
+        messages.append({"role": "assistant", "content": "ok"})
+    assert len(set(heads)) == 1, heads
+    assert s.chat("a new conversation").status_code == 200
+    assert nodes.heads()[-1] != heads[0]  # new conversations still spread

@@ -51,6 +51,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         is_first_stage: bool = True,
+        query_prefix: bool = False,
     ) -> None:
         self.block_manager = block_manager
         # Sliding-window KV groups take blocks per chunk (GroupedBlockManager); a shard of
@@ -64,6 +65,10 @@ class Scheduler:
         self.num_preemptions = 0  # observable: how often KV pressure forced a recompute
         self.preempted_ids: list[str] = []  # since the last step; other stages must drop them
         self.out_of_blocks: list[Sequence] = []  # non-first stages: no room for arrived input
+        # head of a pipeline: a sequence admitted with a cached prefix waits (awaiting_prefix)
+        # until the later stages said how much of it they hold; these are the ones to ask
+        self.query_prefix = query_prefix
+        self.prefix_queries: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request behind every waiting one of equal or lower priority value."""
@@ -90,7 +95,8 @@ class Scheduler:
     def _schedule_first_stage(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         budget = self.max_num_batched_tokens
-        ready = [s for s in self.running if not s.awaiting_token and s.num_computed_tokens < len(s)]
+        ready = [s for s in self.running if not s.awaiting_token and not s.awaiting_prefix
+                 and s.num_computed_tokens < len(s)]
         for seq in [s for s in ready if len(s) - s.num_computed_tokens == 1]:
             if len(chunks) >= self.max_num_seqs or budget <= 0:
                 break
@@ -125,6 +131,10 @@ class Scheduler:
                 self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if self.query_prefix and seq.num_cached_tokens > 0:
+                seq.awaiting_prefix = True  # runs once the later stages answered
+                self.prefix_queries.append(seq)
+                continue
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
@@ -139,7 +149,9 @@ class Scheduler:
         while not (manager.can_extend(seq, end, num_new_tokens) if self.windowed
                    else manager.can_append(seq, num_new_tokens)):
             busy = {id(c.seq) for c in scheduled}
-            victims = [s for s in self.running if id(s) not in busy and not s.awaiting_token]
+            # a sequence waiting for a token or for its prefix answer has a message in flight
+            victims = [s for s in self.running if id(s) not in busy and not s.awaiting_token
+                       and not s.awaiting_prefix]
             victim = max(victims, key=lambda s: s.arrival)
             self._preempt(victim)
             if victim is seq:

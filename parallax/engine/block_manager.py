@@ -4,6 +4,14 @@ A full block's hash chains the previous block's hash with its token ids, so equa
 equal prefixes. A block is registered for reuse only once its KV has been computed (chunked
 prefill may leave a freshly allocated block half empty for a few steps). Freed blocks keep
 their hash until they are handed out again, so a later request can still hit them.
+
+Every stage of a pipeline keeps its own chain: the hashes depend on token ids only, so the
+stages agree on which prefix a hash names (node/stage.py negotiates how much of it each still
+holds). Eviction is LRU and comes before preemption: the free list holds every block with no
+reference, cached or not; a block goes back to its end when its last reference drops (a
+sequence's tail first, so its leading blocks stay longest) and a new block is always taken from
+its front, so a cached block is reused only when it is the least recently used free one, and a
+running request is preempted only when no free block, cached or not, is left.
 """
 
 from __future__ import annotations
@@ -94,6 +102,19 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = cached
         self.num_prefix_hit_tokens += cached
 
+    def allocate_prefix(self, seq: Sequence) -> int:
+        """Later stages: pin the cached blocks of seq's longest cached prefix, and only those
+        (no fresh blocks: the rest comes with the request's first chunk). Returns its tokens."""
+        assert not seq.block_table
+        for block_id in self._cached_prefix(seq):
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free_block_ids.remove(block_id)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_cached_tokens
+
     def deallocate(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -140,7 +161,10 @@ class WindowBlockManager:
     before `next_query_position - window + 1` goes back to the pool and its entry becomes -1.
     A sequence therefore holds at most ceil((window - 1 + chunk) / block_size) + 1 blocks.
     No prefix caching here: a window's blocks are gone by the time a later request could reuse
-    them.
+    them. Keeping them would cost these layers full-context KV (the memory their windows save),
+    and a hit on the full-attention group alone skips nothing: the windowed layers still need the
+    KV of the last `window - 1` keys before the hit. So a shard with sliding-window layers never
+    reports a cached prefix, and a pipeline holding one recomputes prompts from the start.
     """
 
     def __init__(self, num_blocks: int, block_size: int, window: int) -> None:

@@ -4,6 +4,13 @@ The same class serves every position in a pipeline:
 - first and last (a whole model): tokens in, tokens out, decoding loops locally;
 - first, not last: tokens in, hidden states out; the sampled token comes back by append_token;
 - later stages: hidden states in (add_hidden), hidden states or sampled tokens out.
+
+Prefix caching works on every stage (each keeps its own hash-chained blocks). In a pipeline the
+head cannot run a cached prefix until it knows the later stages hold it too, so a request the
+head admits with a cached prefix waits (`take_prefix_queries`) while node/stage.py asks them:
+each later stage pins what it holds (`reserve_prefix`) and the smallest answer comes back
+(`resume_prefix`). Every stage then starts the request at that position; the head recomputes its
+own layers for the part of its hit a later stage lost.
 """
 
 from __future__ import annotations
@@ -36,6 +43,15 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
 
 
+@dataclass(frozen=True)
+class PrefixQuery:
+    """Head of a pipeline: ask the later stages how much of `token_ids` (the full blocks of the
+    head's cached prefix of `request_id`) their own caches hold."""
+
+    request_id: str
+    token_ids: list[int]
+
+
 class StepFailed(RuntimeError):
     """The model forward of one batch raised: only the requests of that batch are lost.
 
@@ -58,6 +74,9 @@ class StepOutput:
     token_ids: list[int] | None = None  # the input token ids the hidden states belong to
     start_position: int = 0
     due: bool = False  # hidden outputs: a token is due once the last stage has run them
+    # hidden outputs: the request's first chunk on this stage (it starts the request on the next
+    # stage: at 0, or after the prefix every stage holds)
+    first: bool = False
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
@@ -83,11 +102,9 @@ class Engine:
             if num_blocks < 1:
                 raise ValueError(f"KV memory {config.kv_memory_bytes} bytes is below one block "
                                  f"({per_block} bytes)")
-            # A later stage cannot reuse a prefix the head skipped (it never saw those hidden
-            # states), so only a whole-model engine reuses cached prefixes.
-            self.block_manager = BlockManager(
-                num_blocks, config.block_size,
-                config.enable_prefix_caching and self.is_first and self.is_last)
+            # every stage caches; in a pipeline the stages agree on the prefix to skip
+            self.block_manager = BlockManager(num_blocks, config.block_size,
+                                              config.enable_prefix_caching)
             window_blocks = None
         else:
             num_blocks, window_blocks = self._split_kv_budget(windows)
@@ -96,18 +113,23 @@ class Engine:
                 if self.has_full_attention else None,
                 [WindowBlockManager(window_blocks[w], config.block_size, w) for w in windows],
             )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, is_first_stage=self.is_first)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+            is_first_stage=self.is_first, query_prefix=self.is_first and not self.is_last)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
                                   config.dtype, window_blocks)
         self.sequences: dict[str, Sequence] = {}
         # the stage that samples constrains the requests that carry a grammar
         self.grammar = GrammarMasker(sorted(self.eos_token_ids)) if self.is_last else None
         self.num_steps = 0
-        # first stage: tokens computed in prefill (whatever a request brought: prompt, resumed
-        # ids) and in decode steps, since this engine started
+        # tokens this stage computed in prefill (whatever a request brought: prompt, resumed
+        # ids; a later stage counts the prompt the head announced) and in decode steps, since
+        # this engine started
         self.num_prefill_tokens = 0
         self.num_decode_tokens = 0
+        # head of a pipeline: tokens of its own cached prefixes it ran again because a later
+        # stage had evicted them (see resume_prefix)
+        self.num_prefix_recomputed_tokens = 0
 
     def _split_kv_budget(self, windows: list[int]) -> tuple[int, dict[int, int]]:
         """Blocks of the full-attention group and of each sliding-window group.
@@ -216,12 +238,12 @@ class Engine:
         The first chunk of a request carries its sampling params and prompt length.
         """
         seq = self.sequences.get(request_id)
-        if seq is None:
+        if seq is None or seq.reserved:
             if sampling_params is None or num_prompt_tokens is None:
                 raise ValueError(f"first input of {request_id!r} lacks sampling params")
             sampling_params.validate()  # they came over the wire from the head
-            seq = Sequence(request_id, [], sampling_params, self.config.block_size)
-            seq.num_prompt_tokens = num_prompt_tokens
+            seq = self._start_later(request_id, start_position, sampling_params, seq)
+            seq.num_prompt_tokens = seq.num_initial_tokens = num_prompt_tokens
             self._admit(seq)
         if start_position != len(seq.token_ids):
             raise ValueError(
@@ -232,6 +254,71 @@ class Engine:
             end = start_position + len(token_ids)
             due = end == len(seq.token_ids) and end >= seq.num_prompt_tokens
         seq.pending_inputs.append(PendingInput(list(token_ids), start_position, hidden, due))
+
+    def _start_later(self, request_id: str, start_position: int, params: SamplingParams,
+                     reserved: Sequence | None) -> Sequence:
+        """A later stage's sequence for a request's first chunk: empty (a chunk at 0), or the
+        first `start_position` tokens of the prefix a StagePrefixQuery reserved."""
+        seq = Sequence(request_id, [], params, self.config.block_size)
+        if start_position == 0:
+            if reserved is not None:
+                self.abort(request_id)  # the head restarts from scratch after all
+            return seq
+        if reserved is None or start_position > len(reserved):
+            held = 0 if reserved is None else len(reserved)
+            raise ValueError(f"{request_id!r} starts at {start_position} but this stage holds "
+                             f"{held} tokens of its prefix")
+        seq.token_ids = reserved.token_ids[:start_position]
+        # pinned: the KV of [0, start) is cached here (blocks past `start` are rewritten in
+        # place with the same tokens' KV)
+        seq.block_table, reserved.block_table = reserved.block_table, []
+        seq.num_cached_tokens = seq.num_computed_tokens = start_position
+        self.block_manager.num_prefix_hit_tokens += start_position
+        return seq
+
+    # ---- prefix negotiation (pipelines) --------------------------------------------------
+
+    def take_prefix_queries(self) -> list[PrefixQuery]:
+        """Head: requests just admitted with a cached prefix, waiting for the later stages to
+        say how much of it they hold (answer with resume_prefix)."""
+        queries, self.scheduler.prefix_queries = self.scheduler.prefix_queries, []
+        size = self.config.block_size
+        return [PrefixQuery(seq.request_id,
+                            seq.token_ids[: -(-seq.num_cached_tokens // size) * size])
+                for seq in queries if seq.awaiting_prefix]
+
+    def resume_prefix(self, request_id: str, num_tokens: int) -> None:
+        """Head: the later stages hold `num_tokens` of the request's prefix (the smallest of
+        their answers; 0 when asking failed): run from there. The head's own KV of the part it
+        holds beyond that stays pinned and is recomputed in place (same tokens, same
+        positions: same values), so its hidden states can go to the stages that lost it."""
+        seq = self.sequences.get(request_id)
+        if seq is None or not seq.awaiting_prefix:
+            return  # aborted meanwhile, or a late answer after a timeout
+        start = max(0, min(num_tokens, seq.num_cached_tokens))
+        lost = seq.num_cached_tokens - start
+        self.block_manager.num_prefix_hit_tokens -= lost
+        self.num_prefix_recomputed_tokens += lost
+        seq.num_cached_tokens = seq.num_computed_tokens = start
+        seq.num_hashed_blocks, seq.last_block_hash = 0, None
+        seq.awaiting_prefix = False
+
+    def reserve_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        """Later stage: pin the longest prefix of `token_ids` this stage's cache holds (full
+        blocks) for the request's first chunk, replacing any stale state. Returns its tokens."""
+        if self.is_first:
+            raise RuntimeError("reserve_prefix is for later stages")
+        self.abort(request_id)
+        if not isinstance(self.block_manager, BlockManager):
+            return 0  # sliding-window layers: no prefix caching (see WindowBlockManager)
+        seq = Sequence(request_id, list(token_ids), SamplingParams(), self.config.block_size)
+        held = self.block_manager.allocate_prefix(seq)
+        if held == 0:
+            return 0
+        del seq.token_ids[held:]
+        seq.reserved = True
+        self.sequences[request_id] = seq
+        return held
 
     def append_token(self, request_id: str, token_id: int, finished: bool = False,
                      finish_reason: str | None = None) -> None:
@@ -258,8 +345,8 @@ class Engine:
         if self.scheduler.waiting:
             return True
         return any(
-            (not s.awaiting_token and s.num_computed_tokens < len(s)) or s.pending_inputs
-            for s in self.scheduler.running
+            (not s.awaiting_token and not s.awaiting_prefix and s.num_computed_tokens < len(s))
+            or s.pending_inputs for s in self.scheduler.running
         )
 
     def step(self) -> list[StepOutput]:
@@ -282,11 +369,10 @@ class Engine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start_position + chunk.num_tokens
             self.block_manager.register_computed(chunk.seq)
-            if self.is_first:
-                end = chunk.start_position + chunk.num_tokens
-                prefill = max(0, min(end, chunk.seq.num_initial_tokens) - chunk.start_position)
-                self.num_prefill_tokens += prefill
-                self.num_decode_tokens += chunk.num_tokens - prefill
+            end = chunk.start_position + chunk.num_tokens
+            prefill = max(0, min(end, chunk.seq.num_initial_tokens) - chunk.start_position)
+            self.num_prefill_tokens += prefill
+            self.num_decode_tokens += chunk.num_tokens - prefill
         if not self.is_last:
             outputs.extend(self._hidden_outputs(chunks, hidden))
         elif due:
@@ -307,6 +393,7 @@ class Engine:
                     chunk.start_position : chunk.start_position + chunk.num_tokens],
                 start_position=chunk.start_position,
                 due=chunk.completes_sequence,
+                first=chunk.start_position == chunk.seq.num_cached_tokens,
             )
 
     def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
@@ -388,6 +475,11 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def num_prefix_hit_tokens(self) -> int:
+        """Prompt tokens this stage skipped because its prefix cache held their KV."""
+        return self.block_manager.num_prefix_hit_tokens
 
     @property
     def num_free_blocks(self) -> int:

@@ -252,6 +252,7 @@ class NodeAgent:
             activation_bind=self.activation_bind,
             activation_endpoint=self.join_message.activation_endpoint,
             link_encryption=self.config.tls.serves_tls,  # CURVE with TLS (link_crypto.py)
+            enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
     async def _announce_ready(self, assignment: P.Assignment) -> None:

@@ -279,7 +279,9 @@ class ExecutorLoop:
                                 e.num_total_blocks, round(self.layer_latency_ms, 3),
                                 getattr(e, "num_prefill_tokens", 0),
                                 getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
-                                num_batched, _prefix_hit_tokens(e))
+                                num_batched, getattr(e, "num_prefix_hit_tokens", 0),
+                                getattr(e, "num_prefix_recomputed_tokens", 0),
+                                self.links.num_activation_bytes_sent if self.links else 0)
         self.push.send(P.encode(P.StepOutputs(outputs, stats, self.tracer.take_link_samples())))
 
     def _check_parent(self) -> None:
@@ -315,12 +317,6 @@ class ExecutorLoop:
         while self.running:
             self.run_once()
             self._check_parent()
-
-
-def _prefix_hit_tokens(engine) -> int:
-    """Prompt tokens the engine's prefix cache saved since start (0 where it has none)."""
-    manager = getattr(engine, "block_manager", None)
-    return int(getattr(manager, "num_prefix_hit_tokens", 0) or 0)
 
 
 def _build_engine(config: ExecutorConfig, report, on_download=None):

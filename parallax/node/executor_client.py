@@ -36,6 +36,11 @@ WATCH_INTERVAL_S = 0.1
 SHUTDOWN_GRACE_S = 3.0
 
 
+# ExecutorStats counters a node keeps across executor restarts (its /health totals)
+TOTALS = ("num_prefill_tokens", "num_decode_tokens", "num_prefix_hit_tokens",
+          "num_prefix_recomputed_tokens", "num_activation_bytes_sent")
+
+
 class ProcessHandle(Protocol):
     """What the client needs of a started executor (subprocess.Popen fits)."""
 
@@ -95,9 +100,8 @@ class ExecutorClient:
         self.on_step: Callable[[P.StepOutputs], None] | None = None  # metrics of each step
         self.num_restarts = 0
         self.requests: dict[str, asyncio.Queue] = {}
-        # prefill / decode tokens of executors that are gone (their stats reset with them)
-        self._base_prefill_tokens = 0
-        self._base_decode_tokens = 0
+        # token / byte counters of executors that are gone (their stats reset with them)
+        self._base = dict.fromkeys(TOTALS, 0)
         self._failed_starts = 0
         self._process: ProcessHandle | None = None
         self._ready_event = asyncio.Event()
@@ -342,20 +346,24 @@ class ExecutorClient:
 
     def _add_totals(self) -> None:
         """Keep the token counters of the executor that is going away."""
-        self._base_prefill_tokens += self.stats.num_prefill_tokens
-        self._base_decode_tokens += self.stats.num_decode_tokens
-        self.stats = msgspec.structs.replace(self.stats, num_prefill_tokens=0,
-                                             num_decode_tokens=0)
+        for name in TOTALS:
+            self._base[name] += getattr(self.stats, name)
+        self.stats = msgspec.structs.replace(self.stats, **dict.fromkeys(TOTALS, 0))
+
+    def total(self, name: str) -> int:
+        """One of TOTALS (an ExecutorStats counter) over every executor since the node
+        started."""
+        return self._base[name] + getattr(self.stats, name)
 
     @property
     def num_prefill_tokens(self) -> int:
         """Tokens the executors of this node prefilled since the node started."""
-        return self._base_prefill_tokens + self.stats.num_prefill_tokens
+        return self.total("num_prefill_tokens")
 
     @property
     def num_decode_tokens(self) -> int:
         """Tokens the executors of this node ran in decode steps since the node started."""
-        return self._base_decode_tokens + self.stats.num_decode_tokens
+        return self.total("num_decode_tokens")
 
     def _on_executor_down(self, reason: str, during_startup: bool) -> None:
         """Fail in-flight requests and restart (or give up when it cannot start)."""

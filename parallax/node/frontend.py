@@ -641,6 +641,11 @@ class NodeFrontend:
             # tokens this node's executors computed in prefill / in decode steps
             "num_prefill_tokens": self.client.num_prefill_tokens,
             "num_decode_tokens": self.client.num_decode_tokens,
+            # prefix caching on this node's stage: prompt tokens its cache held, tokens a head
+            # ran again for a later stage that had lost them, hidden-state bytes it sent on
+            "num_prefix_hit_tokens": self.client.total("num_prefix_hit_tokens"),
+            "num_prefix_recomputed_tokens": self.client.total("num_prefix_recomputed_tokens"),
+            "num_activation_bytes_sent": self.client.total("num_activation_bytes_sent"),
             "error": self.client.error,
             # packed GGUF weight type -> the kernel path it uses ({} for float weights)
             "kernels": dict(self.client.info.kernels) if self.client.info else {},

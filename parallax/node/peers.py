@@ -123,6 +123,7 @@ class PipelineLinks:
         self.routes: dict[str, Route] = {}
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
         self._drop_window, self._drop_logged, self._drops_unlogged = 0.0, 0, 0
+        self.num_activation_bytes_sent = 0  # hidden-state bytes handed to send_activations
 
     def close(self) -> None:
         for socket in [self.pull, *self.pushes.values(), *self.monitors]:
@@ -256,6 +257,7 @@ class PipelineLinks:
                                     self.own_endpoint if send_id else "")
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
         self.send(endpoint, [P.encode(header), memoryview(payload)])
+        self.num_activation_bytes_sent += payload.nbytes
 
     def send_message(self, endpoint: str, message: msgspec.Struct) -> None:
         self.send(endpoint, [P.encode(message)])
@@ -277,8 +279,7 @@ class PipelineLinks:
 
     # ---- incoming ----------------------------------------------------------------------
 
-    def receive(self) -> tuple[P.StageActivations | P.StageTokens | P.StageRelease,
-                               torch.Tensor | None] | None:
+    def receive(self) -> tuple[P.StageMessage, torch.Tensor | None] | None:
         """One valid message if available (non-blocking): (header, hidden [T, H] or None).
 
         Invalid messages are dropped with a log line; None when nothing valid is waiting (or
@@ -312,6 +313,8 @@ class PipelineLinks:
         tensor = isinstance(message, P.StageActivations)
         if len(frames) != (3 if tensor else 2):
             return f"{len(frames)} frames for a {type(message).__name__}"
+        if isinstance(message, (P.StagePrefixQuery, P.StagePrefixAnswer)):
+            return prefix_problem(message, self.limits, self.allows) or (message, None)
         if not tensor:
             return stage_problem(message, self.limits) or (message, None)
         problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
@@ -368,6 +371,28 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return problem
         if output.trace and (problem := trace_problem(output.trace)) is not None:
             return problem
+    return None
+
+
+def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: StageLimits,
+                   allows) -> str | None:
+    """Why a prefix query / answer must be dropped, or None (`allows` as in
+    activations_problem)."""
+    if (problem := _rid_problem(message.rid)) is not None:
+        return problem
+    if isinstance(message, P.StagePrefixAnswer):
+        if not 0 <= message.num_cached_tokens <= limits.max_position:
+            return f"{message.rid}: {message.num_cached_tokens} cached tokens"
+        return None
+    if not 0 < len(message.token_ids) <= limits.max_position:
+        return f"{message.rid}: prefix of {len(message.token_ids)} tokens"
+    if not all(0 <= t < limits.vocab_size for t in message.token_ids):
+        return f"{message.rid}: token id outside the vocabulary"
+    if len(message.downstream) > MAX_DOWNSTREAM:
+        return f"{message.rid}: {len(message.downstream)} downstream stages"
+    for endpoint in (message.head_endpoint, *message.downstream):
+        if not allows(endpoint):
+            return f"{message.rid}: endpoint {endpoint[:80]!r} is not in this pipeline"
     return None
 
 

@@ -7,11 +7,29 @@
 Finishing, aborting and preemption free the request on every stage: a StageRelease travels the
 same chain as the activations, so it always arrives after them. A link that drops fails the
 requests routed through it at once; the head tells its frontend, the others tell the head.
+
+Prefix caching across stages. Each stage caches its own layers' KV, and evictions differ per
+stage, so before a request whose prefix the head holds runs, the stages agree on where it
+starts: the head sends a StagePrefixQuery along the chain (token ids only); each stage pins the
+longest prefix it still holds, at most what the stages before it hold, and the last (or the
+first that holds nothing) answers the head with that length. Every stage then starts the
+request there: the head recomputes its own layers only for the part of its hit that a later
+stage lost (its KV of that part stays pinned), sends hidden states from there, and marks that
+first chunk `reuses_prefix`. Why ask first rather than send optimistically and repair on a
+miss: a repair would have the stage that missed wait for a gap-filling chunk while chunks after
+the gap arrive, and in a pipeline of three or more the gap must run through stages that already
+hold it (out-of-order input everywhere). Asking costs one small message round over the pipeline
+only for requests with a cached prefix (it saves the prefill of that prefix on every stage), and
+blocks pinned when asked stay valid until the request starts, so no eviction race exists. An
+answer that never comes (a peer lost it) expires after PREFIX_QUERY_TIMEOUT_S: the head starts
+from 0, which resets every later stage, so a request never hangs on it; a lost link fails it as
+before (and the scheduler replays it).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 
 import msgspec
@@ -23,6 +41,11 @@ from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
 from parallax.node.tracing import STAGE_RECORD_LEN, StageTracer, now_ms
 
 logger = logging.getLogger("parallax.stage")
+
+# then the head runs the request from 0 (it never hangs on a query). A query waits for at most
+# one step of each later stage; a loaded CPU stage's prefill step can take over 10 s, and an
+# answer really lost is rare (a lost link fails the request at once), so this is generous.
+PREFIX_QUERY_TIMEOUT_S = 30.0
 
 
 class RouteRejected(ValueError):
@@ -44,6 +67,7 @@ class StageRouter:
         self.engine = engine
         self.links = links
         self.tracer = tracer or StageTracer(0, 0)
+        self.prefix_deadlines: dict[str, float] = {}  # head: rid -> when its query expires
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -88,15 +112,45 @@ class StageRouter:
             return self._on_tokens(message.outputs)
         if isinstance(message, P.StageRelease):
             self.abort(message.rids)
+        elif isinstance(message, P.StagePrefixQuery):
+            self._on_prefix_query(message)
+        elif isinstance(message, P.StagePrefixAnswer):
+            if self.prefix_deadlines.pop(message.rid, None) is not None:
+                self.engine.resume_prefix(message.rid, message.num_cached_tokens)
         return []
+
+    def _on_prefix_query(self, message: P.StagePrefixQuery) -> None:
+        """Later stage: pin what this stage holds of the prefix; ask on, or answer the head."""
+        downstream = list(message.downstream)
+        route = Route(downstream[0] if downstream else None, downstream[1:],
+                      message.head_endpoint)
+        self.routes[message.rid] = route
+        held = self.engine.reserve_prefix(message.rid, list(message.token_ids))
+        if route.next_endpoint is not None and held > 0:
+            try:
+                self.links.send_message(route.next_endpoint, P.StagePrefixQuery(
+                    message.rid, list(message.token_ids[:held]), route.downstream_after_next,
+                    message.head_endpoint))
+                return
+            except PeerUnreachable as exc:  # _fail reports it to the head (it cannot run)
+                self._fail([message.rid], str(exc), P.PEER_LOST, route.next_endpoint)
+                return
+        try:
+            self.links.send_message(message.head_endpoint,
+                                    P.StagePrefixAnswer(message.rid, held))
+        except PeerUnreachable:
+            logger.warning("the head %s is unreachable; dropping a prefix answer",
+                           message.head_endpoint)
 
     def _on_activations(self, message: P.StageActivations, hidden: torch.Tensor) -> None:
         offset = 0
         for entry in message.entries:
             rows = hidden[offset: offset + len(entry.token_ids)]
             offset += len(entry.token_ids)
+            starts = entry.start_position == 0 or entry.reuses_prefix
             if entry.start_position == 0:  # (re)start: drop whatever stale state we hold
                 self.engine.abort(entry.rid)
+            if starts:
                 next_endpoint = entry.downstream[0] if entry.downstream else None
                 self.routes[entry.rid] = Route(next_endpoint, list(entry.downstream[1:]),
                                                entry.head_endpoint)
@@ -113,8 +167,8 @@ class StageRouter:
             try:
                 self.engine.add_hidden(
                     entry.rid, list(entry.token_ids), entry.start_position, rows,
-                    entry.sampling_params, entry.num_prompt_tokens if entry.start_position == 0
-                    else None, entry.due)
+                    entry.sampling_params, entry.num_prompt_tokens if starts else None,
+                    entry.due)
             except (ValueError, RuntimeError) as exc:
                 self.engine.abort(entry.rid)
                 self._to_head(route.head_endpoint, [error_output(entry.rid, str(exc))])
@@ -163,6 +217,7 @@ class StageRouter:
         preempted = self.engine.take_preempted()
         if preempted:
             self._release(preempted, keep_routes=True)
+        for_frontend.extend(self._send_prefix_queries())
         if self.engine.is_last:
             by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
             for o in outputs:
@@ -194,17 +249,51 @@ class StageRouter:
             for_frontend.extend(self._send_activations(endpoint, items))
         return for_frontend
 
+    def _send_prefix_queries(self) -> list[P.TokenOutput]:
+        """Head: ask the later stages how much of each newly admitted cached prefix they hold."""
+        failed = []
+        deadline = time.monotonic() + PREFIX_QUERY_TIMEOUT_S
+        for query in self.engine.take_prefix_queries():
+            route = self.routes.get(query.request_id)
+            if route is None or route.next_endpoint is None:
+                self.engine.resume_prefix(query.request_id, 0)
+                continue
+            try:
+                self.links.send_message(route.next_endpoint, P.StagePrefixQuery(
+                    query.request_id, query.token_ids, route.downstream_after_next,
+                    route.head_endpoint))
+            except PeerUnreachable as exc:
+                failed.extend(self._fail([query.request_id], str(exc), P.PEER_LOST,
+                                         route.next_endpoint))
+                continue
+            self.prefix_deadlines[query.request_id] = deadline
+        return failed
+
+    def _expire_prefix_queries(self) -> None:
+        """Head: a query unanswered in time runs its request from 0 (which resets every later
+        stage), so a lost message never leaves a request waiting."""
+        now = time.monotonic()
+        for rid, deadline in list(self.prefix_deadlines.items()):
+            if rid not in self.engine.sequences:
+                del self.prefix_deadlines[rid]
+            elif now >= deadline:
+                del self.prefix_deadlines[rid]
+                logger.warning("no prefix answer for %s in %.0f s; running it from the start",
+                               rid, PREFIX_QUERY_TIMEOUT_S)
+                self.engine.resume_prefix(rid, 0)
+
     def _send_activations(self, endpoint: str, items) -> list[P.TokenOutput]:
         entries = []
         for o, route in items:
-            first = o.start_position == 0
+            first = o.first
             seq = self.engine.sequences.get(o.request_id)
             entries.append(P.ActivationEntry(
                 o.request_id, list(o.token_ids), o.start_position,
                 seq.sampling_params if first and seq is not None else None,
                 seq.num_prompt_tokens if first and seq is not None else 0,
                 route.downstream_after_next if first else [],
-                route.head_endpoint, o.due, self.tracer.trace_of(o.request_id)))
+                route.head_endpoint, o.due, self.tracer.trace_of(o.request_id),
+                reuses_prefix=first and o.start_position > 0))
         hidden = torch.cat([o.hidden for o, _ in items])
         row_bytes = hidden.shape[-1] * hidden.element_size()
         send_id = self.tracer.on_send(endpoint, [(o.request_id, len(o.token_ids) * row_bytes)
@@ -220,6 +309,7 @@ class StageRouter:
     def check_peers(self) -> list[P.TokenOutput]:
         """Fail every request routed through a link that dropped (or took nothing in time)."""
         self.links.flush()
+        self._expire_prefix_queries()
         outputs = []
         for endpoint in self.links.disconnected_peers():
             rids = [rid for rid, r in self.routes.items() if r.next_endpoint == endpoint]

@@ -37,6 +37,7 @@ from starlette.responses import Response
 from parallax.config import SchedulerConfig
 from parallax.p2p.peer import PEER_HEADER
 from parallax.protocol import RoutingEntry
+from parallax.scheduler.affinity import PrefixAffinity
 from parallax.scheduler.allocation import Stage
 from parallax.scheduler.failover import (
     _JSON,
@@ -51,7 +52,7 @@ from parallax.scheduler.failover import (
 )
 from parallax.scheduler.registry import Registry
 from parallax.scheduler.replay import ReplaySession
-from parallax.scheduler.routing import NodeLoad, RouteDecision, route
+from parallax.scheduler.routing import NodeLoad, RouteDecision, conversation_keys, route
 from parallax.scheduler.status import ClusterMetrics
 from parallax.scheduler.wait_queue import QueueFull, Waiter, WaitQueue
 from parallax.serving.errors import APIError, error_body
@@ -178,6 +179,7 @@ class Forwarder(FailoverMixin):
         self._on_change = on_change or (lambda: None)
         self._room = asyncio.Event()
         self._last_index = -1
+        self.affinity = PrefixAffinity()  # conversation -> pipeline holding its prefix
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
                                 pool=config.connect_timeout_s)
         self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
@@ -201,15 +203,20 @@ class Forwarder(FailoverMixin):
 
     # ---- placing ------------------------------------------------------------------------
 
-    def pick(self, excluded: Collection[int] = ()) -> RouteDecision:
-        """The route decision now, skipping pipeline indices in `excluded`."""
+    def pick(self, excluded: Collection[int] = (),
+             conversation: list[str] | None = None) -> RouteDecision:
+        """The route decision now, skipping pipeline indices in `excluded`; `conversation`
+        (routing.conversation_keys of the request) prefers the pipeline that served its
+        history (cache-aware routing)."""
         allocation = self.registry.allocation
         if allocation is None:
             return RouteDecision(None, "no_pipeline")
         pipelines = [() if i in excluded or any(self.is_suspect(s.node_id) for s in p) else p
                      for i, p in enumerate(allocation.pipelines)]
+        preferred = self.affinity.preferred(
+            conversation or [], [[s.node_id for s in p] for p in allocation.pipelines])
         decision = route(pipelines, effective_loads(self.registry, self.inflight),
-                         last_index=self._last_index)
+                         last_index=self._last_index, preferred=preferred)
         if decision.pipeline_index is not None:
             self._last_index = decision.pipeline_index
         return decision
@@ -257,16 +264,18 @@ class Forwarder(FailoverMixin):
         attempts, interval = self.config.retry_attempts, self.config.retry_interval_s
         deadline = time.monotonic() + attempts * interval
         failures, excluded = 0, set()
+        conversation = conversation_keys(payload.get("messages"))
         last: APIError | None = None
         waiter: Waiter | None = None  # in the wait queue
         try:
             while True:
                 turn = self.waiting.first() is waiter  # nobody waits, or this one is first
-                decision = self.pick(excluded) if turn else None
+                decision = self.pick(excluded, conversation) if turn else None
                 if decision is not None and decision.pipeline_index is not None:
                     if waiter is not None:
                         waiter = self._leave_queue(waiter)
                     ticket = self._acquire(decision.pipeline_index, rid, path)
+                    self.affinity.remember(conversation, ticket.node_ids)
                     try:
                         return ticket, await self._send(ticket, payload)
                     except _Retryable as exc:

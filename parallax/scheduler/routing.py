@@ -1,16 +1,31 @@
-"""Request routing: pipelines + load + latency → one pipeline, "all_busy" or "no_pipeline". Pure."""
+"""Request routing: pipelines + load + latency → one pipeline, "all_busy" or "no_pipeline". Pure.
+
+Cache-aware routing: a chat sends its whole history every turn, and the pipeline that served
+the previous turn holds that history's KV in its prefix caches. :func:`conversation_keys` names
+every leading run of a chat's messages; the scheduler remembers the key of each request it
+placed (parallax/scheduler/affinity.py) and passes the pipeline of the longest remembered one
+as ``preferred``: :func:`route` takes it unless its cost exceeds the best pipeline's by more
+than ``AFFINITY_COST_RATIO`` (much busier), where recomputing the prefix elsewhere is cheaper.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
 
 from parallax.scheduler.allocation import Stage
 
 DEFAULT_LAYER_LATENCY_MS = 1.0
 """Per-layer latency assumed when no node has reported one yet."""
 _TIE = 1e-9
+AFFINITY_COST_RATIO = 1.5
+"""The pipeline holding a conversation's prefix wins while its cost is at most this × the best
+one's: with equal speeds, cost grows with load from 1× (idle) to 2× (full), so it keeps the
+conversation until it is about half full more than the idlest pipeline."""
 
 
 @dataclass(frozen=True)
@@ -92,19 +107,39 @@ def pipeline_cost_ms(
     return cost + sum(_link(links, a.node_id, b.node_id) for a, b in hops)
 
 
+def conversation_keys(messages: Any) -> list[str]:
+    """Chained digests of a chat's leading messages: ``keys[k]`` names ``messages[:k + 1]``
+    (role and content; equal keys mean equal histories). Not a list of messages: []."""
+    if not isinstance(messages, list):
+        return []
+    keys, digest = [], b""
+    for message in messages:
+        if not isinstance(message, dict):
+            break
+        part = msgspec.json.encode([message.get("role"), message.get("content")],
+                                   order="sorted")
+        digest = hashlib.blake2b(digest + part, digest_size=16).digest()
+        keys.append(digest.hex())
+    return keys
+
+
 def route(
     pipelines: Sequence[Sequence[Stage]],
     loads: Mapping[str, NodeLoad],
     *,
     link_latency_ms: Mapping[tuple[str, str], float] | None = None,
     last_index: int = -1,
+    preferred: int | None = None,
+    affinity_cost_ratio: float = AFFINITY_COST_RATIO,
 ) -> RouteDecision:
     """Pick the pipeline for the next request.
 
     Pipelines with a node that is dead or missing from ``loads`` are skipped (none left:
     "no_pipeline"); so are pipelines with a node at capacity (all of the rest: "all_busy").
     Among the others the lowest :func:`pipeline_cost_ms` wins; equal costs go round-robin to the
-    first index after ``last_index``, wrapping around.
+    first index after ``last_index``, wrapping around. ``preferred`` (the pipeline that holds
+    the request's prefix) wins instead when it is free and its cost is at most
+    ``affinity_cost_ratio`` × the lowest.
     """
     complete = [
         i
@@ -119,6 +154,8 @@ def route(
     default = _default_latency(loads)
     costs = {i: pipeline_cost_ms(pipelines[i], loads, link_latency_ms, default) for i in free}
     best = min(costs.values())
+    if preferred in costs and costs[preferred] <= best * affinity_cost_ratio + _TIE:
+        return RouteDecision(preferred, "ok", costs[preferred])
     tied = [i for i in free if costs[i] <= best + _TIE * max(1.0, abs(best))]
     pick = min(tied, key=lambda i: (i <= last_index, i))
     return RouteDecision(pick, "ok", costs[pick])
