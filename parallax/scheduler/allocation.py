@@ -17,6 +17,19 @@ later joins). On random instances of up to 7 nodes this matched the exhaustive o
 600 cases (a contiguous-runs dynamic program over the capacity order: 473). Cost: about
 ``O(n log n + n·g)`` for groups of ``g`` nodes.
 
+With a ``network`` (link figures between nodes, :mod:`parallax.scheduler.network`), nodes are
+first split into regions: each region is a leader (the largest node not yet placed) and every
+remaining node within :data:`NEAR_RTT_MS` of it. Groups form inside each region, first among
+nodes of similar speed (:data:`SPEED_TIER_GAP`), then from the rest of the region; every
+regional group is kept (the k² rule applies without a network: with one, routing sends requests
+to the cheaper pipelines first, and a longer regional pipeline still adds throughput). The nodes
+a region cannot use pool into cross-region groups, which are kept only when their per-token cost
+(:mod:`parallax.scheduler.cost`) is within :data:`FAR_COST_FACTOR` of the regional pipelines'
+median: a far node stays standby when near ones can do the job. Stages are ordered so each hop
+goes to the nearest remaining node. :func:`rebalance` re-plans a pipeline whose hops got
+:data:`DEGRADED_FACTOR` times slower than when it was planned (and at least
+:data:`DEGRADED_MIN_MS` slower).
+
 Layer ranges are half-open ``[start_layer, end_layer)`` everywhere.
 """
 
@@ -25,8 +38,11 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from parallax.scheduler.cost import LOOPBACK, Link, layer_latency_ms, pipeline_token_cost_ms
 
 DEFAULT_MEMORY_FRACTION = 0.85
 """Share of a node's reported memory that allocation may plan with (rest: activations, runtime)."""
@@ -35,7 +51,19 @@ DEFAULT_KV_RESERVE_TOKENS = 4096
 DECODE_INTENSITY = 8.0
 """FLOPs per weight byte assumed by :func:`node_speed` (≈ a decode batch of 8 on 16-bit weights)."""
 
+NEAR_RTT_MS = 20.0
+"""Nodes within this RTT of a region's leader belong to its region."""
+FAR_COST_FACTOR = 2.0
+"""A cross-region pipeline is used only when it costs at most this × the regional median."""
+SPEED_TIER_GAP = 1.5
+"""Within a region, pipelines form first among nodes whose speeds differ less than this."""
+DEGRADED_FACTOR = 2.0
+DEGRADED_MIN_MS = 20.0
+
 _INF = math.inf
+
+Network = Callable[[str, str], Link]
+"""Link figures between two node ids (a :class:`parallax.scheduler.network.LatencyMatrix`)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,8 @@ class ModelSpec:
     """When tied, a stage that is both first and last holds the shared matrix once."""
     quantize: str | None = None
     """q8_0 / q4_0 / q4_k: nodes pack the float weights at load (bytes above count that)."""
+    activation_bytes: int = 0
+    """One token's hidden state on the wire (hidden size × dtype bytes); 0: unknown."""
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_bytes < 1:
@@ -109,6 +139,8 @@ class Allocation:
     unassigned: tuple[str, ...]
     need_more_nodes: bool
     reason: str
+    planned_hop_ms: tuple[float, ...] = field(default=(), compare=False)
+    """Each pipeline's Σ hop cost when it was planned (rebalance compares against it)."""
 
     def stage_of(self, node_id: str) -> Stage | None:
         """The stage ``node_id`` runs, or None when it holds no layers."""
@@ -332,8 +364,11 @@ def _finisher(
     return -1
 
 
-def _greedy_groups(cands: list[_Candidate], num_layers: int) -> list[list[_Candidate]]:
-    """Complete node groups, formed one at a time until the pool cannot complete another.
+def _greedy_groups(
+    cands: list[_Candidate], num_layers: int
+) -> tuple[list[list[_Candidate]], list[_Candidate]]:
+    """Complete node groups, formed one at a time until the pool cannot complete another, and
+    the nodes left over.
 
     A group starts with the largest free node (alone if it holds the whole model) and grows by
     the smallest free node that completes it, or else by the largest free node: little capacity
@@ -347,12 +382,12 @@ def _greedy_groups(cands: list[_Candidate], num_layers: int) -> list[list[_Candi
         mids.pop()
         while not _holds(group, num_layers):
             if not pool or len(group) >= num_layers:
-                return groups
+                return groups, group + pool[::-1]
             t = _finisher(group, pool, mids, num_layers)
             group.append(pool.pop(t))
             mids.pop(t)
         groups.append(group)
-    return groups
+    return groups, []
 
 
 def _choose_groups(groups: list[list[_Candidate]]) -> list[list[_Candidate]]:
@@ -367,13 +402,18 @@ def _choose_groups(groups: list[list[_Candidate]]) -> list[list[_Candidate]]:
     return [g for g in groups if id(g) in chosen]
 
 
-def _build_pipeline(run: Sequence[_Candidate], num_layers: int) -> tuple[Stage, ...]:
-    """Order a complete run (first/last by role capacity) and water-fill its layers."""
+def _build_pipeline(
+    run: Sequence[_Candidate], num_layers: int, network: Network | None = None
+) -> tuple[Stage, ...]:
+    """Order a complete run (first/last by role capacity; with a network, each middle hop to
+    the nearest remaining node) and water-fill its layers."""
     a, b, _ = _best_roles(run)
     if len(run) == 1:
         order, caps = [run[0]], [run[0].solo]
     else:
         middle = [c for k, c in enumerate(run) if k not in (a, b)]
+        if network is not None:
+            middle = _nearest_chain(run[a], middle, network)
         order = [run[a], *middle, run[b]]
         caps = [run[a].first, *(c.mid for c in middle), run[b].last]
     layers = water_fill(num_layers, [c.speed for c in order], caps)
@@ -383,6 +423,114 @@ def _build_pipeline(run: Sequence[_Candidate], num_layers: int) -> tuple[Stage, 
             stages.append(Stage(cand.node.node_id, start, start + count))
             start += count
     return tuple(stages)
+
+
+def _nearest_chain(
+    start: _Candidate, rest: list[_Candidate], network: Network
+) -> list[_Candidate]:
+    chain, here, left = [], start, list(rest)
+    while left:
+        here = min(left, key=lambda c: network(here.node.node_id, c.node.node_id).rtt_ms)
+        left.remove(here)
+        chain.append(here)
+    return chain
+
+
+# ---------------------------------------------------------------------------------------------
+# network
+
+
+def hop_cost_ms(
+    pipeline: Sequence[Stage], network: Network | None, activation_bytes: int = 0
+) -> float:
+    """Σ over a pipeline's hops of one-way latency (+ activation transfer on forward hops)."""
+    if network is None or len(pipeline) < 2:
+        return 0.0
+    forward = sum(
+        network(x.node_id, y.node_id).hop_ms(activation_bytes)
+        for x, y in zip(pipeline, pipeline[1:], strict=False)
+    )
+    return forward + network(pipeline[-1].node_id, pipeline[0].node_id).hop_ms()
+
+
+def planned_cost_ms(
+    pipeline: Sequence[Stage],
+    nodes: dict[str, NodeInfo],
+    model: ModelSpec,
+    network: Network | None = None,
+) -> float:
+    """Per-token cost of a pipeline as allocation sees it: stage compute from each node's
+    roofline speed (:func:`node_speed`) plus its hops (:mod:`parallax.scheduler.cost`)."""
+    compute = [
+        s.num_layers
+        * layer_latency_ms(layer_bytes=model.layer_bytes, speed_gbps=node_speed(nodes[s.node_id]))
+        for s in pipeline
+    ]
+    net = network or (lambda _a, _b: LOOPBACK)
+    links = [net(x.node_id, y.node_id) for x, y in zip(pipeline, pipeline[1:], strict=False)]
+    back = net(pipeline[-1].node_id, pipeline[0].node_id) if len(pipeline) > 1 else None
+    return pipeline_token_cost_ms(compute, links, back, model.activation_bytes)
+
+
+def _regions(cands: list[_Candidate], network: Network) -> list[list[_Candidate]]:
+    """Leader clustering: the largest unplaced node and every unplaced node near it."""
+    left, regions = list(cands), []
+    while left:
+        leader = left[0].node.node_id
+        near = [
+            c
+            for c in left
+            if c.node.node_id == leader or network(leader, c.node.node_id).rtt_ms <= NEAR_RTT_MS
+        ]
+        taken = {id(c) for c in near}
+        left = [c for c in left if id(c) not in taken]
+        regions.append(near)
+    return regions
+
+
+def _speed_tiers(cands: list[_Candidate]) -> list[list[_Candidate]]:
+    """Runs of similar speed: sorted by speed, cut where one is SPEED_TIER_GAP × the next.
+    A pipeline of equally fast nodes water-fills evenly; a fast node tied to a slow one whose
+    memory forces it to take many layers waits on it."""
+    ordered = sorted(cands, key=lambda c: -c.speed)
+    tiers: list[list[_Candidate]] = []
+    for c in ordered:
+        if tiers and tiers[-1][-1].speed <= SPEED_TIER_GAP * c.speed:
+            tiers[-1].append(c)
+        else:
+            tiers.append([c])
+    return tiers
+
+
+def _network_groups(
+    cands: list[_Candidate], model: ModelSpec, network: Network
+) -> list[tuple[Stage, ...]]:
+    """Regional pipelines, then cross-region ones that cost at most FAR_COST_FACTOR × the
+    regional median (module docstring)."""
+    rank = {id(c): k for k, c in enumerate(cands)}
+
+    def in_order(group: list[_Candidate]) -> list[_Candidate]:
+        return sorted(group, key=lambda c: rank[id(c)])  # capacity order, for the greedy
+
+    local, leftover = [], []
+    for region in _regions(cands, network):
+        mixed = []
+        for tier in _speed_tiers(region):
+            groups, rest = _greedy_groups(in_order(tier), model.num_layers)
+            local.extend(groups)
+            mixed.extend(rest)
+        groups, rest = _greedy_groups(in_order(mixed), model.num_layers)
+        local.extend(groups)
+        leftover.extend(rest)
+    far, _ = _greedy_groups(in_order(leftover), model.num_layers)
+    nodes = {c.node.node_id: c.node for c in cands}
+    chosen = [_build_pipeline(g, model.num_layers, network) for g in local]
+    far_built = [_build_pipeline(g, model.num_layers, network) for g in far]
+    if not chosen:
+        return [_build_pipeline(g, model.num_layers, network) for g in _choose_groups(far)]
+    median = statistics.median(planned_cost_ms(p, nodes, model, network) for p in chosen)
+    limit = FAR_COST_FACTOR * median
+    return chosen + [p for p in far_built if planned_cost_ms(p, nodes, model, network) <= limit]
 
 
 def _check_unique(nodes: Sequence[NodeInfo]) -> None:
@@ -425,25 +573,32 @@ def allocate(
     *,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
+    network: Network | None = None,
 ) -> Allocation:
     """Node-disjoint pipelines over ``nodes``, each covering ``[0, model.num_layers)``.
 
     Picks the number of pipelines by maximising k² / total stages (module docstring), orders each
     pipeline so the first and last stages can hold the embedding and LM head, and water-fills its
-    layers by :func:`node_speed`. Unused nodes are listed in ``unassigned``; when no complete
-    pipeline exists ``need_more_nodes`` is set and ``reason`` says what is missing.
+    layers by :func:`node_speed`. With a ``network`` near nodes are grouped with near ones and
+    far pipelines are kept only when they cost little more (module docstring). Unused nodes are
+    listed in ``unassigned``; when no complete pipeline exists ``need_more_nodes`` is set and
+    ``reason`` says what is missing.
     """
     _check_unique(nodes)
     cands = _candidates(nodes, model, memory_fraction, kv_reserve_tokens)
-    groups = _choose_groups(_greedy_groups(cands, model.num_layers))
-    pipelines = tuple(_build_pipeline(g, model.num_layers) for g in groups)
+    if network is None:
+        groups = _choose_groups(_greedy_groups(cands, model.num_layers)[0])
+        pipelines = tuple(_build_pipeline(g, model.num_layers) for g in groups)
+    else:
+        pipelines = tuple(_network_groups(cands, model, network))
     used = {s.node_id for p in pipelines for s in p}
     unassigned = tuple(n.node_id for n in _ordered(nodes) if n.node_id not in used)
     if not pipelines:
         per_layer = layer_bytes_with_kv(model, kv_reserve_tokens)
         reason = _shortfall(cands, nodes, model, per_layer, memory_fraction)
         return Allocation((), unassigned, True, reason)
-    return Allocation(pipelines, unassigned, False, _summary(pipelines, unassigned))
+    hops = tuple(hop_cost_ms(p, network, model.activation_bytes) for p in pipelines)
+    return Allocation(pipelines, unassigned, False, _summary(pipelines, unassigned), hops)
 
 
 def _ordered(nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
@@ -511,6 +666,10 @@ def _repair(
     )
 
 
+def _degraded(now_ms: float, planned_ms: float) -> bool:
+    return now_ms > max(DEGRADED_FACTOR * planned_ms, planned_ms + DEGRADED_MIN_MS)
+
+
 def rebalance(
     previous: Allocation,
     nodes: Sequence[NodeInfo],
@@ -518,29 +677,37 @@ def rebalance(
     *,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
+    network: Network | None = None,
 ) -> Allocation:
-    """The allocation after nodes joined or left, moving as few nodes as possible.
+    """The allocation after nodes joined or left (or links changed), moving as few nodes as
+    possible.
 
-    A previous pipeline whose nodes are all present and still fit is kept exactly. One that lost
-    nodes is repaired when free nodes (never assigned before) can take each lost range as is;
-    otherwise it dissolves. Free nodes and survivors of dissolved pipelines are then allocated
-    into new pipelines with :func:`allocate`; if no pipeline at all results, a full
-    :func:`allocate` over every node decides.
+    A previous pipeline whose nodes are all present and still fit is kept exactly, unless with a
+    ``network`` its hops became degraded (:func:`degraded_pipelines`). One that lost nodes is
+    repaired when free nodes (never assigned before) can take each lost range as is; otherwise
+    it dissolves. Free nodes and survivors of dissolved pipelines are then allocated into new
+    pipelines with :func:`allocate`; if no pipeline at all results, a full :func:`allocate` over
+    every node decides.
     """
     _check_unique(nodes)
     by_id = {n.node_id: n for n in nodes}
     before = {s.node_id for p in previous.pipelines for s in p}
     pool = [n for n in _ordered(nodes) if n.node_id not in before]
+    present = [
+        i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
+    ]
+    degraded = set(degraded_pipelines(previous, model, network, present))
     kept: list[tuple[Stage, ...]] = []
+    planned: list[float] = []
     loose: list[NodeInfo] = []
-    for pipeline in previous.pipelines:
+    for index, pipeline in enumerate(previous.pipelines):
         holes = [
             k
             for k, s in enumerate(pipeline)
             if not _fits(s, by_id.get(s.node_id), model, memory_fraction, kv_reserve_tokens)
         ]
         fixed = None
-        if _covers(pipeline, model.num_layers):
+        if _covers(pipeline, model.num_layers) and index not in degraded:
             fixed = (
                 _repair(pipeline, holes, pool, model, memory_fraction, kv_reserve_tokens)
                 if holes
@@ -548,18 +715,73 @@ def rebalance(
             )
         if fixed is not None:
             kept.append(fixed)
+            same = not holes and index < len(previous.planned_hop_ms)
+            hops = hop_cost_ms(fixed, network, model.activation_bytes)
+            planned.append(previous.planned_hop_ms[index] if same else hops)
             loose.extend(by_id[pipeline[k].node_id] for k in holes if pipeline[k].node_id in by_id)
         else:
             loose.extend(by_id[s.node_id] for s in pipeline if s.node_id in by_id)
-    fresh = allocate(
-        pool + loose, model, memory_fraction=memory_fraction, kv_reserve_tokens=kv_reserve_tokens
-    )
+    options = {"memory_fraction": memory_fraction, "kv_reserve_tokens": kv_reserve_tokens}
+    fresh = allocate(pool + loose, model, network=network, **options)
     if not kept and not fresh.pipelines:
-        return allocate(
-            nodes, model, memory_fraction=memory_fraction, kv_reserve_tokens=kv_reserve_tokens
-        )
+        return allocate(nodes, model, network=network, **options)
     pipelines = (*kept, *fresh.pipelines)
-    return Allocation(pipelines, fresh.unassigned, False, _summary(pipelines, fresh.unassigned))
+    result = Allocation(
+        pipelines,
+        fresh.unassigned,
+        False,
+        _summary(pipelines, fresh.unassigned),
+        (*planned, *fresh.planned_hop_ms),
+    )
+    bad = _slow_hops([previous.pipelines[i] for i in degraded], network, model.activation_bytes)
+    if bad and bad & _hops_of(fresh.pipelines):
+        # the free nodes could not route around the slow link: re-plan everything, if better
+        full = allocate(nodes, model, network=network, **options)
+        if sum(full.planned_hop_ms) < sum(result.planned_hop_ms):
+            return full
+    return result
+
+
+def _hops_of(pipelines: Sequence[Sequence[Stage]]) -> set[frozenset[str]]:
+    out = set()
+    for p in pipelines:
+        ids = [s.node_id for s in p]
+        out.update(frozenset(h) for h in zip(ids, ids[1:] + ids[:1], strict=True) if len(ids) > 1)
+    return out
+
+
+def _slow_hops(
+    pipelines: Sequence[Sequence[Stage]], network: Network | None, activation_bytes: int
+) -> set[frozenset[str]]:
+    """Hops of these pipelines costing more than DEGRADED_MIN_MS one way."""
+    if network is None:
+        return set()
+    return {
+        hop
+        for hop in _hops_of(pipelines)
+        if network(*sorted(hop)).hop_ms(activation_bytes) > DEGRADED_MIN_MS
+    }
+
+
+def degraded_pipelines(
+    allocation: Allocation,
+    model: ModelSpec,
+    network: Network | None,
+    indices: Sequence[int] | None = None,
+) -> list[int]:
+    """Indices (of ``indices``, default all) of pipelines whose hops now cost more than
+    DEGRADED_FACTOR × (and at least DEGRADED_MIN_MS more than) when they were planned; a
+    pipeline planned without figures counts as planned at 0 ms, so the first real measurements
+    can re-plan it."""
+    if network is None:
+        return []
+    out = []
+    for index in range(len(allocation.pipelines)) if indices is None else indices:
+        pipeline = allocation.pipelines[index]
+        planned = allocation.planned_hop_ms[index] if index < len(allocation.planned_hop_ms) else 0
+        if _degraded(hop_cost_ms(pipeline, network, model.activation_bytes), planned):
+            out.append(index)
+    return out
 
 
 def moved_nodes(previous: Allocation, new: Allocation) -> set[str]:

@@ -209,6 +209,7 @@ class Forwarder(FailoverMixin):
         pipelines = [() if i in excluded or any(self.is_suspect(s.node_id) for s in p) else p
                      for i, p in enumerate(allocation.pipelines)]
         decision = route(pipelines, effective_loads(self.registry, self.inflight),
+                         link_latency_ms=self.registry.link_latency_ms(),
                          last_index=self._last_index)
         if decision.pipeline_index is not None:
             self._last_index = decision.pipeline_index
