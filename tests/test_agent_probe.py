@@ -67,3 +67,18 @@ def test_heartbeats_report_the_listed_peers_measurements() -> None:
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_link_history_reports_the_best_of_recent_rounds() -> None:
+    history = probe.LinkHistory(rounds=2)
+    first = history.update([P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)],
+                           ["a", "b"])
+    assert first == [P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)]
+    # a busy round: load only adds delay, so the earlier round's figures stand
+    busy = history.update([P.LinkReport("a", 70.0, 20.0)], ["a", "b"])
+    assert busy == [P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)]
+    # the link really got slower: once the good round is older than the window, it shows
+    slow = history.update([P.LinkReport("a", 400.0, 5.0)], ["a"])
+    assert slow == [P.LinkReport("a", 70.0, 20.0)]  # and "b", no longer listed, is dropped
+    assert history.update([P.LinkReport("a", 400.0, 5.0)], ["a"]) == [
+        P.LinkReport("a", 400.0, 5.0)]

@@ -152,3 +152,42 @@ def test_standby_nodes_form_a_pipeline_once_they_measure_each_other_near() -> No
     registry.report_links("f1", [("f2", 4.0, 100.0)], now=20.0)
     registry.report_links("f2", [("f1", 4.0, 100.0)], now=40.0)
     assert pairs(registry.allocation) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}
+
+
+def test_a_join_keeps_a_serving_pipeline_that_was_measured_slower_than_planned() -> None:
+    """Regression: a re-plan that found nothing better kept the pipeline but forgot its new
+    planned figure, so the next join still saw it degraded and reshuffled it with the newcomers
+    (which broke the running streams of tests/test_failover_cluster.py's join test)."""
+    registry = Registry(init_nodes_num=2)
+    registry.set_model(spec(32))
+    for info in (node("n1", 20), node("n2", 20)):
+        registry.join(record(info.node_id, info))
+    serving = registry.allocation.pipelines
+    # planned with no figures (0 ms); a loaded machine then measures 50 ms: degraded, but
+    # with two nodes nothing better exists
+    registry.report_links("n1", [("n2", 50.0, 500.0)], now=1.0)
+    registry.report_links("n2", [("n1", 50.0, 500.0)], now=1.0)
+    assert registry.allocation.pipelines == serving
+    assert registry.allocation.planned_hop_ms == (pytest.approx(50.0),)
+    for info in (node("n3", 20, joined_at=2.0), node("n4", 20, joined_at=3.0)):
+        registry.join(record(info.node_id, info))  # unmeasured: 0 ms estimates
+    assert registry.allocation.pipelines[0] == serving[0]
+    assert pairs(registry.allocation) == {frozenset({"n1", "n2"}), frozenset({"n3", "n4"})}
+
+
+def test_a_replan_for_a_slower_link_needs_a_clear_gain() -> None:
+    model = spec(32)
+    nodes = [node("a", 20), node("b", 20), node("c", 20), node("d", 20)]
+    net = Regions({n.node_id: "eu" for n in nodes})
+    first = allocate(nodes, model, network=net)
+    x, y = (s.node_id for s in first.pipelines[0])
+    # degraded (over 2x and +20 ms) but re-pairing would only trade it for links nearly as slow
+    net.override[frozenset((x, y))] = 30.0
+    for other in nodes:
+        for n in (x, y):
+            if other.node_id not in (x, y):
+                net.override[frozenset((n, other.node_id))] = 18.0
+    kept = rebalance(first, nodes, model, network=net)
+    assert kept.pipelines == first.pipelines
+    assert kept.planned_hop_ms[0] == pytest.approx(30.0)  # the new figure is the baseline
+    assert rebalance(kept, nodes, model, network=net) == kept

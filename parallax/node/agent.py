@@ -20,7 +20,7 @@ from parallax import protocol as P
 from parallax.config import ExecutorConfig, JoinConfig
 from parallax.node.executor_client import ExecutorClient, NotReadyError
 from parallax.node.frontend import NodeFrontend
-from parallax.node.probe import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, measure_peers
+from parallax.node.probe import PROBE_TIMEOUT_S, LinkHistory, measure_peers
 
 logger = logging.getLogger("parallax.agent")
 
@@ -79,6 +79,7 @@ class NodeAgent:
         self._beat_rtts_ms: deque[float] = deque(maxlen=5)
         self._probe_targets: list[P.ProbeTarget] = []
         self._link_reports: list[P.LinkReport] = []
+        self._link_history = LinkHistory()
         self._probe_task: asyncio.Task | None = None
         self._peer_http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S,
                                             verify=config.tls.client_verify())
@@ -188,13 +189,16 @@ class NodeAgent:
             self.client.set_link_aliases(aliases)
 
     async def _probe_loop(self) -> None:
-        """Re-measure the listed peers every PROBE_INTERVAL_S (a bounded round each time)."""
+        """Re-measure the listed peers every --probe-interval (a bounded round each time)."""
         while self._probe_targets:
             try:
-                self._link_reports = await measure_peers(self._peer_http, self._probe_targets)
+                targets = self._probe_targets
+                measured = await measure_peers(self._peer_http, targets)
+                self._link_reports = self._link_history.update(measured,
+                                                               [t.node_id for t in targets])
             except Exception:  # a probe must never take the agent down
                 logger.exception("measuring peers failed")
-            await asyncio.sleep(PROBE_INTERVAL_S)
+            await asyncio.sleep(self.config.probe_interval_s)
         self._link_reports = []  # no peers listed any more: nothing current to report
 
     async def leave(self) -> None:

@@ -1,9 +1,14 @@
 """A node measures its network: RTT and a short bandwidth probe to the peers the scheduler lists.
 
-RTT is the best of two ``GET /health`` round trips to a peer's frontend (any answer counts; the
-body is not read beyond what the server sends at once). Bandwidth is one ``GET /node/probe`` that
+RTT is the best of :data:`RTT_SAMPLES` ``GET /health`` round trips to a peer's frontend (any
+answer counts; the body is not read beyond what the server sends at once). Bandwidth is one ``GET /node/probe`` that
 returns :data:`PROBE_BYTES` bytes; at most that many are read, whatever a peer sends, and every
 call has a timeout, so a stranger's answer can only make the link look slow or unreachable.
+
+A busy event loop or CPU on either end only ever adds delay, so a node reports for each peer the
+best figure of its last :data:`HISTORY_ROUNDS` rounds (:class:`LinkHistory`), the way TCP keeps a
+windowed minimum RTT: load does not make a near peer look far (and re-plan a serving pipeline),
+while a link that really got slower shows within that many rounds.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import httpx
@@ -30,6 +36,8 @@ ROUND_TIMEOUT_S = 10.0
 PROBE_INTERVAL_S = 30.0
 """Nodes re-measure this often (links degrade; the scheduler re-plans from fresh figures)."""
 PARALLEL_PROBES = 4
+RTT_SAMPLES = 3
+HISTORY_ROUNDS = 3
 
 
 async def _round_trip_ms(client: httpx.AsyncClient, url: str) -> float:
@@ -63,7 +71,7 @@ def bandwidth_mbps(total_ms: float, rtt_ms: float, num_bytes: int) -> float:
 async def measure_peer(client: httpx.AsyncClient, target: P.ProbeTarget) -> P.LinkReport | None:
     """RTT and bandwidth to one peer; None when it did not answer in time."""
     try:
-        rtt = min([await _round_trip_ms(client, target.http_url) for _ in range(2)])
+        rtt = min([await _round_trip_ms(client, target.http_url) for _ in range(RTT_SAMPLES)])
         total, received = await _download_ms(client, target.http_url)
     except (httpx.HTTPError, httpx.StreamError, OSError) as exc:
         logger.debug("probe of %s failed: %s", target.node_id, exc)
@@ -92,3 +100,26 @@ async def measure_peers(client: httpx.AsyncClient,
         task.cancel()
     return [r for t in done if not t.cancelled() and t.exception() is None
             and (r := t.result()) is not None]
+
+
+class LinkHistory:
+    """Each listed peer's last :data:`HISTORY_ROUNDS` reports, summarised as the best of them
+    (lowest RTT, highest bandwidth): module docstring."""
+
+    def __init__(self, rounds: int = HISTORY_ROUNDS) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        self.rounds = rounds
+        self._seen: dict[str, deque[P.LinkReport]] = {}
+
+    def update(self, reports: Sequence[P.LinkReport], listed: Sequence[str]) -> list[P.LinkReport]:
+        """Add one round's ``reports``; returns the summary of every peer in ``listed`` that
+        answered in one of the last rounds (peers no longer listed are forgotten)."""
+        for report in reports:
+            self._seen.setdefault(report.node_id, deque(maxlen=self.rounds)).append(report)
+        wanted = set(listed)
+        self._seen = {peer: seen for peer, seen in self._seen.items() if peer in wanted}
+        return [
+            P.LinkReport(peer, min(r.rtt_ms for r in seen), max(r.bandwidth_mbps for r in seen))
+            for peer, seen in self._seen.items()
+        ]

@@ -39,7 +39,7 @@ import bisect
 import heapq
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from parallax.scheduler.cost import LOOPBACK, Link, layer_latency_ms, pipeline_token_cost_ms
@@ -59,6 +59,9 @@ SPEED_TIER_GAP = 1.5
 """Within a region, pipelines form first among nodes whose speeds differ less than this."""
 DEGRADED_FACTOR = 2.0
 DEGRADED_MIN_MS = 20.0
+REPLAN_MIN_GAIN = 0.25
+"""A re-plan for degraded links must cut the mean per-token cost by this share (and by at least
+DEGRADED_MIN_MS): a serving pipeline moves only for a clear gain."""
 
 _INF = math.inf
 
@@ -682,21 +685,70 @@ def rebalance(
     """The allocation after nodes joined or left (or links changed), moving as few nodes as
     possible.
 
-    A previous pipeline whose nodes are all present and still fit is kept exactly, unless with a
-    ``network`` its hops became degraded (:func:`degraded_pipelines`). One that lost nodes is
-    repaired when free nodes (never assigned before) can take each lost range as is; otherwise
-    it dissolves. Free nodes and survivors of dissolved pipelines are then allocated into new
-    pipelines with :func:`allocate`; if no pipeline at all results, a full :func:`allocate` over
-    every node decides.
+    A previous pipeline whose nodes are all present and still fit is kept exactly. One that lost
+    nodes is repaired when free nodes (never assigned before) can take each lost range as is;
+    otherwise it dissolves. Free nodes and survivors of dissolved pipelines are then allocated
+    into new pipelines with :func:`allocate`; if no pipeline at all results, a full
+    :func:`allocate` over every node decides.
+
+    With a ``network``, pipelines whose hops became degraded (:func:`degraded_pipelines`) are
+    re-planned too, but the re-plan is taken only when it lowers the mean per-token cost of the
+    allocation's pipelines by :data:`REPLAN_MIN_GAIN` (and at least :data:`DEGRADED_MIN_MS`):
+    otherwise they are kept, with
+    their current hop cost as the new planned figure (so measurement noise on links that are
+    all alike never moves a serving pipeline).
     """
     _check_unique(nodes)
+    options = {"memory_fraction": memory_fraction, "kv_reserve_tokens": kv_reserve_tokens}
     by_id = {n.node_id: n for n in nodes}
-    before = {s.node_id for p in previous.pipelines for s in p}
-    pool = [n for n in _ordered(nodes) if n.node_id not in before]
     present = [
         i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
     ]
     degraded = set(degraded_pipelines(previous, model, network, present))
+    replan, fresh = _rebalance(previous, nodes, model, degraded, network, options)
+    if not degraded:
+        return replan
+    keep, _ = _rebalance(previous, nodes, model, set(), network, options, refresh=degraded)
+    candidates = [replan]
+    bad = _slow_hops([previous.pipelines[i] for i in degraded], network, model.activation_bytes)
+    if bad and bad & _hops_of(fresh):
+        # the free nodes could not route around the slow link: a full re-plan may
+        candidates.append(allocate(nodes, model, network=network, **options))
+    best = min(candidates, key=lambda a: mean_cost_ms(a, by_id, model, network))
+    before = mean_cost_ms(keep, by_id, model, network)
+    gain = before - mean_cost_ms(best, by_id, model, network)
+    return best if gain >= max(DEGRADED_MIN_MS, REPLAN_MIN_GAIN * before) else keep
+
+
+def mean_cost_ms(
+    allocation: Allocation,
+    nodes: dict[str, NodeInfo],
+    model: ModelSpec,
+    network: Network | None = None,
+) -> float:
+    """Mean planned per-token cost (:func:`planned_cost_ms`) of an allocation's pipelines
+    (infinite when it has none)."""
+    if not allocation.pipelines:
+        return _INF
+    costs = [planned_cost_ms(p, nodes, model, network) for p in allocation.pipelines]
+    return sum(costs) / len(costs)
+
+
+def _rebalance(
+    previous: Allocation,
+    nodes: Sequence[NodeInfo],
+    model: ModelSpec,
+    dissolve: set[int],
+    network: Network | None,
+    options: dict[str, float],
+    refresh: Collection[int] = (),
+) -> tuple[Allocation, tuple[tuple[Stage, ...], ...]]:
+    """:func:`rebalance` with the pipelines at indices ``dissolve`` re-planned and those at
+    ``refresh`` kept with their current hop cost as planned; also returns the new pipelines."""
+    fraction, kv_tokens = options["memory_fraction"], int(options["kv_reserve_tokens"])
+    by_id = {n.node_id: n for n in nodes}
+    before = {s.node_id for p in previous.pipelines for s in p}
+    pool = [n for n in _ordered(nodes) if n.node_id not in before]
     kept: list[tuple[Stage, ...]] = []
     planned: list[float] = []
     loose: list[NodeInfo] = []
@@ -704,27 +756,22 @@ def rebalance(
         holes = [
             k
             for k, s in enumerate(pipeline)
-            if not _fits(s, by_id.get(s.node_id), model, memory_fraction, kv_reserve_tokens)
+            if not _fits(s, by_id.get(s.node_id), model, fraction, kv_tokens)
         ]
         fixed = None
-        if _covers(pipeline, model.num_layers) and index not in degraded:
-            fixed = (
-                _repair(pipeline, holes, pool, model, memory_fraction, kv_reserve_tokens)
-                if holes
-                else pipeline
-            )
+        if _covers(pipeline, model.num_layers) and index not in dissolve:
+            fixed = _repair(pipeline, holes, pool, model, fraction, kv_tokens) if holes else pipeline
         if fixed is not None:
             kept.append(fixed)
-            same = not holes and index < len(previous.planned_hop_ms)
+            same = not holes and index not in refresh and index < len(previous.planned_hop_ms)
             hops = hop_cost_ms(fixed, network, model.activation_bytes)
             planned.append(previous.planned_hop_ms[index] if same else hops)
             loose.extend(by_id[pipeline[k].node_id] for k in holes if pipeline[k].node_id in by_id)
         else:
             loose.extend(by_id[s.node_id] for s in pipeline if s.node_id in by_id)
-    options = {"memory_fraction": memory_fraction, "kv_reserve_tokens": kv_reserve_tokens}
     fresh = allocate(pool + loose, model, network=network, **options)
     if not kept and not fresh.pipelines:
-        return allocate(nodes, model, network=network, **options)
+        return allocate(nodes, model, network=network, **options), ()
     pipelines = (*kept, *fresh.pipelines)
     result = Allocation(
         pipelines,
@@ -733,13 +780,7 @@ def rebalance(
         _summary(pipelines, fresh.unassigned),
         (*planned, *fresh.planned_hop_ms),
     )
-    bad = _slow_hops([previous.pipelines[i] for i in degraded], network, model.activation_bytes)
-    if bad and bad & _hops_of(fresh.pipelines):
-        # the free nodes could not route around the slow link: re-plan everything, if better
-        full = allocate(nodes, model, network=network, **options)
-        if sum(full.planned_hop_ms) < sum(result.planned_hop_ms):
-            return full
-    return result
+    return result, fresh.pipelines
 
 
 def _hops_of(pipelines: Sequence[Sequence[Stage]]) -> set[frozenset[str]]:

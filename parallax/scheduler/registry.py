@@ -150,8 +150,10 @@ class Registry:
         else:
             new = rebalance(self.allocation, infos, self.model, network=self.network)
         if new != self.allocation:
-            self.allocation = new
             self.generation += 1
+        # adopted even when the pipelines are the same: its planned hop costs may be fresher
+        # (else a pipeline once judged degraded stays so, and the next join dissolves it)
+        self.allocation = new
 
     # ---- derived state -------------------------------------------------------------------
 
