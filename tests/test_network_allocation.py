@@ -191,3 +191,18 @@ def test_a_replan_for_a_slower_link_needs_a_clear_gain() -> None:
     assert kept.pipelines == first.pipelines
     assert kept.planned_hop_ms[0] == pytest.approx(30.0)  # the new figure is the baseline
     assert rebalance(kept, nodes, model, network=net) == kept
+
+
+def test_a_pipeline_replanned_away_from_a_slow_link_does_not_form_again() -> None:
+    model = spec(32)
+    nodes = [node("n1", 20), node("n2", 20), node("f1", 20), node("f2", 20)]
+    net = Regions({"n1": "eu", "n2": "eu", "f1": "us", "f2": "us"})
+    first = allocate(nodes, model, network=net)
+    assert pairs(first) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}
+    net.override[frozenset(("n1", "n2"))] = 400.0
+    second = rebalance(first, nodes, model, network=net)
+    assert pairs(second) == {frozenset({"f1", "f2"})}
+    assert set(second.unassigned) == {"n1", "n2"}
+    assert rebalance(second, nodes, model, network=net) == second  # standby stays standby
+    net.override.clear()  # the link recovers: the pair forms again
+    assert pairs(rebalance(second, nodes, model, network=net)) == pairs(first)

@@ -705,19 +705,21 @@ def rebalance(
         i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
     ]
     degraded = set(degraded_pipelines(previous, model, network, present))
-    replan, fresh = _rebalance(previous, nodes, model, degraded, network, options)
+    replan, _ = _rebalance(previous, nodes, model, degraded, network, options)
     if not degraded:
         return replan
     keep, _ = _rebalance(previous, nodes, model, set(), network, options, refresh=degraded)
-    candidates = [replan]
-    bad = _slow_hops([previous.pipelines[i] for i in degraded], network, model.activation_bytes)
-    if bad and bad & _hops_of(fresh):
-        # the free nodes could not route around the slow link: a full re-plan may
-        candidates.append(allocate(nodes, model, network=network, **options))
-    best = min(candidates, key=lambda a: mean_cost_ms(a, by_id, model, network))
-    before = mean_cost_ms(keep, by_id, model, network)
-    gain = before - mean_cost_ms(best, by_id, model, network)
-    return best if gain >= max(DEGRADED_MIN_MS, REPLAN_MIN_GAIN * before) else keep
+    # the free nodes may not route around the slow link: a full re-plan may
+    candidates = [replan, allocate(nodes, model, network=network, **options)]
+    cost = {id(a): mean_cost_ms(a, by_id, model, network) for a in (keep, *candidates)}
+    cheapest = min(cost[id(a)] for a in candidates)
+    # of the (nearly) cheapest, the one with the most pipelines: capacity breaks the tie
+    best = max(
+        (a for a in candidates if cost[id(a)] <= cheapest + DEGRADED_MIN_MS),
+        key=lambda a: (len(a.pipelines), -cost[id(a)]),
+    )
+    gain = cost[id(keep)] - cost[id(best)]
+    return best if gain >= max(DEGRADED_MIN_MS, REPLAN_MIN_GAIN * cost[id(keep)]) else keep
 
 
 def mean_cost_ms(
@@ -772,6 +774,7 @@ def _rebalance(
     fresh = allocate(pool + loose, model, network=network, **options)
     if not kept and not fresh.pipelines:
         return allocate(nodes, model, network=network, **options), ()
+    fresh = _drop_far(fresh, kept, by_id, model, network)
     pipelines = (*kept, *fresh.pipelines)
     result = Allocation(
         pipelines,
@@ -783,25 +786,44 @@ def _rebalance(
     return result, fresh.pipelines
 
 
-def _hops_of(pipelines: Sequence[Sequence[Stage]]) -> set[frozenset[str]]:
-    out = set()
-    for p in pipelines:
-        ids = [s.node_id for s in p]
-        out.update(frozenset(h) for h in zip(ids, ids[1:] + ids[:1], strict=True) if len(ids) > 1)
-    return out
+def _drop_far(
+    fresh: Allocation,
+    kept: Sequence[tuple[Stage, ...]],
+    nodes: dict[str, NodeInfo],
+    model: ModelSpec,
+    network: Network | None,
+) -> Allocation:
+    """The rule :func:`allocate` applies to cross-region pipelines, against the kept ones: a
+    new pipeline with a hop over NEAR_RTT_MS that costs more than FAR_COST_FACTOR × the kept
+    pipelines' median is left out, its nodes standby (else a pipeline re-planned away from a
+    slow link forms again from the freed nodes on the next rebalance)."""
+    if network is None or not kept or not fresh.pipelines:
+        return fresh
+    limit = FAR_COST_FACTOR * statistics.median(
+        planned_cost_ms(p, nodes, model, network) for p in kept
+    )
+    keep = [
+        k
+        for k, p in enumerate(fresh.pipelines)
+        if not _has_far_hop(p, network) or planned_cost_ms(p, nodes, model, network) <= limit
+    ]
+    if len(keep) == len(fresh.pipelines):
+        return fresh
+    pipelines = tuple(fresh.pipelines[k] for k in keep)
+    dropped = tuple(s.node_id for k, p in enumerate(fresh.pipelines) if k not in keep for s in p)
+    unassigned = (*fresh.unassigned, *dropped)
+    return Allocation(
+        pipelines,
+        unassigned,
+        False,
+        _summary(pipelines, unassigned),
+        tuple(fresh.planned_hop_ms[k] for k in keep),
+    )
 
 
-def _slow_hops(
-    pipelines: Sequence[Sequence[Stage]], network: Network | None, activation_bytes: int
-) -> set[frozenset[str]]:
-    """Hops of these pipelines costing more than DEGRADED_MIN_MS one way."""
-    if network is None:
-        return set()
-    return {
-        hop
-        for hop in _hops_of(pipelines)
-        if network(*sorted(hop)).hop_ms(activation_bytes) > DEGRADED_MIN_MS
-    }
+def _has_far_hop(pipeline: Sequence[Stage], network: Network) -> bool:
+    ids = [s.node_id for s in pipeline]
+    return any(network(a, b).rtt_ms > NEAR_RTT_MS for a, b in zip(ids, ids[1:], strict=False))
 
 
 def degraded_pipelines(
