@@ -54,9 +54,9 @@ from parallax.scheduler.allocation import (
     allocate,
     layer_capacity,
     node_speed,
-    rebalance,
 )
 from parallax.scheduler.cost import Link
+from parallax.scheduler.rebalance import rebalance
 from parallax.scheduler.routing import NodeLoad, route
 
 GB = 10**9

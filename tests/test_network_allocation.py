@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from test_allocation import check_valid, node, spec
 
-from parallax.scheduler.allocation import Stage, allocate, moved_nodes, rebalance
+from parallax.scheduler.allocation import Stage, allocate
 from parallax.scheduler.cost import Link
 from parallax.scheduler.network import LatencyMatrix
+from parallax.scheduler.rebalance import moved_nodes, rebalance
 from parallax.scheduler.registry import NodeRecord, Registry
 from parallax.scheduler.routing import NodeLoad, route
 

@@ -8,15 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from parallax.scheduler.allocation import (
-    Allocation,
-    ModelSpec,
-    NodeInfo,
-    allocate,
-    degraded_pipelines,
-    rebalance,
-)
+from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate
 from parallax.scheduler.network import LatencyMatrix, probe_targets
+from parallax.scheduler.rebalance import degraded_pipelines, rebalance
 
 
 @dataclass
