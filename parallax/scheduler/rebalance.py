@@ -31,6 +31,8 @@ from parallax.scheduler.layout import (
 
 DEGRADED_FACTOR = 2.0
 DEGRADED_MIN_MS = 20.0
+"""A pipeline is degraded when its hops cost DEGRADED_FACTOR x and DEGRADED_MIN_MS more than
+when it was planned."""
 REPLAN_MIN_GAIN = 0.25
 """A re-plan for degraded links must cut the mean per-token cost by this share (and by at least
 DEGRADED_MIN_MS): a serving pipeline moves only for a clear gain."""
@@ -115,9 +117,8 @@ def rebalance(
     With a ``network``, pipelines whose hops became degraded (:func:`degraded_pipelines`) are
     re-planned too, but the re-plan is taken only when it lowers the mean per-token cost of the
     allocation's pipelines by :data:`REPLAN_MIN_GAIN` (and at least :data:`DEGRADED_MIN_MS`):
-    otherwise they are kept, with
-    their current hop cost as the new planned figure (so measurement noise on links that are
-    all alike never moves a serving pipeline).
+    otherwise they are kept, with their current hop cost as the new planned figure (so
+    measurement noise on links that are all alike never moves a serving pipeline).
     """
     check_unique(nodes)
     options = {"memory_fraction": memory_fraction, "kv_reserve_tokens": kv_reserve_tokens}
