@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         value = parse_size(text)
@@ -284,6 +294,9 @@ def _add_join(sub) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up step")
     _add_activation_int8(p)
     _add_no_prefix_caching(p)
+    p.add_argument("--probe-interval", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how often to re-measure RTT and bandwidth to the peers the scheduler "
+                        "lists (default 30)")
     _add_p2p_options(p, None, "tcp port of this node's P2P peer when -s names a peer "
                               "(default: port + 200)")
     _add_allowed_hosts(p)
@@ -308,6 +321,7 @@ def _run_join(args: argparse.Namespace) -> int:
         p2p_port=args.p2p_port, relays=tuple(args.relay),
         allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
         enable_prefix_caching=not args.no_prefix_caching,
+        probe_interval_s=args.probe_interval,
     )
     return run_join(config)
 

@@ -281,10 +281,14 @@ class JoinConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
     enable_prefix_caching: bool = True  # --no-prefix-caching turns it off on this stage
+    probe_interval_s: float = 30.0  # peers' RTT and bandwidth are re-measured this often
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        if not 0 < self.probe_interval_s < float("inf"):
+            raise ConfigError(f"probe_interval_s must be a finite number > 0, got "
+                              f"{self.probe_interval_s!r}")
         _check_p2p(self.p2p_port, self.relays)
         _check_allowed_hosts(self.allowed_hosts)
         if self.join_token is not None and not self.join_token.strip():

@@ -281,6 +281,25 @@ class Heartbeat(msgspec.Struct, frozen=True):
     link_key_id: str = ""
     curve_public_key: str = ""  # its executor's activation CURVE key (TLS nodes; "" none)
     download: DownloadProgress | None = None  # loading: its shard's download from the hub
+    # network measurements (issue 16): its best recent heartbeat round trip, and what it
+    # measured to the peers the scheduler listed (validated on receipt: finite, bounded count)
+    scheduler_rtt_ms: float = 0.0
+    links: list[LinkReport] = []
+
+
+class LinkReport(msgspec.Struct, frozen=True, array_like=True):
+    """What a node measured to one peer: RTT of its /health, bandwidth of its /node/probe."""
+
+    node_id: str
+    rtt_ms: float
+    bandwidth_mbps: float = 0.0  # 0: not measured
+
+
+class ProbeTarget(msgspec.Struct, frozen=True, array_like=True):
+    """A peer the scheduler asks a node to measure (its HTTP frontend)."""
+
+    node_id: str
+    http_url: str
 
 
 class PeerEndpoint(msgspec.Struct, frozen=True):
@@ -300,6 +319,7 @@ class HeartbeatResponse(msgspec.Struct, frozen=True):
     link_key: str = ""
     link_peers: list[str] = []
     link_curve_keys: list[str] = []  # CURVE public key of each link peer ("": plain link)
+    probe_peers: list[ProbeTarget] = []  # peers to measure (network.MAX_PROBE_PEERS at most)
 
 
 class NodeLeave(msgspec.Struct, frozen=True):

@@ -16,11 +16,10 @@ from parallax.scheduler.allocation import (
     Stage,
     allocate,
     layer_capacity,
-    moved_nodes,
     node_speed,
-    rebalance,
     water_fill,
 )
+from parallax.scheduler.rebalance import moved_nodes, rebalance
 
 FRACTION = 0.85
 KV_TOKENS = 4096

@@ -662,3 +662,23 @@ def test_a_conversations_turns_stay_on_the_pipeline_holding_its_prefix(scheduler
     assert len(set(heads)) == 1, heads
     assert s.chat("a new conversation").status_code == 200
     assert nodes.heads()[-1] != heads[0]  # new conversations still spread
+
+
+def test_heartbeats_carry_link_measurements_validated(scheduler, nodes):
+    s = scheduler(init_nodes_num=2)
+    s.bring_up({"a": 300, "b": 300, "c": 300})
+    answer = s.heartbeat("a")
+    listed = [p[0] for p in answer["probe_peers"]]
+    assert sorted(listed) == ["b", "c"]  # everyone else, never itself
+    assert all(p[1] == nodes.url(p[0]) for p in answer["probe_peers"])
+    network = s.state.registry.network
+    s.heartbeat("a", scheduler_rtt_ms=3.0,
+                links=[["b", 12.0, 80.0], ["c", -4.0, 1.0], ["ghost", 1.0, 1.0]])
+    s.heartbeat("b", links=[["a", 20.0, 50.0]])
+    assert network.link("a", "b").rtt_ms == 20.0 and network.link("a", "b").bandwidth_mbps == 50
+    assert ("a", "c") not in network.reports and ("a", "ghost") not in network.reports
+    too_many = [[f"x{i}", 1.0, 1.0] for i in range(17)]
+    s.heartbeat("c", links=too_many)  # the heartbeat is still answered; the links are dropped
+    assert not any(k[0] == "c" for k in network.reports)
+    s.leave("b")
+    assert not any("b" in k for k in network.reports)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 
 import httpx
@@ -18,6 +20,7 @@ from parallax import protocol as P
 from parallax.config import ExecutorConfig, JoinConfig
 from parallax.node.executor_client import ExecutorClient, NotReadyError
 from parallax.node.frontend import NodeFrontend
+from parallax.node.probe import PROBE_TIMEOUT_S, LinkHistory, measure_peers
 
 logger = logging.getLogger("parallax.agent")
 
@@ -72,6 +75,14 @@ class NodeAgent:
         # set when the scheduler should hear from this node before the next interval: it
         # became ready, or took a new link key (the cluster waits on both to route again)
         self._beat_now = asyncio.Event()
+        # network measurements (issue 16): heartbeat round trips and the listed peers' links
+        self._beat_rtts_ms: deque[float] = deque(maxlen=5)
+        self._probe_targets: list[P.ProbeTarget] = []
+        self._link_reports: list[P.LinkReport] = []
+        self._link_history = LinkHistory()
+        self._probe_task: asyncio.Task | None = None
+        self._peer_http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S,
+                                            verify=config.tls.client_verify())
 
     @property
     def headers(self) -> dict[str, str]:
@@ -129,13 +140,18 @@ class NodeAgent:
     async def _heartbeat(self) -> bool:
         """One heartbeat; False when the node must join again."""
         try:
+            start = time.perf_counter()
             answer = await self._post("/node/heartbeat", self.heartbeat(),
                                       P.HeartbeatResponse)
+            self._beat_rtts_ms.append((time.perf_counter() - start) * 1e3)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             logger.warning("heartbeat failed: %s", exc)
             return True
         if not answer.known:
             return False
+        self._probe_targets = list(answer.probe_peers)
+        if self._probe_targets and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.create_task(self._probe_loop())
         fingerprint = self.client.link_key_id
         self.client.set_link_security(answer.link_key, answer.link_peers,
                                       answer.link_curve_keys)
@@ -172,7 +188,23 @@ class NodeAgent:
         if aliases is not None:
             self.client.set_link_aliases(aliases)
 
+    async def _probe_loop(self) -> None:
+        """Re-measure the listed peers every --probe-interval (a bounded round each time)."""
+        while self._probe_targets:
+            try:
+                targets = self._probe_targets
+                measured = await measure_peers(self._peer_http, targets)
+                self._link_reports = self._link_history.update(measured,
+                                                               [t.node_id for t in targets])
+            except Exception:  # a probe must never take the agent down
+                logger.exception("measuring peers failed")
+            await asyncio.sleep(self.config.probe_interval_s)
+        self._link_reports = []  # no peers listed any more: nothing current to report
+
     async def leave(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await self._peer_http.aclose()
         if self._apply_task is not None:
             self._apply_task.cancel()
         try:
@@ -203,6 +235,8 @@ class NodeAgent:
             link_key_id=self.client.link_key_id,
             curve_public_key=info.curve_public_key if ready else "",
             download=self.client.download if self.client.state == "loading" else None,
+            scheduler_rtt_ms=round(min(self._beat_rtts_ms, default=0.0), 3),
+            links=self._link_reports,
         )
 
     def _same_layers(self, assignment: P.Assignment | None) -> bool:

@@ -31,6 +31,7 @@ from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
+from parallax.node.probe import PROBE_BODY
 from parallax.node.tracing import trace_summary
 from parallax.serving.adapters import OutputAdapter, adapt_response
 from parallax.serving.completions import (
@@ -736,6 +737,11 @@ def build_app(frontend: NodeFrontend) -> FastAPI:
     async def health() -> JSONResponse:
         body = frontend.health()
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+    @app.get("/node/probe")
+    async def probe() -> Response:
+        # a fixed, small body other nodes time to estimate bandwidth (node/probe.py)
+        return Response(PROBE_BODY, media_type="application/octet-stream")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -32,11 +32,13 @@ from parallax.protocol import (
     NodeJoin,
     NodeLeave,
     PeerEndpoint,
+    ProbeTarget,
 )
 from parallax.scheduler.allocation import NodeInfo
 from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
 from parallax.scheduler.forward import CHAT_PATH, COMPLETIONS_PATH, Forwarder, effective_running
 from parallax.scheduler.link_keys import LinkKeys
+from parallax.scheduler.network import MAX_PROBE_PEERS
 from parallax.scheduler.registry import NodeRecord, Registry
 from parallax.scheduler.status import (
     ClusterMetrics,
@@ -259,6 +261,7 @@ class SchedulerState:
             download=_download_view(message.download))
         if not known:
             return HeartbeatResponse(known=False)
+        self._take_links(message)
         self.forwarder.inflight.mark_heartbeat(message.node_id)
         if message.state == "error" and self.node_states.get(message.node_id) != "error":
             logger.warning("node %s reports an error: %s", message.node_id, message.error)
@@ -266,7 +269,29 @@ class SchedulerState:
         self.changed()
         return HeartbeatResponse(known=True, assignment=self.assignment_of(message.node_id),
                                  peers=self.p2p_peers(message.node_id), link_key=grant.key,
-                                 link_peers=grant.peers, link_curve_keys=grant.curve_keys)
+                                 link_peers=grant.peers, link_curve_keys=grant.curve_keys,
+                                 probe_peers=self.probe_peers(message.node_id))
+
+    def _take_links(self, message: Heartbeat) -> None:
+        """Validated network measurements into the latency matrix (bad ones: logged, dropped)."""
+        if len(message.links) > MAX_PROBE_PEERS:
+            logger.warning("node %s reported %d links (at most %d): ignored", message.node_id,
+                           len(message.links), MAX_PROBE_PEERS)
+            return
+        links = [(r.node_id, r.rtt_ms, r.bandwidth_mbps) for r in message.links]
+        taken = self.registry.report_links(message.node_id, links, self.clock(),
+                                           message.scheduler_rtt_ms)
+        if taken < len(links):
+            logger.info("node %s: %d of %d link reports invalid or unknown peers, dropped",
+                        message.node_id, len(links) - taken, len(links))
+
+    def probe_peers(self, node_id: str) -> list[ProbeTarget]:
+        """Peers a directly joined node should measure (P2P nodes are not reachable by URL)."""
+        if self.registry.nodes[node_id].peer_id is not None:
+            return []
+        return [ProbeTarget(peer, self.registry.nodes[peer].http_url)
+                for peer in self.registry.probe_peers(node_id)
+                if self.registry.nodes[peer].peer_id is None]
 
     def p2p_peers(self, node_id: str) -> list[PeerEndpoint]:
         """The other nodes that joined over P2P (empty for a node that did not)."""

@@ -122,7 +122,8 @@ def _spec_from_config(name: str, config: Any, dtype_bytes: int,
                      embedding_bytes=embedding, lm_head_bytes=lm_head,
                      kv_bytes_per_token_per_layer=kv,
                      tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                     quantize=quantize)
+                     quantize=quantize,
+                     activation_bytes=int(getattr(config, "hidden_size", 0) or 0) * dtype_bytes)
 
 
 def _repo_config(repo_id: str, curated: Mapping[str, dict[str, Any]]) -> Any:

@@ -216,6 +216,7 @@ class Forwarder(FailoverMixin):
         preferred = self.affinity.preferred(
             conversation or [], [[s.node_id for s in p] for p in allocation.pipelines])
         decision = route(pipelines, effective_loads(self.registry, self.inflight),
+                         link_latency_ms=self.registry.link_latency_ms(),
                          last_index=self._last_index, preferred=preferred)
         if decision.pipeline_index is not None:
             self._last_index = decision.pipeline_index

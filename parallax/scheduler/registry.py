@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate, rebalance
+from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate
+from parallax.scheduler.network import LatencyMatrix, probe_targets
+from parallax.scheduler.rebalance import degraded_pipelines, rebalance
 
 
 @dataclass
@@ -45,6 +47,9 @@ class Registry:
     model: ModelSpec | None = None
     allocation: Allocation | None = None
     generation: int = 0  # bumps whenever the allocation changes
+    network: LatencyMatrix = field(default_factory=LatencyMatrix)
+    replan_interval_s: float = 10.0  # standby nodes are re-planned with new figures this often
+    _last_replan: float = -float("inf")
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -63,9 +68,52 @@ class Registry:
             setattr(record, key, value)
         return True
 
+    def report_links(self, node_id: str, links: list[tuple[str, float, float]], now: float,
+                     scheduler_rtt_ms: float = 0.0) -> int:
+        """Record a node's network measurements (peers it may not know are ignored); returns
+        how many were taken."""
+        if node_id not in self.nodes:
+            return 0
+        known = [link for link in links if link[0] in self.nodes]
+        taken = self.network.report(node_id, known, now, scheduler_rtt_ms)
+        if self.model is None or self.allocation is None:
+            return taken
+        # a pipeline's links degraded: re-plan now; standby nodes may form a pipeline with the
+        # new figures (links found near): re-plan now and then (rebalance keeps the rest)
+        standby_due = bool(self.allocation.unassigned) \
+            and now - self._last_replan >= self.replan_interval_s
+        if standby_due or degraded_pipelines(self.allocation, self.model, self.network):
+            self._last_replan = now
+            self._reallocate()
+        return taken
+
+    def link_latency_ms(self) -> dict[tuple[str, str], float]:
+        """One-way cost (ms) of every hop of the current pipelines, forward hops with their
+        activation transfer: what routing adds to each pipeline's compute."""
+        out: dict[tuple[str, str], float] = {}
+        if self.allocation is None:
+            return out
+        size = self.model.activation_bytes if self.model is not None else 0
+        for pipeline in self.allocation.pipelines:
+            ids = [s.node_id for s in pipeline]
+            for a, b in zip(ids, ids[1:], strict=False):
+                out[(a, b)] = self.network.link(a, b).hop_ms(size)
+            if len(ids) > 1:
+                out[(ids[-1], ids[0])] = self.network.link(ids[-1], ids[0]).hop_ms()
+        return out
+
+    def probe_peers(self, node_id: str) -> list[str]:
+        """Peers ``node_id`` should measure next: its pipeline's nodes, then the rest in turn."""
+        neighbours: list[str] = []
+        index = None if self.allocation is None else self.allocation.pipeline_index_of(node_id)
+        if index is not None:
+            neighbours = [s.node_id for s in self.allocation.pipelines[index]]
+        return probe_targets(self.network, node_id, neighbours, self.nodes)
+
     def leave(self, node_id: str) -> bool:
         if self.nodes.pop(node_id, None) is None:
             return False
+        self.network.forget(node_id)
         self._reallocate()
         return True
 
@@ -74,6 +122,7 @@ class Registry:
         silent = [n for n, r in self.nodes.items() if now - r.last_seen > self.heartbeat_timeout_s]
         for node_id in silent:
             del self.nodes[node_id]
+            self.network.forget(node_id)
         if silent:
             self._reallocate()
         return silent
@@ -91,12 +140,14 @@ class Registry:
             return
         infos = [r.info for r in sorted(self.nodes.values(), key=lambda r: r.joined_at)]
         if self.allocation is None or not self.allocation.pipelines:
-            new = allocate(infos, self.model)
+            new = allocate(infos, self.model, network=self.network)
         else:
-            new = rebalance(self.allocation, infos, self.model)
+            new = rebalance(self.allocation, infos, self.model, network=self.network)
         if new != self.allocation:
-            self.allocation = new
             self.generation += 1
+        # adopted even when the pipelines are the same: its planned hop costs may be fresher
+        # (else a pipeline once judged degraded stays so, and the next join dissolves it)
+        self.allocation = new
 
     # ---- derived state -------------------------------------------------------------------
 

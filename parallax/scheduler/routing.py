@@ -18,9 +18,8 @@ from typing import Any, Literal
 import msgspec
 
 from parallax.scheduler.allocation import Stage
+from parallax.scheduler.cost import DEFAULT_LAYER_LATENCY_MS, token_cost_ms
 
-DEFAULT_LAYER_LATENCY_MS = 1.0
-"""Per-layer latency assumed when no node has reported one yet."""
 _TIE = 1e-9
 AFFINITY_COST_RATIO = 1.5
 """The pipeline holding a conversation's prefix wins while its cost is at most this × the best
@@ -79,7 +78,7 @@ def _default_latency(loads: Mapping[str, NodeLoad]) -> float:
     return sum(known) / len(known) if known else DEFAULT_LAYER_LATENCY_MS
 
 
-def _link(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
+def _hop(links: Mapping[tuple[str, str], float], a: str, b: str) -> float:
     return links.get((a, b), links.get((b, a), 0.0))
 
 
@@ -89,22 +88,25 @@ def pipeline_cost_ms(
     link_latency_ms: Mapping[tuple[str, str], float] | None = None,
     default_layer_latency_ms: float = DEFAULT_LAYER_LATENCY_MS,
 ) -> float:
-    """Estimated cost of one pass: Σ layers × layer latency × (1 + load factor) + link latencies.
+    """Estimated cost of one token: Σ layers × layer latency × (1 + load factor) + link latencies.
 
-    Links are the hops between consecutive stages plus the token's way back from the last stage
-    to the head; a link missing from ``link_latency_ms`` (either direction) counts as 0. A node
-    with no measured latency uses ``default_layer_latency_ms``.
+    The per-token cost model (:func:`parallax.scheduler.cost.token_cost_ms`) with each stage's
+    compute stretched by its load. ``link_latency_ms`` holds one-way hop costs (transfer
+    included); the hops are those between consecutive stages plus the token's way back from the
+    last stage to the head; a link missing from it (either direction) counts as 0. A node with
+    no measured latency uses ``default_layer_latency_ms``.
     """
     links = link_latency_ms or {}
-    cost = 0.0
+    compute = []
     for stage in pipeline:
         load = loads[stage.node_id]
         per_layer = load.layer_latency_ms if load.layer_latency_ms > 0 else default_layer_latency_ms
-        cost += stage.num_layers * per_layer * (1.0 + load.load_factor)
-    hops = list(zip(pipeline, pipeline[1:], strict=False))
-    if len(pipeline) > 1:
-        hops.append((pipeline[-1], pipeline[0]))
-    return cost + sum(_link(links, a.node_id, b.node_id) for a, b in hops)
+        compute.append(stage.num_layers * per_layer * (1.0 + load.load_factor))
+    hops = []
+    if links and len(pipeline) > 1:
+        ids = [s.node_id for s in pipeline]
+        hops = [_hop(links, a, b) for a, b in zip(ids, ids[1:] + ids[:1], strict=True)]
+    return token_cost_ms(compute, hops)
 
 
 def conversation_keys(messages: Any) -> list[str]:
