@@ -32,7 +32,8 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import parse_chat_request
-from parallax.serving.structured import parse_response_format, tokenizer_json, tool_call_grammar
+from parallax.serving.structured import parse_response_format, tokenizer_json
+from parallax.serving.tool_grammar import tool_call_grammar
 
 JSON_OBJECT = parse_response_format({"type": "json_object"}).grammar
 JSON_SCHEMA = parse_response_format(
@@ -282,8 +283,12 @@ def test_forced_tool_with_bad_parameters_is_a_400():
     with pytest.raises(APIError) as info:
         parse_chat_request(body)
     assert "'tools[0].function.parameters'" in info.value.message
-    body["tool_choice"] = "auto"  # not forced: not constrained, not checked
-    assert parse_chat_request(body).response_format.grammar is None
+    body["tool_choice"] = "auto"  # calls the model starts are constrained too: checked
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body)
+    assert "'tools[0].function.parameters'" in info.value.message
+    body["tool_choice"] = "none"  # no calls: not checked
+    assert parse_chat_request(body).tool_choice == "none"
 
 
 # ---------------------------------------------------------------- through `parallax serve`
