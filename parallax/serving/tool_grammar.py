@@ -37,6 +37,9 @@ from typing import Any
 from parallax.serving.structured import JSON_OPTIONS, check_grammar
 
 PARAMETER_END = "</parameter>\n"
+# a call the model starts on its own keeps its own JSON spacing, one blank at most between
+# tokens (forced ones are compact): nobody pads an answer with whitespace until max_tokens
+FLEXIBLE_JSON = {"whitespace_flexible": True, "whitespace_pattern": "[ \\n]?"}
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "minimax", "harmony")
 THINKING_MODES = ("none", "open", "optional", "harmony")
 
@@ -78,8 +81,9 @@ class _Lark:
         body = f"{name}_text" if token is None else f"{name}_text | TEXT <[{token}]>"
         return self.add(name, body)
 
-    def json(self, name: str, schema: dict[str, Any]) -> str:
-        return self.add(name, f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}")
+    def json(self, name: str, schema: dict[str, Any], flexible: bool = False) -> str:
+        options = FLEXIBLE_JSON if flexible else JSON_OPTIONS
+        return self.add(name, f"%json {json.dumps({**schema, 'x-guidance': options})}")
 
     def text(self) -> str:
         start = self.rules.pop("start")
@@ -90,10 +94,10 @@ def _thinking(g: _Lark) -> str:
     """The reasoning allowed before the answer ("" when none)."""
     mode = g.ctx.thinking
     if mode == "open":
-        return g.until("think", "</think>") + " WS "
+        return g.until("think", "</think>") + " "
     if mode == "optional":
         g.until("think_rest", "</think>")
-        return "(" + g.add("think", f"{g.mark('<think>')} think_rest WS") + ")? "
+        return "(" + g.add("think", f"{g.mark('<think>')} think_rest") + ")? "
     if mode == "harmony":
         end = g.until("analysis_rest", "<|end|>")
         g.add("analysis", f"{g.mark('<|channel|>')} \"analysis\" {g.mark('<|message|>')} {end} "
@@ -110,9 +114,9 @@ def _call_schema(tool: dict[str, Any], arguments_key: str) -> dict[str, Any]:
             "required": ["name", arguments_key], "additionalProperties": False}
 
 
-def _calls_json(g: _Lark, tools: list[dict[str, Any]], key: str) -> str:
+def _calls_json(g: _Lark, tools: list[dict[str, Any]], key: str, auto: bool) -> str:
     calls = [_call_schema(tool, key) for tool in tools]
-    return g.json("call_json", calls[0] if len(calls) == 1 else {"anyOf": calls})
+    return g.json("call_json", calls[0] if len(calls) == 1 else {"anyOf": calls}, auto)
 
 
 def _minimax_value(g: _Lark, name: str, schema: Any) -> str:
@@ -139,29 +143,31 @@ def _minimax_invoke(g: _Lark, i: int, tool: dict[str, Any]) -> str:
     return g.add(f"invoke_{i}", " ".join([head, *parts, _q("</invoke>\n")]))
 
 
-def _harmony_call(g: _Lark, tools: list[dict[str, Any]]) -> str:
+def _harmony_call(g: _Lark, tools: list[dict[str, Any]], auto: bool) -> str:
     calls = []
     for i, tool in enumerate(tools):
         name = tool["function"]["name"]
-        args = g.json(f"args_{i}", tool["function"]["parameters"])
+        args = g.json(f"args_{i}", tool["function"]["parameters"], auto)
         calls.append(f"{g.mark('<|channel|>')} {_q(f'commentary to=functions.{name} ')} "
                      f"{g.mark('<|constrain|>')} \"json\" {g.mark('<|message|>')} {args}")
     return g.add("call", " | ".join(calls))
 
 
-def _call_parts(g: _Lark, tools: list[dict[str, Any]], fmt: str,
-                parallel: bool) -> tuple[str | None, str]:
-    """(marker, what follows it up to the last call): the marker is None for bare calls."""
+def _call_parts(g: _Lark, tools: list[dict[str, Any]], fmt: str, parallel: bool,
+                auto: bool) -> tuple[str | None, str]:
+    """(marker, what follows it up to the last call); llama3's marker is optional."""
     if fmt == "hermes":
-        call = _calls_json(g, tools, "arguments")
-        body = g.add("body", f'"\\n" {call} "\\n</tool_call>"')
-        more = f' ("\\n" {g.mark("<tool_call>")} body)*' if parallel else ""
+        call = _calls_json(g, tools, "arguments", auto)
+        # forced: the canonical newlines; a call the model started: its own (a few blanks)
+        nl = g.add("SP", "/[ \\t\\n]{0,3}/") if auto else '"\\n"'
+        body = g.add("body", f'{nl} {call} {nl} "</tool_call>"')
+        more = f' ({nl} {g.mark("<tool_call>")} body)*' if parallel else ""
         return "<tool_call>", body + more
     if fmt == "llama3":
-        call = _calls_json(g, tools, "parameters")
-        return None, call + (f' ("; " {call})*' if parallel else "")
+        call = _calls_json(g, tools, "parameters", auto)
+        return "<|python_tag|>", call + (f' ("; " {call})*' if parallel else "")
     if fmt == "mistral":
-        call = _calls_json(g, tools, "arguments")
+        call = _calls_json(g, tools, "arguments", auto)
         return "[TOOL_CALLS]", f'"[" {call}' + (f' (", " {call})*' if parallel else "") + ' "]"'
     if fmt == "minimax":
         invoke = g.add("invoke", " | ".join(_minimax_invoke(g, i, t) for i, t in enumerate(tools)))
@@ -194,20 +200,19 @@ def tool_call_grammar(tools: list[dict[str, Any]], fmt: str, parallel: bool, *,
     g.add("WS", "/[ \\t\\n]*/")
     think = _thinking(g)
     if fmt == "harmony":
-        call = _harmony_call(g, tools)
+        call = _harmony_call(g, tools, auto)
         g.add("start", think + (f"({_answer(g, answer_schema, True)} | {call})" if auto else call))
         return llguidance.LLMatcher.grammar_from_lark(g.text())
-    marker, calls = _call_parts(g, tools, fmt, parallel)
+    marker, calls = _call_parts(g, tools, fmt, parallel, auto)
+    assert marker is not None
+    optional = "? " if fmt == "llama3" else " "
     if not auto:
-        lead = "" if marker is None else g.mark(marker) + " "
-        sep = "WS " if think else ""
-        g.add("start", f"{think}{sep}{lead}{calls}")
+        g.add("start", f"{think}{'WS ' if think else ''}{g.mark(marker)}{optional}{calls}")
     elif fmt in ("llama3", "mistral"):  # calls only at the start; text cannot look like one
         first = "{" if fmt == "llama3" else "["
         answer = (g.add("FREE", f"/\\s*/ | /\\s*[^\\s\\{first}](?s:.*)/")
                   if answer_schema is None else _answer(g, answer_schema, False))
-        lead = "" if marker is None else f"{g.mark(marker)}? "
-        g.add("start", f"{think}({answer} | WS {lead}{calls})")
+        g.add("start", f"{think}({answer} | WS {g.mark(marker)}? {calls})")
     else:
         if answer_schema is None:  # text, then the marker: a lazy lexeme
             head = g.until("head", marker)
