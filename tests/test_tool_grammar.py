@@ -30,7 +30,7 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node.frontend import NodeFrontend
 from parallax.serving.reasoning import HarmonyParser, ThinkParser
-from parallax.serving.structured import tokenizer_json
+from parallax.serving.structured import grammar_vocab_json, tokenizer_json
 from parallax.serving.tool_calls import HarmonyToolParser, ToolCall, make_tool_parser
 from parallax.serving.tool_grammar import GrammarContext, answer_grammar, tool_call_grammar
 
@@ -308,3 +308,19 @@ def test_thinking_mode_follows_the_reasoning_parser():
     assert mode(None, "llama", True, "x") == "none"
     assert mode(HarmonyParser(), "gpt_oss", True, "<|start|>assistant") == "harmony"
     assert mode(HarmonyParser("final"), "gpt_oss", True, "<|channel|>final<|message|>") == "none"
+
+
+def test_grammar_vocab_only_for_tokenizers_llguidance_reads(marked_model, tmp_path):
+    """A tokenizer llguidance cannot read (a bare Fuse decoder) sends no grammar vocabulary:
+    forced calls and `response_format` are then a 400 at the frontend, `"auto"` stays free
+    (instead of every constrained request failing on the last stage)."""
+    from tiny_models import save_word_tokenizer
+    from tokenizers import decoders
+
+    tokenizer, _ = marked_model
+    assert grammar_vocab_json(tokenizer) == tokenizer_json(tokenizer)
+    words = save_word_tokenizer(tmp_path, ["hello", " world"], ["<|im_end|>"], [], "<|im_end|>",
+                                "")
+    assert grammar_vocab_json(words) is not None
+    words.backend_tokenizer.decoder = decoders.Fuse()
+    assert tokenizer_json(words) is not None and grammar_vocab_json(words) is None

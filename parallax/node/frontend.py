@@ -70,7 +70,7 @@ from parallax.serving.responses_api import parse_responses_request, responses_ad
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
-from parallax.serving.structured import check_grammar, tokenizer_json
+from parallax.serving.structured import check_grammar, grammar_vocab_json
 from parallax.serving.text_state import TextState
 from parallax.serving.tool_calls import (
     HarmonyToolParser,
@@ -193,7 +193,7 @@ class NodeFrontend:
         from parallax.models.loader import load_tokenizer
 
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        vocab = await asyncio.to_thread(tokenizer_json, tokenizer)
+        vocab = await asyncio.to_thread(grammar_vocab_json, tokenizer)
         if vocab is not None:  # the executor constrains decoding with it (response_format)
             self.client.set_grammar_vocab(vocab)
         self.tokenizer = tokenizer  # ready from here on

@@ -16,11 +16,14 @@ constrains decoding to it (parallax/engine/grammar.py).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from parallax.engine.sampling_params import MAX_GRAMMAR_CHARS
 from parallax.serving.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 # compact JSON, with the separators models write most (json.dumps' defaults)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -120,3 +123,19 @@ def tokenizer_json(tokenizer: Any) -> str | None:
         return backend.to_str()
     except Exception:  # noqa: BLE001 - a tokenizer that cannot serialise: no grammars
         return None
+
+
+def grammar_vocab_json(tokenizer: Any) -> str | None:
+    """`tokenizer_json` when llguidance can read it (None: this model cannot constrain
+    decoding; forced calls and `response_format` are a 400, `"auto"` calls stay free)."""
+    text = tokenizer_json(tokenizer)
+    if text is None:
+        return None
+    import llguidance
+
+    try:
+        llguidance.LLTokenizer(text)
+    except Exception as exc:  # noqa: BLE001 - e.g. a decoder llguidance does not know
+        logger.warning("this tokenizer cannot constrain decoding: %s", exc)
+        return None
+    return text
