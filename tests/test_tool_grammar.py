@@ -179,7 +179,7 @@ def test_auto_call_the_model_started_finishes_valid(marked_model, fmt):
     tokenizer, model = marked_model
     prompt = prompt_ids(tokenizer, "Weather in Paris?")
     started = tokenizer.encode(CALL_STARTS[fmt], add_special_tokens=False)
-    grammar = tool_call_grammar(TOOLS, fmt, fmt == "hermes", auto=True, ctx=context(tokenizer))
+    grammar = tool_call_grammar(TOOLS, fmt, False, auto=True, ctx=context(tokenizer))
     requests = {f"{seed}": (prompt + started, SamplingParams(
         temperature=1.0, seed=seed, max_tokens=160, grammar=grammar)) for seed in range(3)}
     requests["free"] = (prompt + started, SamplingParams(temperature=1.0, seed=0, max_tokens=60))

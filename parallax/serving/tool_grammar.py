@@ -87,7 +87,10 @@ class _Lark:
 
     def text(self) -> str:
         start = self.rules.pop("start")
-        return "\n".join([f"start: {start}", *(f"{k}: {v}" for k, v in self.rules.items())])
+        # no_forcing: text the grammar forces may come as any tokens, not only llguidance's
+        # tokenization of it (xgrammar's behaviour too); a model keeps its own token choices
+        return "\n".join(['%llguidance {"no_forcing": true}', f"start: {start}",
+                          *(f"{k}: {v}" for k, v in self.rules.items())])
 
 
 def _thinking(g: _Lark) -> str:
