@@ -327,13 +327,18 @@ class NodeFrontend:
         fmt = self._tool_format()
         ctx = GrammarContext(self._added_tokens(), thinking)
         schema = req.response_format.answer_schema
-        if req.uses_tools:
-            grammar = tool_call_grammar(req.template_tools(), fmt, req.parallel_tool_calls,
-                                        auto=not forced, ctx=ctx, answer_schema=schema)
-            return check_grammar(grammar, "tools")
-        assert schema is not None
-        harmony = self.client.info.model_type in HARMONY_MODEL_TYPES and thinking == "harmony"
-        grammar = answer_grammar(schema, ctx, harmony)
+        try:
+            if req.uses_tools:
+                grammar = tool_call_grammar(req.template_tools(), fmt, req.parallel_tool_calls,
+                                            auto=not forced, ctx=ctx, answer_schema=schema)
+                return check_grammar(grammar, "tools")
+            assert schema is not None
+            harmony = self.client.info.model_type in HARMONY_MODEL_TYPES and \
+                thinking == "harmony"
+            grammar = answer_grammar(schema, ctx, harmony)
+        except (ValueError, TypeError) as exc:  # llguidance refused what the checks let by
+            raise APIError(400, f"'tools' / 'response_format' cannot constrain the answer: "
+                                f"{exc}") from None
         return req.response_format.grammar if grammar is None else check_grammar(
             grammar, "response_format")
 
