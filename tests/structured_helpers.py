@@ -67,10 +67,13 @@ def _corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def save_bpe_tokenizer(path, vocab_size: int = 400):
+def save_bpe_tokenizer(path, vocab_size: int = 400, special: tuple[str, ...] = (),
+                       added: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer trained on JSON-ish text, with ChatML specials and template,
-    saved into `path`; returns the transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    saved into `path`; returns the transformers tokenizer. `special` / `added` are extra special
+    tokens (dropped by `skip_special_tokens`) and added tokens (kept in decoded text), such as a
+    family's tool-call markers."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -80,17 +83,21 @@ def save_bpe_tokenizer(path, vocab_size: int = 400):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(_corpus(), trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
-def save_random_model(tmp_path, seed: int = 0) -> tuple[str, object]:
-    """A random-weight tiny llama with the BPE tokenizer in one directory; (path, tokenizer)."""
+def save_random_model(tmp_path, seed: int = 0, special: tuple[str, ...] = (),
+                      added: tuple[str, ...] = ()) -> tuple[str, object]:
+    """A random-weight tiny llama with the BPE tokenizer (extra `special` / `added` tokens) in
+    one directory; (path, tokenizer)."""
     from tiny_models import save_tiny_model
 
-    tokenizer = save_bpe_tokenizer(tmp_path / "tokenizer")
+    tokenizer = save_bpe_tokenizer(tmp_path / "tokenizer", special=special, added=added)
     vocab = len(tokenizer)
     path, _ = save_tiny_model(tmp_path, "llama", seed=seed, vocab_size=vocab,
                               max_position_embeddings=2048,  # room for a tools prompt
@@ -127,3 +134,44 @@ def assert_fruit_json_always_validates(client, count: int = 20, workers: int = 2
     for answer in answers:
         assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
         check_schema(json.loads(answer.choices[0].message.content), SMOL_SCHEMA)
+
+
+# ---------------------------------------------------------------- engine runs
+
+
+def make_engine(model, tokenizer, **config):
+    """An engine over `model` whose last stage constrains with `tokenizer`'s vocabulary."""
+    from parallax.engine.engine import Engine, EngineConfig
+    from parallax.serving.structured import tokenizer_json
+
+    engine = Engine(model, EngineConfig(kv_memory_bytes=config.pop("kv", 4 * 2**20), **config),
+                    [tokenizer.eos_token_id])
+    engine.set_grammar_vocab(tokenizer_json(tokenizer))
+    return engine
+
+
+def prompt_ids(tokenizer, text: str = "Give me an order as JSON.") -> list[int]:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def run(engine, requests: dict[str, tuple[list[int], object]],
+        resumed: dict[str, int] | None = None) -> dict[str, tuple[list[int], str | None]]:
+    """Add all requests, step until done; {rid: (tokens, finish_reason)}."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params, (resumed or {}).get(rid, 0))
+    out = {rid: ([], None) for rid in requests}
+    for _ in range(2000):
+        if not engine.has_work():
+            break
+        for o in engine.step():
+            if o.token_id is not None:
+                out[o.request_id][0].append(o.token_id)
+            if o.finished:
+                out[o.request_id] = (out[o.request_id][0], o.finish_reason)
+    return out
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])

@@ -169,23 +169,37 @@ def cluster(tmp_path_factory):
         cluster.close()
 
 
-@pytest.fixture(scope="module")
-def reference_answers():
-    """Greedy answers of the whole model in this process (what `parallax serve` returns)."""
+def whole_model(prompts: list[list[int]], params: SamplingParams) -> list[list]:
+    """The engine outputs of the whole model in this process (what `parallax serve` returns),
+    one list per prompt."""
     path = builtin_gguf_path()
     tokenizer = load_tokenizer(path)
     engine = Engine(load_shard(path).model, EngineConfig(kv_memory_bytes=64 * 2**20),
                     eos_token_ids=[tokenizer.eos_token_id])
-    for i, prompt in enumerate(PROMPTS):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=False)
-        engine.add_request(str(i), tokenizer.encode(ids, add_special_tokens=False),
-                           SamplingParams(temperature=0, max_tokens=24))
-    tokens: dict[str, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    outputs: dict[str, list] = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
         for o in engine.step():
-            tokens.setdefault(o.request_id, []).append(o.token_id)
-    return [tokenizer.decode(tokens[str(i)], skip_special_tokens=True) for i in range(len(PROMPTS))]
+            if o.token_id is not None:
+                outputs[o.request_id].append(o)
+    return [outputs[str(i)] for i in range(len(prompts))]
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def reference_answers():
+    """Greedy answers of the whole model in this process (what `parallax serve` returns)."""
+    tokenizer = load_tokenizer(builtin_gguf_path())
+    outputs = whole_model([chat_prompt_ids(tokenizer, p) for p in PROMPTS],
+                          SamplingParams(temperature=0, max_tokens=24))
+    return [tokenizer.decode([o.token_id for o in out], skip_special_tokens=True)
+            for out in outputs]
 
 
 def test_split_across_two_nodes_with_a_standby(cluster):
@@ -264,6 +278,49 @@ def test_structured_outputs_through_the_pipeline(cluster):
         assert call.function.name == "get_weather"
         check_schema(json.loads(call.function.arguments),
                      WEATHER_TOOL["function"]["parameters"])
+
+
+def assert_logprobs_equal(entries: list, expected: list, tokenizer, top: int) -> None:
+    """OpenAI `logprobs.content` entries (dicts) against the whole model's engine outputs."""
+    assert len(entries) == len(expected)
+    for entry, output in zip(entries, expected, strict=True):
+        assert entry["token"] == tokenizer.decode([output.token_id])
+        assert entry["logprob"] == pytest.approx(output.logprob, abs=1e-3)
+        assert len(entry["top_logprobs"]) == top
+        for alt, (token_id, logprob) in zip(entry["top_logprobs"], output.top_logprobs,
+                                            strict=True):
+            assert alt["token"] == tokenizer.decode([token_id])
+            assert alt["logprob"] == pytest.approx(logprob, abs=1e-3)
+
+
+def test_logprobs_through_the_pipeline(cluster):
+    """`logprobs` / `top_logprobs` come back from the pipeline's last stage through the head
+    and equal the whole model's in one process: chat (stream and not) and completions."""
+    tokenizer = load_tokenizer(builtin_gguf_path())
+    prompt = "The capital of France is"
+    chat_ref, text_ref = whole_model(
+        [chat_prompt_ids(tokenizer, PROMPTS[0]), tokenizer.encode(prompt)],
+        SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=5))
+    url = f"{cluster.url}/v1"
+    body = {"model": "default", "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "temperature": 0, "max_tokens": 8, "logprobs": True, "top_logprobs": 5}
+    answer = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()
+    assert_logprobs_equal(answer["choices"][0]["logprobs"]["content"], chat_ref, tokenizer, 5)
+    with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True},
+                      timeout=120) as response:
+        events = list(parse_sse_lines(response.iter_lines()))
+    streamed = [entry for e in events if isinstance(e, dict) and e.get("choices")
+                and e["choices"][0].get("logprobs")
+                for entry in e["choices"][0]["logprobs"]["content"]]
+    assert_logprobs_equal(streamed, chat_ref, tokenizer, 5)
+    legacy = httpx.post(f"{url}/completions", json={
+        "model": "default", "prompt": prompt, "temperature": 0, "max_tokens": 8,
+        "logprobs": 3}, timeout=120).json()["choices"][0]["logprobs"]
+    assert legacy["tokens"] == [tokenizer.decode([o.token_id]) for o in text_ref]
+    assert legacy["token_logprobs"] == pytest.approx([o.logprob for o in text_ref], abs=1e-3)
+    for alternatives, output in zip(legacy["top_logprobs"], text_ref, strict=True):
+        expected = {tokenizer.decode([i]): lp for i, lp in output.top_logprobs[:3]}
+        assert alternatives == pytest.approx(expected, abs=1e-3)
 
 
 def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):

@@ -20,8 +20,12 @@ from processes import die_with_pytest, free_port, serving_tiny_models, wait_heal
 from structured_helpers import (
     SCHEMA,
     WEATHER_TOOL,
+    answer_text,
     assert_fruit_json_always_validates,
     check_schema,
+    make_engine,
+    prompt_ids,
+    run,
     save_random_model,
 )
 
@@ -32,7 +36,8 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import parse_chat_request
-from parallax.serving.structured import parse_response_format, tokenizer_json, tool_call_grammar
+from parallax.serving.structured import parse_response_format, tokenizer_json
+from parallax.serving.tool_grammar import tool_call_grammar
 
 JSON_OBJECT = parse_response_format({"type": "json_object"}).grammar
 JSON_SCHEMA = parse_response_format(
@@ -43,40 +48,6 @@ JSON_SCHEMA = parse_response_format(
 def random_model(tmp_path_factory):
     path, tokenizer = save_random_model(tmp_path_factory.mktemp("structured"))
     return path, tokenizer, load_shard(path).model
-
-
-def make_engine(model, tokenizer, **config) -> Engine:
-    engine = Engine(model, EngineConfig(kv_memory_bytes=config.pop("kv", 4 * 2**20), **config),
-                    [tokenizer.eos_token_id])
-    engine.set_grammar_vocab(tokenizer_json(tokenizer))
-    return engine
-
-
-def prompt_ids(tokenizer, text: str = "Give me an order as JSON.") -> list[int]:
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(rendered, add_special_tokens=False)
-
-
-def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]],
-        resumed: dict[str, int] | None = None) -> dict[str, tuple[list[int], str | None]]:
-    """Add all requests, step until done; {rid: (tokens, finish_reason)}."""
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params, (resumed or {}).get(rid, 0))
-    out = {rid: ([], None) for rid in requests}
-    for _ in range(2000):
-        if not engine.has_work():
-            break
-        for o in engine.step():
-            if o.token_id is not None:
-                out[o.request_id][0].append(o.token_id)
-            if o.finished:
-                out[o.request_id] = (out[o.request_id][0], o.finish_reason)
-    return out
-
-
-def answer_text(tokenizer, tokens: list[int]) -> str:
-    return tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
 
 
 # ---------------------------------------------------------------- the mask itself
@@ -282,8 +253,12 @@ def test_forced_tool_with_bad_parameters_is_a_400():
     with pytest.raises(APIError) as info:
         parse_chat_request(body)
     assert "'tools[0].function.parameters'" in info.value.message
-    body["tool_choice"] = "auto"  # not forced: not constrained, not checked
-    assert parse_chat_request(body).response_format.grammar is None
+    body["tool_choice"] = "auto"  # calls the model starts are constrained too: checked
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body)
+    assert "'tools[0].function.parameters'" in info.value.message
+    body["tool_choice"] = "none"  # no calls: not checked
+    assert parse_chat_request(body).tool_choice == "none"
 
 
 # ---------------------------------------------------------------- through `parallax serve`

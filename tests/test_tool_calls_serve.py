@@ -213,3 +213,23 @@ def test_bad_tools_are_400(servers):
         servers["hermes"].chat.completions.create(
             model="default", messages=QUESTION, tools=[{"type": "function", "function": {}}])
     assert "tools[0].function.name" in info.value.body["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["minimax", "gpt_oss", "mistral"])
+def test_forced_call_follows_the_family_format_and_its_reasoning(servers, family):
+    """`tool_choice: "required"` decodes under the family's call grammar; a reasoning family
+    reasons first (the grammar allows its thinking block): the scripted answer comes out
+    unchanged, reasoning and call alike. Without the thinking block in the grammar, or with a
+    grammar in another format, the script could not pass the mask."""
+    *_, content, reasoning, calls = FAMILIES[family]
+    choice = "required" if family != "gpt_oss" else {"type": "function",
+                                                     "function": {"name": "get_weather"}}
+    r = servers[family].chat.completions.create(model="default", messages=QUESTION, tools=TOOLS,
+                                                tool_choice=choice, temperature=0)
+    answer = r.choices[0]
+    assert answer.finish_reason == "tool_calls"
+    assert calls_of(answer.message) == calls
+    assert (answer.message.model_extra or {}).get("reasoning_content") == reasoning
+    assert not answer.message.content
+

@@ -101,7 +101,9 @@ def save_word_tokenizer(path, words: list[str], special: list[str], added: list[
     assert len(set(pieces)) == len(pieces), "duplicate vocabulary entries"
     backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECES), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    # concatenates pieces; ByteFallback (a no-op on these pieces) makes it a decoder llguidance
+    # reads, so grammars can constrain these models too
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token=eos)

@@ -61,12 +61,18 @@ from parallax.serving.openai_schemas import (
     to_sampling_params,
     usage_dict,
 )
-from parallax.serving.reasoning import HARMONY_MODEL_TYPES, HarmonyParser, make_reasoning_parser
+from parallax.serving.reasoning import (
+    HARMONY_MODEL_TYPES,
+    THINK_MODEL_TYPES,
+    HarmonyParser,
+    ThinkParser,
+    make_reasoning_parser,
+)
 from parallax.serving.responses_api import parse_responses_request, responses_adapter
 from parallax.serving.security import install_security, read_body_capped
 from parallax.serving.sse import DONE, encode_event
 from parallax.serving.stop import StopStringMatcher
-from parallax.serving.structured import tokenizer_json, tool_call_grammar
+from parallax.serving.structured import check_grammar, grammar_vocab_json
 from parallax.serving.text_state import TextState
 from parallax.serving.tool_calls import (
     HarmonyToolParser,
@@ -80,6 +86,7 @@ from parallax.serving.tool_calls import (
     make_tool_parser,
     tool_format,
 )
+from parallax.serving.tool_grammar import GrammarContext, answer_grammar, tool_call_grammar
 
 logger = logging.getLogger("parallax.frontend")
 
@@ -172,6 +179,7 @@ class NodeFrontend:
         # checks: "Already borrowed"), so encoding takes turns
         self._encode_lock = threading.Lock()
         self._renders_tools: bool | None = None  # the chat template renders `tools`
+        self._added: dict[str, int] | None = None  # the tokenizer's added tokens
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -194,7 +202,7 @@ class NodeFrontend:
         from parallax.models.loader import load_tokenizer
 
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        vocab = await asyncio.to_thread(tokenizer_json, tokenizer)
+        vocab = await asyncio.to_thread(grammar_vocab_json, tokenizer)
         if vocab is not None:  # the executor constrains decoding with it (response_format)
             self.client.set_grammar_vocab(vocab)
         self.tokenizer = tokenizer  # ready from here on
@@ -293,7 +301,8 @@ class NodeFrontend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._render_pool, self.render_prompt, req)
 
-    def _sampling_params(self, req: ChatCompletionRequest, num_prompt: int) -> SamplingParams:
+    def _sampling_params(self, req: ChatCompletionRequest, num_prompt: int,
+                         thinking: str = "none") -> SamplingParams:
         info = self.client.info
         assert info is not None
         if num_prompt >= info.max_model_len:
@@ -307,25 +316,62 @@ class NodeFrontend:
         eos: set[int] = set() if req.ignore_eos else set(info.eos_token_ids)
         if not req.ignore_eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
-        params = to_sampling_params(req, room, sorted(eos), self._grammar(req))
+        params = to_sampling_params(req, room, sorted(eos), self._grammar(req, thinking))
         if params.max_tokens > room:
             params = msgspec.structs.replace(params, max_tokens=room)
         return params
 
-    def _grammar(self, req: ChatCompletionRequest) -> str | None:
-        """The grammar the answer is decoded under: `response_format`'s, or the forced tool
-        calls' in this model's tool-call format (None: free decoding)."""
-        if req.response_format.grammar is not None:
-            grammar = req.response_format.grammar
-        elif req.forces_tool_call:
-            grammar = tool_call_grammar(req.template_tools(), self._tool_format(),
-                                        req.parallel_tool_calls)
-        else:
+    def _grammar(self, req: ChatCompletionRequest, thinking: str = "none") -> str | None:
+        """The grammar the answer is decoded under (None: free decoding): the tool calls in
+        this model's format (forced, or lazily under `"auto"`), else `response_format`'s JSON;
+        after the reasoning block `thinking` allows (see `_thinking_mode`)."""
+        forced = req.forces_tool_call
+        if not req.uses_tools and req.response_format.grammar is None:
             return None
-        if grammar is not None and self.client.grammar_vocab is None:
+        if self.client.grammar_vocab is None:
+            if req.uses_tools and not forced and req.response_format.grammar is None:
+                return None  # "auto" calls stay free where the tokenizer cannot constrain
             raise APIError(400, "this model's tokenizer cannot constrain decoding "
                                 "('response_format' or a forced 'tool_choice'); remove them")
-        return grammar
+        fmt = self._tool_format()
+        ctx = GrammarContext(self._added_tokens(), thinking)
+        schema = req.response_format.answer_schema
+        try:
+            if req.uses_tools:
+                grammar = tool_call_grammar(req.template_tools(), fmt, req.parallel_tool_calls,
+                                            auto=not forced, ctx=ctx, answer_schema=schema)
+                return check_grammar(grammar, "tools")
+            assert schema is not None
+            harmony = self.client.info.model_type in HARMONY_MODEL_TYPES and \
+                thinking == "harmony"
+            grammar = answer_grammar(schema, ctx, harmony)
+        except (ValueError, TypeError) as exc:  # llguidance refused what the checks let by
+            raise APIError(400, f"'tools' / 'response_format' cannot constrain the answer: "
+                                f"{exc}") from None
+        return req.response_format.grammar if grammar is None else check_grammar(
+            grammar, "response_format")
+
+    def _added_tokens(self) -> dict[str, int]:
+        """The tokenizer's added tokens (markers a grammar may take as one token)."""
+        if self._added is None:
+            try:
+                self._added = dict(self.tokenizer.get_added_vocab())
+            except Exception:  # noqa: BLE001 - a tokenizer without them: markers are spelled
+                self._added = {}
+        return self._added
+
+    @staticmethod
+    def _thinking_mode(parser: Any, model_type: str, enable_thinking: bool,
+                       prompt_text: str) -> str:
+        """Where reasoning stands for the grammar (tool_grammar.GrammarContext.thinking)."""
+        if isinstance(parser, HarmonyParser):
+            return "none" if prompt_text.endswith("<|message|>") else "harmony"
+        if isinstance(parser, ThinkParser):
+            if parser.in_reasoning:
+                return "open"
+            if enable_thinking and model_type in THINK_MODEL_TYPES:
+                return "optional"
+        return "none"
 
     def _tool_format(self) -> str:
         info = self.client.info
@@ -371,12 +417,14 @@ class NodeFrontend:
             self._num_rendering -= 1
         self._check_admission(rid, self._num_rendering)
         downstream = self.downstream_endpoints(req.routing_table)  # the layers held now
-        params = self._sampling_params(req, len(prompt_ids))
         info = self.client.info
+        assert info is not None
         harmony = info.model_type in HARMONY_MODEL_TYPES
         enable_thinking = req.chat_template_kwargs.get("enable_thinking", True) is not False
         parser = None if isinstance(req, TextCompletionRequest) else \
             make_reasoning_parser(info.model_type, prompt_text, enable_thinking)
+        params = self._sampling_params(req, len(prompt_ids), self._thinking_mode(
+            parser, info.model_type, enable_thinking, prompt_text))
         tools = None
         if req.uses_tools:
             fmt = self._tool_format()

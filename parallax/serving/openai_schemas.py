@@ -23,11 +23,8 @@ from parallax.engine.sampling_params import (
     SamplingParams,
 )
 from parallax.serving.errors import APIError
-from parallax.serving.structured import (
-    ResponseFormat,
-    check_tool_grammar,
-    parse_response_format,
-)
+from parallax.serving.structured import ResponseFormat, parse_response_format
+from parallax.serving.tool_grammar import check_tool_grammar
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
 # Request limits a production server keeps (each 400 names the limit). OpenAI allows 4 stop
@@ -490,11 +487,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     tool_choice, tool_choice_name = _parse_tool_choice(body.get("tool_choice"), tools)
     parallel_tool_calls = _opt_bool(body, "parallel_tool_calls", default=True)
     response_format = parse_response_format(body.get("response_format"))
-    if tool_choice in ("required", "function"):  # their calls are decoded under a grammar
+    if tool_choice in ("required", "function"):
         if response_format.grammar is not None:
             raise _bad("'response_format' and a forced 'tool_choice' exclude each other: the "
                        "answer is either the JSON or the calls")
-        check_tool_grammar([t for t in tools if tool_choice == "required"
+    if tools and tool_choice != "none":  # calls, forced or not, are decoded under a grammar
+        check_tool_grammar([t for t in tools if tool_choice != "function"
                             or t["function"]["name"] == tool_choice_name], parallel_tool_calls)
 
     return ChatCompletionRequest(

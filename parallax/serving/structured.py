@@ -9,27 +9,25 @@ constrains decoding to it (parallax/engine/grammar.py).
   "schema", "strict"?}}`: JSON that validates against `schema`. JSON is written compactly with
   `", "` and `": "` separators (no free whitespace: a model cannot pad the answer with blank
   lines until `max_tokens`).
-- `tool_choice: "required"` or a named function: the answer is the model's tool-call markup
-  around JSON built from the tools' schemas (`{"name": <one of the tools>, "arguments": <its
-  parameters schema>}`), for the Hermes format (`<tool_call>\\n{…}\\n</tool_call>`, also taught
-  to templates without tools support) and the Llama 3 JSON format. Other formats, and calls the
-  model starts on its own under `"auto"`, are not constrained.
+- Tool calls (forced, or started by the model under `"auto"`) and answers after a reasoning
+  block: parallax/serving/tool_grammar.py builds those grammars.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from parallax.engine.sampling_params import MAX_GRAMMAR_CHARS
 from parallax.serving.errors import APIError
 
+logger = logging.getLogger(__name__)
+
 # compact JSON, with the separators models write most (json.dumps' defaults)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
-CONSTRAINED_TOOL_FORMATS = ("hermes", "llama3")
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,13 @@ class ResponseFormat:
     name: str | None = None
     schema: dict[str, Any] | None = None
     grammar: str | None = None
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer validates against (None: plain text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.schema if self.type == "json_schema" else None
 
 
 def _bad(message: str) -> APIError:
@@ -109,43 +114,6 @@ def parse_response_format(value: Any) -> ResponseFormat:
     return ResponseFormat("json_schema", name, schema, grammar)
 
 
-def _call_schema(tool: dict[str, Any], arguments_key: str) -> dict[str, Any]:
-    function = tool["function"]
-    return {"type": "object",
-            "properties": {"name": {"const": function["name"]},
-                           arguments_key: function["parameters"]},
-            "required": ["name", arguments_key], "additionalProperties": False}
-
-
-def tool_call_grammar(tools: list[dict[str, Any]], fmt: str, parallel: bool) -> str | None:
-    """The grammar of an answer made of calls to `tools` in tool-call format `fmt`, at least
-    one (several when `parallel`); None for formats that are not constrained."""
-    if fmt not in CONSTRAINED_TOOL_FORMATS or not tools:
-        return None
-    import llguidance
-
-    key = "parameters" if fmt == "llama3" else "arguments"
-    calls = [_call_schema(tool, key) for tool in tools]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    body = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
-    if fmt == "hermes":
-        call = '"<tool_call>\\n" call_json "\\n</tool_call>"'
-        more = '("\\n" call)*' if parallel else ""
-    else:  # llama3: JSON objects separated by "; "
-        call = "call_json"
-        more = '("; " call)*' if parallel else ""
-    lark = f"start: call {more}\ncall: {call}\ncall_json: %json {body}\n"
-    return llguidance.LLMatcher.grammar_from_lark(lark)
-
-
-def check_tool_grammar(tools: list[dict[str, Any]], parallel: bool) -> None:
-    """400 naming the tool whose `parameters` cannot constrain a forced call."""
-    for i, tool in enumerate(tools):
-        grammar = tool_call_grammar([tool], "hermes", parallel)
-        assert grammar is not None
-        check_grammar(grammar, f"tools[{i}].function.parameters")
-
-
 def tokenizer_json(tokenizer: Any) -> str | None:
     """The `tokenizer.json` text of a fast tokenizer (None: not a fast one, no grammars)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -155,3 +123,19 @@ def tokenizer_json(tokenizer: Any) -> str | None:
         return backend.to_str()
     except Exception:  # noqa: BLE001 - a tokenizer that cannot serialise: no grammars
         return None
+
+
+def grammar_vocab_json(tokenizer: Any) -> str | None:
+    """`tokenizer_json` when llguidance can read it (None: this model cannot constrain
+    decoding; forced calls and `response_format` are a 400, `"auto"` calls stay free)."""
+    text = tokenizer_json(tokenizer)
+    if text is None:
+        return None
+    import llguidance
+
+    try:
+        llguidance.LLTokenizer(text)
+    except Exception as exc:  # noqa: BLE001 - e.g. a decoder llguidance does not know
+        logger.warning("this tokenizer cannot constrain decoding: %s", exc)
+        return None
+    return text
