@@ -159,11 +159,13 @@ def test_replayed_request_resumes_in_the_grammar(random_model):
 
 def test_pipeline_last_stage_constrains_with_preemption(random_model):
     """Two stages; the head's KV is tiny, so requests are preempted and replayed downstream:
-    the last stage rebuilds its matchers from the tokens it is sent."""
+    the last stage rebuilds its matchers from the tokens it is sent. Prefix caching is off on the
+    head: the three equal prompts would share its blocks and nothing would be preempted."""
     path, tokenizer, _ = random_model
     head = Engine(load_shard(path, 0, 2).model,
                   EngineConfig(kv_memory_bytes=10 * 2 * 2 * 2 * 16 * 16 * 4,
-                               max_num_batched_tokens=16), [tokenizer.eos_token_id])
+                               max_num_batched_tokens=16, enable_prefix_caching=False),
+                  [tokenizer.eos_token_id])
     last = Engine(load_shard(path, 2, 4).model, EngineConfig(kv_memory_bytes=4 * 2**20),
                   [tokenizer.eos_token_id])
     last.set_grammar_vocab(tokenizer_json(tokenizer))

@@ -167,7 +167,8 @@ class NodeFrontend:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.metrics = ServingMetrics()
-        client.on_step = lambda step: self.metrics.observe_step(step.stats, step.links)
+        if client is not None:  # None only in tests that render prompts without an executor
+            client.on_step = lambda step: self.metrics.observe_step(step.stats, step.links)
         self.created = int(time.time())
         self.node_id: str | None = None  # set when this node is part of a cluster
         self.join_token: str | None = None  # the cluster's: required from whoever sends chats
