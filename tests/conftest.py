@@ -4,6 +4,9 @@ import faulthandler
 import os
 import sys
 
+import parallax  # noqa: F401  (sets OpenMP's wait policy before torch loads libgomp)
+
+# isort: split
 import pytest
 import torch
 
