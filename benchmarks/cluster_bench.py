@@ -57,9 +57,9 @@ import httpx
 import torch
 import zmq
 
-from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity
 from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.protocol.links import ActivationEntry
 
 SHARE_FOR_SPLIT = {1: 2.0, 2: 0.6, 3: 0.4}  # of the whole model's budget: 1, 2 or 3 stages
 
@@ -370,7 +370,7 @@ def hop_latency_ms(hidden_size: int = 576, rounds: int = 200) -> float:
     key, endpoints = os.urandom(32), [a_endpoint, b_endpoint]
     a, b = (PipelineLinks(context, e, e, limits, LinkSecurity(key, endpoints)) for e in endpoints)
     hidden = torch.randn(1, hidden_size)
-    entry = [P.ActivationEntry("r", [1], 5, head_endpoint=a_endpoint)]
+    entry = [ActivationEntry("r", [1], 5, head_endpoint=a_endpoint)]
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()

@@ -27,11 +27,22 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from parallax import protocol as P
 from parallax.engine.sampling_params import MAX_TOP_LOGPROBS
 from parallax.node.link_auth import LinkSecurity, NoLinkKey
 from parallax.node.link_crypto import CurveKeyPair, connect_curve, is_curve_key, serve_curve
 from parallax.node.tracing import ack_problem, trace_problem
+from parallax.protocol.common import FAILURE_KINDS, PEER_LOST, STAGE_TIMEOUT, TokenOutput, encode
+from parallax.protocol.links import (
+    ActivationEntry,
+    StageAck,
+    StageActivations,
+    StageMessage,
+    StagePrefixAnswer,
+    StagePrefixQuery,
+    StageRelease,
+    StageTokens,
+    decode_stage,
+)
 
 logger = logging.getLogger("parallax.peers")
 
@@ -247,39 +258,39 @@ class PipelineLinks:
                 monitor.close(linger=0)
         socket.close(linger=0)
 
-    def send_activations(self, endpoint: str, entries: list[P.ActivationEntry],
+    def send_activations(self, endpoint: str, entries: list[ActivationEntry],
                          hidden: torch.Tensor, send_id: int = 0) -> None:
         """hidden: [sum of entries' tokens, hidden_size], rows in entry order. `send_id` > 0
         asks the receiver for a StageAck (node/tracing.py)."""
         hidden = hidden.contiguous()
-        header = P.StageActivations(entries, str(hidden.dtype).removeprefix("torch."),
+        header = StageActivations(entries, str(hidden.dtype).removeprefix("torch."),
                                     hidden.shape[-1], send_id,
                                     self.own_endpoint if send_id else "")
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
-        self.send(endpoint, [P.encode(header), memoryview(payload)])
+        self.send(endpoint, [encode(header), memoryview(payload)])
         self.num_activation_bytes_sent += payload.nbytes
 
     def send_message(self, endpoint: str, message: msgspec.Struct) -> None:
-        self.send(endpoint, [P.encode(message)])
+        self.send(endpoint, [encode(message)])
 
     def disconnected_peers(self) -> list[str]:
         """Endpoints whose connection dropped, or that took no message in time, since the last
         call (non-blocking)."""
         gone, self._unreachable = set(self._unreachable), set()
-        self.down_kinds = {endpoint: P.STAGE_TIMEOUT for endpoint in gone}
+        self.down_kinds = {endpoint: STAGE_TIMEOUT for endpoint in gone}
         for monitor, endpoint in list(self.monitors.items()):
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
                     gone.add(endpoint)
-                    self.down_kinds[endpoint] = P.PEER_LOST
+                    self.down_kinds[endpoint] = PEER_LOST
         for endpoint in gone:
             self._drop(endpoint)  # reconnect lazily, with a fresh monitor, if used again
         return sorted(gone)
 
     # ---- incoming ----------------------------------------------------------------------
 
-    def receive(self) -> tuple[P.StageMessage, torch.Tensor | None] | None:
+    def receive(self) -> tuple[StageMessage, torch.Tensor | None] | None:
         """One valid message if available (non-blocking): (header, hidden [T, H] or None).
 
         Invalid messages are dropped with a log line; None when nothing valid is waiting (or
@@ -307,13 +318,13 @@ class PipelineLinks:
         if problem is not None:
             return problem
         try:
-            message = P.decode_stage(frames[1].bytes)
+            message = decode_stage(frames[1].bytes)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return f"undecodable header: {exc}"
-        tensor = isinstance(message, P.StageActivations)
+        tensor = isinstance(message, StageActivations)
         if len(frames) != (3 if tensor else 2):
             return f"{len(frames)} frames for a {type(message).__name__}"
-        if isinstance(message, (P.StagePrefixQuery, P.StagePrefixAnswer)):
+        if isinstance(message, (StagePrefixQuery, StagePrefixAnswer)):
             return prefix_problem(message, self.limits, self.allows) or (message, None)
         if not tensor:
             return stage_problem(message, self.limits) or (message, None)
@@ -344,11 +355,11 @@ def _rid_problem(rid: str) -> str | None:
     return None if 0 < len(rid) <= MAX_RID_CHARS else f"request id of {len(rid)} characters"
 
 
-def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) -> str | None:
+def stage_problem(message: StageTokens | StageRelease, limits: StageLimits) -> str | None:
     """Why a StageTokens / StageRelease / StageAck must be dropped, or None."""
-    if isinstance(message, P.StageAck):
+    if isinstance(message, StageAck):
         return ack_problem(message)
-    if isinstance(message, P.StageRelease):
+    if isinstance(message, StageRelease):
         if not 0 < len(message.rids) <= MAX_IDS:
             return f"release of {len(message.rids)} requests"
         return next(filter(None, map(_rid_problem, message.rids)), None)
@@ -363,7 +374,7 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return f"finish reason {output.finish_reason!r}"
         if output.error is not None and len(output.error) > MAX_ERROR_CHARS:
             return f"error text of {len(output.error)} characters"
-        if output.kind is not None and output.kind not in P.FAILURE_KINDS:
+        if output.kind is not None and output.kind not in FAILURE_KINDS:
             return f"failure kind {output.kind[:40]!r}"
         if output.peer is not None and len(output.peer) > MAX_RID_CHARS:
             return f"peer endpoint of {len(output.peer)} characters"
@@ -374,13 +385,13 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
     return None
 
 
-def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: StageLimits,
+def prefix_problem(message: StagePrefixQuery | StagePrefixAnswer, limits: StageLimits,
                    allows) -> str | None:
     """Why a prefix query / answer must be dropped, or None (`allows` as in
     activations_problem)."""
     if (problem := _rid_problem(message.rid)) is not None:
         return problem
-    if isinstance(message, P.StagePrefixAnswer):
+    if isinstance(message, StagePrefixAnswer):
         if not 0 <= message.num_cached_tokens <= limits.max_position:
             return f"{message.rid}: {message.num_cached_tokens} cached tokens"
         return None
@@ -396,7 +407,7 @@ def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: St
     return None
 
 
-def _logprobs_problem(output: P.TokenOutput, limits: StageLimits) -> str | None:
+def _logprobs_problem(output: TokenOutput, limits: StageLimits) -> str | None:
     """A token's logprobs must be finite and <= 0, at most MAX_TOP_LOGPROBS alternatives, ids in
     the vocabulary, and come with a token."""
     if output.logprob is None and not output.top_logprobs:
@@ -419,7 +430,7 @@ def _is_logprob(value: float) -> bool:
     return math.isfinite(value) and value <= 1e-3  # log-softmax rounding may pass 0 a little
 
 
-def activations_problem(message: P.StageActivations, num_bytes: int, limits: StageLimits,
+def activations_problem(message: StageActivations, num_bytes: int, limits: StageLimits,
                         allows) -> str | None:
     """Why a StageActivations with a tensor frame of `num_bytes` must be dropped, or None.
 
@@ -446,7 +457,7 @@ def activations_problem(message: P.StageActivations, num_bytes: int, limits: Sta
     return None
 
 
-def _entry_problem(entry: P.ActivationEntry, limits: StageLimits, allows) -> str | None:
+def _entry_problem(entry: ActivationEntry, limits: StageLimits, allows) -> str | None:
     if (problem := _rid_problem(entry.rid)) is not None:
         return problem
     count = len(entry.token_ids)
