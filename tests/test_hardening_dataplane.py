@@ -31,16 +31,16 @@ from parallax.models.loader import load_shard
 from parallax.node import peers
 from parallax.node.executor import ExecutorLoop
 from parallax.node.link_auth import PREVIOUS_KEY_GRACE_S, LinkSecurity, key_id
-from parallax.node.peers import PeerUnreachable, PipelineLinks, StageLimits
+from parallax.node.peers import LinkLimits, PeerUnreachable, PipelineLinks
 from parallax.protocol.common import TokenOutput, encode
 from parallax.protocol.control import Heartbeat, HeartbeatResponse, NodeJoin
 from parallax.protocol.ipc import AddRequest, SetLinkSecurity, decode_to_executor
 from parallax.protocol.links import (
     ActivationEntry,
-    StageActivations,
-    StageRelease,
-    StageSeal,
-    StageTokens,
+    LinkActivations,
+    LinkRelease,
+    LinkSeal,
+    LinkTokens,
 )
 from parallax.scheduler.allocation import ModelSpec
 from parallax.scheduler.app import SchedulerState
@@ -48,7 +48,7 @@ from parallax.scheduler.catalog import ModelCatalog
 from parallax.scheduler.link_keys import relay_keys
 from parallax.serving.sse import parse_sse_lines
 
-LIMITS = StageLimits(8, 64, 256, 1000)
+LIMITS = LinkLimits(8, 64, 256, 1000)
 OTHER_KEY = bytes(32)
 FOREIGN = "tcp://10.9.9.9:5555"
 PARAMS = SamplingParams(temperature=0, max_tokens=4)
@@ -81,11 +81,11 @@ def sealed(frames: list, key: bytes = KEY, security: LinkSecurity | None = None)
 def activations(head: str, *, dtype: str = "float32", hidden: int = 8, tokens: int = 2,
                 start: int = 0, downstream: tuple[str, ...] = (), nbytes: int | None = None,
                 token_ids: list[int] | None = None, rid: str = "r1") -> list[bytes]:
-    """Header + tensor frames of a StageActivations with one entry."""
+    """Header + tensor frames of a LinkActivations with one entry."""
     ids = token_ids or list(range(1, tokens + 1))
     entry = ActivationEntry(rid, ids, start, PARAMS, len(ids), list(downstream), head, True)
     payload = bytes(len(ids) * hidden * 4 if nbytes is None else nbytes)
-    return [encode(StageActivations([entry], dtype, hidden)), payload]
+    return [encode(LinkActivations([entry], dtype, hidden)), payload]
 
 
 def push(links: PipelineLinks, attacker: zmq.Socket, frames: list):
@@ -108,9 +108,9 @@ def assert_dropped(links, attacker, frames, caplog, reason: str) -> None:
 def test_a_valid_sealed_message_is_taken(port):
     links, attacker, head = port
     message, hidden = push(links, attacker, sealed(activations(head)))
-    assert isinstance(message, StageActivations) and hidden.shape == (2, 8)
-    assert push(links, attacker, sealed([encode(StageRelease(["r1"]))])) == (
-        StageRelease(["r1"]), None)
+    assert isinstance(message, LinkActivations) and hidden.shape == (2, 8)
+    assert push(links, attacker, sealed([encode(LinkRelease(["r1"]))])) == (
+        LinkRelease(["r1"]), None)
 
 
 def test_another_float_dtype_is_taken_for_a_mixed_pipeline(port):
@@ -122,11 +122,11 @@ def test_another_float_dtype_is_taken_for_a_mixed_pipeline(port):
 
 def _signed_garbage(head: str) -> dict[str, tuple[list, str]]:
     """Sealed with the right key (a buggy or compromised member): caught by validation."""
-    tokens = StageTokens([TokenOutput("r1", 5, True, "pwned")])
+    tokens = LinkTokens([TokenOutput("r1", 5, True, "pwned")])
     return {
         "unknown dtype": (activations(head, dtype="nope"), "dtype 'nope'"),
         "float64": (activations(head, dtype="float64"), "dtype 'float64'"),
-        "no tensor frame": (activations(head)[:1], "2 frames for a StageActivations"),
+        "no tensor frame": (activations(head)[:1], "2 frames for a LinkActivations"),
         "hidden size 0": (activations(head, hidden=0), "hidden size 0"),
         "wrong byte length": (activations(head, nbytes=5), "5 tensor bytes"),
         "forged head": (activations(FOREIGN), "is not in this pipeline"),
@@ -138,7 +138,7 @@ def _signed_garbage(head: str) -> dict[str, tuple[list, str]]:
         "token outside vocab": (activations(head, token_ids=[5000]), "outside the vocabulary"),
         "undecodable header": ([b"\xc1\x00garbage"], "undecodable header"),
         "bad finish reason": ([encode(tokens)], "finish reason 'pwned'"),
-        "empty release": ([encode(StageRelease([]))], "release of 0 requests"),
+        "empty release": ([encode(LinkRelease([]))], "release of 0 requests"),
     }
 
 
@@ -152,9 +152,9 @@ def test_signed_garbage_is_dropped_and_the_port_keeps_working(port, caplog, case
 
 def test_unsigned_forged_and_replayed_messages_are_dropped(port, caplog):
     links, attacker, head = port
-    release = [encode(StageRelease(["r1"]))]
-    tokens = [encode(StageTokens([TokenOutput("r1", 7, True, "stop")]))]
-    fake_seal = encode(StageSeal(os.urandom(16), 1, os.urandom(32)))
+    release = [encode(LinkRelease(["r1"]))]
+    tokens = [encode(LinkTokens([TokenOutput("r1", 7, True, "stop")]))]
+    fake_seal = encode(LinkSeal(os.urandom(16), 1, os.urandom(32)))
     # the pre-issue-11 wire format, as an outsider sends it: no seal at all
     assert_dropped(links, attacker, activations(head, dtype="nope"), caplog, "no valid seal")
     assert_dropped(links, attacker, release, caplog, "1 frames")
@@ -184,16 +184,16 @@ def test_a_stage_without_a_key_drops_everything_and_sends_nothing(caplog):
     attacker = context.socket(zmq.PUSH)
     attacker.connect(own)
     try:
-        assert_dropped(links, attacker, sealed([encode(StageRelease(["r"]))]), caplog,
+        assert_dropped(links, attacker, sealed([encode(LinkRelease(["r"]))]), caplog,
                        "no link key")
         with pytest.raises(PeerUnreachable, match="not an endpoint of this node's pipeline"):
-            links.send_message(own, StageRelease(["r"]))
+            links.send_message(own, LinkRelease(["r"]))
         links.set_security(None, [own])
         with pytest.raises(PeerUnreachable, match="no link key"):
-            links.send_message(own, StageRelease(["r"]))
+            links.send_message(own, LinkRelease(["r"]))
         links.set_security(KEY, [own])
         with pytest.raises(PeerUnreachable, match="not an endpoint"):
-            links.send_message(FOREIGN, StageRelease(["r"]))
+            links.send_message(FOREIGN, LinkRelease(["r"]))
     finally:
         attacker.close(linger=0)
         links.close()
@@ -217,11 +217,11 @@ def test_sends_never_block_and_never_dial_unlisted_endpoints(port, monkeypatch):
     monkeypatch.setattr(peers, "CONNECT_WAIT_S", 0.3)
     for endpoint in ("ipc:///tmp/parallax-evil", "inproc://x", "tcp://*:1", FOREIGN, "garbage"):
         with pytest.raises(PeerUnreachable):
-            links.send_message(endpoint, StageRelease(["r"]))
+            links.send_message(endpoint, LinkRelease(["r"]))
         assert endpoint not in links.pushes
     started = time.monotonic()
-    links.send_message(head, StageRelease(["r"]))  # listed, but nobody listens there
-    links.send_message(head, StageRelease(["r"]))
+    links.send_message(head, LinkRelease(["r"]))  # listed, but nobody listens there
+    links.send_message(head, LinkRelease(["r"]))
     assert time.monotonic() - started < 0.1 and links.has_pending
     deadline = time.monotonic() + 3
     gone: list[str] = []
@@ -266,10 +266,10 @@ def test_in_flight_request_survives_forgeries_on_both_stages(model_path, caplog)
         before = cluster.run(until_s=0.02).get("victim", [])
         assert "victim" in cluster.engines[0].sequences  # in flight
         forged = [
-            [encode(StageTokens([TokenOutput("victim", 3, True, "stop")]))],
-            [encode(StageRelease(["victim"]))],
+            [encode(LinkTokens([TokenOutput("victim", 3, True, "stop")]))],
+            [encode(LinkRelease(["victim"]))],
             activations(head, dtype="nope", hidden=hidden, rid="victim"),
-            sealed([encode(StageRelease(["victim"]))], OTHER_KEY),
+            sealed([encode(LinkRelease(["victim"]))], OTHER_KEY),
             # a member's key but a stranger's endpoint: would restart and redirect the victim
             sealed(activations(FOREIGN, hidden=hidden, rid="victim")),
         ]
@@ -312,7 +312,7 @@ def test_one_failing_message_does_not_stop_the_drain(model_path, caplog, monkeyp
         attacker.connect(cluster.endpoints[1])
         sender = LinkSecurity(KEY, ())
         for rid in ("a", "b"):
-            attacker.send_multipart(sealed([encode(StageRelease([rid]))], security=sender))
+            attacker.send_multipart(sealed([encode(LinkRelease([rid]))], security=sender))
         deadline = time.monotonic() + 5
         with caplog.at_level(logging.ERROR, logger="parallax.executor"):
             while len(applied) < 2 and time.monotonic() < deadline:
@@ -421,18 +421,18 @@ def _garbage(rid: str, endpoint: str) -> list[list[bytes]]:
     entry = ActivationEntry(rid, [1, 2], 0, PARAMS, 2, [], "tcp://10.9.9.9:1", True)
 
     def header(dtype: str = "float32", hidden: int = 576) -> bytes:
-        return encode(StageActivations([entry], dtype, hidden))
+        return encode(LinkActivations([entry], dtype, hidden))
 
-    unsigned_tokens = encode(StageTokens([TokenOutput(rid, 0, True, "stop")]))
-    unsigned_release = encode(StageRelease([rid]))
-    fake_seal = encode(StageSeal(os.urandom(16), 1, os.urandom(32)))
+    unsigned_tokens = encode(LinkTokens([TokenOutput(rid, 0, True, "stop")]))
+    unsigned_release = encode(LinkRelease([rid]))
+    fake_seal = encode(LinkSeal(os.urandom(16), 1, os.urandom(32)))
     return [
         [header("nope"), bytes(2 * 576 * 4)],  # the attack of the issue
         [header()],  # a header with no tensor frame
         [header(hidden=0), b""],
         [header(), bytes(7)],  # wrong byte length
         [header(), bytes(2 * 576 * 4)],  # forged head_endpoint
-        [encode(StageActivations([ActivationEntry(rid, [1], 0, PARAMS, 1,
+        [encode(LinkActivations([ActivationEntry(rid, [1], 0, PARAMS, 1,
                                                         ["ipc:///tmp/x"], endpoint)],
                                      "float32", 576)), bytes(576 * 4)],
         [unsigned_tokens],

@@ -25,10 +25,10 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampler import LOGPROB_FLOOR, sample, token_logprobs
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node.peers import StageLimits, stage_problem
+from parallax.node.peers import LinkLimits, link_problem
 from parallax.protocol.common import TokenOutput, encode
 from parallax.protocol.ipc import AddRequest, decode_to_executor
-from parallax.protocol.links import StageTokens, decode_stage
+from parallax.protocol.links import LinkTokens, decode_link
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import parse_chat_request, to_sampling_params
 from parallax.serving.sse import parse_sse_lines
@@ -148,13 +148,13 @@ def test_pipeline_head_receives_the_last_stage_logprobs(tiny):
 
 
 def test_stage_tokens_logprobs_are_validated_on_receipt() -> None:
-    limits = StageLimits(vocab_size=100, hidden_size=8, max_tokens=64, max_position=128)
+    limits = LinkLimits(vocab_size=100, hidden_size=8, max_tokens=64, max_position=128)
 
     def problem(**fields: Any) -> str | None:
         output = TokenOutput("r", **{"token_id": 3, **fields})
-        wire = decode_stage(encode(StageTokens([output])))  # travels unchanged
+        wire = decode_link(encode(LinkTokens([output])))  # travels unchanged
         assert repr(wire.outputs[0]) == repr(output)
-        return stage_problem(wire, limits)
+        return link_problem(wire, limits)
 
     assert problem(logprob=-0.5, top_logprobs=[(3, -0.5), (9, -2.0)]) is None
     assert problem() is None

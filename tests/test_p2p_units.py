@@ -13,12 +13,12 @@ from processes import free_port
 
 from parallax.config import ChatConfig, ConfigError, JoinConfig, SchedulerConfig
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.peers import LinkLimits, PipelineLinks
 from parallax.p2p.peer import is_p2p_target, split_target
 from parallax.p2p.safety import restricted_loads
 from parallax.protocol.common import encode
 from parallax.protocol.control import Heartbeat, NodeJoin, PeerEndpoint
-from parallax.protocol.links import StageRelease, decode_stage
+from parallax.protocol.links import LinkRelease, decode_link
 from parallax.protocol.p2p import RelayedMessage
 from parallax.scheduler.app import SchedulerState
 from parallax.scheduler.catalog import ModelCatalog
@@ -72,17 +72,17 @@ def test_aliased_endpoint_is_sent_to_its_relay():
     relay.bind(relay_address)
     unreachable = "tcp://10.255.255.1:9"  # never dialled: the alias replaces it
     links = PipelineLinks(context, f"tcp://127.0.0.1:{free_port()}", "tcp://self:1",
-                          StageLimits(8, 64, 128, 100),
+                          LinkLimits(8, 64, 128, 100),
                           LinkSecurity(bytes(32), [unreachable]))
     try:
         links.set_aliases({unreachable: relay_address})
-        links.send_message(unreachable, StageRelease(["r1"]))
+        links.send_message(unreachable, LinkRelease(["r1"]))
         deadline = time.monotonic() + 5
         while not relay.poll(10) and time.monotonic() < deadline:
             links.flush()  # sends never block: a link still connecting is flushed by the loop
         assert relay.poll(0)
         frames = relay.recv_multipart()
-        assert decode_stage(frames[1]) == StageRelease(["r1"])  # frame 0: the seal
+        assert decode_link(frames[1]) == LinkRelease(["r1"])  # frame 0: the seal
         # dropping the alias reconnects to the endpoint itself (nothing more reaches the relay)
         links.set_aliases({})
         assert unreachable not in links.pushes
@@ -219,7 +219,7 @@ def test_a_node_relay_passes_on_only_sealed_messages_for_it():
     address = f"ipc:///tmp/parallax-test-relay-in-{os.getpid()}"
     executor.bind(address)
     relay = ActivationRelay(_FakeLattica(PEER), address)
-    release = [encode(StageRelease(["r1"]))]
+    release = [encode(LinkRelease(["r1"]))]
     try:
         good = _sealed(release)
         refused = {
@@ -252,7 +252,7 @@ def test_the_scheduler_relay_forwards_only_to_joined_peers_and_never_waits_long(
     gate = threading.Event()
     lattica = _FakeLattica("scheduler", answer=lambda data: gate.wait(5) and b"ok")
     relay = relay_module.ActivationRelay(lattica)
-    release = [encode(StageRelease(["r1"]))]
+    release = [encode(LinkRelease(["r1"]))]
     stranger = PEER.replace("G", "H")
     assert relay.on_forward(_relayed(PEER, _sealed(release))).startswith(b"error: refused")
     relay.forward_keys = lambda peer: [RELAY_KEY] if peer == PEER else None

@@ -16,7 +16,7 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.peers import LinkLimits, PipelineLinks
 from parallax.node.stage import StageRouter
 from parallax.node.tracing import StageTracer, split_records
 from parallax.protocol.common import TokenOutput
@@ -29,7 +29,7 @@ KEY = bytes(range(32))
 def keyed_links(context: zmq.Context, endpoints: list[str], engines: list[Engine],
                 key: bytes = KEY) -> list[PipelineLinks]:
     """One PipelineLinks per engine, bound to its endpoint, all holding the pipeline's key."""
-    return [PipelineLinks(context, e, e, StageLimits.of(engine), LinkSecurity(key, endpoints))
+    return [PipelineLinks(context, e, e, LinkLimits.of(engine), LinkSecurity(key, endpoints))
             for e, engine in zip(endpoints, engines, strict=True)]
 
 

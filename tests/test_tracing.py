@@ -24,7 +24,7 @@ from parallax.node.tracing import (
 )
 from parallax.protocol.common import PEER_LOST, TokenOutput, encode
 from parallax.protocol.ipc import ExecutorStats, LinkSample
-from parallax.protocol.links import StageAck, StageTokens, decode_stage
+from parallax.protocol.links import LinkAck, LinkTokens, decode_link
 from parallax.scheduler.replay import Failure
 from parallax.scheduler.status import ClusterMetrics
 from parallax.scheduler.traces import TraceStore, attempt_trace
@@ -61,8 +61,8 @@ def test_a_stage_times_queue_compute_and_hops_with_its_own_clock(clock):
     tracer.on_step(1010.0, 6.0, ["r", "r"])  # a request counts once per step
     send_id = tracer.on_send("tcp://next", [("r", 4608)])
     clock.ms = 1013.5
-    tracer.on_ack(StageAck(send_id, held_ms=0.5))  # round trip 9.5 - receiver 0.5
-    tracer.on_ack(StageAck(send_id, held_ms=0.5))  # a repeated ack counts nothing
+    tracer.on_ack(LinkAck(send_id, held_ms=0.5))  # round trip 9.5 - receiver 0.5
+    tracer.on_ack(LinkAck(send_id, held_ms=0.5))  # a repeated ack counts nothing
     assert tracer.own("r") == record(10, 20, 7.0 + 6.0, 11.0, 2, 9.0, 4608, 1)
     assert tracer.take_link_samples() == [LinkSample("tcp://next", 9.0, 4608)]
     assert tracer.take_link_samples() == []
@@ -125,22 +125,22 @@ def test_malformed_traces_and_acks_are_refused():
     assert trace_problem(record(0, 1, -1.0, 0, 0)) is not None
     assert trace_problem(record(0, 1, float("nan"), 0, 0)) is not None
     assert trace_problem([0.0] * STAGE_RECORD_LEN * (tracing.MAX_TRACE_STAGES + 1)) is not None
-    assert ack_problem(StageAck(3, 0.2)) is None
-    assert ack_problem(StageAck(0, 0.2)) is not None
-    assert ack_problem(StageAck(3, float("inf"))) is not None
+    assert ack_problem(LinkAck(3, 0.2)) is None
+    assert ack_problem(LinkAck(0, 0.2)) is not None
+    assert ack_problem(LinkAck(3, float("inf"))) is not None
 
 
 def test_stage_messages_with_traces_round_trip_and_bad_ones_are_dropped():
-    from parallax.node.peers import StageLimits, stage_problem
+    from parallax.node.peers import LinkLimits, link_problem
 
-    limits = StageLimits(576, 4096, 8192, 49152)
+    limits = LinkLimits(576, 4096, 8192, 49152)
     out = TokenOutput("r", 5, True, "stop", trace=record(0, 30, 1, 2, 3))
-    message = decode_stage(encode(StageTokens([out], 7, "tcp://a:1")))
+    message = decode_link(encode(LinkTokens([out], 7, "tcp://a:1")))
     assert message.outputs[0].trace == out.trace and message.send_id == 7
-    assert stage_problem(message, limits) is None
-    bad = StageTokens([TokenOutput("r", 5, trace=[1.0, 2.0])])
-    assert "trace" in stage_problem(bad, limits)
-    assert stage_problem(decode_stage(encode(StageAck(0, 1.0))), limits) is not None
+    assert link_problem(message, limits) is None
+    bad = LinkTokens([TokenOutput("r", 5, trace=[1.0, 2.0])])
+    assert "trace" in link_problem(bad, limits)
+    assert link_problem(decode_link(encode(LinkAck(0, 1.0))), limits) is not None
 
 
 def test_the_step_delay_setting_is_validated(monkeypatch):

@@ -57,15 +57,15 @@ from parallax.protocol.ipc import (
 )
 from parallax.protocol.links import (
     ActivationEntry,
-    StageAck,
-    StageActivations,
-    StagePrefixAnswer,
-    StagePrefixQuery,
-    StageRelease,
-    StageSeal,
-    StageTokens,
+    LinkAck,
+    LinkActivations,
+    LinkPrefixAnswer,
+    LinkPrefixQuery,
+    LinkRelease,
+    LinkSeal,
+    LinkTokens,
+    decode_link,
     decode_seal,
-    decode_stage,
 )
 from parallax.protocol.p2p import (
     BridgeBody,
@@ -173,20 +173,20 @@ SAMPLES: list[tuple[msgspec.Struct, str, object]] = [
                     activation_endpoint="tcp://10.0.0.1:7001", start_layer=0, end_layer=14),
      JSON, None),
     # ---- stage links: executor -> executor, ZeroMQ tcp multipart
-    (StageSeal(session=b"\x01" * 16, seq=99, mac=b"\x02" * 32), MSGPACK, decode_seal),
+    (LinkSeal(session=b"\x01" * 16, seq=99, mac=b"\x02" * 32), MSGPACK, decode_seal),
     (ENTRY, MSGPACK, _msgpack_as(ActivationEntry)),
-    (StageActivations(entries=[ENTRY, ActivationEntry(rid="chatcmpl-2", token_ids=[8],
+    (LinkActivations(entries=[ENTRY, ActivationEntry(rid="chatcmpl-2", token_ids=[8],
                                                           start_position=3)],
                         dtype="bfloat16", hidden_size=4, send_id=17,
-                        sender="tcp://10.0.0.1:7001"), MSGPACK, decode_stage),
-    (StageTokens(outputs=[TOKEN], send_id=18, sender="tcp://10.0.0.3:7001"), MSGPACK,
-     decode_stage),
-    (StageRelease(rids=["chatcmpl-1", "chatcmpl-3"]), MSGPACK, decode_stage),
-    (StageAck(send_id=17, held_ms=0.25), MSGPACK, decode_stage),
-    (StagePrefixQuery(rid="chatcmpl-4", token_ids=list(range(32)),
+                        sender="tcp://10.0.0.1:7001"), MSGPACK, decode_link),
+    (LinkTokens(outputs=[TOKEN], send_id=18, sender="tcp://10.0.0.3:7001"), MSGPACK,
+     decode_link),
+    (LinkRelease(rids=["chatcmpl-1", "chatcmpl-3"]), MSGPACK, decode_link),
+    (LinkAck(send_id=17, held_ms=0.25), MSGPACK, decode_link),
+    (LinkPrefixQuery(rid="chatcmpl-4", token_ids=list(range(32)),
                         downstream=["tcp://10.0.0.3:7001"], head_endpoint="tcp://10.0.0.1:7001"),
-     MSGPACK, decode_stage),
-    (StagePrefixAnswer(rid="chatcmpl-4", num_cached_tokens=16), MSGPACK, decode_stage),
+     MSGPACK, decode_link),
+    (LinkPrefixAnswer(rid="chatcmpl-4", num_cached_tokens=16), MSGPACK, decode_link),
     # ---- P2P: HTTP over a Lattica stream, DHT records, relayed stage messages
     (BridgeRequest(method="POST", path="/node/heartbeat?x=1",
                      headers=[("content-type", "application/json"), ("x-join-token", "t")],
@@ -259,7 +259,7 @@ def test_activation_frames_match_the_recording(dtype):
     frames = [bytes(frame) for frame in frames]
     recorded = _recorded(f"activation_frames_{str(dtype).removeprefix('torch.')}", frames)
     assert frames == recorded
-    header = decode_stage(recorded[0])
+    header = decode_link(recorded[0])
     assert header.entries == entries and header.hidden_size == 4 and header.send_id == 5
     assert header.dtype == str(dtype).removeprefix("torch.")
     received = torch.frombuffer(bytearray(recorded[1]), dtype=dtype).view(-1, header.hidden_size)

@@ -36,7 +36,7 @@ from parallax.config import ExecutorConfig
 from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.peers import LinkLimits, PipelineLinks
 from parallax.node.stage import RouteRejected, StageRouter
 from parallax.node.tracing import StageTracer, step_delay_s
 from parallax.protocol.common import (
@@ -453,7 +453,7 @@ def run_executor_process(
             curve = CurveKeyPair.generate() if config.link_encryption else None
             links = PipelineLinks(context, config.activation_bind,
                                   config.activation_endpoint or config.activation_bind,
-                                  StageLimits.of(engine, config.max_num_batched_tokens),
+                                  LinkLimits.of(engine, config.max_num_batched_tokens),
                                   curve=curve)
             if curve is not None:  # peers learn it through the scheduler (link_crypto.py)
                 ready = msgspec.structs.replace(ready,

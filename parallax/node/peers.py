@@ -5,7 +5,7 @@ peer it sends to. A socket monitor on every PUSH reports a peer that went away (
 host gone): the requests routed through it are failed at once instead of hanging.
 
 The activation port can be reached by anyone, so nothing received is trusted: every message
-must carry a valid seal under the pipeline's link key (link_auth.py) and pass `StageLimits`
+must carry a valid seal under the pipeline's link key (link_auth.py) and pass `LinkLimits`
 (a known float dtype, this model's hidden size, frame count, byte length, bounded entries and
 tokens, sane positions, endpoints only from the scheduler's table); anything else is dropped
 with a log line. Sending never blocks the engine loop: a message a peer does not take at once waits
@@ -34,14 +34,14 @@ from parallax.node.tracing import ack_problem, trace_problem
 from parallax.protocol.common import FAILURE_KINDS, PEER_LOST, STAGE_TIMEOUT, TokenOutput, encode
 from parallax.protocol.links import (
     ActivationEntry,
-    StageAck,
-    StageActivations,
-    StageMessage,
-    StagePrefixAnswer,
-    StagePrefixQuery,
-    StageRelease,
-    StageTokens,
-    decode_stage,
+    LinkAck,
+    LinkActivations,
+    LinkMessage,
+    LinkPrefixAnswer,
+    LinkPrefixQuery,
+    LinkRelease,
+    LinkTokens,
+    decode_link,
 )
 
 logger = logging.getLogger("parallax.peers")
@@ -52,7 +52,7 @@ RCVHWM = 100  # messages queued per connected sender on the activation port
 MAX_RECEIVE_PER_CALL = 256  # then the engine steps: a flood cannot starve it
 MIN_MESSAGE_TOKENS = 4096  # accepted per message even where this node batches fewer
 MAX_ENTRIES = 1024
-MAX_IDS = 4096  # outputs of a StageTokens, rids of a StageRelease
+MAX_IDS = 4096  # outputs of a LinkTokens, rids of a LinkRelease
 MAX_RID_CHARS = 256
 MAX_ERROR_CHARS = 4096
 MAX_DOWNSTREAM = 64
@@ -74,7 +74,7 @@ class Route:
 
 
 @dataclass(frozen=True)
-class StageLimits:
+class LinkLimits:
     """What a stage message may hold on this shard."""
 
     hidden_size: int
@@ -83,7 +83,7 @@ class StageLimits:
     vocab_size: int
 
     @classmethod
-    def of(cls, engine, max_num_batched_tokens: int | None = None) -> StageLimits:
+    def of(cls, engine, max_num_batched_tokens: int | None = None) -> LinkLimits:
         """The limits of `engine`'s shard (its model config and max model length)."""
         config = engine.model.config
         tokens = max(MIN_MESSAGE_TOKENS, max_num_batched_tokens
@@ -108,7 +108,7 @@ class PipelineLinks:
     """The activation endpoint of this executor and its outgoing links."""
 
     def __init__(self, context: zmq.Context, bind_address: str, own_endpoint: str,
-                 limits: StageLimits, security: LinkSecurity | None = None,
+                 limits: LinkLimits, security: LinkSecurity | None = None,
                  curve: CurveKeyPair | None = None) -> None:
         self.context = context
         self.own_endpoint = own_endpoint
@@ -261,9 +261,9 @@ class PipelineLinks:
     def send_activations(self, endpoint: str, entries: list[ActivationEntry],
                          hidden: torch.Tensor, send_id: int = 0) -> None:
         """hidden: [sum of entries' tokens, hidden_size], rows in entry order. `send_id` > 0
-        asks the receiver for a StageAck (node/tracing.py)."""
+        asks the receiver for a LinkAck (node/tracing.py)."""
         hidden = hidden.contiguous()
-        header = StageActivations(entries, str(hidden.dtype).removeprefix("torch."),
+        header = LinkActivations(entries, str(hidden.dtype).removeprefix("torch."),
                                     hidden.shape[-1], send_id,
                                     self.own_endpoint if send_id else "")
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
@@ -290,7 +290,7 @@ class PipelineLinks:
 
     # ---- incoming ----------------------------------------------------------------------
 
-    def receive(self) -> tuple[StageMessage, torch.Tensor | None] | None:
+    def receive(self) -> tuple[LinkMessage, torch.Tensor | None] | None:
         """One valid message if available (non-blocking): (header, hidden [T, H] or None).
 
         Invalid messages are dropped with a log line; None when nothing valid is waiting (or
@@ -318,16 +318,16 @@ class PipelineLinks:
         if problem is not None:
             return problem
         try:
-            message = decode_stage(frames[1].bytes)
+            message = decode_link(frames[1].bytes)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return f"undecodable header: {exc}"
-        tensor = isinstance(message, StageActivations)
+        tensor = isinstance(message, LinkActivations)
         if len(frames) != (3 if tensor else 2):
             return f"{len(frames)} frames for a {type(message).__name__}"
-        if isinstance(message, (StagePrefixQuery, StagePrefixAnswer)):
+        if isinstance(message, (LinkPrefixQuery, LinkPrefixAnswer)):
             return prefix_problem(message, self.limits, self.allows) or (message, None)
         if not tensor:
-            return stage_problem(message, self.limits) or (message, None)
+            return link_problem(message, self.limits) or (message, None)
         problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
         if problem is not None:
             return problem
@@ -355,11 +355,11 @@ def _rid_problem(rid: str) -> str | None:
     return None if 0 < len(rid) <= MAX_RID_CHARS else f"request id of {len(rid)} characters"
 
 
-def stage_problem(message: StageTokens | StageRelease, limits: StageLimits) -> str | None:
-    """Why a StageTokens / StageRelease / StageAck must be dropped, or None."""
-    if isinstance(message, StageAck):
+def link_problem(message: LinkTokens | LinkRelease, limits: LinkLimits) -> str | None:
+    """Why a LinkTokens / LinkRelease / LinkAck must be dropped, or None."""
+    if isinstance(message, LinkAck):
         return ack_problem(message)
-    if isinstance(message, StageRelease):
+    if isinstance(message, LinkRelease):
         if not 0 < len(message.rids) <= MAX_IDS:
             return f"release of {len(message.rids)} requests"
         return next(filter(None, map(_rid_problem, message.rids)), None)
@@ -385,13 +385,13 @@ def stage_problem(message: StageTokens | StageRelease, limits: StageLimits) -> s
     return None
 
 
-def prefix_problem(message: StagePrefixQuery | StagePrefixAnswer, limits: StageLimits,
+def prefix_problem(message: LinkPrefixQuery | LinkPrefixAnswer, limits: LinkLimits,
                    allows) -> str | None:
     """Why a prefix query / answer must be dropped, or None (`allows` as in
     activations_problem)."""
     if (problem := _rid_problem(message.rid)) is not None:
         return problem
-    if isinstance(message, StagePrefixAnswer):
+    if isinstance(message, LinkPrefixAnswer):
         if not 0 <= message.num_cached_tokens <= limits.max_position:
             return f"{message.rid}: {message.num_cached_tokens} cached tokens"
         return None
@@ -407,7 +407,7 @@ def prefix_problem(message: StagePrefixQuery | StagePrefixAnswer, limits: StageL
     return None
 
 
-def _logprobs_problem(output: TokenOutput, limits: StageLimits) -> str | None:
+def _logprobs_problem(output: TokenOutput, limits: LinkLimits) -> str | None:
     """A token's logprobs must be finite and <= 0, at most MAX_TOP_LOGPROBS alternatives, ids in
     the vocabulary, and come with a token."""
     if output.logprob is None and not output.top_logprobs:
@@ -430,9 +430,9 @@ def _is_logprob(value: float) -> bool:
     return math.isfinite(value) and value <= 1e-3  # log-softmax rounding may pass 0 a little
 
 
-def activations_problem(message: StageActivations, num_bytes: int, limits: StageLimits,
+def activations_problem(message: LinkActivations, num_bytes: int, limits: LinkLimits,
                         allows) -> str | None:
-    """Why a StageActivations with a tensor frame of `num_bytes` must be dropped, or None.
+    """Why a LinkActivations with a tensor frame of `num_bytes` must be dropped, or None.
 
     `allows(endpoint)`: whether the scheduler's table lists an endpoint it names.
     """
@@ -457,7 +457,7 @@ def activations_problem(message: StageActivations, num_bytes: int, limits: Stage
     return None
 
 
-def _entry_problem(entry: ActivationEntry, limits: StageLimits, allows) -> str | None:
+def _entry_problem(entry: ActivationEntry, limits: LinkLimits, allows) -> str | None:
     if (problem := _rid_problem(entry.rid)) is not None:
         return problem
     count = len(entry.token_ids)

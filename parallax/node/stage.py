@@ -4,13 +4,13 @@
   tokens come back from the last stage and feed the next decode step.
 - middle: hidden states in, hidden states out.
 - last: hidden states in, sampled tokens out to the head.
-Finishing, aborting and preemption free the request on every stage: a StageRelease travels the
+Finishing, aborting and preemption free the request on every stage: a LinkRelease travels the
 same chain as the activations, so it always arrives after them. A link that drops fails the
 requests routed through it at once; the head tells its frontend, the others tell the head.
 
 Prefix caching across stages. Each stage caches its own layers' KV, and evictions differ per
 stage, so before a request whose prefix the head holds runs, the stages agree on where it
-starts: the head sends a StagePrefixQuery along the chain (token ids only); each stage pins the
+starts: the head sends a LinkPrefixQuery along the chain (token ids only); each stage pins the
 longest prefix it still holds, at most what the stages before it hold, and the last (or the
 first that holds nothing) answers the head with that length. Every stage then starts the
 request there: the head recomputes its own layers only for the part of its hit that a later
@@ -42,12 +42,12 @@ from parallax.protocol.common import ENGINE_ERROR, PEER_LOST, TokenOutput, encod
 from parallax.protocol.ipc import AddRequest
 from parallax.protocol.links import (
     ActivationEntry,
-    StageAck,
-    StageActivations,
-    StagePrefixAnswer,
-    StagePrefixQuery,
-    StageRelease,
-    StageTokens,
+    LinkAck,
+    LinkActivations,
+    LinkPrefixAnswer,
+    LinkPrefixQuery,
+    LinkRelease,
+    LinkTokens,
 )
 
 logger = logging.getLogger("parallax.stage")
@@ -110,26 +110,26 @@ class StageRouter:
 
     def on_message(self, message, hidden: torch.Tensor | None) -> list[TokenOutput]:
         taken_ms = now_ms()
-        if isinstance(message, StageAck):
+        if isinstance(message, LinkAck):
             self.tracer.on_ack(message)
             return []
-        if isinstance(message, (StageActivations, StageTokens)) and message.send_id:
+        if isinstance(message, (LinkActivations, LinkTokens)) and message.send_id:
             self._ack(message, taken_ms)
-        if isinstance(message, StageActivations):
+        if isinstance(message, LinkActivations):
             self._on_activations(message, hidden)
             return []
-        if isinstance(message, StageTokens):
+        if isinstance(message, LinkTokens):
             return self._on_tokens(message.outputs)
-        if isinstance(message, StageRelease):
+        if isinstance(message, LinkRelease):
             self.abort(message.rids)
-        elif isinstance(message, StagePrefixQuery):
+        elif isinstance(message, LinkPrefixQuery):
             self._on_prefix_query(message)
-        elif isinstance(message, StagePrefixAnswer):
+        elif isinstance(message, LinkPrefixAnswer):
             if self.prefix_deadlines.pop(message.rid, None) is not None:
                 self.engine.resume_prefix(message.rid, message.num_cached_tokens)
         return []
 
-    def _on_prefix_query(self, message: StagePrefixQuery) -> None:
+    def _on_prefix_query(self, message: LinkPrefixQuery) -> None:
         """Later stage: pin what this stage holds of the prefix; ask on, or answer the head."""
         downstream = list(message.downstream)
         route = Route(downstream[0] if downstream else None, downstream[1:],
@@ -138,7 +138,7 @@ class StageRouter:
         held = self.engine.reserve_prefix(message.rid, list(message.token_ids))
         if route.next_endpoint is not None and held > 0:
             try:
-                self.links.send_message(route.next_endpoint, StagePrefixQuery(
+                self.links.send_message(route.next_endpoint, LinkPrefixQuery(
                     message.rid, list(message.token_ids[:held]), route.downstream_after_next,
                     message.head_endpoint))
                 return
@@ -147,12 +147,12 @@ class StageRouter:
                 return
         try:
             self.links.send_message(message.head_endpoint,
-                                    StagePrefixAnswer(message.rid, held))
+                                    LinkPrefixAnswer(message.rid, held))
         except PeerUnreachable:
             logger.warning("the head %s is unreachable; dropping a prefix answer",
                            message.head_endpoint)
 
-    def _on_activations(self, message: StageActivations, hidden: torch.Tensor) -> None:
+    def _on_activations(self, message: LinkActivations, hidden: torch.Tensor) -> None:
         offset = 0
         for entry in message.entries:
             rows = hidden[offset: offset + len(entry.token_ids)]
@@ -209,13 +209,13 @@ class StageRouter:
         return msgspec.structs.replace(
             output, trace=self.tracer.own(output.rid) + list(output.trace[STAGE_RECORD_LEN:]))
 
-    def _ack(self, message: StageActivations | StageTokens, taken_ms: float) -> None:
+    def _ack(self, message: LinkActivations | LinkTokens, taken_ms: float) -> None:
         """Answer a message that asked for it at once (its sender times the hop)."""
         if not self.links.allows(message.sender) or message.sender == self.links.own_endpoint:
             return
         try:
             self.links.send_message(message.sender,
-                                    StageAck(message.send_id, round(now_ms() - taken_ms, 3)))
+                                    LinkAck(message.send_id, round(now_ms() - taken_ms, 3)))
         except PeerUnreachable:
             pass  # the sender is gone: nobody waits for this hop's time
 
@@ -269,7 +269,7 @@ class StageRouter:
                 self.engine.resume_prefix(query.request_id, 0)
                 continue
             try:
-                self.links.send_message(route.next_endpoint, StagePrefixQuery(
+                self.links.send_message(route.next_endpoint, LinkPrefixQuery(
                     query.request_id, query.token_ids, route.downstream_after_next,
                     route.head_endpoint))
             except PeerUnreachable as exc:
@@ -374,7 +374,7 @@ class StageRouter:
 
     def _to_head(self, head_endpoint: str, outputs: list[TokenOutput]) -> None:
         send_id = self.tracer.next_send_id()
-        data = encode(StageTokens(outputs, send_id, self.links.own_endpoint))
+        data = encode(LinkTokens(outputs, send_id, self.links.own_endpoint))
         self.tracer.on_send(head_endpoint, [(o.rid, len(data) // len(outputs)) for o in outputs],
                             send_id)
         try:
@@ -397,6 +397,6 @@ class StageRouter:
         if not self.links.allows(endpoint):
             return
         try:
-            self.links.send_message(endpoint, StageRelease(rids))
+            self.links.send_message(endpoint, LinkRelease(rids))
         except PeerUnreachable:
             pass  # the peer is gone, and its KV with it

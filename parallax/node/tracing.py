@@ -7,7 +7,7 @@ Each stage measures with its own clock only, so no clock is ever synchronised:
   runs it starts;
 - compute: the wall time of the steps that ran it (a batch's step counts for each of its
   requests), including the test-only delay of `PARALLAX_TEST_STEP_DELAY_MS`;
-- hop: a message asks its receiver for a `StageAck` (protocol.py); the sender's round trip less
+- hop: a message asks its receiver for a `LinkAck` (protocol.py); the sender's round trip less
   the receiver's reported time between taking the message and acking is the hop's transfer
   time. It includes any wait of the message at a receiver busy with a step.
 
@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Any
 
 from parallax.protocol.ipc import LinkSample
-from parallax.protocol.links import StageAck
+from parallax.protocol.links import LinkAck
 
 RECORD_FIELDS = ("start_layer", "end_layer", "queue_ms", "compute_ms", "steps", "hop_ms",
                  "hop_bytes", "hops")
@@ -129,7 +129,7 @@ class StageTracer:
         self.unacked[send_id] = (now_ms(), peer, items)
         return send_id
 
-    def on_ack(self, ack: StageAck) -> None:
+    def on_ack(self, ack: LinkAck) -> None:
         sent = self.unacked.pop(ack.send_id, None)
         if sent is None:
             return
@@ -159,7 +159,7 @@ def trace_problem(trace: list[float]) -> str | None:
     return None
 
 
-def ack_problem(ack: StageAck) -> str | None:
+def ack_problem(ack: LinkAck) -> str | None:
     if not 0 < ack.send_id < 2**62:
         return f"ack of send id {ack.send_id}"
     if not (math.isfinite(ack.held_ms) and 0 <= ack.held_ms <= MAX_FIGURE):

@@ -1,15 +1,15 @@
 """Executor -> executor stage links: ZeroMQ `tcp://` multipart messages (PUSH -> PULL).
 
-    head executor            middle stage executor(s)          last stage executor
-         |  StagePrefixQuery -->  ...  --> StagePrefixQuery          |
-         |<---------------------------------------- StagePrefixAnswer |
-         |  StageActivations (+ raw hidden states) -->  ...  -->     |  (samples)
-         |<---------------------------------------------- StageTokens |
-         |  StageRelease -->  ...  --> StageRelease                  |
-         |<--- StageAck (at once, to the sender of a message with a send_id) ---|
+    head executor           middle stage executor(s)           last stage executor
+         |  LinkPrefixQuery -->  ...  --> LinkPrefixQuery             |
+         |<------------------------------------------ LinkPrefixAnswer |
+         |  LinkActivations (+ raw hidden states) -->  ...  -->        |  (samples)
+         |<------------------------------------------------ LinkTokens |
+         |  LinkRelease -->  ...  --> LinkRelease                      |
+      any sender <-- LinkAck (at once, for a message with a send_id) -- its receiver
 
-Every message: frame 0 is a StageSeal (msgpack), frame 1 one of the tagged structs below
-(msgpack); StageActivations has a frame 2 with the raw bytes of the hidden states of all its
+Every message: frame 0 is a LinkSeal (msgpack), frame 1 one of the tagged structs below
+(msgpack); LinkActivations has a frame 2 with the raw bytes of the hidden states of all its
 entries, concatenated in entry order ([sum of num tokens, hidden_size] in `dtype`; built and read
 by node/peers.py). The seal authenticates frames 1.. (node/link_auth.py). Nothing is pickled.
 In P2P mode a link a node cannot reach over tcp travels inside a RelayedMessage (p2p.py).
@@ -25,7 +25,7 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.protocol.common import TokenOutput
 
 
-class StageSeal(msgspec.Struct, frozen=True, array_like=True):
+class LinkSeal(msgspec.Struct, frozen=True, array_like=True):
     """HMAC-SHA256 under the pipeline's link key over `session`, `seq` and every later frame.
 
     `session`: random per sending PipelineLinks; `seq`: increases with every message it sends,
@@ -56,34 +56,34 @@ class ActivationEntry(msgspec.Struct, frozen=True, array_like=True, omit_default
     due: bool = False  # the last stage samples a token after this chunk
     trace: list[float] = []  # the request's trace records of the stages before (tracing.py)
     # a first chunk that starts at start_position > 0: the receiving stage reuses the
-    # [0, start_position) of the prefix it reserved for the request (StagePrefixQuery)
+    # [0, start_position) of the prefix it reserved for the request (LinkPrefixQuery)
     reuses_prefix: bool = False
 
 
-class StageActivations(msgspec.Struct, tag="activations", frozen=True):
+class LinkActivations(msgspec.Struct, tag="activations", frozen=True):
     entries: list[ActivationEntry]
     dtype: str  # torch dtype name of frame 1, e.g. "float32"
     hidden_size: int
-    # > 0: answer with a StageAck to `sender` (the hop's transfer time, node/tracing.py)
+    # > 0: answer with a LinkAck to `sender` (the hop's transfer time, node/tracing.py)
     send_id: int = 0
     sender: str = ""
 
 
-class StageTokens(msgspec.Struct, tag="tokens", frozen=True):
+class LinkTokens(msgspec.Struct, tag="tokens", frozen=True):
     """Last stage -> head: sampled tokens (or per-request errors) of one step."""
 
     outputs: list[TokenOutput]
-    send_id: int = 0  # as in StageActivations
+    send_id: int = 0  # as in LinkActivations
     sender: str = ""
 
 
-class StageRelease(msgspec.Struct, tag="release", frozen=True):
+class LinkRelease(msgspec.Struct, tag="release", frozen=True):
     """Free these requests' KV on every later stage; travels the chain after the activations."""
 
     rids: list[str]
 
 
-class StageAck(msgspec.Struct, tag="ack", frozen=True):
+class LinkAck(msgspec.Struct, tag="ack", frozen=True):
     """Receiver -> sender of a message with a `send_id`, at once: the sender's round trip less
     `held_ms` (the receiver's time between taking the message and acking) is the hop's
     transfer time, with no clock shared between the two (parallax/node/tracing.py)."""
@@ -92,12 +92,12 @@ class StageAck(msgspec.Struct, tag="ack", frozen=True):
     held_ms: float
 
 
-class StagePrefixQuery(msgspec.Struct, tag="prefix_query", frozen=True):
+class LinkPrefixQuery(msgspec.Struct, tag="prefix_query", frozen=True):
     """Head -> along the chain, before a request with a cached prefix runs: "how much of
     `token_ids` (full blocks) do you hold?". Each stage drops any stale state of `rid`, pins
     the longest prefix its own cache holds (at most what the stage before it holds) and
     passes the query on with `token_ids` cut to that; the last one (or the first that holds
-    nothing) answers the head with StagePrefixAnswer. Like a first chunk, it carries the
+    nothing) answers the head with LinkPrefixAnswer. Like a first chunk, it carries the
     stages after the receiver and the head's endpoint."""
 
     rid: str
@@ -106,7 +106,7 @@ class StagePrefixQuery(msgspec.Struct, tag="prefix_query", frozen=True):
     head_endpoint: str = ""
 
 
-class StagePrefixAnswer(msgspec.Struct, tag="prefix_answer", frozen=True):
+class LinkPrefixAnswer(msgspec.Struct, tag="prefix_answer", frozen=True):
     """Later stage -> head: every later stage holds (and has pinned) the first
     `num_cached_tokens` of the request's prefix; the head starts the request there."""
 
@@ -114,20 +114,20 @@ class StagePrefixAnswer(msgspec.Struct, tag="prefix_answer", frozen=True):
     num_cached_tokens: int
 
 
-StageMessage = Union[StageActivations, StageTokens, StageRelease,  # noqa: UP007
-                     StageAck, StagePrefixQuery, StagePrefixAnswer]
-_stage_decoder = msgspec.msgpack.Decoder(StageMessage)
+LinkMessage = Union[LinkActivations, LinkTokens, LinkRelease,  # noqa: UP007
+                     LinkAck, LinkPrefixQuery, LinkPrefixAnswer]
+_link_decoder = msgspec.msgpack.Decoder(LinkMessage)
 
 
-_seal_decoder = msgspec.msgpack.Decoder(StageSeal)
+_seal_decoder = msgspec.msgpack.Decoder(LinkSeal)
 
 
-def decode_stage(data: bytes) -> (StageActivations | StageTokens | StageRelease | StageAck
-                                  | StagePrefixQuery | StagePrefixAnswer):
+def decode_link(data: bytes) -> (LinkActivations | LinkTokens | LinkRelease | LinkAck
+                                  | LinkPrefixQuery | LinkPrefixAnswer):
     """Decode the header frame (frame 1) of a stage-to-stage message."""
-    return _stage_decoder.decode(data)
+    return _link_decoder.decode(data)
 
 
-def decode_seal(data: bytes) -> StageSeal:
+def decode_seal(data: bytes) -> LinkSeal:
     """Decode frame 0 of a stage-to-stage message."""
     return _seal_decoder.decode(data)
