@@ -58,7 +58,7 @@ import torch
 import zmq
 
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import LinkLimits, PipelineLinks
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.protocol.links import ActivationEntry
 
 SHARE_FOR_SPLIT = {1: 2.0, 2: 0.6, 3: 0.4}  # of the whole model's budget: 1, 2 or 3 stages

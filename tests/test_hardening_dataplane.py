@@ -28,10 +28,10 @@ from tiny_models import greedy_tokens, save_tiny_model
 from parallax.config import SchedulerConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node import peers
+from parallax.node import links as links_module
 from parallax.node.executor import ExecutorLoop
 from parallax.node.link_auth import PREVIOUS_KEY_GRACE_S, LinkSecurity, key_id
-from parallax.node.peers import LinkLimits, PeerUnreachable, PipelineLinks
+from parallax.node.links import LinkLimits, PeerUnreachable, PipelineLinks
 from parallax.protocol.common import TokenOutput, encode
 from parallax.protocol.control import Heartbeat, HeartbeatResponse, NodeJoin
 from parallax.protocol.ipc import AddRequest, SetLinkSecurity, decode_to_executor
@@ -96,7 +96,7 @@ def push(links: PipelineLinks, attacker: zmq.Socket, frames: list):
 
 
 def assert_dropped(links, attacker, frames, caplog, reason: str) -> None:
-    with caplog.at_level(logging.WARNING, logger="parallax.peers"):
+    with caplog.at_level(logging.WARNING, logger="parallax.links"):
         assert push(links, attacker, frames) is None
     assert any(reason in r.getMessage() for r in caplog.records), caplog.text
     caplog.clear()
@@ -214,7 +214,7 @@ def test_an_oversized_message_never_reaches_the_stage(port):
 
 def test_sends_never_block_and_never_dial_unlisted_endpoints(port, monkeypatch):
     links, _, head = port
-    monkeypatch.setattr(peers, "CONNECT_WAIT_S", 0.3)
+    monkeypatch.setattr(links_module, "CONNECT_WAIT_S", 0.3)
     for endpoint in ("ipc:///tmp/parallax-evil", "inproc://x", "tcp://*:1", FOREIGN, "garbage"):
         with pytest.raises(PeerUnreachable):
             links.send_message(endpoint, LinkRelease(["r"]))
@@ -273,7 +273,7 @@ def test_in_flight_request_survives_forgeries_on_both_stages(model_path, caplog)
             # a member's key but a stranger's endpoint: would restart and redirect the victim
             sealed(activations(FOREIGN, hidden=hidden, rid="victim")),
         ]
-        with caplog.at_level(logging.WARNING, logger="parallax.peers"):
+        with caplog.at_level(logging.WARNING, logger="parallax.links"):
             for attacker, endpoint in zip(attackers, cluster.endpoints, strict=True):
                 attacker.connect(endpoint)
                 for frames in forged:

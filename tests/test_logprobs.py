@@ -25,7 +25,7 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampler import LOGPROB_FLOOR, sample, token_logprobs
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node.peers import LinkLimits, link_problem
+from parallax.node.links import LinkLimits, link_problem
 from parallax.protocol.common import TokenOutput, encode
 from parallax.protocol.ipc import AddRequest, decode_to_executor
 from parallax.protocol.links import LinkTokens, decode_link

@@ -13,7 +13,7 @@ from processes import free_port
 
 from parallax.config import ChatConfig, ConfigError, JoinConfig, SchedulerConfig
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import LinkLimits, PipelineLinks
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.p2p.peer import is_p2p_target, split_target
 from parallax.p2p.safety import restricted_loads
 from parallax.protocol.common import encode

@@ -16,7 +16,7 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import LinkLimits, PipelineLinks
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.node.stage import StageRouter
 from parallax.node.tracing import StageTracer, split_records
 from parallax.protocol.common import TokenOutput

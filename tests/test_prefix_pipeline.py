@@ -22,7 +22,7 @@ from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node import stage as stage_module
-from parallax.node.peers import LinkLimits, prefix_problem
+from parallax.node.links import LinkLimits, prefix_problem
 from parallax.node.stage import StageRouter
 from parallax.protocol.common import encode
 from parallax.protocol.links import LinkPrefixAnswer, LinkPrefixQuery, decode_link

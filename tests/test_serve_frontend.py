@@ -18,7 +18,7 @@ import zmq
 
 from parallax.config import ServeConfig
 from parallax.node.executor_client import ExecutorClient
-from parallax.node.frontend import NodeFrontend, build_app
+from parallax.node.http_server import NodeHttpServer, build_app
 from parallax.protocol.common import TokenOutput, encode
 from parallax.protocol.ipc import (
     AddRequest,
@@ -146,7 +146,7 @@ class Harness:
 
     async def __aenter__(self):
         client = ExecutorClient(self.config.executor, launcher=self._launch, max_restarts=2)
-        self.frontend = NodeFrontend(self.config, client, "fake", tokenizer=self.tokenizer)
+        self.frontend = NodeHttpServer(self.config, client, "fake", tokenizer=self.tokenizer)
         await self.frontend.start()
         if self.send_ready:
             await asyncio.wait_for(self.frontend.wait_ready(), 5)

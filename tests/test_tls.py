@@ -38,7 +38,7 @@ from parallax.cli import main
 from parallax.config import GatewayConfig, JoinConfig, SchedulerConfig
 from parallax.node.link_auth import LinkSecurity
 from parallax.node.link_crypto import CurveKeyPair, is_curve_key, link_fingerprint
-from parallax.node.peers import LinkLimits, PipelineLinks
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.protocol.common import encode
 from parallax.protocol.control import NodeJoin
 from parallax.protocol.links import LinkRelease

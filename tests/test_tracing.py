@@ -131,7 +131,7 @@ def test_malformed_traces_and_acks_are_refused():
 
 
 def test_stage_messages_with_traces_round_trip_and_bad_ones_are_dropped():
-    from parallax.node.peers import LinkLimits, link_problem
+    from parallax.node.links import LinkLimits, link_problem
 
     limits = LinkLimits(576, 4096, 8192, 49152)
     out = TokenOutput("r", 5, True, "stop", trace=record(0, 30, 1, 2, 3))

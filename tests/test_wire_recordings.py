@@ -25,7 +25,7 @@ import torch
 
 from parallax import protocol
 from parallax.engine.sampling_params import SamplingParams
-from parallax.node.peers import PipelineLinks
+from parallax.node.links import PipelineLinks
 from parallax.protocol.common import PEER_LOST, DownloadProgress, TokenOutput, encode
 from parallax.protocol.control import (
     Assignment,

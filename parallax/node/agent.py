@@ -18,7 +18,7 @@ import msgspec
 
 from parallax.config import ExecutorConfig, JoinConfig
 from parallax.node.executor_client import ExecutorClient, NotReadyError
-from parallax.node.frontend import NodeFrontend
+from parallax.node.http_server import NodeHttpServer
 from parallax.node.probe import PROBE_TIMEOUT_S, LinkHistory, measure_peers
 from parallax.protocol.control import (
     Assignment,
@@ -58,7 +58,7 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int,
 
 
 class NodeAgent:
-    def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeFrontend,
+    def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeHttpServer,
                  join: NodeJoin, scheduler_url: str, activation_bind: str,
                  say: Callable[[str], None],
                  transport: httpx.AsyncBaseTransport | None = None, links=None,

@@ -36,7 +36,7 @@ from parallax.config import ExecutorConfig
 from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
-from parallax.node.peers import LinkLimits, PipelineLinks
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.node.stage import RouteRejected, StageRouter
 from parallax.node.tracing import StageTracer, step_delay_s
 from parallax.protocol.common import (

@@ -8,7 +8,7 @@ import socket
 from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
-from parallax.node.frontend import NodeFrontend, build_app
+from parallax.node.http_server import NodeHttpServer, build_app
 from parallax.p2p.peer import is_p2p_target
 from parallax.protocol.control import NodeJoin
 from parallax.scheduler.status import lan_address
@@ -65,7 +65,7 @@ async def join_async(config: JoinConfig) -> int:
                       f"tcp://{host}:{activation_port}", config.max_batch_size,
                       peer_id=p2p.peer_id if p2p else None)
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
-    frontend = NodeFrontend(config, client, "(no model yet)")
+    frontend = NodeHttpServer(config, client, "(no model yet)")
     frontend.node_id = node_id
     frontend.join_token = config.join_token
     agent = NodeAgent(config, client, frontend, join, scheduler_url,

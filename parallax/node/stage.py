@@ -36,7 +36,7 @@ import msgspec
 import torch
 
 from parallax.engine.engine import Engine, StepOutput
-from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
+from parallax.node.links import PeerUnreachable, PipelineLinks, Route
 from parallax.node.tracing import STAGE_RECORD_LEN, StageTracer, now_ms
 from parallax.protocol.common import ENGINE_ERROR, PEER_LOST, TokenOutput, encode
 from parallax.protocol.ipc import AddRequest

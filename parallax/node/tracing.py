@@ -7,7 +7,7 @@ Each stage measures with its own clock only, so no clock is ever synchronised:
   runs it starts;
 - compute: the wall time of the steps that ran it (a batch's step counts for each of its
   requests), including the test-only delay of `PARALLAX_TEST_STEP_DELAY_MS`;
-- hop: a message asks its receiver for a `LinkAck` (protocol.py); the sender's round trip less
+- hop: a message asks its receiver for a `LinkAck` (protocol/links.py); the sender's round trip less
   the receiver's reported time between taking the message and acking is the hop's transfer
   time. It includes any wait of the message at a receiver busy with a step.
 

@@ -9,7 +9,7 @@ the same headers and the local server checks them. Every replayed request carrie
 marker (any copy the caller sent is replaced), so the local server never takes a remote peer
 for a loopback client (see parallax/serving/security.py).
 
-Every frame is msgpack we encode ourselves (protocol.Bridge*); raw `_handle_*` methods bypass
+Every frame is msgpack we encode ourselves (protocol/p2p.py Bridge*); raw `_handle_*` methods bypass
 Lattica's pickling in both directions. A peer's handler that raises would be retried three
 times by Lattica and its error swallowed mid-stream, so failures are sent as frames instead.
 """

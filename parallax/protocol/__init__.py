@@ -1,7 +1,7 @@
 """Every message that crosses a process or host boundary, as typed msgspec structs, one module
 per wire. Nothing here is ever pickled; every decoder checks types as it decodes.
 
-    ipc.py      node frontend <-> its executor      ZeroMQ ipc://, msgpack
+    ipc.py      node HTTP server <-> its executor   ZeroMQ ipc://, msgpack
     control.py  node <-> cluster scheduler          HTTP JSON bodies
     links.py    executor -> executor (stage links)  ZeroMQ tcp://, msgpack + raw tensor bytes
     p2p.py      P2P mode over Lattica               stream frames, DHT records, relays

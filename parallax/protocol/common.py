@@ -1,8 +1,8 @@
 """What more than one wire carries, and the one msgpack encoder of every msgpack wire.
 
-`TokenOutput` travels executor -> frontend (ipc.py, inside StepOutputs) and last stage -> head
-(links.py, inside LinkTokens); `DownloadProgress` travels executor -> frontend (ipc.py) and
-node -> scheduler (control.py, inside Heartbeat). Nothing here is ever pickled.
+`TokenOutput` travels executor -> HTTP server (ipc.py, inside StepOutputs) and last stage ->
+head (links.py, inside LinkTokens); `DownloadProgress` travels executor -> HTTP server (ipc.py)
+and node -> scheduler (control.py, inside Heartbeat). Nothing here is ever pickled.
 """
 
 from __future__ import annotations

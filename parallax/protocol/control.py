@@ -12,7 +12,7 @@
          |<------------------------------------ {"ok": true} --|
 
     scheduler (scheduler/forward.py) --POST chat body + "routing_table": [RoutingEntry, ...]-->
-    head node frontend (the pipeline chosen for the request, head first)
+    head node's HTTP server (the pipeline chosen for the request, head first)
 
 Each call carries the cluster's join token, when one is set, in the header `X-Join-Token`, and
 (after the join) the node's own secret from its JoinResponse in the header `X-Node-Secret`.
@@ -43,7 +43,7 @@ class NodeJoin(msgspec.Struct, frozen=True):
     memory_bytes: int  # budget for weights + KV cache
     gflops: float
     bandwidth_gbps: float
-    http_url: str  # the node frontend, reachable by the scheduler
+    http_url: str  # the node HTTP server, reachable by the scheduler
     activation_endpoint: str  # tcp://host:port of its executor, reachable by other nodes
     max_running_requests: int = 32
     peer_id: str | None = None  # P2P mode: the scheduler reaches this node over Lattica
@@ -91,7 +91,7 @@ class LinkReport(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ProbeTarget(msgspec.Struct, frozen=True, array_like=True):
-    """A peer the scheduler asks a node to measure (its HTTP frontend)."""
+    """A peer the scheduler asks a node to measure (its HTTP server)."""
 
     node_id: str
     http_url: str

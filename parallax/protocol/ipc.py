@@ -1,7 +1,7 @@
-"""Node frontend <-> its executor: one msgpack struct per ZeroMQ `ipc://` message (PUSH/PULL).
+"""Node HTTP server <-> its executor: one msgpack struct per ZeroMQ `ipc://` message (PUSH/PULL).
 
-    node frontend (HTTP process)                          executor (model shard, batch loop)
-    node/executor_client.py                               node/executor.py
+    node HTTP server (node/http_server.py)                executor (model shard, batch loop)
+    ExecutorClient (node/executor_client.py)              ExecutorLoop (node/executor.py)
          |  AddRequest, AbortRequest, Shutdown,                  |
          |  SetLinkAliases, SetLinkSecurity, SetGrammarVocab     |
          |------------------- PUSH ipc:// -------------------->  |
@@ -149,8 +149,8 @@ class SetLinkSecurity(msgspec.Struct, tag="link_security", frozen=True):
 
 
 class SetGrammarVocab(msgspec.Struct, tag="grammar_vocab", frozen=True):
-    """The frontend's tokenizer as `tokenizer.json` text: the stage that samples builds its
-    grammar matchers from it (parallax/engine/grammar.py); GGUF tokenizers included."""
+    """The node HTTP server's tokenizer as `tokenizer.json` text: the stage that samples builds
+    its grammar matchers from it (parallax/engine/grammar.py); GGUF tokenizers included."""
 
     tokenizer_json: str
 
@@ -167,12 +167,12 @@ def decode_to_executor(
     data: bytes,
 ) -> (AddRequest | AbortRequest | Shutdown | SetLinkAliases | SetLinkSecurity
       | SetGrammarVocab):
-    """Decode a frontend -> executor message (raises msgspec.DecodeError / ValidationError)."""
+    """Decode an HTTP server -> executor message (raises msgspec.DecodeError / ValidationError)."""
     return _to_executor.decode(data)
 
 
 def decode_from_executor(
     data: bytes,
 ) -> ExecutorProgress | ExecutorReady | StepOutputs | ExecutorError:
-    """Decode an executor -> frontend message (raises msgspec.DecodeError / ValidationError)."""
+    """Decode an executor -> HTTP server message (raises msgspec.DecodeError / ValidationError)."""
     return _from_executor.decode(data)

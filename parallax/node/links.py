@@ -44,7 +44,7 @@ from parallax.protocol.links import (
     decode_link,
 )
 
-logger = logging.getLogger("parallax.peers")
+logger = logging.getLogger("parallax.links")
 
 CONNECT_WAIT_S = 3.0  # how long a peer may take no message before it counts as down
 MAX_PENDING = 1000  # messages waiting for one peer before it counts as down

@@ -1,6 +1,7 @@
-"""The node's HTTP frontend: OpenAI chat API, tokenization, streaming text, health and metrics.
+"""The node's HTTP server (the process beside its executor; the web UI is parallax/web): OpenAI
+chat API, tokenization, streaming text, health and metrics.
 
-`NodeFrontend` turns a chat request into prompt token ids (chat template with
+`NodeHttpServer` turns a chat request into prompt token ids (chat template with
 `chat_template_kwargs`, rendered and tokenized in a worker thread so that no prompt can stall the
 event loop that also answers /health and sends the cluster heartbeats), hands them to the
 executor through `ExecutorClient`, and turns the token ids coming back into text: incremental
@@ -158,7 +159,7 @@ class ChatJob:
         return usage_dict(len(self.prompt_ids), self.num_completion_tokens)
 
 
-class NodeFrontend:
+class NodeHttpServer:
     """HTTP side of a node. `tokenizer` may be injected (tests); else it is loaded at start."""
 
     def __init__(self, config: ServeConfig, client: ExecutorClient, model_name: str,
@@ -730,7 +731,7 @@ def _resumed_finish(resume: list[int], params: SamplingParams, stopped: bool,
     return None
 
 
-def build_app(frontend: NodeFrontend) -> FastAPI:
+def build_app(frontend: NodeHttpServer) -> FastAPI:
     """The FastAPI app of a node (or of `parallax serve`)."""
     app = FastAPI(title="Parallax node", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
