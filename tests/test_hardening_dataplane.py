@@ -349,7 +349,7 @@ def _state() -> SchedulerState:
 
 def _join(state: SchedulerState, node_id: str, memory_mb: int, peer_id: str | None = None):
     state.join(NodeJoin(node_id, "cpu", "cpu", memory_mb * MB, 100.0, 10.0,
-                          f"http://{node_id}:3000", f"tcp://{node_id}:3100", peer_id=peer_id))
+                        f"http://{node_id}:3000", f"tcp://{node_id}:3100", peer_id=peer_id))
 
 
 def _beat(state: SchedulerState, node_id: str, key: str = "") -> HeartbeatResponse:

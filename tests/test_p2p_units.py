@@ -51,7 +51,7 @@ def test_config_accepts_peers_and_names_the_fix():
 
 def _join(state: SchedulerState, node_id: str, peer_id: str | None) -> None:
     state.join(NodeJoin(node_id, "cpu", "cpu", 2**30, 100.0, 10.0, f"http://{node_id}:3000",
-                          f"tcp://{node_id}:3100", peer_id=peer_id))
+                        f"tcp://{node_id}:3100", peer_id=peer_id))
 
 
 def test_heartbeats_tell_p2p_nodes_about_the_other_p2p_nodes():

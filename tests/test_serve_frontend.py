@@ -115,7 +115,7 @@ class FakeExecutor:
                     continue
                 if user == "FAIL":
                     out = [TokenOutput(message.rid, finished=True, finish_reason="error",
-                                         error="boom in the executor")]
+                                       error="boom in the executor")]
                     push.send(encode(StepOutputs(out, stats)))
                     continue
                 text = user.removeprefix("REPLY:")

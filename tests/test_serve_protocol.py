@@ -29,7 +29,7 @@ from parallax.protocol.ipc import (
 def test_messages_round_trip_both_directions():
     to_executor = [
         AddRequest("r1", [1, 2, 3], SamplingParams(temperature=0.5, seed=7, max_tokens=9,
-                                                     stop_token_ids=(2,))),
+                                                   stop_token_ids=(2,))),
         AbortRequest(["r1", "r2"]),
         Shutdown(),
     ]
@@ -39,7 +39,7 @@ def test_messages_round_trip_both_directions():
     from_executor = [
         ExecutorProgress("loading"),
         StepOutputs([TokenOutput("r1", 5), TokenOutput("r2", None, True, "error", "x")],
-                      stats),
+                    stats),
         ExecutorError(12, "died", "Traceback ...", during_startup=True),
     ]
     for message in from_executor:
@@ -145,7 +145,7 @@ def test_executor_loop_isolates_bad_requests_and_failed_steps(loop_sockets):
     loop.run_once(idle_timeout_ms=100)  # drains both, steps "good" once
     outputs = _collect(front_pull)
     assert TokenOutput("bad", None, True, "error", "the prompt has no tokens",
-                         INVALID_REQUEST) in outputs  # never replayed
+                       INVALID_REQUEST) in outputs  # never replayed
     assert TokenOutput("good", 11) in outputs  # a bad neighbour did not stop it
 
     engine.fail_next_step = True

@@ -268,7 +268,7 @@ def test_plain_http_is_refused_everywhere(tls_cluster, certs):
 @pytest.mark.slow
 def test_a_node_serving_plain_http_cannot_join(tls_cluster, certs):
     join = NodeJoin("plain-1", "cpu", "cpu", 2**30, 10.0, 10.0, "http://127.0.0.1:9",
-                      "tcp://127.0.0.1:10")
+                    "tcp://127.0.0.1:10")
     response = httpx.post(f"{tls_cluster.url}/node/join", content=msgspec.json.encode(join),
                           headers={"X-Join-Token": JOIN_TOKEN,
                                    "Content-Type": "application/json"},

@@ -281,7 +281,7 @@ def test_render_prompt_gives_tools_to_the_template_or_the_hermes_prompt(renders)
     from parallax.config import ServeConfig
 
     frontend = NodeHttpServer(ServeConfig(model="fake"), None, "fake",
-                            tokenizer=_Template(renders))
+                              tokenizer=_Template(renders))
     req = parse_chat_request(chat(tools=[WEATHER], tool_choice="required"))
     text, _ = frontend.render_prompt(req)
     assert frontend.template_renders_tools() is renders

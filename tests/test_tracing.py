@@ -198,7 +198,7 @@ def test_scheduler_histograms_per_stage_and_link_come_from_final_chunks():
 def test_node_histograms_of_steps_prefix_hits_and_links():
     metrics = ServingMetrics()
     stats = ExecutorStats(num_waiting=3, num_prefill_tokens=30, step_ms=20.0, num_batched=2,
-                            num_prefix_hit_tokens=10)
+                          num_prefix_hit_tokens=10)
     metrics.observe_step(stats, [LinkSample("tcp://n:1", 1.5, 4096)])
     metrics.observe_step(ExecutorStats(num_prefill_tokens=30, num_prefix_hit_tokens=10))
     text = metrics.render()[0].decode()

@@ -178,8 +178,8 @@ class ExecutorLoop:
                 # (replay elsewhere); anything else the engine refused is the request's fault
                 kind = PEER_LOST if isinstance(exc, RouteRejected) else INVALID_REQUEST
                 self._pending.append(TokenOutput(message.rid, finished=True,
-                                                   finish_reason="error", error=str(exc),
-                                                   kind=kind))
+                                                 finish_reason="error", error=str(exc),
+                                                 kind=kind))
             self._dirty = True
         elif isinstance(message, AbortRequest):
             if self.stage is not None:
@@ -266,8 +266,8 @@ class ExecutorLoop:
         if o.finished:
             self.tracer.forget(o.request_id)
         return TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                             ENGINE_ERROR if o.finish_reason == "error" else None,
-                             logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
+                           ENGINE_ERROR if o.finish_reason == "error" else None,
+                           logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
 
     def _fail_all(self, message: str) -> list[TokenOutput]:
         return self._fail_requests(list(self.engine.sequences), message)
@@ -291,19 +291,19 @@ class ExecutorLoop:
         if self.stage is not None:
             self.stage.abort(rids)  # frees the request on every later stage
         return [TokenOutput(rid, finished=True, finish_reason="error", error=message,
-                              kind=ENGINE_ERROR) for rid in rids]
+                            kind=ENGINE_ERROR) for rid in rids]
 
     def _publish(self, outputs: list[TokenOutput]) -> None:
         e = self.engine
         step_ms, num_batched = self.last_step
         self.last_step = (0.0, 0)  # each step is reported once
         stats = ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
-                                e.num_total_blocks, round(self.layer_latency_ms, 3),
-                                getattr(e, "num_prefill_tokens", 0),
-                                getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
-                                num_batched, getattr(e, "num_prefix_hit_tokens", 0),
-                                getattr(e, "num_prefix_recomputed_tokens", 0),
-                                self.links.num_activation_bytes_sent if self.links else 0)
+                              e.num_total_blocks, round(self.layer_latency_ms, 3),
+                              getattr(e, "num_prefill_tokens", 0),
+                              getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
+                              num_batched, getattr(e, "num_prefix_hit_tokens", 0),
+                              getattr(e, "num_prefix_recomputed_tokens", 0),
+                              self.links.num_activation_bytes_sent if self.links else 0)
         self.push.send(encode(StepOutputs(outputs, stats, self.tracer.take_link_samples())))
 
     def _check_parent(self) -> None:
@@ -419,7 +419,7 @@ def _download_reporter(push) -> Callable[[Progress], None]:
     def send(progress: Progress) -> None:
         # (bytes between two close tensors come along, so done may pass what was wanted)
         download = DownloadProgress(progress.done, max(progress.done, progress.wanted),
-                                      round(progress.rate), round(progress.eta_s, 1))
+                                    round(progress.rate), round(progress.eta_s, 1))
         push.send(encode(ExecutorProgress(progress.text(), download)))
     return send
 
@@ -468,7 +468,7 @@ def run_executor_process(
         message = str(exc) or type(exc).__name__
         try:
             push.send(encode(ExecutorError(os.getpid(), message, traceback.format_exc(),
-                                               during_startup=not started)))
+                                           during_startup=not started)))
         except zmq.ZMQError:
             pass
         return 1

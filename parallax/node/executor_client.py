@@ -240,7 +240,7 @@ class ExecutorClient:
         queue: asyncio.Queue = asyncio.Queue()
         self.requests[rid] = queue
         if not self._send(AddRequest(rid, prompt_token_ids, params, downstream or [],
-                                       num_resumed_tokens)):
+                                     num_resumed_tokens)):
             del self.requests[rid]
             raise NotReadyError("the executor is not connected")
         return queue

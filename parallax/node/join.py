@@ -60,10 +60,10 @@ async def join_async(config: JoinConfig) -> int:
                                                 activation_port)
         scheduler_url = "http://scheduler.p2p"  # the transport sends it to the scheduler's peer
     join = NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
-                      measured.gflops, measured.bandwidth_gbps,
-                      f"{config.tls.scheme}://{host}:{port}",
-                      f"tcp://{host}:{activation_port}", config.max_batch_size,
-                      peer_id=p2p.peer_id if p2p else None)
+                    measured.gflops, measured.bandwidth_gbps,
+                    f"{config.tls.scheme}://{host}:{port}",
+                    f"tcp://{host}:{activation_port}", config.max_batch_size,
+                    peer_id=p2p.peer_id if p2p else None)
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
     frontend = NodeHttpServer(config, client, "(no model yet)")
     frontend.node_id = node_id

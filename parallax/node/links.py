@@ -264,8 +264,8 @@ class PipelineLinks:
         asks the receiver for a LinkAck (node/tracing.py)."""
         hidden = hidden.contiguous()
         header = LinkActivations(entries, str(hidden.dtype).removeprefix("torch."),
-                                    hidden.shape[-1], send_id,
-                                    self.own_endpoint if send_id else "")
+                                 hidden.shape[-1], send_id,
+                                 self.own_endpoint if send_id else "")
         payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
         self.send(endpoint, [encode(header), memoryview(payload)])
         self.num_activation_bytes_sent += payload.nbytes

@@ -79,7 +79,7 @@ async def measure_peer(client: httpx.AsyncClient, target: ProbeTarget) -> LinkRe
     if not math.isfinite(rtt):
         return None
     return LinkReport(target.node_id, round(rtt, 3),
-                        round(bandwidth_mbps(total, rtt, received), 3))
+                      round(bandwidth_mbps(total, rtt, received), 3))
 
 
 async def measure_peers(client: httpx.AsyncClient,

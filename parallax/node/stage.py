@@ -66,7 +66,7 @@ def error_output(rid: str, message: str, kind: str = ENGINE_ERROR,
                  peer: str | None = None) -> TokenOutput:
     """A failed request's last output; `kind` is one of protocol.FAILURE_KINDS."""
     return TokenOutput(rid, finished=True, finish_reason="error", error=message, kind=kind,
-                         peer=peer)
+                       peer=peer)
 
 
 class StageRouter:
@@ -233,11 +233,11 @@ class StageRouter:
             for o in outputs:
                 route = self.routes.get(o.request_id)
                 output = TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
-                                       o.error,
-                                       ENGINE_ERROR if o.finish_reason == "error" else None,
-                                       logprob=o.logprob, top_logprobs=o.top_logprobs or [],
-                                       trace=self.tracer.trace_of(o.request_id) if o.finished
-                                       else [])
+                                     o.error,
+                                     ENGINE_ERROR if o.finish_reason == "error" else None,
+                                     logprob=o.logprob, top_logprobs=o.top_logprobs or [],
+                                     trace=self.tracer.trace_of(o.request_id) if o.finished
+                                     else [])
                 if o.finished:
                     self.routes.pop(o.request_id, None)
                     self.tracer.forget(o.request_id)

@@ -143,7 +143,7 @@ class StageTracer:
                 record[_HOPS] += 1
         if len(self.link_samples) < MAX_LINK_SAMPLES:
             self.link_samples.append(LinkSample(peer, round(transfer, 3),
-                                                  sum(b for _, b in items)))
+                                                sum(b for _, b in items)))
 
     def take_link_samples(self) -> list[LinkSample]:
         samples, self.link_samples = self.link_samples, []

@@ -106,7 +106,7 @@ class HttpBridge(ConnectionHandler):
                                     headers=mark_relayed(_pass(request.headers), "p2p")) \
                     as response:
                 yield encode(BridgeHead(response.status_code,
-                                            _pass(response.headers.multi_items())))
+                                        _pass(response.headers.multi_items())))
                 head_sent = True
                 for chunk in response.iter_raw():
                     yield encode(BridgeBody(chunk))
@@ -194,7 +194,7 @@ class LatticaTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         first_timeout = _sum(timeouts.get("connect"), timeouts.get("read"))
         message = BridgeRequest(request.method, request.url.raw_path.decode("ascii"),
-                                  _pass(request.headers.multi_items()), await request.aread())
+                                _pass(request.headers.multi_items()), await request.aread())
         call = await self._open(peer_id, encode(message), timeouts.get("connect"), request)
         frames = call.__aiter__()
         try:

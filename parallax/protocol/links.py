@@ -115,15 +115,13 @@ class LinkPrefixAnswer(msgspec.Struct, tag="prefix_answer", frozen=True):
 
 
 LinkMessage = Union[LinkActivations, LinkTokens, LinkRelease,  # noqa: UP007
-                     LinkAck, LinkPrefixQuery, LinkPrefixAnswer]
+                    LinkAck, LinkPrefixQuery, LinkPrefixAnswer]
 _link_decoder = msgspec.msgpack.Decoder(LinkMessage)
-
-
 _seal_decoder = msgspec.msgpack.Decoder(LinkSeal)
 
 
 def decode_link(data: bytes) -> (LinkActivations | LinkTokens | LinkRelease | LinkAck
-                                  | LinkPrefixQuery | LinkPrefixAnswer):
+                                 | LinkPrefixQuery | LinkPrefixAnswer):
     """Decode the header frame (frame 1) of a stage-to-stage message."""
     return _link_decoder.decode(data)
 
