@@ -79,6 +79,7 @@ from parallax.protocol.p2p import (
     decode_relayed,
     decode_scheduler_record,
 )
+from parallax.protocol.tensors import read_hidden
 
 RECORDINGS = Path(__file__).parent / "recordings" / "wire"
 RECORD = os.environ.get("PARALLAX_RECORD_WIRE") == "1"
@@ -262,8 +263,8 @@ def test_activation_frames_match_the_recording(dtype):
     header = decode_link(recorded[0])
     assert header.entries == entries and header.hidden_size == 4 and header.send_id == 5
     assert header.dtype == str(dtype).removeprefix("torch.")
-    received = torch.frombuffer(bytearray(recorded[1]), dtype=dtype).view(-1, header.hidden_size)
-    assert torch.equal(received, hidden)
+    assert torch.equal(read_hidden(bytearray(recorded[1]), header.dtype, header.hidden_size),
+                       hidden)
 
 
 def _protocol_structs() -> set[type]:

@@ -43,6 +43,7 @@ from parallax.protocol.links import (
     LinkTokens,
     decode_link,
 )
+from parallax.protocol.tensors import WIRE_DTYPES, hidden_frame, read_hidden
 
 logger = logging.getLogger("parallax.links")
 
@@ -58,9 +59,6 @@ MAX_ERROR_CHARS = 4096
 MAX_DOWNSTREAM = 64
 HEADER_SLACK_BYTES = 1 << 20  # header frames (token ids, params) on top of the tensor bytes
 FINISH_REASONS = (None, "stop", "length", "abort", "error")
-# dtypes hidden states may travel in, by name (never getattr on what a sender wrote): a stage
-# casts to its own, so a CPU stage in float32 and a GPU stage in bfloat16 share a pipeline
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DROP_LOGS_PER_S = 20
 
 
@@ -262,12 +260,10 @@ class PipelineLinks:
                          hidden: torch.Tensor, send_id: int = 0) -> None:
         """hidden: [sum of entries' tokens, hidden_size], rows in entry order. `send_id` > 0
         asks the receiver for a LinkAck (node/tracing.py)."""
-        hidden = hidden.contiguous()
-        header = LinkActivations(entries, str(hidden.dtype).removeprefix("torch."),
-                                 hidden.shape[-1], send_id,
+        dtype, payload = hidden_frame(hidden)
+        header = LinkActivations(entries, dtype, hidden.shape[-1], send_id,
                                  self.own_endpoint if send_id else "")
-        payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
-        self.send(endpoint, [encode(header), memoryview(payload)])
+        self.send(endpoint, [encode(header), payload])
         self.num_activation_bytes_sent += payload.nbytes
 
     def send_message(self, endpoint: str, message: msgspec.Struct) -> None:
@@ -331,10 +327,7 @@ class PipelineLinks:
         problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
         if problem is not None:
             return problem
-        # [T * H] of a known dtype -> [T, H]; clone so the frame can be released
-        hidden = torch.frombuffer(frames[2].buffer, dtype=WIRE_DTYPES[message.dtype]).view(
-            -1, self.limits.hidden_size).clone()
-        return message, hidden
+        return message, read_hidden(frames[2].buffer, message.dtype, self.limits.hidden_size)
 
     def _log_drop(self, reason: str, num_bytes: int) -> None:
         """A log line per dropped message, at most MAX_DROP_LOGS_PER_S (a flood of garbage

@@ -6,6 +6,7 @@ per wire. Nothing here is ever pickled; every decoder checks types as it decodes
     links.py    executor -> executor (stage links)  ZeroMQ tcp://, msgpack + raw tensor bytes
     p2p.py      P2P mode over Lattica               stream frames, DHT records, relays
     common.py   what several wires carry (TokenOutput, DownloadProgress), `encode`
+    tensors.py  the raw hidden-state frame of the stage links (needs torch: not re-exported)
 
 Import a name from the module that owns it; this package re-exports them all for callers
 outside the project.

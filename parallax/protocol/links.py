@@ -11,7 +11,7 @@
 Every message: frame 0 is a LinkSeal (msgpack), frame 1 one of the tagged structs below
 (msgpack); LinkActivations has a frame 2 with the raw bytes of the hidden states of all its
 entries, concatenated in entry order ([sum of num tokens, hidden_size] in `dtype`; built and read
-by node/links.py). The seal authenticates frames 1.. (node/link_auth.py). Nothing is pickled.
+by tensors.py). The seal authenticates frames 1.. (node/link_auth.py). Nothing is pickled.
 In P2P mode a link a node cannot reach over tcp travels inside a RelayedMessage (p2p.py).
 """
 
