@@ -37,6 +37,8 @@ class Assignment(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class NodeJoin(msgspec.Struct, frozen=True):
+    """POST /node/join: what a node offers (device, memory, measured speed, endpoints)."""
+
     node_id: str  # stable per machine + port: a restarted node replaces its old entry
     device: str  # cpu | cuda
     device_name: str
@@ -50,6 +52,8 @@ class NodeJoin(msgspec.Struct, frozen=True):
 
 
 class JoinResponse(msgspec.Struct, frozen=True):
+    """The answer to a NodeJoin: its id, heartbeat period, assignment and secret."""
+
     node_id: str
     heartbeat_interval_s: float
     assignment: Assignment | None = None  # None: wait (more nodes needed, or standby)
@@ -59,6 +63,8 @@ class JoinResponse(msgspec.Struct, frozen=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
+    """POST /node/heartbeat: the node's state, load and measurements."""
+
     node_id: str
     state: str  # idle | loading | ready | error
     running_requests: int = 0
@@ -106,6 +112,8 @@ class PeerEndpoint(msgspec.Struct, frozen=True):
 
 
 class HeartbeatResponse(msgspec.Struct, frozen=True):
+    """The answer to a Heartbeat: the assignment, link key and peers, peers to probe."""
+
     known: bool  # False: the scheduler forgot this node (evicted, restarted): join again
     assignment: Assignment | None = None
     peers: list[PeerEndpoint] = []  # P2P mode: the other P2P nodes, to probe for direct reach
@@ -118,6 +126,8 @@ class HeartbeatResponse(msgspec.Struct, frozen=True):
 
 
 class NodeLeave(msgspec.Struct, frozen=True):
+    """POST /node/leave: the node is going away; the scheduler forgets it and reallocates."""
+
     node_id: str
 
 

@@ -21,6 +21,8 @@ import msgspec
 
 
 class BridgeRequest(msgspec.Struct, frozen=True):
+    """Caller -> peer: one HTTP request for the peer's local server."""
+
     method: str
     path: str  # path and query, e.g. /node/heartbeat
     headers: list[tuple[str, str]]
@@ -28,15 +30,21 @@ class BridgeRequest(msgspec.Struct, frozen=True):
 
 
 class BridgeHead(msgspec.Struct, tag="head", frozen=True):
+    """Peer -> caller, first frame: the answer's status and headers."""
+
     status: int
     headers: list[tuple[str, str]]
 
 
 class BridgeBody(msgspec.Struct, tag="body", frozen=True):
+    """Peer -> caller: a chunk of the answer's body."""
+
     data: bytes
 
 
 class BridgeEnd(msgspec.Struct, tag="end", frozen=True):
+    """Peer -> caller, last frame: the answer is complete (or failed, with `error`)."""
+
     error: str | None = None  # the local server failed mid-answer
 
 
@@ -46,10 +54,12 @@ _bridge_frame_decoder = msgspec.msgpack.Decoder(BridgeFrame)
 
 
 def decode_bridge_request(data: bytes) -> BridgeRequest:
+    """Decode what a caller sent (raises msgspec.DecodeError / ValidationError)."""
     return _bridge_request_decoder.decode(data)
 
 
 def decode_bridge_frame(data: bytes) -> BridgeHead | BridgeBody | BridgeEnd:
+    """Decode one frame of a peer's answer (raises msgspec.DecodeError / ValidationError)."""
     return _bridge_frame_decoder.decode(data)
 
 
@@ -74,8 +84,10 @@ _scheduler_record_decoder = msgspec.msgpack.Decoder(SchedulerRecord)
 
 
 def decode_relayed(data: bytes) -> RelayedMessage:
+    """Decode a relayed stage-link message (raises msgspec.DecodeError / ValidationError)."""
     return _relayed_decoder.decode(data)
 
 
 def decode_scheduler_record(data: bytes) -> SchedulerRecord:
+    """Decode a DHT scheduler record (raises msgspec.DecodeError / ValidationError)."""
     return _scheduler_record_decoder.decode(data)
