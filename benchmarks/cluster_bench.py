@@ -57,9 +57,9 @@ import httpx
 import torch
 import zmq
 
-from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PipelineLinks
+from parallax.protocol.links import ActivationEntry
 
 SHARE_FOR_SPLIT = {1: 2.0, 2: 0.6, 3: 0.4}  # of the whole model's budget: 1, 2 or 3 stages
 
@@ -366,11 +366,11 @@ def hop_latency_ms(hidden_size: int = 576, rounds: int = 200) -> float:
     """Round trip of one decode step's activations between two PipelineLinks on loopback."""
     context = zmq.Context()
     a_endpoint, b_endpoint = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    limits = StageLimits(hidden_size, 4096, 8192, 2**20)
+    limits = LinkLimits(hidden_size, 4096, 8192, 2**20)
     key, endpoints = os.urandom(32), [a_endpoint, b_endpoint]
     a, b = (PipelineLinks(context, e, e, limits, LinkSecurity(key, endpoints)) for e in endpoints)
     hidden = torch.randn(1, hidden_size)
-    entry = [P.ActivationEntry("r", [1], 5, head_endpoint=a_endpoint)]
+    entry = [ActivationEntry("r", [1], 5, head_endpoint=a_endpoint)]
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()

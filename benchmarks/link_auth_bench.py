@@ -16,8 +16,10 @@ import time
 
 import torch
 
-from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity
+from parallax.protocol.common import encode
+from parallax.protocol.links import ActivationEntry, LinkActivations
+from parallax.protocol.tensors import hidden_frame
 
 
 def _median_us(fn, rounds: int) -> float:
@@ -34,9 +36,8 @@ def measure(num_tokens: int, hidden_size: int, rounds: int) -> dict[str, float]:
     key = os.urandom(32)
     sender, receiver = LinkSecurity(key, ()), LinkSecurity(key, ())
     hidden = torch.randn(num_tokens, hidden_size)
-    entries = [P.ActivationEntry(f"r{i}", [1], 5) for i in range(min(num_tokens, 8))]
-    frames = [P.encode(P.StageActivations(entries, "float32", hidden_size)),
-              memoryview(hidden.view(torch.uint8).numpy())]
+    entries = [ActivationEntry(f"r{i}", [1], 5) for i in range(min(num_tokens, 8))]
+    frames = [encode(LinkActivations(entries, "float32", hidden_size)), hidden_frame(hidden)[1]]
     sealed: list[list] = []
 
     def seal() -> None:

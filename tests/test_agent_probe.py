@@ -8,16 +8,23 @@ from types import SimpleNamespace
 import httpx
 import msgspec
 
-from parallax import protocol as P
 from parallax.config import JoinConfig
 from parallax.node import probe
 from parallax.node.agent import NodeAgent
+from parallax.protocol.control import (
+    Heartbeat,
+    HeartbeatResponse,
+    LinkReport,
+    NodeJoin,
+    ProbeTarget,
+)
+from parallax.protocol.ipc import ExecutorStats
 
 
 class FakeClient:
     """Just what NodeAgent.heartbeat and _heartbeat read from an executor client."""
 
-    stats = P.ExecutorStats()
+    stats = ExecutorStats()
     info = None
     state = "idle"
     error = None
@@ -28,12 +35,12 @@ class FakeClient:
 
 
 def test_heartbeats_report_the_listed_peers_measurements() -> None:
-    seen: list[P.Heartbeat] = []
+    seen: list[Heartbeat] = []
 
     def scheduler(request: httpx.Request) -> httpx.Response:
-        seen.append(msgspec.json.decode(request.content, type=P.Heartbeat))
-        answer = P.HeartbeatResponse(known=True, probe_peers=[
-            P.ProbeTarget("peer", "http://peer:3000"), P.ProbeTarget("gone", "http://gone:1")])
+        seen.append(msgspec.json.decode(request.content, type=Heartbeat))
+        answer = HeartbeatResponse(known=True, probe_peers=[
+            ProbeTarget("peer", "http://peer:3000"), ProbeTarget("gone", "http://gone:1")])
         return httpx.Response(200, content=msgspec.json.encode(answer))
 
     async def peer_body(size: int):
@@ -46,7 +53,7 @@ def test_heartbeats_report_the_listed_peers_measurements() -> None:
         return httpx.Response(200, content=peer_body(size))
 
     async def main() -> None:
-        join = P.NodeJoin("me", "cpu", "cpu", 2**30, 1.0, 1.0, "http://me:3000", "tcp://me:3100")
+        join = NodeJoin("me", "cpu", "cpu", 2**30, 1.0, 1.0, "http://me:3000", "tcp://me:3100")
         agent = NodeAgent(JoinConfig(), FakeClient(), SimpleNamespace(ready=False), join,
                           "http://scheduler", "tcp://*:3100", say=lambda _m: None,
                           transport=httpx.MockTransport(scheduler))
@@ -71,14 +78,14 @@ async def _until(condition) -> None:
 
 def test_link_history_reports_the_best_of_recent_rounds() -> None:
     history = probe.LinkHistory(rounds=2)
-    first = history.update([P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)],
+    first = history.update([LinkReport("a", 3.0, 90.0), LinkReport("b", 8.0, 10.0)],
                            ["a", "b"])
-    assert first == [P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)]
+    assert first == [LinkReport("a", 3.0, 90.0), LinkReport("b", 8.0, 10.0)]
     # a busy round: load only adds delay, so the earlier round's figures stand
-    busy = history.update([P.LinkReport("a", 70.0, 20.0)], ["a", "b"])
-    assert busy == [P.LinkReport("a", 3.0, 90.0), P.LinkReport("b", 8.0, 10.0)]
+    busy = history.update([LinkReport("a", 70.0, 20.0)], ["a", "b"])
+    assert busy == [LinkReport("a", 3.0, 90.0), LinkReport("b", 8.0, 10.0)]
     # the link really got slower: once the good round is older than the window, it shows
-    slow = history.update([P.LinkReport("a", 400.0, 5.0)], ["a"])
-    assert slow == [P.LinkReport("a", 70.0, 20.0)]  # and "b", no longer listed, is dropped
-    assert history.update([P.LinkReport("a", 400.0, 5.0)], ["a"]) == [
-        P.LinkReport("a", 400.0, 5.0)]
+    slow = history.update([LinkReport("a", 400.0, 5.0)], ["a"])
+    assert slow == [LinkReport("a", 70.0, 20.0)]  # and "b", no longer listed, is dropped
+    assert history.update([LinkReport("a", 400.0, 5.0)], ["a"]) == [
+        LinkReport("a", 400.0, 5.0)]

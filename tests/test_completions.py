@@ -23,10 +23,10 @@ from test_replay_scheduler import FULL, TOTAL, ScriptedHeads
 from test_scheduler_app import WHOLE, Scheduler, sse_events
 from test_serve_frontend import CharTokenizer, Harness, run
 
-from parallax import protocol as P
 from parallax.chat.server import build_chat_app
 from parallax.config import ChatConfig
 from parallax.models.hub import builtin_gguf_path
+from parallax.protocol.ipc import AddRequest
 from parallax.serving.completions import (
     DEFAULT_MAX_TOKENS,
     CompletionAdapter,
@@ -125,7 +125,7 @@ def test_node_completes_the_raw_prompt():
             assert choice["finish_reason"] == "length" and choice["logprobs"] is None
             assert body["usage"]["completion_tokens"] == DEFAULT_MAX_TOKENS
             assert set(body["metrics"]) >= {"ttft_ms", "tps", "duration_ms"}
-            add = [m for m in h.launched[0].received if isinstance(m, P.AddRequest)][-1]
+            add = [m for m in h.launched[0].received if isinstance(m, AddRequest)][-1]
             # no chat template: the prompt's own characters
             assert add.prompt_token_ids == [ord(c) for c in "REPLY:abcdefghijklmnopqrst"]
             assert add.sampling_params.max_tokens == DEFAULT_MAX_TOKENS
@@ -177,7 +177,7 @@ def test_node_speaks_the_internal_leg_to_the_scheduler():
             text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
             ids = [i for c in chunks for i in c.get("parallax", {}).get("token_ids", [])]
             assert text == "cdef" and ids == [ord(c) for c in "cdef"]
-            add = [m for m in h.launched[0].received if isinstance(m, P.AddRequest)][-1]
+            add = [m for m in h.launched[0].received if isinstance(m, AddRequest)][-1]
             assert add.prompt_token_ids == [ord(c) for c in "REPLY:abcdef\x1e" + "ab"]
 
     run(scenario())

@@ -158,7 +158,7 @@ def run_pipeline(model_path, prompts, boundaries, max_tokens=12, **config):
                 for later in engines[index + 1:]:
                     later.abort(rid)
             if index == 0:
-                for query in engine.take_prefix_queries():  # StagePrefixQuery along the chain
+                for query in engine.take_prefix_queries():  # LinkPrefixQuery along the chain
                     held = len(query.token_ids)
                     for later in engines[1:]:
                         held = later.reserve_prefix(query.request_id, query.token_ids[:held])

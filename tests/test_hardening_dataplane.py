@@ -25,21 +25,30 @@ from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 from test_pipeline_links import KEY, Cluster
 from tiny_models import greedy_tokens, save_tiny_model
 
-from parallax import protocol as P
 from parallax.config import SchedulerConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node import peers
+from parallax.node import links as links_module
 from parallax.node.executor import ExecutorLoop
 from parallax.node.link_auth import PREVIOUS_KEY_GRACE_S, LinkSecurity, key_id
-from parallax.node.peers import PeerUnreachable, PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PeerUnreachable, PipelineLinks
+from parallax.protocol.common import TokenOutput, encode
+from parallax.protocol.control import Heartbeat, HeartbeatResponse, NodeJoin
+from parallax.protocol.ipc import AddRequest, SetLinkSecurity, decode_to_executor
+from parallax.protocol.links import (
+    ActivationEntry,
+    LinkActivations,
+    LinkRelease,
+    LinkSeal,
+    LinkTokens,
+)
 from parallax.scheduler.allocation import ModelSpec
 from parallax.scheduler.app import SchedulerState
 from parallax.scheduler.catalog import ModelCatalog
 from parallax.scheduler.link_keys import relay_keys
 from parallax.serving.sse import parse_sse_lines
 
-LIMITS = StageLimits(8, 64, 256, 1000)
+LIMITS = LinkLimits(8, 64, 256, 1000)
 OTHER_KEY = bytes(32)
 FOREIGN = "tcp://10.9.9.9:5555"
 PARAMS = SamplingParams(temperature=0, max_tokens=4)
@@ -72,11 +81,11 @@ def sealed(frames: list, key: bytes = KEY, security: LinkSecurity | None = None)
 def activations(head: str, *, dtype: str = "float32", hidden: int = 8, tokens: int = 2,
                 start: int = 0, downstream: tuple[str, ...] = (), nbytes: int | None = None,
                 token_ids: list[int] | None = None, rid: str = "r1") -> list[bytes]:
-    """Header + tensor frames of a StageActivations with one entry."""
+    """Header + tensor frames of a LinkActivations with one entry."""
     ids = token_ids or list(range(1, tokens + 1))
-    entry = P.ActivationEntry(rid, ids, start, PARAMS, len(ids), list(downstream), head, True)
+    entry = ActivationEntry(rid, ids, start, PARAMS, len(ids), list(downstream), head, True)
     payload = bytes(len(ids) * hidden * 4 if nbytes is None else nbytes)
-    return [P.encode(P.StageActivations([entry], dtype, hidden)), payload]
+    return [encode(LinkActivations([entry], dtype, hidden)), payload]
 
 
 def push(links: PipelineLinks, attacker: zmq.Socket, frames: list):
@@ -87,7 +96,7 @@ def push(links: PipelineLinks, attacker: zmq.Socket, frames: list):
 
 
 def assert_dropped(links, attacker, frames, caplog, reason: str) -> None:
-    with caplog.at_level(logging.WARNING, logger="parallax.peers"):
+    with caplog.at_level(logging.WARNING, logger="parallax.links"):
         assert push(links, attacker, frames) is None
     assert any(reason in r.getMessage() for r in caplog.records), caplog.text
     caplog.clear()
@@ -99,9 +108,9 @@ def assert_dropped(links, attacker, frames, caplog, reason: str) -> None:
 def test_a_valid_sealed_message_is_taken(port):
     links, attacker, head = port
     message, hidden = push(links, attacker, sealed(activations(head)))
-    assert isinstance(message, P.StageActivations) and hidden.shape == (2, 8)
-    assert push(links, attacker, sealed([P.encode(P.StageRelease(["r1"]))])) == (
-        P.StageRelease(["r1"]), None)
+    assert isinstance(message, LinkActivations) and hidden.shape == (2, 8)
+    assert push(links, attacker, sealed([encode(LinkRelease(["r1"]))])) == (
+        LinkRelease(["r1"]), None)
 
 
 def test_another_float_dtype_is_taken_for_a_mixed_pipeline(port):
@@ -113,11 +122,11 @@ def test_another_float_dtype_is_taken_for_a_mixed_pipeline(port):
 
 def _signed_garbage(head: str) -> dict[str, tuple[list, str]]:
     """Sealed with the right key (a buggy or compromised member): caught by validation."""
-    tokens = P.StageTokens([P.TokenOutput("r1", 5, True, "pwned")])
+    tokens = LinkTokens([TokenOutput("r1", 5, True, "pwned")])
     return {
         "unknown dtype": (activations(head, dtype="nope"), "dtype 'nope'"),
         "float64": (activations(head, dtype="float64"), "dtype 'float64'"),
-        "no tensor frame": (activations(head)[:1], "2 frames for a StageActivations"),
+        "no tensor frame": (activations(head)[:1], "2 frames for a LinkActivations"),
         "hidden size 0": (activations(head, hidden=0), "hidden size 0"),
         "wrong byte length": (activations(head, nbytes=5), "5 tensor bytes"),
         "forged head": (activations(FOREIGN), "is not in this pipeline"),
@@ -128,8 +137,8 @@ def _signed_garbage(head: str) -> dict[str, tuple[list, str]]:
         "past the model": (activations(head, start=255), "outside the model"),
         "token outside vocab": (activations(head, token_ids=[5000]), "outside the vocabulary"),
         "undecodable header": ([b"\xc1\x00garbage"], "undecodable header"),
-        "bad finish reason": ([P.encode(tokens)], "finish reason 'pwned'"),
-        "empty release": ([P.encode(P.StageRelease([]))], "release of 0 requests"),
+        "bad finish reason": ([encode(tokens)], "finish reason 'pwned'"),
+        "empty release": ([encode(LinkRelease([]))], "release of 0 requests"),
     }
 
 
@@ -143,9 +152,9 @@ def test_signed_garbage_is_dropped_and_the_port_keeps_working(port, caplog, case
 
 def test_unsigned_forged_and_replayed_messages_are_dropped(port, caplog):
     links, attacker, head = port
-    release = [P.encode(P.StageRelease(["r1"]))]
-    tokens = [P.encode(P.StageTokens([P.TokenOutput("r1", 7, True, "stop")]))]
-    fake_seal = P.encode(P.StageSeal(os.urandom(16), 1, os.urandom(32)))
+    release = [encode(LinkRelease(["r1"]))]
+    tokens = [encode(LinkTokens([TokenOutput("r1", 7, True, "stop")]))]
+    fake_seal = encode(LinkSeal(os.urandom(16), 1, os.urandom(32)))
     # the pre-issue-11 wire format, as an outsider sends it: no seal at all
     assert_dropped(links, attacker, activations(head, dtype="nope"), caplog, "no valid seal")
     assert_dropped(links, attacker, release, caplog, "1 frames")
@@ -175,16 +184,16 @@ def test_a_stage_without_a_key_drops_everything_and_sends_nothing(caplog):
     attacker = context.socket(zmq.PUSH)
     attacker.connect(own)
     try:
-        assert_dropped(links, attacker, sealed([P.encode(P.StageRelease(["r"]))]), caplog,
+        assert_dropped(links, attacker, sealed([encode(LinkRelease(["r"]))]), caplog,
                        "no link key")
         with pytest.raises(PeerUnreachable, match="not an endpoint of this node's pipeline"):
-            links.send_message(own, P.StageRelease(["r"]))
+            links.send_message(own, LinkRelease(["r"]))
         links.set_security(None, [own])
         with pytest.raises(PeerUnreachable, match="no link key"):
-            links.send_message(own, P.StageRelease(["r"]))
+            links.send_message(own, LinkRelease(["r"]))
         links.set_security(KEY, [own])
         with pytest.raises(PeerUnreachable, match="not an endpoint"):
-            links.send_message(FOREIGN, P.StageRelease(["r"]))
+            links.send_message(FOREIGN, LinkRelease(["r"]))
     finally:
         attacker.close(linger=0)
         links.close()
@@ -205,14 +214,14 @@ def test_an_oversized_message_never_reaches_the_stage(port):
 
 def test_sends_never_block_and_never_dial_unlisted_endpoints(port, monkeypatch):
     links, _, head = port
-    monkeypatch.setattr(peers, "CONNECT_WAIT_S", 0.3)
+    monkeypatch.setattr(links_module, "CONNECT_WAIT_S", 0.3)
     for endpoint in ("ipc:///tmp/parallax-evil", "inproc://x", "tcp://*:1", FOREIGN, "garbage"):
         with pytest.raises(PeerUnreachable):
-            links.send_message(endpoint, P.StageRelease(["r"]))
+            links.send_message(endpoint, LinkRelease(["r"]))
         assert endpoint not in links.pushes
     started = time.monotonic()
-    links.send_message(head, P.StageRelease(["r"]))  # listed, but nobody listens there
-    links.send_message(head, P.StageRelease(["r"]))
+    links.send_message(head, LinkRelease(["r"]))  # listed, but nobody listens there
+    links.send_message(head, LinkRelease(["r"]))
     assert time.monotonic() - started < 0.1 and links.has_pending
     deadline = time.monotonic() + 3
     gone: list[str] = []
@@ -257,14 +266,14 @@ def test_in_flight_request_survives_forgeries_on_both_stages(model_path, caplog)
         before = cluster.run(until_s=0.02).get("victim", [])
         assert "victim" in cluster.engines[0].sequences  # in flight
         forged = [
-            [P.encode(P.StageTokens([P.TokenOutput("victim", 3, True, "stop")]))],
-            [P.encode(P.StageRelease(["victim"]))],
+            [encode(LinkTokens([TokenOutput("victim", 3, True, "stop")]))],
+            [encode(LinkRelease(["victim"]))],
             activations(head, dtype="nope", hidden=hidden, rid="victim"),
-            sealed([P.encode(P.StageRelease(["victim"]))], OTHER_KEY),
+            sealed([encode(LinkRelease(["victim"]))], OTHER_KEY),
             # a member's key but a stranger's endpoint: would restart and redirect the victim
             sealed(activations(FOREIGN, hidden=hidden, rid="victim")),
         ]
-        with caplog.at_level(logging.WARNING, logger="parallax.peers"):
+        with caplog.at_level(logging.WARNING, logger="parallax.links"):
             for attacker, endpoint in zip(attackers, cluster.endpoints, strict=True):
                 attacker.connect(endpoint)
                 for frames in forged:
@@ -276,7 +285,7 @@ def test_in_flight_request_survives_forgeries_on_both_stages(model_path, caplog)
         assert "not in this pipeline" in caplog.text
         # a routing table naming a stranger is refused before anything is dialled
         with pytest.raises(ValueError, match="not in this node's pipeline"):
-            cluster.routers[0].add_request(P.AddRequest("x", prompt, params, [FOREIGN]))
+            cluster.routers[0].add_request(AddRequest("x", prompt, params, [FOREIGN]))
         assert FOREIGN not in cluster.links[0].pushes and "x" not in cluster.routers[0].routes
     finally:
         for attacker in attackers:
@@ -303,7 +312,7 @@ def test_one_failing_message_does_not_stop_the_drain(model_path, caplog, monkeyp
         attacker.connect(cluster.endpoints[1])
         sender = LinkSecurity(KEY, ())
         for rid in ("a", "b"):
-            attacker.send_multipart(sealed([P.encode(P.StageRelease([rid]))], security=sender))
+            attacker.send_multipart(sealed([encode(LinkRelease([rid]))], security=sender))
         deadline = time.monotonic() + 5
         with caplog.at_level(logging.ERROR, logger="parallax.executor"):
             while len(applied) < 2 and time.monotonic() < deadline:
@@ -313,8 +322,8 @@ def test_one_failing_message_does_not_stop_the_drain(model_path, caplog, monkeyp
         assert "could not be applied" in caplog.text
         # the frontend hands a new key over ipc; a malformed one means no key (fail closed)
         for key, expected in ((OTHER_KEY.hex(), OTHER_KEY), ("zz", None)):
-            message = P.SetLinkSecurity(key, cluster.endpoints)
-            loop.handle(P.decode_to_executor(P.encode(message)))
+            message = SetLinkSecurity(key, cluster.endpoints)
+            loop.handle(decode_to_executor(encode(message)))
             assert cluster.links[1].security.key == expected
     finally:
         for socket in (pull, push_, attacker):
@@ -339,13 +348,13 @@ def _state() -> SchedulerState:
 
 
 def _join(state: SchedulerState, node_id: str, memory_mb: int, peer_id: str | None = None):
-    state.join(P.NodeJoin(node_id, "cpu", "cpu", memory_mb * MB, 100.0, 10.0,
-                          f"http://{node_id}:3000", f"tcp://{node_id}:3100", peer_id=peer_id))
+    state.join(NodeJoin(node_id, "cpu", "cpu", memory_mb * MB, 100.0, 10.0,
+                        f"http://{node_id}:3000", f"tcp://{node_id}:3100", peer_id=peer_id))
 
 
-def _beat(state: SchedulerState, node_id: str, key: str = "") -> P.HeartbeatResponse:
+def _beat(state: SchedulerState, node_id: str, key: str = "") -> HeartbeatResponse:
     assignment = state.assignment_of(node_id)
-    return state.heartbeat(P.Heartbeat(
+    return state.heartbeat(Heartbeat(
         node_id, "ready", loaded_model=assignment.model, loaded_start_layer=assignment.start_layer,
         loaded_end_layer=assignment.end_layer, link_key_id=key_id(bytes.fromhex(key))))
 
@@ -409,21 +418,21 @@ def attacked(tmp_path_factory):
 
 def _garbage(rid: str, endpoint: str) -> list[list[bytes]]:
     """Every kind of message an outsider (no key) can push to an activation port."""
-    entry = P.ActivationEntry(rid, [1, 2], 0, PARAMS, 2, [], "tcp://10.9.9.9:1", True)
+    entry = ActivationEntry(rid, [1, 2], 0, PARAMS, 2, [], "tcp://10.9.9.9:1", True)
 
     def header(dtype: str = "float32", hidden: int = 576) -> bytes:
-        return P.encode(P.StageActivations([entry], dtype, hidden))
+        return encode(LinkActivations([entry], dtype, hidden))
 
-    unsigned_tokens = P.encode(P.StageTokens([P.TokenOutput(rid, 0, True, "stop")]))
-    unsigned_release = P.encode(P.StageRelease([rid]))
-    fake_seal = P.encode(P.StageSeal(os.urandom(16), 1, os.urandom(32)))
+    unsigned_tokens = encode(LinkTokens([TokenOutput(rid, 0, True, "stop")]))
+    unsigned_release = encode(LinkRelease([rid]))
+    fake_seal = encode(LinkSeal(os.urandom(16), 1, os.urandom(32)))
     return [
         [header("nope"), bytes(2 * 576 * 4)],  # the attack of the issue
         [header()],  # a header with no tensor frame
         [header(hidden=0), b""],
         [header(), bytes(7)],  # wrong byte length
         [header(), bytes(2 * 576 * 4)],  # forged head_endpoint
-        [P.encode(P.StageActivations([P.ActivationEntry(rid, [1], 0, PARAMS, 1,
+        [encode(LinkActivations([ActivationEntry(rid, [1], 0, PARAMS, 1,
                                                         ["ipc:///tmp/x"], endpoint)],
                                      "float32", 576)), bytes(576 * 4)],
         [unsigned_tokens],

@@ -378,9 +378,10 @@ def test_two_nodes_fetch_their_own_halves_and_answer_like_the_whole_file(tmp_pat
 def test_download_progress_travels_from_the_executor_to_the_heartbeat():
     import asyncio
 
-    from parallax import protocol as P
     from parallax.node.executor import _download_reporter
     from parallax.node.executor_client import ExecutorClient
+    from parallax.protocol.common import DownloadProgress
+    from parallax.protocol.ipc import decode_from_executor
 
     class Push:
         sent: list[bytes] = []
@@ -390,11 +391,11 @@ def test_download_progress_travels_from_the_executor_to_the_heartbeat():
 
     progress = range_cache.Progress("test/Model", 4_000_000, _download_reporter(Push()))
     progress.add(1_000_000)
-    message = P.decode_from_executor(Push.sent[-1])
+    message = decode_from_executor(Push.sent[-1])
     assert message.download.done_bytes == 1_000_000 and message.download.total_bytes == 4_000_000
     assert "downloading test/Model: 1.0 / 4.0 MB" in message.message
 
-    async def relay() -> P.DownloadProgress | None:
+    async def relay() -> DownloadProgress | None:
         lines: list[str] = []
         client = ExecutorClient(None, on_progress=lines.append)
         client._dispatch(message)

@@ -21,12 +21,14 @@ from test_serve import wait_health
 from tiny_models import save_tiny_model
 
 import parallax.engine.engine as engine_module
-from parallax import protocol as P
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampler import LOGPROB_FLOOR, sample, token_logprobs
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node.peers import StageLimits, stage_problem
+from parallax.node.links import LinkLimits, link_problem
+from parallax.protocol.common import TokenOutput, encode
+from parallax.protocol.ipc import AddRequest, decode_to_executor
+from parallax.protocol.links import LinkTokens, decode_link
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import parse_chat_request, to_sampling_params
 from parallax.serving.sse import parse_sse_lines
@@ -146,13 +148,13 @@ def test_pipeline_head_receives_the_last_stage_logprobs(tiny):
 
 
 def test_stage_tokens_logprobs_are_validated_on_receipt() -> None:
-    limits = StageLimits(vocab_size=100, hidden_size=8, max_tokens=64, max_position=128)
+    limits = LinkLimits(vocab_size=100, hidden_size=8, max_tokens=64, max_position=128)
 
     def problem(**fields: Any) -> str | None:
-        output = P.TokenOutput("r", **{"token_id": 3, **fields})
-        wire = P.decode_stage(P.encode(P.StageTokens([output])))  # travels unchanged
+        output = TokenOutput("r", **{"token_id": 3, **fields})
+        wire = decode_link(encode(LinkTokens([output])))  # travels unchanged
         assert repr(wire.outputs[0]) == repr(output)
-        return stage_problem(wire, limits)
+        return link_problem(wire, limits)
 
     assert problem(logprob=-0.5, top_logprobs=[(3, -0.5), (9, -2.0)]) is None
     assert problem() is None
@@ -198,7 +200,7 @@ def test_logprobs_fields_reach_the_sampling_params() -> None:
         params = to_sampling_params(parse_chat_request(fields), 16)
         assert (params.logprobs, params.top_logprobs) == want
         # the params travel to the executor and to later stages as msgpack
-        wire = P.decode_to_executor(P.encode(P.AddRequest("r", [1], params)))
+        wire = decode_to_executor(encode(AddRequest("r", [1], params)))
         assert wire.sampling_params == params
     with pytest.raises(ValueError, match="top_logprobs"):
         SamplingParams(logprobs=True, top_logprobs=21).validate()

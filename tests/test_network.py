@@ -8,8 +8,8 @@ import math
 import httpx
 import pytest
 
-from parallax import protocol as P
 from parallax.node import probe
+from parallax.protocol.control import LinkReport, ProbeTarget
 from parallax.scheduler.cost import Link
 from parallax.scheduler.network import (
     MAX_PROBE_PEERS,
@@ -104,9 +104,9 @@ def test_measure_peers_times_rtt_and_bandwidth_and_survives_strangers(monkeypatc
             return httpx.Response(200, content=body(bytes(8192), None if endless else 8))
         return httpx.Response(503, content=body(b'{"status": "loading"}', 1))
 
-    targets = [P.ProbeTarget(h, f"http://{h}") for h in ("good", "slow", "broken", "flood")]
+    targets = [ProbeTarget(h, f"http://{h}") for h in ("good", "slow", "broken", "flood")]
 
-    async def main() -> list[P.LinkReport]:
+    async def main() -> list[LinkReport]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             return await probe.measure_peers(client, targets)
 

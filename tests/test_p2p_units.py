@@ -11,12 +11,15 @@ import pytest
 import zmq
 from processes import free_port
 
-from parallax import protocol as P
 from parallax.config import ChatConfig, ConfigError, JoinConfig, SchedulerConfig
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.p2p.peer import is_p2p_target, split_target
 from parallax.p2p.safety import restricted_loads
+from parallax.protocol.common import encode
+from parallax.protocol.control import Heartbeat, NodeJoin, PeerEndpoint
+from parallax.protocol.links import LinkRelease, decode_link
+from parallax.protocol.p2p import RelayedMessage
 from parallax.scheduler.app import SchedulerState
 from parallax.scheduler.catalog import ModelCatalog
 
@@ -47,8 +50,8 @@ def test_config_accepts_peers_and_names_the_fix():
 
 
 def _join(state: SchedulerState, node_id: str, peer_id: str | None) -> None:
-    state.join(P.NodeJoin(node_id, "cpu", "cpu", 2**30, 100.0, 10.0, f"http://{node_id}:3000",
-                          f"tcp://{node_id}:3100", peer_id=peer_id))
+    state.join(NodeJoin(node_id, "cpu", "cpu", 2**30, 100.0, 10.0, f"http://{node_id}:3000",
+                        f"tcp://{node_id}:3100", peer_id=peer_id))
 
 
 def test_heartbeats_tell_p2p_nodes_about_the_other_p2p_nodes():
@@ -57,9 +60,9 @@ def test_heartbeats_tell_p2p_nodes_about_the_other_p2p_nodes():
     _join(state, "a", PEER)
     _join(state, "b", PEER.replace("G", "H"))
     _join(state, "direct", None)
-    answer = state.heartbeat(P.Heartbeat("a", "idle"))
-    assert answer.peers == [P.PeerEndpoint("tcp://b:3100", PEER.replace("G", "H"), ready=False)]
-    assert state.heartbeat(P.Heartbeat("direct", "idle")).peers == []
+    answer = state.heartbeat(Heartbeat("a", "idle"))
+    assert answer.peers == [PeerEndpoint("tcp://b:3100", PEER.replace("G", "H"), ready=False)]
+    assert state.heartbeat(Heartbeat("direct", "idle")).peers == []
 
 
 def test_aliased_endpoint_is_sent_to_its_relay():
@@ -69,17 +72,17 @@ def test_aliased_endpoint_is_sent_to_its_relay():
     relay.bind(relay_address)
     unreachable = "tcp://10.255.255.1:9"  # never dialled: the alias replaces it
     links = PipelineLinks(context, f"tcp://127.0.0.1:{free_port()}", "tcp://self:1",
-                          StageLimits(8, 64, 128, 100),
+                          LinkLimits(8, 64, 128, 100),
                           LinkSecurity(bytes(32), [unreachable]))
     try:
         links.set_aliases({unreachable: relay_address})
-        links.send_message(unreachable, P.StageRelease(["r1"]))
+        links.send_message(unreachable, LinkRelease(["r1"]))
         deadline = time.monotonic() + 5
         while not relay.poll(10) and time.monotonic() < deadline:
             links.flush()  # sends never block: a link still connecting is flushed by the loop
         assert relay.poll(0)
         frames = relay.recv_multipart()
-        assert P.decode_stage(frames[1]) == P.StageRelease(["r1"])  # frame 0: the seal
+        assert decode_link(frames[1]) == LinkRelease(["r1"])  # frame 0: the seal
         # dropping the alias reconnects to the endpoint itself (nothing more reaches the relay)
         links.set_aliases({})
         assert unreachable not in links.pushes
@@ -142,14 +145,14 @@ def test_relayed_links_follow_the_probes():
         listening.listen()
         open_endpoint = f"tcp://127.0.0.1:{listening.getsockname()[1]}"
         closed_endpoint = f"tcp://127.0.0.1:{free_port()}"
-        loading = P.PeerEndpoint(closed_endpoint, PEER, ready=False)
-        direct = P.PeerEndpoint(open_endpoint, PEER.replace("G", "H"), ready=True)
-        own = P.PeerEndpoint("tcp://127.0.0.1:1", PEER.replace("G", "J"), ready=True)
+        loading = PeerEndpoint(closed_endpoint, PEER, ready=False)
+        direct = PeerEndpoint(open_endpoint, PEER.replace("G", "H"), ready=True)
+        own = PeerEndpoint("tcp://127.0.0.1:1", PEER.replace("G", "J"), ready=True)
         # a peer still loading (refused, not ready) is left for the next heartbeat
         assert asyncio.run(links.update([loading, direct, own], own.activation_endpoint)) is None
         assert relay.opened == [] and set(links.probed) == {open_endpoint}
         # ready but refusing: its port is blocked from here, so it gets a relay
-        blocked = P.PeerEndpoint(closed_endpoint, PEER, ready=True)
+        blocked = PeerEndpoint(closed_endpoint, PEER, ready=True)
         aliases = asyncio.run(links.update([blocked, direct], own.activation_endpoint))
         assert aliases == {closed_endpoint: "ipc:///tmp/relay-1"}
         assert relay.opened == [(closed_endpoint, PEER)]
@@ -199,7 +202,7 @@ RELAY_KEY = bytes(range(32))
 
 
 def _relayed(target: str, frames: list[bytes]) -> bytes:
-    return P.encode(P.RelayedMessage(target, frames))
+    return encode(RelayedMessage(target, frames))
 
 
 def _sealed(frames: list[bytes], key: bytes = RELAY_KEY) -> list[bytes]:
@@ -216,7 +219,7 @@ def test_a_node_relay_passes_on_only_sealed_messages_for_it():
     address = f"ipc:///tmp/parallax-test-relay-in-{os.getpid()}"
     executor.bind(address)
     relay = ActivationRelay(_FakeLattica(PEER), address)
-    release = [P.encode(P.StageRelease(["r1"]))]
+    release = [encode(LinkRelease(["r1"]))]
     try:
         good = _sealed(release)
         refused = {
@@ -249,7 +252,7 @@ def test_the_scheduler_relay_forwards_only_to_joined_peers_and_never_waits_long(
     gate = threading.Event()
     lattica = _FakeLattica("scheduler", answer=lambda data: gate.wait(5) and b"ok")
     relay = relay_module.ActivationRelay(lattica)
-    release = [P.encode(P.StageRelease(["r1"]))]
+    release = [encode(LinkRelease(["r1"]))]
     stranger = PEER.replace("G", "H")
     assert relay.on_forward(_relayed(PEER, _sealed(release))).startswith(b"error: refused")
     relay.forward_keys = lambda peer: [RELAY_KEY] if peer == PEER else None

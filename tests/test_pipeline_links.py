@@ -12,14 +12,15 @@ import zmq
 from processes import free_port
 from tiny_models import greedy_tokens, save_tiny_model
 
-from parallax import protocol as P
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node.link_auth import LinkSecurity
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.node.stage import StageRouter
 from parallax.node.tracing import StageTracer, split_records
+from parallax.protocol.common import TokenOutput
+from parallax.protocol.ipc import AddRequest
 
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 KEY = bytes(range(32))
@@ -28,7 +29,7 @@ KEY = bytes(range(32))
 def keyed_links(context: zmq.Context, endpoints: list[str], engines: list[Engine],
                 key: bytes = KEY) -> list[PipelineLinks]:
     """One PipelineLinks per engine, bound to its endpoint, all holding the pipeline's key."""
-    return [PipelineLinks(context, e, e, StageLimits.of(engine), LinkSecurity(key, endpoints))
+    return [PipelineLinks(context, e, e, LinkLimits.of(engine), LinkSecurity(key, endpoints))
             for e, engine in zip(endpoints, engines, strict=True)]
 
 
@@ -49,15 +50,15 @@ class Cluster:
         self.alive = [True] * len(ranges)
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams = PARAMS) -> None:
-        self.routers[0].add_request(P.AddRequest(rid, prompt, params, self.endpoints[1:]))
+        self.routers[0].add_request(AddRequest(rid, prompt, params, self.endpoints[1:]))
 
     def kill(self, index: int) -> None:
         self.alive[index] = False
         self.links[index].close()
 
-    def run(self, until_s: float = 20.0) -> dict[str, list[P.TokenOutput]]:
+    def run(self, until_s: float = 20.0) -> dict[str, list[TokenOutput]]:
         """Drive every stage until all head requests finished; head frontend outputs by rid."""
-        out: dict[str, list[P.TokenOutput]] = {}
+        out: dict[str, list[TokenOutput]] = {}
         open_rids = set(self.engines[0].sequences)
         deadline = time.monotonic() + until_s
         while open_rids and time.monotonic() < deadline:

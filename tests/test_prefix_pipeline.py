@@ -1,7 +1,7 @@
 """Prefix caching across pipeline stages (issue 15, part 1).
 
 Fast tests drive engines joined by real ZeroMQ links in one process (a tiny random Llama):
-the head asks the later stages how much of a cached prefix they hold (StagePrefixQuery), every
+the head asks the later stages how much of a cached prefix they hold (LinkPrefixQuery), every
 stage starts the request there, and the head recomputes only what a later stage lost. The slow
 test runs a 6-turn conversation through a real 2-node loopback cluster on the built-in model and
 reads the counters from each node's /health.
@@ -18,13 +18,14 @@ from processes import free_port
 from test_pipeline_links import KEY, Cluster, keyed_links
 from tiny_models import greedy_tokens, save_tiny_model
 
-from parallax import protocol as P
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node import stage as stage_module
-from parallax.node.peers import StageLimits, prefix_problem
+from parallax.node.links import LinkLimits, prefix_problem
 from parallax.node.stage import StageRouter
+from parallax.protocol.common import encode
+from parallax.protocol.links import LinkPrefixAnswer, LinkPrefixQuery, decode_link
 
 BLOCK = 16
 HIDDEN = 64  # the tiny model's hidden size (float32 activations)
@@ -196,7 +197,7 @@ def test_an_unanswered_query_runs_the_request_from_the_start(model_path, whole, 
         original = tail.on_message
 
         def lose_queries(message, hidden):
-            if isinstance(message, P.StagePrefixQuery):
+            if isinstance(message, LinkPrefixQuery):
                 swallowed.append(message.rid)
                 return []
             return original(message, hidden)
@@ -253,18 +254,18 @@ def test_a_stage_with_sliding_window_layers_reports_no_prefix(tmp_path):
 
 
 def test_prefix_messages_are_validated():
-    limits = StageLimits(hidden_size=64, max_tokens=4096, max_position=512, vocab_size=256)
+    limits = LinkLimits(hidden_size=64, max_tokens=4096, max_position=512, vocab_size=256)
     allowed = {"tcp://a:1", "tcp://b:2"}.__contains__
-    good = P.StagePrefixQuery("r", [1, 2, 3], ["tcp://b:2"], "tcp://a:1")
+    good = LinkPrefixQuery("r", [1, 2, 3], ["tcp://b:2"], "tcp://a:1")
     assert prefix_problem(good, limits, allowed) is None
     assert "not in this pipeline" in prefix_problem(
-        P.StagePrefixQuery("r", [1], ["tcp://evil:9"], "tcp://a:1"), limits, allowed)
-    assert "vocabulary" in prefix_problem(P.StagePrefixQuery("r", [999], [], "tcp://a:1"),
+        LinkPrefixQuery("r", [1], ["tcp://evil:9"], "tcp://a:1"), limits, allowed)
+    assert "vocabulary" in prefix_problem(LinkPrefixQuery("r", [999], [], "tcp://a:1"),
                                           limits, allowed)
-    assert prefix_problem(P.StagePrefixQuery("r", [], [], "tcp://a:1"), limits, allowed)
-    assert prefix_problem(P.StagePrefixAnswer("r", 10_000), limits, allowed)
-    assert prefix_problem(P.StagePrefixAnswer("", 0), limits, allowed)
-    assert P.decode_stage(P.encode(good)) == good
+    assert prefix_problem(LinkPrefixQuery("r", [], [], "tcp://a:1"), limits, allowed)
+    assert prefix_problem(LinkPrefixAnswer("r", 10_000), limits, allowed)
+    assert prefix_problem(LinkPrefixAnswer("", 0), limits, allowed)
+    assert decode_link(encode(good)) == good
     assert KEY  # the links of these tests carry the pipeline key (test_pipeline_links)
 
 

@@ -26,7 +26,7 @@ from parallax.models.quant.formats import QT, block_size, dequantize_rows, type_
 from parallax.models.quant.loading import kernel_summary
 from parallax.models.quant.quantize import QUANTIZE_TYPES, quantize_rows
 from parallax.models.sizing import estimate_layer_bytes, shard_bytes
-from parallax.protocol import NodeJoin
+from parallax.protocol.control import NodeJoin
 from parallax.scheduler.app import SchedulerState, build_app
 from tests.processes import die_with_pytest, free_port, wait_healthy
 from tests.tiny_models import (
@@ -253,7 +253,7 @@ def test_a_node_reloads_when_only_quantize_changes():
     from types import SimpleNamespace
 
     from parallax.node.agent import NodeAgent
-    from parallax.protocol import Assignment
+    from parallax.protocol.control import Assignment
 
     float_model = Assignment("m", 0, 4, 1)
     agent = SimpleNamespace(assignment=float_model)

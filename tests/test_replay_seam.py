@@ -130,7 +130,7 @@ def _event(delta: dict, finish: str | None = None, ids: list[int] | None = None,
 
 
 def test_session_rewrites_chunks_and_splits_the_last_delta_from_the_final_chunk():
-    from parallax import protocol as P
+    from parallax.protocol.common import INVALID_REQUEST, PEER_LOST
     from parallax.scheduler.replay import Failure, ReplaySession, should_replay
 
     now = [0.0]
@@ -144,9 +144,9 @@ def test_session_rewrites_chunks_and_splits_the_last_delta_from_the_final_chunk(
     session.on_event({"object": "error", "message": "lost", "code": 503,
                       "parallax": {"kind": "peer_lost", "peer": "tcp://x:1"}})
     failure = session.end_attempt()
-    assert failure == Failure(P.PEER_LOST, "lost", 503, "tcp://x:1")
+    assert failure == Failure(PEER_LOST, "lost", 503, "tcp://x:1")
     assert session.generated_ids == [5, 6] and should_replay(failure, 0, 3)
-    assert not should_replay(Failure(P.INVALID_REQUEST, "bad"), 0, 3)
+    assert not should_replay(Failure(INVALID_REQUEST, "bad"), 0, 3)
     assert not should_replay(failure, 3, 3)
     session.begin_replay()
     assert session.attempt_payload()["parallax"] == {"internal": True,

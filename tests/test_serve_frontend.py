@@ -16,10 +16,18 @@ import httpx
 import pytest
 import zmq
 
-from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.node.executor_client import ExecutorClient
-from parallax.node.frontend import NodeFrontend, build_app
+from parallax.node.http_server import NodeHttpServer, build_app
+from parallax.protocol.common import TokenOutput, encode
+from parallax.protocol.ipc import (
+    AddRequest,
+    ExecutorReady,
+    ExecutorStats,
+    Shutdown,
+    StepOutputs,
+    decode_to_executor,
+)
 from parallax.serving.sse import parse_sse_lines
 
 EOS = 3
@@ -83,20 +91,20 @@ class FakeExecutor:
         push.connect(output_address)
         try:
             if self.send_ready:
-                push.send(P.encode(P.ExecutorReady(
+                push.send(encode(ExecutorReady(
                     pid=self.pid, model_name="fake", model_type=self.model_type, start_layer=0,
                     end_layer=2, num_layers=2, max_model_len=512, block_size=16,
                     num_total_blocks=64, eos_token_ids=[EOS], tokenizer_path="", device="cpu",
                     dtype="float32", load_seconds=0.0, kernels=FAKE_KERNELS)))
-            stats = P.ExecutorStats(0, 0, 64, 64)
+            stats = ExecutorStats(0, 0, 64, 64)
             while not self._stop.is_set():
                 if not pull.poll(20):
                     continue
-                message = P.decode_to_executor(pull.recv())
+                message = decode_to_executor(pull.recv())
                 self.received.append(message)
-                if isinstance(message, P.Shutdown):
+                if isinstance(message, Shutdown):
                     return
-                if not isinstance(message, P.AddRequest):
+                if not isinstance(message, AddRequest):
                     continue
                 prompt = "".join(chr(t) for t in message.prompt_token_ids)
                 user = prompt.split("[user]")[-1].split("\x1e")[0]
@@ -106,17 +114,17 @@ class FakeExecutor:
                 if user == "HOLD":
                     continue
                 if user == "FAIL":
-                    out = [P.TokenOutput(message.rid, finished=True, finish_reason="error",
-                                         error="boom in the executor")]
-                    push.send(P.encode(P.StepOutputs(out, stats)))
+                    out = [TokenOutput(message.rid, finished=True, finish_reason="error",
+                                       error="boom in the executor")]
+                    push.send(encode(StepOutputs(out, stats)))
                     continue
                 text = user.removeprefix("REPLY:")
                 ids = [ord(c) for c in text][: message.sampling_params.max_tokens]
                 ids = ids[message.num_resumed_tokens:]  # a replay goes on after those
                 for i, token in enumerate(ids):
                     last = i == len(ids) - 1
-                    out = P.TokenOutput(message.rid, token, last, "length" if last else None)
-                    push.send(P.encode(P.StepOutputs([out], stats)))
+                    out = TokenOutput(message.rid, token, last, "length" if last else None)
+                    push.send(encode(StepOutputs([out], stats)))
         finally:
             pull.close(0)
             push.close(0)
@@ -138,7 +146,7 @@ class Harness:
 
     async def __aenter__(self):
         client = ExecutorClient(self.config.executor, launcher=self._launch, max_restarts=2)
-        self.frontend = NodeFrontend(self.config, client, "fake", tokenizer=self.tokenizer)
+        self.frontend = NodeHttpServer(self.config, client, "fake", tokenizer=self.tokenizer)
         await self.frontend.start()
         if self.send_ready:
             await asyncio.wait_for(self.frontend.wait_ready(), 5)
@@ -415,7 +423,7 @@ def test_internal_leg_carries_token_ids_and_a_replay_resumes_after_them():
                                     parallax={"internal": True, "resume_token_ids": resumed})
             assert texts(events, "reasoning_content") == "" and texts(events, "content") == "ok"
             assert events[-2]["usage"]["completion_tokens"] == len(output)
-            add = [m for m in h.launched[-1].received if isinstance(m, P.AddRequest)][-1]
+            add = [m for m in h.launched[-1].received if isinstance(m, AddRequest)][-1]
             assert add.rid == "replay-1" and add.num_resumed_tokens == 9
             assert add.prompt_token_ids[-9:] == resumed
             assert add.sampling_params.max_tokens > len(output)  # resumed ids count in it

@@ -8,38 +8,49 @@ import msgspec
 import pytest
 import zmq
 
-from parallax import protocol as P
 from parallax.config import ConfigError, ExecutorConfig, ServeConfig, parse_size
 from parallax.engine.engine import StepOutput
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor import ExecutorLoop
+from parallax.protocol.common import ENGINE_ERROR, INVALID_REQUEST, TokenOutput, encode
+from parallax.protocol.ipc import (
+    AbortRequest,
+    AddRequest,
+    ExecutorError,
+    ExecutorProgress,
+    ExecutorStats,
+    Shutdown,
+    StepOutputs,
+    decode_from_executor,
+    decode_to_executor,
+)
 
 
 def test_messages_round_trip_both_directions():
     to_executor = [
-        P.AddRequest("r1", [1, 2, 3], SamplingParams(temperature=0.5, seed=7, max_tokens=9,
-                                                     stop_token_ids=(2,))),
-        P.AbortRequest(["r1", "r2"]),
-        P.Shutdown(),
+        AddRequest("r1", [1, 2, 3], SamplingParams(temperature=0.5, seed=7, max_tokens=9,
+                                                   stop_token_ids=(2,))),
+        AbortRequest(["r1", "r2"]),
+        Shutdown(),
     ]
     for message in to_executor:
-        assert P.decode_to_executor(P.encode(message)) == message
-    stats = P.ExecutorStats(1, 2, 3, 4)
+        assert decode_to_executor(encode(message)) == message
+    stats = ExecutorStats(1, 2, 3, 4)
     from_executor = [
-        P.ExecutorProgress("loading"),
-        P.StepOutputs([P.TokenOutput("r1", 5), P.TokenOutput("r2", None, True, "error", "x")],
-                      stats),
-        P.ExecutorError(12, "died", "Traceback ...", during_startup=True),
+        ExecutorProgress("loading"),
+        StepOutputs([TokenOutput("r1", 5), TokenOutput("r2", None, True, "error", "x")],
+                    stats),
+        ExecutorError(12, "died", "Traceback ...", during_startup=True),
     ]
     for message in from_executor:
-        assert P.decode_from_executor(P.encode(message)) == message
+        assert decode_from_executor(encode(message)) == message
 
 
 def test_decoders_reject_foreign_and_pickled_payloads():
     with pytest.raises(msgspec.ValidationError):  # a frontend-bound message sent the wrong way
-        P.decode_to_executor(P.encode(P.ExecutorProgress("x")))
+        decode_to_executor(encode(ExecutorProgress("x")))
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
-        P.decode_to_executor(pickle.dumps({"type": "add"}))
+        decode_to_executor(pickle.dumps({"type": "add"}))
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -116,10 +127,10 @@ def loop_sockets():
     ctx.term()
 
 
-def _collect(front_pull) -> list[P.TokenOutput]:
+def _collect(front_pull) -> list[TokenOutput]:
     outputs = []
     while front_pull.poll(0):
-        message = P.decode_from_executor(front_pull.recv())
+        message = decode_from_executor(front_pull.recv())
         outputs.extend(message.outputs)
     return outputs
 
@@ -129,21 +140,21 @@ def test_executor_loop_isolates_bad_requests_and_failed_steps(loop_sockets):
     engine = StubEngine()
     loop = ExecutorLoop(engine, loop_pull, loop_push)
     params = SamplingParams()
-    for message in [P.AddRequest("good", [1], params), P.AddRequest("bad", [], params)]:
-        front_push.send(P.encode(message))
+    for message in [AddRequest("good", [1], params), AddRequest("bad", [], params)]:
+        front_push.send(encode(message))
     loop.run_once(idle_timeout_ms=100)  # drains both, steps "good" once
     outputs = _collect(front_pull)
-    assert P.TokenOutput("bad", None, True, "error", "the prompt has no tokens",
-                         P.INVALID_REQUEST) in outputs  # never replayed
-    assert P.TokenOutput("good", 11) in outputs  # a bad neighbour did not stop it
+    assert TokenOutput("bad", None, True, "error", "the prompt has no tokens",
+                       INVALID_REQUEST) in outputs  # never replayed
+    assert TokenOutput("good", 11) in outputs  # a bad neighbour did not stop it
 
     engine.fail_next_step = True
-    front_push.send(P.encode(P.AddRequest("other", [1], params)))
+    front_push.send(encode(AddRequest("other", [1], params)))
     loop.run_once(idle_timeout_ms=100)
     failed = _collect(front_pull)
     assert {o.rid for o in failed} == {"good", "other"}
     assert all(o.finish_reason == "error" and "kernel exploded" in o.error for o in failed)
-    assert all(o.kind == P.ENGINE_ERROR for o in failed)
+    assert all(o.kind == ENGINE_ERROR for o in failed)
     assert not engine.sequences  # the process goes on with a clean engine
 
 
@@ -152,12 +163,12 @@ def test_executor_loop_abort_publishes_fresh_stats(loop_sockets):
     engine = StubEngine()
     engine.sequences["r"] = 0
     loop = ExecutorLoop(engine, loop_pull, loop_push)
-    front_push.send(P.encode(P.AbortRequest(["r"])))
-    front_push.send(P.encode(P.Shutdown()))
+    front_push.send(encode(AbortRequest(["r"])))
+    front_push.send(encode(Shutdown()))
     loop.run()  # stops on Shutdown after publishing the abort's stats
     assert not loop.running
-    message = P.decode_from_executor(front_pull.recv())
-    assert message.stats == P.ExecutorStats(0, 0, 8, 8)
+    message = decode_from_executor(front_pull.recv())
+    assert message.stats == ExecutorStats(0, 0, 8, 8)
 
 
 def test_executor_loop_fails_only_the_batch_whose_forward_failed(loop_sockets):
@@ -181,7 +192,7 @@ def test_executor_loop_fails_only_the_batch_whose_forward_failed(loop_sockets):
     assert [(o.rid, o.finish_reason) for o in failed] == [("b", "error")]
     assert "fp16 overflow" in failed[0].error
     loop.run_once(idle_timeout_ms=0)
-    assert P.TokenOutput("a", 11) in _collect(front_pull)  # "a" goes on
+    assert TokenOutput("a", 11) in _collect(front_pull)  # "a" goes on
 
 
 class RecordingStage:

@@ -34,16 +34,18 @@ from test_cluster import (  # noqa: F401 (reference_answers is a fixture)
 )
 from tls_certs import make_test_certs
 
-from parallax import protocol as P
 from parallax.cli import main
 from parallax.config import GatewayConfig, JoinConfig, SchedulerConfig
 from parallax.node.link_auth import LinkSecurity
 from parallax.node.link_crypto import CurveKeyPair, is_curve_key, link_fingerprint
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PipelineLinks
+from parallax.protocol.common import encode
+from parallax.protocol.control import NodeJoin
+from parallax.protocol.links import LinkRelease
 from parallax.serving.tls import TLSConfig, TLSConfigError, with_scheme
 
 KEY = bytes(range(32))
-LIMITS = StageLimits(8, 64, 256, 1000)
+LIMITS = LinkLimits(8, 64, 256, 1000)
 MARKER = "confidential-prompt-7f3a"
 JOIN_TOKEN = "join-token-5b1e-secret"
 API_KEY = "api-key-c9d2-secret"
@@ -121,7 +123,7 @@ def _send_through_proxy(curve: bool) -> tuple[bytes, object]:
         b.set_security(KEY, [a_endpoint, b_endpoint])
         a.set_security(KEY, [a_endpoint, via],
                        ["", b_keys.public.decode() if b_keys else ""])
-        a.send_message(via, P.StageRelease([MARKER]))
+        a.send_message(via, LinkRelease([MARKER]))
         received = None
         deadline = time.monotonic() + 10
         while received is None and time.monotonic() < deadline:
@@ -138,10 +140,10 @@ def _send_through_proxy(curve: bool) -> tuple[bytes, object]:
 
 def test_curve_hides_the_message_from_an_eavesdropper():
     seen, received = _send_through_proxy(curve=True)
-    assert received == (P.StageRelease([MARKER]), None)
+    assert received == (LinkRelease([MARKER]), None)
     assert len(seen) > 100 and MARKER.encode() not in seen
     seen, received = _send_through_proxy(curve=False)  # the same check sees plaintext
-    assert received == (P.StageRelease([MARKER]), None) and MARKER.encode() in seen
+    assert received == (LinkRelease([MARKER]), None) and MARKER.encode() in seen
 
 
 def test_a_plain_sender_cannot_reach_a_curve_stage():
@@ -154,7 +156,7 @@ def test_a_plain_sender_cannot_reach_a_curve_stage():
     attacker.setsockopt(zmq.SNDTIMEO, 1000)
     try:
         attacker.connect(endpoint)
-        attacker.send_multipart([b"x", P.encode(P.StageRelease(["r"]))])
+        attacker.send_multipart([b"x", encode(LinkRelease(["r"]))])
         assert not links.pull.poll(1500)  # the handshake never completes: nothing arrives
     finally:
         attacker.close()
@@ -265,8 +267,8 @@ def test_plain_http_is_refused_everywhere(tls_cluster, certs):
 
 @pytest.mark.slow
 def test_a_node_serving_plain_http_cannot_join(tls_cluster, certs):
-    join = P.NodeJoin("plain-1", "cpu", "cpu", 2**30, 10.0, 10.0, "http://127.0.0.1:9",
-                      "tcp://127.0.0.1:10")
+    join = NodeJoin("plain-1", "cpu", "cpu", 2**30, 10.0, 10.0, "http://127.0.0.1:9",
+                    "tcp://127.0.0.1:10")
     response = httpx.post(f"{tls_cluster.url}/node/join", content=msgspec.json.encode(join),
                           headers={"X-Join-Token": JOIN_TOKEN,
                                    "Content-Type": "application/json"},

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from parallax.node.frontend import NodeFrontend
+from parallax.node.http_server import NodeHttpServer
 from parallax.serving.errors import APIError
 from parallax.serving.openai_schemas import completion, parse_chat_request
 from parallax.serving.tool_calls import (
@@ -280,8 +280,8 @@ class _Template:
 def test_render_prompt_gives_tools_to_the_template_or_the_hermes_prompt(renders):
     from parallax.config import ServeConfig
 
-    frontend = NodeFrontend(ServeConfig(model="fake"), None, "fake",
-                            tokenizer=_Template(renders))
+    frontend = NodeHttpServer(ServeConfig(model="fake"), None, "fake",
+                              tokenizer=_Template(renders))
     req = parse_chat_request(chat(tools=[WEATHER], tool_choice="required"))
     text, _ = frontend.render_prompt(req)
     assert frontend.template_renders_tools() is renders

@@ -28,7 +28,7 @@ from structured_helpers import (
 from parallax.engine.grammar import GrammarMasker
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
-from parallax.node.frontend import NodeFrontend
+from parallax.node.http_server import NodeHttpServer
 from parallax.serving.reasoning import HarmonyParser, ThinkParser
 from parallax.serving.structured import grammar_vocab_json, tokenizer_json
 from parallax.serving.tool_calls import HarmonyToolParser, ToolCall, make_tool_parser
@@ -301,7 +301,7 @@ def test_answers_after_replayed_reasoning_validate(marked_model):
 
 
 def test_thinking_mode_follows_the_reasoning_parser():
-    mode = NodeFrontend._thinking_mode
+    mode = NodeHttpServer._thinking_mode
     assert mode(ThinkParser(start_in_reasoning=True), "qwen3", True, "x<think>\n") == "open"
     assert mode(ThinkParser(), "qwen3", True, "x") == "optional"
     assert mode(ThinkParser(), "qwen3", False, "x") == "none"  # thinking switched off

@@ -11,7 +11,6 @@ import pytest
 from processes import free_port
 from rich.console import Console
 
-from parallax import protocol as P
 from parallax.node import tracing
 from parallax.node.tracing import (
     STAGE_RECORD_LEN,
@@ -23,6 +22,9 @@ from parallax.node.tracing import (
     trace_problem,
     trace_summary,
 )
+from parallax.protocol.common import PEER_LOST, TokenOutput, encode
+from parallax.protocol.ipc import ExecutorStats, LinkSample
+from parallax.protocol.links import LinkAck, LinkTokens, decode_link
 from parallax.scheduler.replay import Failure
 from parallax.scheduler.status import ClusterMetrics
 from parallax.scheduler.traces import TraceStore, attempt_trace
@@ -59,10 +61,10 @@ def test_a_stage_times_queue_compute_and_hops_with_its_own_clock(clock):
     tracer.on_step(1010.0, 6.0, ["r", "r"])  # a request counts once per step
     send_id = tracer.on_send("tcp://next", [("r", 4608)])
     clock.ms = 1013.5
-    tracer.on_ack(P.StageAck(send_id, held_ms=0.5))  # round trip 9.5 - receiver 0.5
-    tracer.on_ack(P.StageAck(send_id, held_ms=0.5))  # a repeated ack counts nothing
+    tracer.on_ack(LinkAck(send_id, held_ms=0.5))  # round trip 9.5 - receiver 0.5
+    tracer.on_ack(LinkAck(send_id, held_ms=0.5))  # a repeated ack counts nothing
     assert tracer.own("r") == record(10, 20, 7.0 + 6.0, 11.0, 2, 9.0, 4608, 1)
-    assert tracer.take_link_samples() == [P.LinkSample("tcp://next", 9.0, 4608)]
+    assert tracer.take_link_samples() == [LinkSample("tcp://next", 9.0, 4608)]
     assert tracer.take_link_samples() == []
 
 
@@ -123,22 +125,22 @@ def test_malformed_traces_and_acks_are_refused():
     assert trace_problem(record(0, 1, -1.0, 0, 0)) is not None
     assert trace_problem(record(0, 1, float("nan"), 0, 0)) is not None
     assert trace_problem([0.0] * STAGE_RECORD_LEN * (tracing.MAX_TRACE_STAGES + 1)) is not None
-    assert ack_problem(P.StageAck(3, 0.2)) is None
-    assert ack_problem(P.StageAck(0, 0.2)) is not None
-    assert ack_problem(P.StageAck(3, float("inf"))) is not None
+    assert ack_problem(LinkAck(3, 0.2)) is None
+    assert ack_problem(LinkAck(0, 0.2)) is not None
+    assert ack_problem(LinkAck(3, float("inf"))) is not None
 
 
 def test_stage_messages_with_traces_round_trip_and_bad_ones_are_dropped():
-    from parallax.node.peers import StageLimits, stage_problem
+    from parallax.node.links import LinkLimits, link_problem
 
-    limits = StageLimits(576, 4096, 8192, 49152)
-    out = P.TokenOutput("r", 5, True, "stop", trace=record(0, 30, 1, 2, 3))
-    message = P.decode_stage(P.encode(P.StageTokens([out], 7, "tcp://a:1")))
+    limits = LinkLimits(576, 4096, 8192, 49152)
+    out = TokenOutput("r", 5, True, "stop", trace=record(0, 30, 1, 2, 3))
+    message = decode_link(encode(LinkTokens([out], 7, "tcp://a:1")))
     assert message.outputs[0].trace == out.trace and message.send_id == 7
-    assert stage_problem(message, limits) is None
-    bad = P.StageTokens([P.TokenOutput("r", 5, trace=[1.0, 2.0])])
-    assert "trace" in stage_problem(bad, limits)
-    assert stage_problem(P.decode_stage(P.encode(P.StageAck(0, 1.0))), limits) is not None
+    assert link_problem(message, limits) is None
+    bad = LinkTokens([TokenOutput("r", 5, trace=[1.0, 2.0])])
+    assert "trace" in link_problem(bad, limits)
+    assert link_problem(decode_link(encode(LinkAck(0, 1.0))), limits) is not None
 
 
 def test_the_step_delay_setting_is_validated(monkeypatch):
@@ -162,14 +164,14 @@ def final_chunk(trace: list[float], ids: list[str]) -> dict:
 
 def test_a_failed_over_request_lists_each_attempt_and_the_ring_is_bounded():
     store = TraceStore(capacity=2)
-    broken = attempt_trace("c1", ["a", "b"], None, Failure(P.PEER_LOST, "node b is gone"))
+    broken = attempt_trace("c1", ["a", "b"], None, Failure(PEER_LOST, "node b is gone"))
     done = attempt_trace("c1-r1", ["a", "c"], final_chunk(
         record(0, 15, 1, 10, 5, 2.0, 100, 5) + record(15, 30, 1, 20, 5, 3.0, 50, 5),
         ["a", "c"]))
     store.add("c1", [broken, done], "stop")
     trace = store.get("c1")
     assert trace["failovers"] == 1 and [a["rid"] for a in trace["attempts"]] == ["c1", "c1-r1"]
-    assert broken["outcome"] == P.PEER_LOST and broken["stages"] == [] and \
+    assert broken["outcome"] == PEER_LOST and broken["stages"] == [] and \
         broken["error"] == "node b is gone"
     assert done["outcome"] == "ok" and [s["node_id"] for s in done["stages"]] == ["a", "c"]
     assert done["hops"][1] == {"from": "c", "to": "a", "ms": 3.0, "bytes": 50}
@@ -195,10 +197,10 @@ def test_scheduler_histograms_per_stage_and_link_come_from_final_chunks():
 
 def test_node_histograms_of_steps_prefix_hits_and_links():
     metrics = ServingMetrics()
-    stats = P.ExecutorStats(num_waiting=3, num_prefill_tokens=30, step_ms=20.0, num_batched=2,
-                            num_prefix_hit_tokens=10)
-    metrics.observe_step(stats, [P.LinkSample("tcp://n:1", 1.5, 4096)])
-    metrics.observe_step(P.ExecutorStats(num_prefill_tokens=30, num_prefix_hit_tokens=10))
+    stats = ExecutorStats(num_waiting=3, num_prefill_tokens=30, step_ms=20.0, num_batched=2,
+                          num_prefix_hit_tokens=10)
+    metrics.observe_step(stats, [LinkSample("tcp://n:1", 1.5, 4096)])
+    metrics.observe_step(ExecutorStats(num_prefill_tokens=30, num_prefix_hit_tokens=10))
     text = metrics.render()[0].decode()
     assert "parallax_step_seconds_sum 0.02" in text
     assert "parallax_batch_size_sum 2.0" in text and "parallax_queue_depth_sum 3.0" in text

@@ -258,7 +258,7 @@ class Engine:
     def _start_later(self, request_id: str, start_position: int, params: SamplingParams,
                      reserved: Sequence | None) -> Sequence:
         """A later stage's sequence for a request's first chunk: empty (a chunk at 0), or the
-        first `start_position` tokens of the prefix a StagePrefixQuery reserved."""
+        first `start_position` tokens of the prefix a LinkPrefixQuery reserved."""
         seq = Sequence(request_id, [], params, self.config.block_size)
         if start_position == 0:
             if reserved is not None:

@@ -58,9 +58,9 @@ class Sequence:
         self.last_block_hash: int | None = None
         self.awaiting_token = False  # head of a pipeline: a token is on its way back
         # head of a pipeline: its cached prefix waits for the later stages' answer to a
-        # StagePrefixQuery (how much of it they hold) before it runs
+        # LinkPrefixQuery (how much of it they hold) before it runs
         self.awaiting_prefix = False
-        # later stages: blocks of a cached prefix pinned by a StagePrefixQuery, waiting for the
+        # later stages: blocks of a cached prefix pinned by a LinkPrefixQuery, waiting for the
         # request's first chunk (its sampling params are not known yet)
         self.reserved = False
         self.pending_inputs: list[PendingInput] = []  # non-first stages

@@ -16,11 +16,21 @@ from collections.abc import Callable
 import httpx
 import msgspec
 
-from parallax import protocol as P
 from parallax.config import ExecutorConfig, JoinConfig
 from parallax.node.executor_client import ExecutorClient, NotReadyError
-from parallax.node.frontend import NodeFrontend
+from parallax.node.http_server import NodeHttpServer
 from parallax.node.probe import PROBE_TIMEOUT_S, LinkHistory, measure_peers
+from parallax.protocol.control import (
+    Assignment,
+    Heartbeat,
+    HeartbeatResponse,
+    JoinResponse,
+    LinkReport,
+    NodeJoin,
+    NodeLeave,
+    PeerEndpoint,
+    ProbeTarget,
+)
 
 logger = logging.getLogger("parallax.agent")
 
@@ -48,8 +58,8 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int,
 
 
 class NodeAgent:
-    def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeFrontend,
-                 join: P.NodeJoin, scheduler_url: str, activation_bind: str,
+    def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeHttpServer,
+                 join: NodeJoin, scheduler_url: str, activation_bind: str,
                  say: Callable[[str], None],
                  transport: httpx.AsyncBaseTransport | None = None, links=None,
                  scheduler_label: str | None = None) -> None:
@@ -61,7 +71,7 @@ class NodeAgent:
         self.scheduler_label = scheduler_label or scheduler_url  # how messages name it
         self.activation_bind = activation_bind
         self.say = say
-        self.assignment: P.Assignment | None = None
+        self.assignment: Assignment | None = None
         self.heartbeat_interval_s = 2.0
         self.node_secret = ""  # from the join answer; sent as X-Node-Secret
         # P2P mode passes a LatticaTransport: the same calls then travel to the scheduler's peer
@@ -69,7 +79,7 @@ class NodeAgent:
                                       verify=config.tls.client_verify())
         self._ready_task: asyncio.Task | None = None
         self._apply_task: asyncio.Task | None = None
-        self._latest_assignment: P.Assignment | None = None
+        self._latest_assignment: Assignment | None = None
         self.links = links  # P2P mode: p2p.relay.RelayedLinks, which peers need a relay
         self._tokenizers: dict[str, object] = {}
         # set when the scheduler should hear from this node before the next interval: it
@@ -77,8 +87,8 @@ class NodeAgent:
         self._beat_now = asyncio.Event()
         # network measurements (issue 16): heartbeat round trips and the listed peers' links
         self._beat_rtts_ms: deque[float] = deque(maxlen=5)
-        self._probe_targets: list[P.ProbeTarget] = []
-        self._link_reports: list[P.LinkReport] = []
+        self._probe_targets: list[ProbeTarget] = []
+        self._link_reports: list[LinkReport] = []
         self._link_history = LinkHistory()
         self._probe_task: asyncio.Task | None = None
         self._peer_http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S,
@@ -125,7 +135,7 @@ class NodeAgent:
         waiting_said = False
         while True:
             try:
-                answer = await self._post("/node/join", self.join_message, P.JoinResponse)
+                answer = await self._post("/node/join", self.join_message, JoinResponse)
                 break
             except (httpx.HTTPError, msgspec.DecodeError) as exc:
                 if not waiting_said:
@@ -142,7 +152,7 @@ class NodeAgent:
         try:
             start = time.perf_counter()
             answer = await self._post("/node/heartbeat", self.heartbeat(),
-                                      P.HeartbeatResponse)
+                                      HeartbeatResponse)
             self._beat_rtts_ms.append((time.perf_counter() - start) * 1e3)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             logger.warning("heartbeat failed: %s", exc)
@@ -161,7 +171,7 @@ class NodeAgent:
         await self._update_links(answer.peers, answer.link_key)
         return True
 
-    def _apply_soon(self, assignment: P.Assignment | None) -> None:
+    def _apply_soon(self, assignment: Assignment | None) -> None:
         """Apply the latest assignment in the background: stopping and starting an executor
         can take many seconds on a busy machine, and heartbeats must go on meanwhile (or the
         scheduler evicts a node for loading)."""
@@ -178,7 +188,7 @@ class NodeAgent:
             except Exception:  # a failed load is reported by the executor client's state
                 logger.exception("applying assignment %s failed", applied)
 
-    async def _update_links(self, peers: list[P.PeerEndpoint], link_key: str = "") -> None:
+    async def _update_links(self, peers: list[PeerEndpoint], link_key: str = "") -> None:
         """P2P mode: activations to peers not reachable over tcp go through Lattica relays
         (which pass on only what this pipeline's link key signed)."""
         if self.links is None:
@@ -209,7 +219,7 @@ class NodeAgent:
             self._apply_task.cancel()
         try:
             # short: a scheduler stopping at the same time must not hold up this node's exit
-            await self._post("/node/leave", P.NodeLeave(self.join_message.node_id), dict,
+            await self._post("/node/leave", NodeLeave(self.join_message.node_id), dict,
                              timeout_s=LEAVE_TIMEOUT_S)
         except (httpx.HTTPError, JoinRejected, msgspec.DecodeError) as exc:
             logger.info("leave not acknowledged: %s", exc)
@@ -217,11 +227,11 @@ class NodeAgent:
 
     # ---- state -------------------------------------------------------------------------
 
-    def heartbeat(self) -> P.Heartbeat:
+    def heartbeat(self) -> Heartbeat:
         stats, info = self.client.stats, self.client.info
         ready = self.client.state == "ready" and self.frontend.ready and info is not None
         assignment = self.assignment
-        return P.Heartbeat(
+        return Heartbeat(
             node_id=self.join_message.node_id,
             state="ready" if ready else self.client.state,
             running_requests=stats.num_running, waiting_requests=stats.num_waiting,
@@ -239,14 +249,14 @@ class NodeAgent:
             links=self._link_reports,
         )
 
-    def _same_layers(self, assignment: P.Assignment | None) -> bool:
+    def _same_layers(self, assignment: Assignment | None) -> bool:
         current = self.assignment
         if current is None or assignment is None:
             return current is assignment
         return (current.model, current.quantize, current.start_layer, current.end_layer) == (
             assignment.model, assignment.quantize, assignment.start_layer, assignment.end_layer)
 
-    async def apply(self, assignment: P.Assignment | None) -> None:
+    async def apply(self, assignment: Assignment | None) -> None:
         """Load a new layer range when it changed (only then: nothing else moves)."""
         if self._same_layers(assignment):
             self.assignment = assignment
@@ -266,7 +276,7 @@ class NodeAgent:
         await self.client.reconfigure(await self._executor_config(assignment))
         self._ready_task = asyncio.create_task(self._announce_ready(assignment))
 
-    async def _executor_config(self, assignment: P.Assignment) -> ExecutorConfig:
+    async def _executor_config(self, assignment: Assignment) -> ExecutorConfig:
         dtype = self.config.compute_dtype
         kv_bytes = None
         if self.config.memory_bytes:
@@ -289,7 +299,7 @@ class NodeAgent:
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
-    async def _announce_ready(self, assignment: P.Assignment) -> None:
+    async def _announce_ready(self, assignment: Assignment) -> None:
         try:
             await self.frontend.wait_ready()
         except NotReadyError as exc:

@@ -32,14 +32,36 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
-from parallax import protocol as P
 from parallax.config import ExecutorConfig
 from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
-from parallax.node.peers import PipelineLinks, StageLimits
+from parallax.node.links import LinkLimits, PipelineLinks
 from parallax.node.stage import RouteRejected, StageRouter
 from parallax.node.tracing import StageTracer, step_delay_s
+from parallax.protocol.common import (
+    ENGINE_ERROR,
+    INVALID_REQUEST,
+    PEER_LOST,
+    DownloadProgress,
+    TokenOutput,
+    encode,
+)
+from parallax.protocol.ipc import (
+    AbortRequest,
+    AddRequest,
+    ExecutorError,
+    ExecutorProgress,
+    ExecutorReady,
+    ExecutorStats,
+    SetGrammarVocab,
+    SetLinkAliases,
+    SetLinkSecurity,
+    Shutdown,
+    StepOutputs,
+    ToExecutor,
+    decode_to_executor,
+)
 
 if TYPE_CHECKING:
     from parallax.models.range_cache import Progress
@@ -134,13 +156,13 @@ class ExecutorLoop:
         self.layer_latency_ms = 0.0
         self._next_peer_check = 0.0
         self.running = True
-        self._pending: list[P.TokenOutput] = []  # outputs produced outside a step
+        self._pending: list[TokenOutput] = []  # outputs produced outside a step
         self._dirty = False  # stats changed without a step (abort): publish them
         self._next_parent_check = 0.0
 
-    def handle(self, message: P.ToExecutor) -> None:
+    def handle(self, message: ToExecutor) -> None:
         """Apply one control message to the engine; a bad request fails only itself."""
-        if isinstance(message, P.AddRequest):
+        if isinstance(message, AddRequest):
             self.tracer.forget(message.rid)
             self.tracer.ready(message.rid)
             try:
@@ -154,12 +176,12 @@ class ExecutorLoop:
             except (ValueError, RuntimeError) as exc:
                 # a table naming stages this node does not link to is the cluster changing
                 # (replay elsewhere); anything else the engine refused is the request's fault
-                kind = P.PEER_LOST if isinstance(exc, RouteRejected) else P.INVALID_REQUEST
-                self._pending.append(P.TokenOutput(message.rid, finished=True,
-                                                   finish_reason="error", error=str(exc),
-                                                   kind=kind))
+                kind = PEER_LOST if isinstance(exc, RouteRejected) else INVALID_REQUEST
+                self._pending.append(TokenOutput(message.rid, finished=True,
+                                                 finish_reason="error", error=str(exc),
+                                                 kind=kind))
             self._dirty = True
-        elif isinstance(message, P.AbortRequest):
+        elif isinstance(message, AbortRequest):
             if self.stage is not None:
                 self.stage.abort(list(message.rids))
             else:
@@ -168,19 +190,19 @@ class ExecutorLoop:
             for rid in message.rids:
                 self.tracer.forget(rid)
             self._dirty = True
-        elif isinstance(message, P.SetLinkAliases):
+        elif isinstance(message, SetLinkAliases):
             if self.links is not None:
                 self.links.set_aliases(dict(message.aliases))
-        elif isinstance(message, P.SetLinkSecurity):
+        elif isinstance(message, SetLinkSecurity):
             if self.links is not None:
                 self.links.set_security(parse_key(message.key), list(message.peers),
                                         list(message.curve_keys))
             if self.stage is not None:
                 self._pending.extend(self.stage.drop_orphans())
                 self._dirty = True
-        elif isinstance(message, P.SetGrammarVocab):
+        elif isinstance(message, SetGrammarVocab):
             self.engine.set_grammar_vocab(message.tokenizer_json)
-        elif isinstance(message, P.Shutdown):
+        elif isinstance(message, Shutdown):
             self.running = False
 
     def _drain_links(self) -> None:
@@ -206,13 +228,13 @@ class ExecutorLoop:
             except zmq.Again:
                 return
             try:
-                message = P.decode_to_executor(data)
+                message = decode_to_executor(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 logger.error("dropping an undecodable message (%d bytes): %s", len(data), exc)
                 continue
             self.handle(message)
 
-    def _step(self) -> list[P.TokenOutput]:
+    def _step(self) -> list[TokenOutput]:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
@@ -238,19 +260,19 @@ class ExecutorLoop:
             return self.stage.after_step(outputs)
         return [self._whole_model_output(o) for o in outputs]
 
-    def _whole_model_output(self, o: StepOutput) -> P.TokenOutput:
+    def _whole_model_output(self, o: StepOutput) -> TokenOutput:
         """A token of a node that holds the whole model (its trace on the last one)."""
         trace = self.tracer.trace_of(o.request_id) if o.finished else []
         if o.finished:
             self.tracer.forget(o.request_id)
-        return P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                             P.ENGINE_ERROR if o.finish_reason == "error" else None,
-                             logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
+        return TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
+                           ENGINE_ERROR if o.finish_reason == "error" else None,
+                           logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
 
-    def _fail_all(self, message: str) -> list[P.TokenOutput]:
+    def _fail_all(self, message: str) -> list[TokenOutput]:
         return self._fail_requests(list(self.engine.sequences), message)
 
-    def _fail_requests(self, rids: list[str], message: str) -> list[P.TokenOutput]:
+    def _fail_requests(self, rids: list[str], message: str) -> list[TokenOutput]:
         """Abort `rids` and report them failed where their client waits.
 
         A head (or a lone node) tells its frontend and releases the later stages; a later stage
@@ -268,21 +290,21 @@ class ExecutorLoop:
                                                      error=message) for rid in rids])
         if self.stage is not None:
             self.stage.abort(rids)  # frees the request on every later stage
-        return [P.TokenOutput(rid, finished=True, finish_reason="error", error=message,
-                              kind=P.ENGINE_ERROR) for rid in rids]
+        return [TokenOutput(rid, finished=True, finish_reason="error", error=message,
+                            kind=ENGINE_ERROR) for rid in rids]
 
-    def _publish(self, outputs: list[P.TokenOutput]) -> None:
+    def _publish(self, outputs: list[TokenOutput]) -> None:
         e = self.engine
         step_ms, num_batched = self.last_step
         self.last_step = (0.0, 0)  # each step is reported once
-        stats = P.ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
-                                e.num_total_blocks, round(self.layer_latency_ms, 3),
-                                getattr(e, "num_prefill_tokens", 0),
-                                getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
-                                num_batched, getattr(e, "num_prefix_hit_tokens", 0),
-                                getattr(e, "num_prefix_recomputed_tokens", 0),
-                                self.links.num_activation_bytes_sent if self.links else 0)
-        self.push.send(P.encode(P.StepOutputs(outputs, stats, self.tracer.take_link_samples())))
+        stats = ExecutorStats(e.num_running, e.num_waiting, e.num_free_blocks,
+                              e.num_total_blocks, round(self.layer_latency_ms, 3),
+                              getattr(e, "num_prefill_tokens", 0),
+                              getattr(e, "num_decode_tokens", 0), round(step_ms, 3),
+                              num_batched, getattr(e, "num_prefix_hit_tokens", 0),
+                              getattr(e, "num_prefix_recomputed_tokens", 0),
+                              self.links.num_activation_bytes_sent if self.links else 0)
+        self.push.send(encode(StepOutputs(outputs, stats, self.tracer.take_link_samples())))
 
     def _check_parent(self) -> None:
         now = time.monotonic()
@@ -379,7 +401,7 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
             engine.step()
     end_layer = config.end_layer if config.end_layer is not None else \
         shard.config.num_hidden_layers
-    ready = P.ExecutorReady(
+    ready = ExecutorReady(
         pid=os.getpid(), model_name=shard.source.name,
         model_type=str(getattr(shard.config, "model_type", "")),
         start_layer=config.start_layer, end_layer=end_layer,
@@ -396,9 +418,9 @@ def _download_reporter(push) -> Callable[[Progress], None]:
     """Send a hub download's progress to the frontend (its log and heartbeats)."""
     def send(progress: Progress) -> None:
         # (bytes between two close tensors come along, so done may pass what was wanted)
-        download = P.DownloadProgress(progress.done, max(progress.done, progress.wanted),
-                                      round(progress.rate), round(progress.eta_s, 1))
-        push.send(P.encode(P.ExecutorProgress(progress.text(), download)))
+        download = DownloadProgress(progress.done, max(progress.done, progress.wanted),
+                                    round(progress.rate), round(progress.eta_s, 1))
+        push.send(encode(ExecutorProgress(progress.text(), download)))
     return send
 
 
@@ -425,18 +447,18 @@ def run_executor_process(
     links = None
     try:
         engine, ready = _build_engine(
-            config, lambda text: push.send(P.encode(P.ExecutorProgress(text))),
+            config, lambda text: push.send(encode(ExecutorProgress(text))),
             _download_reporter(push))
         if config.activation_bind:  # bound once the shard says what a valid message holds
             curve = CurveKeyPair.generate() if config.link_encryption else None
             links = PipelineLinks(context, config.activation_bind,
                                   config.activation_endpoint or config.activation_bind,
-                                  StageLimits.of(engine, config.max_num_batched_tokens),
+                                  LinkLimits.of(engine, config.max_num_batched_tokens),
                                   curve=curve)
             if curve is not None:  # peers learn it through the scheduler (link_crypto.py)
                 ready = msgspec.structs.replace(ready,
                                                 curve_public_key=curve.public.decode("ascii"))
-        push.send(P.encode(ready))
+        push.send(encode(ready))
         started = True
         ExecutorLoop(engine, pull, push, parent_pid, links).run()
         return 0
@@ -445,8 +467,8 @@ def run_executor_process(
             logger.error("executor failed: %s", exc, exc_info=True)
         message = str(exc) or type(exc).__name__
         try:
-            push.send(P.encode(P.ExecutorError(os.getpid(), message, traceback.format_exc(),
-                                               during_startup=not started)))
+            push.send(encode(ExecutorError(os.getpid(), message, traceback.format_exc(),
+                                           during_startup=not started)))
         except zmq.ZMQError:
             pass
         return 1

@@ -25,10 +25,24 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from parallax import protocol as P
 from parallax.config import ExecutorConfig
 from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import link_fingerprint
+from parallax.protocol.common import ENGINE_ERROR, DownloadProgress, TokenOutput, encode
+from parallax.protocol.ipc import (
+    AbortRequest,
+    AddRequest,
+    ExecutorError,
+    ExecutorProgress,
+    ExecutorReady,
+    ExecutorStats,
+    SetGrammarVocab,
+    SetLinkAliases,
+    SetLinkSecurity,
+    Shutdown,
+    StepOutputs,
+    decode_from_executor,
+)
 
 logger = logging.getLogger("parallax.frontend")
 
@@ -71,7 +85,7 @@ class ExecutorLost:
     """Queue item: the executor died (or was replaced) before this request finished."""
 
     message: str
-    kind: str = P.ENGINE_ERROR
+    kind: str = ENGINE_ERROR
 
 
 class NotReadyError(Exception):
@@ -94,10 +108,10 @@ class ExecutorClient:
         self.on_progress = on_progress or (lambda text: None)
         self.state = "loading"  # idle | loading | ready | error | stopped
         self.error: str | None = None
-        self.info: P.ExecutorReady | None = None  # the latest ready executor's facts
-        self.download: P.DownloadProgress | None = None  # the loading executor's hub download
-        self.stats = P.ExecutorStats()
-        self.on_step: Callable[[P.StepOutputs], None] | None = None  # metrics of each step
+        self.info: ExecutorReady | None = None  # the latest ready executor's facts
+        self.download: DownloadProgress | None = None  # the loading executor's hub download
+        self.stats = ExecutorStats()
+        self.on_step: Callable[[StepOutputs], None] | None = None  # metrics of each step
         self.num_restarts = 0
         self.requests: dict[str, asyncio.Queue] = {}
         # token / byte counters of executors that are gone (their stats reset with them)
@@ -121,8 +135,8 @@ class ExecutorClient:
         self._tasks: list[asyncio.Task] = []
         self._restart_task: asyncio.Task | None = None
         self.link_aliases: dict[str, str] = {}
-        self.link_security = P.SetLinkSecurity("", [])  # from the scheduler, kept across restarts
-        self.grammar_vocab: P.SetGrammarVocab | None = None  # the model's, kept across restarts
+        self.link_security = SetLinkSecurity("", [])  # from the scheduler, kept across restarts
+        self.grammar_vocab: SetGrammarVocab | None = None  # the model's, kept across restarts
         self._vocab_model: str | None = None  # the model grammar_vocab belongs to
         self.shutting_down = False  # set on SIGTERM: an executor dying now is not restarted
 
@@ -145,14 +159,14 @@ class ExecutorClient:
         self.state = "loading"
         self.info = None
         self.download = None
-        self.stats = P.ExecutorStats()
+        self.stats = ExecutorStats()
         self._process = self.launcher(self.config, self.input_address, self.output_address)
 
     async def _stop_process(self, process: ProcessHandle | None) -> None:
         """Ask an executor to shut down; kill it after the grace period."""
         if process is None or process.poll() is not None:
             return
-        self._send(P.Shutdown())
+        self._send(Shutdown())
         for _ in range(int(SHUTDOWN_GRACE_S / WATCH_INTERVAL_S)):
             if process.poll() is not None:
                 return
@@ -174,13 +188,13 @@ class ExecutorClient:
         self.config = config
         self._ready_event = asyncio.Event()
         self.info, self.error, self._failed_starts = None, None, 0
-        self.stats = P.ExecutorStats()
+        self.stats = ExecutorStats()
         if config is None:
             self.state = "idle"
         else:
             self._spawn()
 
-    async def wait_ready(self) -> P.ExecutorReady:
+    async def wait_ready(self) -> ExecutorReady:
         """Wait until an executor is ready; raise NotReadyError if it cannot start."""
         await self._ready_event.wait()
         if self.state != "ready" or self.info is None:
@@ -225,8 +239,8 @@ class ExecutorClient:
             raise ValueError(f"request id {rid!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self.requests[rid] = queue
-        if not self._send(P.AddRequest(rid, prompt_token_ids, params, downstream or [],
-                                       num_resumed_tokens)):
+        if not self._send(AddRequest(rid, prompt_token_ids, params, downstream or [],
+                                     num_resumed_tokens)):
             del self.requests[rid]
             raise NotReadyError("the executor is not connected")
         return queue
@@ -235,13 +249,13 @@ class ExecutorClient:
         """P2P mode: peers' endpoints that must go through local relays (kept across restarts)."""
         self.link_aliases = dict(aliases)
         if self.state == "ready":
-            self._send(P.SetLinkAliases(self.link_aliases))
+            self._send(SetLinkAliases(self.link_aliases))
 
     def set_link_security(self, key: str, peers: list[str],
                           curve_keys: list[str] | None = None) -> None:
         """The pipeline's stage-link key (hex, "" for none), endpoints and their CURVE keys,
         from the scheduler's heartbeat answer; a fresh executor gets them before any request."""
-        security = P.SetLinkSecurity(key, list(peers), list(curve_keys or ()))
+        security = SetLinkSecurity(key, list(peers), list(curve_keys or ()))
         if security == self.link_security:
             return
         self.link_security = security
@@ -258,7 +272,7 @@ class ExecutorClient:
     def set_grammar_vocab(self, tokenizer_json: str) -> None:
         """The model's tokenizer for constrained decoding: sent now when an executor is ready,
         and to every executor that becomes ready later."""
-        self.grammar_vocab = P.SetGrammarVocab(tokenizer_json)
+        self.grammar_vocab = SetGrammarVocab(tokenizer_json)
         self._vocab_model = self.config.model if self.config is not None else None
         if self.state == "ready":
             self._send(self.grammar_vocab)
@@ -268,13 +282,13 @@ class ExecutorClient:
         queue = self.requests.pop(rid, None)
         if queue is None:
             return False
-        self._send(P.AbortRequest([rid]))
-        queue.put_nowait(P.TokenOutput(rid, finished=True, finish_reason="abort"))
+        self._send(AbortRequest([rid]))
+        queue.put_nowait(TokenOutput(rid, finished=True, finish_reason="abort"))
         return True
 
     def _send(self, message) -> bool:
         try:
-            self._push.send(P.encode(message), zmq.NOBLOCK)
+            self._push.send(encode(message), zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -288,7 +302,7 @@ class ExecutorClient:
         while True:
             data = await self._pull.recv()
             try:
-                message = P.decode_from_executor(data)
+                message = decode_from_executor(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 logger.error("undecodable message from the executor: %s", exc)
                 continue
@@ -298,7 +312,7 @@ class ExecutorClient:
                 logger.exception("handling an executor message failed")
 
     def _dispatch(self, message) -> None:
-        if isinstance(message, P.StepOutputs):
+        if isinstance(message, StepOutputs):
             self.stats = message.stats
             if self.on_step is not None:
                 self.on_step(message)
@@ -309,24 +323,24 @@ class ExecutorClient:
                 if output.finished:
                     del self.requests[output.rid]
                 queue.put_nowait(output)
-        elif isinstance(message, P.ExecutorProgress):
+        elif isinstance(message, ExecutorProgress):
             self.download = message.download
             self.on_progress(message.message)
-        elif isinstance(message, P.ExecutorReady):
+        elif isinstance(message, ExecutorReady):
             if self._process is None or message.pid != self._process.pid:
                 return  # from an executor we already gave up on
             self.info = message
-            self.stats = P.ExecutorStats(0, 0, message.num_total_blocks, message.num_total_blocks)
+            self.stats = ExecutorStats(0, 0, message.num_total_blocks, message.num_total_blocks)
             self.state, self.error = "ready", None
             self._failed_starts = 0
             if self.link_aliases:  # a fresh executor learns the relays its peers need
-                self._send(P.SetLinkAliases(self.link_aliases))
+                self._send(SetLinkAliases(self.link_aliases))
             if self.link_security.key:  # ...and its link key, before any request
                 self._send(self.link_security)
             if self.grammar_vocab is not None:  # ...and the tokenizer grammars are built on
                 self._send(self.grammar_vocab)
             self._ready_event.set()
-        elif isinstance(message, P.ExecutorError):
+        elif isinstance(message, ExecutorError):
             if self._process is not None and message.pid == self._process.pid:
                 if message.traceback and not message.during_startup:
                     logger.error("executor %d crashed:\n%s", message.pid, message.traceback)
@@ -378,7 +392,7 @@ class ExecutorClient:
             logger.error("executor down: %s", reason)
         self._fail_all(f"the executor failed: {reason}")
         self.info = None
-        self.stats = P.ExecutorStats()
+        self.stats = ExecutorStats()
         if during_startup:
             self._failed_starts += 1
         if (first_start or self._failed_starts > self.max_restarts or self.state == "stopped"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from parallax import protocol as P
 from parallax.config import JoinConfig
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
-from parallax.node.frontend import NodeFrontend, build_app
+from parallax.node.http_server import NodeHttpServer, build_app
 from parallax.p2p.peer import is_p2p_target
+from parallax.protocol.control import NodeJoin
 from parallax.scheduler.status import lan_address
 from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say
 from parallax.serving.tls import with_scheme
@@ -59,13 +59,13 @@ async def join_async(config: JoinConfig) -> int:
         p2p, transport = await asyncio.to_thread(_start_p2p, config, scheduler, port, host,
                                                 activation_port)
         scheduler_url = "http://scheduler.p2p"  # the transport sends it to the scheduler's peer
-    join = P.NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
-                      measured.gflops, measured.bandwidth_gbps,
-                      f"{config.tls.scheme}://{host}:{port}",
-                      f"tcp://{host}:{activation_port}", config.max_batch_size,
-                      peer_id=p2p.peer_id if p2p else None)
+    join = NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
+                    measured.gflops, measured.bandwidth_gbps,
+                    f"{config.tls.scheme}://{host}:{port}",
+                    f"tcp://{host}:{activation_port}", config.max_batch_size,
+                    peer_id=p2p.peer_id if p2p else None)
     client = ExecutorClient(None, max_restarts=config.max_restarts, on_progress=say)
-    frontend = NodeFrontend(config, client, "(no model yet)")
+    frontend = NodeHttpServer(config, client, "(no model yet)")
     frontend.node_id = node_id
     frontend.join_token = config.join_token
     agent = NodeAgent(config, client, frontend, join, scheduler_url,

@@ -1,7 +1,7 @@
 """Authenticated stage links: a seal on every stage message, replays dropped, keys rotated.
 
 The scheduler hands every node of a pipeline the same random key in its heartbeat answers
-(parallax/scheduler/link_keys.py). A sender puts a `StageSeal` in front of each message: an
+(parallax/scheduler/link_keys.py). A sender puts a `LinkSeal` in front of each message: an
 HMAC-SHA256 under that key over a random session id of the sending PipelineLinks, a sequence
 number that grows with every message it sends, and every frame of the message. A receiver
 checks the MAC before it decodes anything, and keeps the last sequence number per session (a
@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
-from parallax import protocol as P
+from parallax.protocol.common import encode
+from parallax.protocol.links import LinkSeal, decode_seal
 
 DOMAIN = b"parallax-stage-link-v1"
 KEY_BYTES = 32
@@ -83,16 +84,16 @@ def compute_mac(key: bytes, session: bytes, seq: int, frames: Sequence) -> bytes
     return mac.digest()
 
 
-def mac_matches(keys: Iterable[bytes], seal: P.StageSeal, frames: Sequence) -> bool:
+def mac_matches(keys: Iterable[bytes], seal: LinkSeal, frames: Sequence) -> bool:
     """Whether `seal` was made with one of `keys` over `frames` (no replay check)."""
     return any(hmac.compare_digest(compute_mac(key, seal.session, seal.seq, frames), seal.mac)
                for key in keys)
 
 
-def read_seal(data) -> P.StageSeal | None:
+def read_seal(data) -> LinkSeal | None:
     """The seal of frame 0, or None when it is not one."""
     try:
-        seal = P.decode_seal(bytes(data))
+        seal = decode_seal(bytes(data))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     if len(seal.session) != SESSION_BYTES or len(seal.mac) != 32 or not 0 < seal.seq < 2**63:
@@ -137,7 +138,7 @@ class LinkSecurity:
         if self.key is None:
             raise NoLinkKey("this stage has no link key from the scheduler yet")
         self._seq += 1
-        return P.encode(P.StageSeal(self.session, self._seq,
+        return encode(LinkSeal(self.session, self._seq,
                                     compute_mac(self.key, self.session, self._seq, frames)))
 
     def check(self, frames: Sequence) -> str | None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from parallax import protocol as P
+from parallax.protocol.control import LinkReport, ProbeTarget
 from parallax.scheduler.network import MAX_BANDWIDTH_MBPS, MAX_PROBE_PEERS
 
 logger = logging.getLogger("parallax.probe")
@@ -68,7 +68,7 @@ def bandwidth_mbps(total_ms: float, rtt_ms: float, num_bytes: int) -> float:
     return min(MAX_BANDWIDTH_MBPS, num_bytes * 8 / transfer_ms / 1e3)
 
 
-async def measure_peer(client: httpx.AsyncClient, target: P.ProbeTarget) -> P.LinkReport | None:
+async def measure_peer(client: httpx.AsyncClient, target: ProbeTarget) -> LinkReport | None:
     """RTT and bandwidth to one peer; None when it did not answer in time."""
     try:
         rtt = min([await _round_trip_ms(client, target.http_url) for _ in range(RTT_SAMPLES)])
@@ -78,17 +78,17 @@ async def measure_peer(client: httpx.AsyncClient, target: P.ProbeTarget) -> P.Li
         return None
     if not math.isfinite(rtt):
         return None
-    return P.LinkReport(target.node_id, round(rtt, 3),
-                        round(bandwidth_mbps(total, rtt, received), 3))
+    return LinkReport(target.node_id, round(rtt, 3),
+                      round(bandwidth_mbps(total, rtt, received), 3))
 
 
 async def measure_peers(client: httpx.AsyncClient,
-                        targets: Sequence[P.ProbeTarget]) -> list[P.LinkReport]:
+                        targets: Sequence[ProbeTarget]) -> list[LinkReport]:
     """Measure up to :data:`MAX_PROBE_PEERS` peers, a few at a time, within
     :data:`ROUND_TIMEOUT_S` in all; peers that did not answer are left out."""
     gate = asyncio.Semaphore(PARALLEL_PROBES)
 
-    async def one(target: P.ProbeTarget) -> P.LinkReport | None:
+    async def one(target: ProbeTarget) -> LinkReport | None:
         async with gate:
             return await measure_peer(client, target)
 
@@ -110,9 +110,9 @@ class LinkHistory:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.rounds = rounds
-        self._seen: dict[str, deque[P.LinkReport]] = {}
+        self._seen: dict[str, deque[LinkReport]] = {}
 
-    def update(self, reports: Sequence[P.LinkReport], listed: Sequence[str]) -> list[P.LinkReport]:
+    def update(self, reports: Sequence[LinkReport], listed: Sequence[str]) -> list[LinkReport]:
         """Add one round's ``reports``; returns the summary of every peer in ``listed`` that
         answered in one of the last rounds (peers no longer listed are forgotten)."""
         for report in reports:
@@ -120,6 +120,6 @@ class LinkHistory:
         wanted = set(listed)
         self._seen = {peer: seen for peer, seen in self._seen.items() if peer in wanted}
         return [
-            P.LinkReport(peer, min(r.rtt_ms for r in seen), max(r.bandwidth_mbps for r in seen))
+            LinkReport(peer, min(r.rtt_ms for r in seen), max(r.bandwidth_mbps for r in seen))
             for peer, seen in self._seen.items()
         ]

@@ -8,7 +8,7 @@ import logging
 from parallax.config import ServeConfig
 from parallax.models.hub import check_quantize_source, resolve
 from parallax.node.executor_client import ExecutorClient
-from parallax.node.frontend import NodeFrontend, build_app
+from parallax.node.http_server import NodeHttpServer, build_app
 from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say, url_host
 
 logger = logging.getLogger("parallax.serve")
@@ -21,7 +21,7 @@ async def serve_async(config: ServeConfig) -> int:
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     client = ExecutorClient(config.executor, max_restarts=config.max_restarts, on_progress=say)
-    frontend = NodeFrontend(config, client, source.name)
+    frontend = NodeHttpServer(config, client, source.name)
     server = make_server(build_app(frontend), config.tls, lifespan="off")
     install_signal_handlers(server, on_stop=client.begin_shutdown)
     await frontend.start(tokenizer_path=source.path if source.kind == "gguf" else None)

@@ -4,13 +4,13 @@
   tokens come back from the last stage and feed the next decode step.
 - middle: hidden states in, hidden states out.
 - last: hidden states in, sampled tokens out to the head.
-Finishing, aborting and preemption free the request on every stage: a StageRelease travels the
+Finishing, aborting and preemption free the request on every stage: a LinkRelease travels the
 same chain as the activations, so it always arrives after them. A link that drops fails the
 requests routed through it at once; the head tells its frontend, the others tell the head.
 
 Prefix caching across stages. Each stage caches its own layers' KV, and evictions differ per
 stage, so before a request whose prefix the head holds runs, the stages agree on where it
-starts: the head sends a StagePrefixQuery along the chain (token ids only); each stage pins the
+starts: the head sends a LinkPrefixQuery along the chain (token ids only); each stage pins the
 longest prefix it still holds, at most what the stages before it hold, and the last (or the
 first that holds nothing) answers the head with that length. Every stage then starts the
 request there: the head recomputes its own layers only for the part of its hit that a later
@@ -35,10 +35,20 @@ from collections import defaultdict
 import msgspec
 import torch
 
-from parallax import protocol as P
 from parallax.engine.engine import Engine, StepOutput
-from parallax.node.peers import PeerUnreachable, PipelineLinks, Route
+from parallax.node.links import PeerUnreachable, PipelineLinks, Route
 from parallax.node.tracing import STAGE_RECORD_LEN, StageTracer, now_ms
+from parallax.protocol.common import ENGINE_ERROR, PEER_LOST, TokenOutput, encode
+from parallax.protocol.ipc import AddRequest
+from parallax.protocol.links import (
+    ActivationEntry,
+    LinkAck,
+    LinkActivations,
+    LinkPrefixAnswer,
+    LinkPrefixQuery,
+    LinkRelease,
+    LinkTokens,
+)
 
 logger = logging.getLogger("parallax.stage")
 
@@ -52,11 +62,11 @@ class RouteRejected(ValueError):
     """The routing table names stages this node does not link to (the cluster changed)."""
 
 
-def error_output(rid: str, message: str, kind: str = P.ENGINE_ERROR,
-                 peer: str | None = None) -> P.TokenOutput:
+def error_output(rid: str, message: str, kind: str = ENGINE_ERROR,
+                 peer: str | None = None) -> TokenOutput:
     """A failed request's last output; `kind` is one of protocol.FAILURE_KINDS."""
-    return P.TokenOutput(rid, finished=True, finish_reason="error", error=message, kind=kind,
-                         peer=peer)
+    return TokenOutput(rid, finished=True, finish_reason="error", error=message, kind=kind,
+                       peer=peer)
 
 
 class StageRouter:
@@ -75,7 +85,7 @@ class StageRouter:
 
     # ---- from the frontend (head only) -------------------------------------------------
 
-    def add_request(self, message: P.AddRequest) -> None:
+    def add_request(self, message: AddRequest) -> None:
         """Register the route of a pipelined request, then admit it (ValueError passes up)."""
         unknown = [e for e in message.downstream if not self.links.security.allows(e)]
         if unknown:  # never dial an endpoint the scheduler did not list for this pipeline
@@ -98,28 +108,28 @@ class StageRouter:
 
     # ---- from peers --------------------------------------------------------------------
 
-    def on_message(self, message, hidden: torch.Tensor | None) -> list[P.TokenOutput]:
+    def on_message(self, message, hidden: torch.Tensor | None) -> list[TokenOutput]:
         taken_ms = now_ms()
-        if isinstance(message, P.StageAck):
+        if isinstance(message, LinkAck):
             self.tracer.on_ack(message)
             return []
-        if isinstance(message, (P.StageActivations, P.StageTokens)) and message.send_id:
+        if isinstance(message, (LinkActivations, LinkTokens)) and message.send_id:
             self._ack(message, taken_ms)
-        if isinstance(message, P.StageActivations):
+        if isinstance(message, LinkActivations):
             self._on_activations(message, hidden)
             return []
-        if isinstance(message, P.StageTokens):
+        if isinstance(message, LinkTokens):
             return self._on_tokens(message.outputs)
-        if isinstance(message, P.StageRelease):
+        if isinstance(message, LinkRelease):
             self.abort(message.rids)
-        elif isinstance(message, P.StagePrefixQuery):
+        elif isinstance(message, LinkPrefixQuery):
             self._on_prefix_query(message)
-        elif isinstance(message, P.StagePrefixAnswer):
+        elif isinstance(message, LinkPrefixAnswer):
             if self.prefix_deadlines.pop(message.rid, None) is not None:
                 self.engine.resume_prefix(message.rid, message.num_cached_tokens)
         return []
 
-    def _on_prefix_query(self, message: P.StagePrefixQuery) -> None:
+    def _on_prefix_query(self, message: LinkPrefixQuery) -> None:
         """Later stage: pin what this stage holds of the prefix; ask on, or answer the head."""
         downstream = list(message.downstream)
         route = Route(downstream[0] if downstream else None, downstream[1:],
@@ -128,21 +138,21 @@ class StageRouter:
         held = self.engine.reserve_prefix(message.rid, list(message.token_ids))
         if route.next_endpoint is not None and held > 0:
             try:
-                self.links.send_message(route.next_endpoint, P.StagePrefixQuery(
+                self.links.send_message(route.next_endpoint, LinkPrefixQuery(
                     message.rid, list(message.token_ids[:held]), route.downstream_after_next,
                     message.head_endpoint))
                 return
             except PeerUnreachable as exc:  # _fail reports it to the head (it cannot run)
-                self._fail([message.rid], str(exc), P.PEER_LOST, route.next_endpoint)
+                self._fail([message.rid], str(exc), PEER_LOST, route.next_endpoint)
                 return
         try:
             self.links.send_message(message.head_endpoint,
-                                    P.StagePrefixAnswer(message.rid, held))
+                                    LinkPrefixAnswer(message.rid, held))
         except PeerUnreachable:
             logger.warning("the head %s is unreachable; dropping a prefix answer",
                            message.head_endpoint)
 
-    def _on_activations(self, message: P.StageActivations, hidden: torch.Tensor) -> None:
+    def _on_activations(self, message: LinkActivations, hidden: torch.Tensor) -> None:
         offset = 0
         for entry in message.entries:
             rows = hidden[offset: offset + len(entry.token_ids)]
@@ -161,7 +171,7 @@ class StageRouter:
             if route is None:  # released meanwhile, or state lost: tell the head
                 if entry.head_endpoint:
                     self._to_head(entry.head_endpoint, [error_output(
-                        entry.rid, "a later stage has no state for this request", P.PEER_LOST,
+                        entry.rid, "a later stage has no state for this request", PEER_LOST,
                         self.links.own_endpoint)])
                 continue
             try:
@@ -174,7 +184,7 @@ class StageRouter:
                 self._to_head(route.head_endpoint, [error_output(entry.rid, str(exc))])
                 self._release([entry.rid])
 
-    def _on_tokens(self, outputs: list[P.TokenOutput]) -> list[P.TokenOutput]:
+    def _on_tokens(self, outputs: list[TokenOutput]) -> list[TokenOutput]:
         """Head: tokens sampled by the last stage."""
         finished = []
         outputs = [self._head_trace(output) for output in outputs]
@@ -192,42 +202,42 @@ class StageRouter:
         self._release(finished)
         return outputs
 
-    def _head_trace(self, output: P.TokenOutput) -> P.TokenOutput:
+    def _head_trace(self, output: TokenOutput) -> TokenOutput:
         """The head's own record, as it stands now, replaces the one it sent down."""
         if not output.trace:
             return output
         return msgspec.structs.replace(
             output, trace=self.tracer.own(output.rid) + list(output.trace[STAGE_RECORD_LEN:]))
 
-    def _ack(self, message: P.StageActivations | P.StageTokens, taken_ms: float) -> None:
+    def _ack(self, message: LinkActivations | LinkTokens, taken_ms: float) -> None:
         """Answer a message that asked for it at once (its sender times the hop)."""
         if not self.links.allows(message.sender) or message.sender == self.links.own_endpoint:
             return
         try:
             self.links.send_message(message.sender,
-                                    P.StageAck(message.send_id, round(now_ms() - taken_ms, 3)))
+                                    LinkAck(message.send_id, round(now_ms() - taken_ms, 3)))
         except PeerUnreachable:
             pass  # the sender is gone: nobody waits for this hop's time
 
     # ---- after a step ------------------------------------------------------------------
 
-    def after_step(self, outputs: list[StepOutput]) -> list[P.TokenOutput]:
+    def after_step(self, outputs: list[StepOutput]) -> list[TokenOutput]:
         """Send hidden states on / tokens back; return what the local frontend must see."""
-        for_frontend: list[P.TokenOutput] = []
+        for_frontend: list[TokenOutput] = []
         preempted = self.engine.take_preempted()
         if preempted:
             self._release(preempted, keep_routes=True)
         for_frontend.extend(self._send_prefix_queries())
         if self.engine.is_last:
-            by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
+            by_head: dict[str, list[TokenOutput]] = defaultdict(list)
             for o in outputs:
                 route = self.routes.get(o.request_id)
-                output = P.TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
-                                       o.error,
-                                       P.ENGINE_ERROR if o.finish_reason == "error" else None,
-                                       logprob=o.logprob, top_logprobs=o.top_logprobs or [],
-                                       trace=self.tracer.trace_of(o.request_id) if o.finished
-                                       else [])
+                output = TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
+                                     o.error,
+                                     ENGINE_ERROR if o.finish_reason == "error" else None,
+                                     logprob=o.logprob, top_logprobs=o.top_logprobs or [],
+                                     trace=self.tracer.trace_of(o.request_id) if o.finished
+                                     else [])
                 if o.finished:
                     self.routes.pop(o.request_id, None)
                     self.tracer.forget(o.request_id)
@@ -249,7 +259,7 @@ class StageRouter:
             for_frontend.extend(self._send_activations(endpoint, items))
         return for_frontend
 
-    def _send_prefix_queries(self) -> list[P.TokenOutput]:
+    def _send_prefix_queries(self) -> list[TokenOutput]:
         """Head: ask the later stages how much of each newly admitted cached prefix they hold."""
         failed = []
         deadline = time.monotonic() + PREFIX_QUERY_TIMEOUT_S
@@ -259,11 +269,11 @@ class StageRouter:
                 self.engine.resume_prefix(query.request_id, 0)
                 continue
             try:
-                self.links.send_message(route.next_endpoint, P.StagePrefixQuery(
+                self.links.send_message(route.next_endpoint, LinkPrefixQuery(
                     query.request_id, query.token_ids, route.downstream_after_next,
                     route.head_endpoint))
             except PeerUnreachable as exc:
-                failed.extend(self._fail([query.request_id], str(exc), P.PEER_LOST,
+                failed.extend(self._fail([query.request_id], str(exc), PEER_LOST,
                                          route.next_endpoint))
                 continue
             self.prefix_deadlines[query.request_id] = deadline
@@ -282,12 +292,12 @@ class StageRouter:
                                rid, PREFIX_QUERY_TIMEOUT_S)
                 self.engine.resume_prefix(rid, 0)
 
-    def _send_activations(self, endpoint: str, items) -> list[P.TokenOutput]:
+    def _send_activations(self, endpoint: str, items) -> list[TokenOutput]:
         entries = []
         for o, route in items:
             first = o.first
             seq = self.engine.sequences.get(o.request_id)
-            entries.append(P.ActivationEntry(
+            entries.append(ActivationEntry(
                 o.request_id, list(o.token_ids), o.start_position,
                 seq.sampling_params if first and seq is not None else None,
                 seq.num_prompt_tokens if first and seq is not None else 0,
@@ -301,12 +311,12 @@ class StageRouter:
         try:
             self.links.send_activations(endpoint, entries, hidden, send_id)
         except PeerUnreachable as exc:
-            return self._fail([o.request_id for o, _ in items], str(exc), P.PEER_LOST, endpoint)
+            return self._fail([o.request_id for o, _ in items], str(exc), PEER_LOST, endpoint)
         return []
 
     # ---- failures ----------------------------------------------------------------------
 
-    def check_peers(self) -> list[P.TokenOutput]:
+    def check_peers(self) -> list[TokenOutput]:
         """Fail every request routed through a link that dropped (or took nothing in time)."""
         self.links.flush()
         self._expire_prefix_queries()
@@ -315,12 +325,12 @@ class StageRouter:
             rids = [rid for rid, r in self.routes.items() if r.next_endpoint == endpoint]
             if rids:
                 logger.warning("lost the next stage %s; failing %d requests", endpoint, len(rids))
-                kind = self.links.down_kinds.get(endpoint, P.PEER_LOST)
+                kind = self.links.down_kinds.get(endpoint, PEER_LOST)
                 outputs.extend(self._fail(rids, f"lost the connection to the next stage "
                                                 f"({endpoint})", kind, endpoint))
         return outputs
 
-    def drop_orphans(self) -> list[P.TokenOutput]:
+    def drop_orphans(self) -> list[TokenOutput]:
         """After the scheduler changed this pipeline's peers: drop the requests whose head is
         no longer a peer (nobody will ever feed or read them; they only hold KV and running
         slots), and fail those whose next stage is no longer one."""
@@ -335,15 +345,15 @@ class StageRouter:
         if orphans:
             logger.warning("dropped %d requests whose head left the pipeline", len(orphans))
             self._release(orphans)
-        return self._fail(cut, "the next stage left the pipeline", P.PEER_LOST) if cut else []
+        return self._fail(cut, "the next stage left the pipeline", PEER_LOST) if cut else []
 
-    def _fail(self, rids: list[str], message: str, kind: str = P.ENGINE_ERROR,
-              peer: str | None = None) -> list[P.TokenOutput]:
+    def _fail(self, rids: list[str], message: str, kind: str = ENGINE_ERROR,
+              peer: str | None = None) -> list[TokenOutput]:
         """Fail requests here; the head reports to its frontend, others to the head. The
         stages past a lost next stage are told to free the requests too (their KV would
         otherwise wait forever for activations that cannot come)."""
         for_frontend = []
-        by_head: dict[str, list[P.TokenOutput]] = defaultdict(list)
+        by_head: dict[str, list[TokenOutput]] = defaultdict(list)
         past_dead: dict[str, list[str]] = defaultdict(list)
         for rid in rids:
             self.engine.abort(rid)
@@ -362,9 +372,9 @@ class StageRouter:
             self._send_release(endpoint, batch)
         return for_frontend
 
-    def _to_head(self, head_endpoint: str, outputs: list[P.TokenOutput]) -> None:
+    def _to_head(self, head_endpoint: str, outputs: list[TokenOutput]) -> None:
         send_id = self.tracer.next_send_id()
-        data = P.encode(P.StageTokens(outputs, send_id, self.links.own_endpoint))
+        data = encode(LinkTokens(outputs, send_id, self.links.own_endpoint))
         self.tracer.on_send(head_endpoint, [(o.rid, len(data) // len(outputs)) for o in outputs],
                             send_id)
         try:
@@ -387,6 +397,6 @@ class StageRouter:
         if not self.links.allows(endpoint):
             return
         try:
-            self.links.send_message(endpoint, P.StageRelease(rids))
+            self.links.send_message(endpoint, LinkRelease(rids))
         except PeerUnreachable:
             pass  # the peer is gone, and its KV with it

@@ -7,7 +7,7 @@ Each stage measures with its own clock only, so no clock is ever synchronised:
   runs it starts;
 - compute: the wall time of the steps that ran it (a batch's step counts for each of its
   requests), including the test-only delay of `PARALLAX_TEST_STEP_DELAY_MS`;
-- hop: a message asks its receiver for a `StageAck` (protocol.py); the sender's round trip less
+- hop: a message asks its receiver for a `LinkAck` (protocol/links.py); the sender's round trip less
   the receiver's reported time between taking the message and acking is the hop's transfer
   time. It includes any wait of the message at a receiver busy with a step.
 
@@ -26,7 +26,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from parallax import protocol as P
+from parallax.protocol.ipc import LinkSample
+from parallax.protocol.links import LinkAck
 
 RECORD_FIELDS = ("start_layer", "end_layer", "queue_ms", "compute_ms", "steps", "hop_ms",
                  "hop_bytes", "hops")
@@ -70,7 +71,7 @@ class StageTracer:
         self.upstream: dict[str, list[float]] = {}  # the earlier stages' records, as received
         self.ready_at: dict[str, float] = {}  # rid -> when its next input arrived (ms)
         self.unacked: OrderedDict[int, tuple[float, str, list[tuple[str, int]]]] = OrderedDict()
-        self.link_samples: list[P.LinkSample] = []
+        self.link_samples: list[LinkSample] = []
         self._next_send_id = 1
 
     def _record(self, rid: str) -> list[float]:
@@ -128,7 +129,7 @@ class StageTracer:
         self.unacked[send_id] = (now_ms(), peer, items)
         return send_id
 
-    def on_ack(self, ack: P.StageAck) -> None:
+    def on_ack(self, ack: LinkAck) -> None:
         sent = self.unacked.pop(ack.send_id, None)
         if sent is None:
             return
@@ -141,10 +142,10 @@ class StageTracer:
                 record[_HOP_BYTES] += num_bytes
                 record[_HOPS] += 1
         if len(self.link_samples) < MAX_LINK_SAMPLES:
-            self.link_samples.append(P.LinkSample(peer, round(transfer, 3),
-                                                  sum(b for _, b in items)))
+            self.link_samples.append(LinkSample(peer, round(transfer, 3),
+                                                sum(b for _, b in items)))
 
-    def take_link_samples(self) -> list[P.LinkSample]:
+    def take_link_samples(self) -> list[LinkSample]:
         samples, self.link_samples = self.link_samples, []
         return samples
 
@@ -158,7 +159,7 @@ def trace_problem(trace: list[float]) -> str | None:
     return None
 
 
-def ack_problem(ack: P.StageAck) -> str | None:
+def ack_problem(ack: LinkAck) -> str | None:
     if not 0 < ack.send_id < 2**62:
         return f"ack of send id {ack.send_id}"
     if not (math.isfinite(ack.held_ms) and 0 <= ack.held_ms <= MAX_FIGURE):

@@ -9,7 +9,7 @@ the same headers and the local server checks them. Every replayed request carrie
 marker (any copy the caller sent is replaced), so the local server never takes a remote peer
 for a loopback client (see parallax/serving/security.py).
 
-Every frame is msgpack we encode ourselves (protocol.Bridge*); raw `_handle_*` methods bypass
+Every frame is msgpack we encode ourselves (protocol/p2p.py Bridge*); raw `_handle_*` methods bypass
 Lattica's pickling in both directions. A peer's handler that raises would be retried three
 times by Lattica and its error swallowed mid-stream, so failures are sent as frames instead.
 """
@@ -27,8 +27,16 @@ import httpx
 import msgspec
 from lattica import ConnectionHandler, rpc_stream_iter
 
-from parallax import protocol as P
 from parallax.p2p.peer import PEER_HEADER
+from parallax.protocol.common import encode
+from parallax.protocol.p2p import (
+    BridgeBody,
+    BridgeEnd,
+    BridgeHead,
+    BridgeRequest,
+    decode_bridge_frame,
+    decode_bridge_request,
+)
 from parallax.serving.security import mark_relayed
 
 logger = logging.getLogger("parallax.p2p")
@@ -58,8 +66,8 @@ def _pass(headers) -> list[tuple[str, str]]:
 def _error_frames(status: int, message: str) -> list[bytes]:
     body = json.dumps({"object": "error", "message": message, "type": "p2p_error",
                        "code": status}).encode()
-    return [P.encode(P.BridgeHead(status, [("content-type", "application/json")])),
-            P.encode(P.BridgeBody(body)), P.encode(P.BridgeEnd())]
+    return [encode(BridgeHead(status, [("content-type", "application/json")])),
+            encode(BridgeBody(body)), encode(BridgeEnd())]
 
 
 class HttpBridge(ConnectionHandler):
@@ -83,7 +91,7 @@ class HttpBridge(ConnectionHandler):
     def serve(self, data: bytes) -> Iterator[bytes]:
         """One incoming call: the answer's frames (never raises)."""
         try:
-            request = P.decode_bridge_request(data)
+            request = decode_bridge_request(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return iter(_error_frames(400, f"malformed bridge request: {exc}"))
         path = request.path.split("?", 1)[0]
@@ -91,22 +99,22 @@ class HttpBridge(ConnectionHandler):
             return iter(_error_frames(404, f"{path} is not served over P2P"))
         return self._relay(request)
 
-    def _relay(self, request: P.BridgeRequest) -> Iterator[bytes]:
+    def _relay(self, request: BridgeRequest) -> Iterator[bytes]:
         head_sent = False
         try:
             with self.client.stream(request.method, request.path, content=request.body,
                                     headers=mark_relayed(_pass(request.headers), "p2p")) \
                     as response:
-                yield P.encode(P.BridgeHead(response.status_code,
-                                            _pass(response.headers.multi_items())))
+                yield encode(BridgeHead(response.status_code,
+                                        _pass(response.headers.multi_items())))
                 head_sent = True
                 for chunk in response.iter_raw():
-                    yield P.encode(P.BridgeBody(chunk))
-            yield P.encode(P.BridgeEnd())
+                    yield encode(BridgeBody(chunk))
+            yield encode(BridgeEnd())
         except httpx.HTTPError as exc:
             logger.warning("P2P bridge: %s %s failed: %r", request.method, request.path, exc)
             if head_sent:
-                yield P.encode(P.BridgeEnd(error=f"the local server failed: {exc!r}"))
+                yield encode(BridgeEnd(error=f"the local server failed: {exc!r}"))
             else:
                 yield from _error_frames(502, f"the local server failed: {exc!r}")
 
@@ -134,13 +142,13 @@ class _FrameStream(httpx.AsyncByteStream):
     async def __aiter__(self):
         while not self.done:
             frame = await _next_frame(self.frames, self.read_timeout_s, self.call)
-            if isinstance(frame, P.BridgeBody):
+            if isinstance(frame, BridgeBody):
                 yield frame.data
                 continue
             self.done = True
             if frame is None:
                 raise httpx.RemoteProtocolError("the peer's stream was cut mid-answer")
-            if isinstance(frame, P.BridgeEnd) and frame.error:
+            if isinstance(frame, BridgeEnd) and frame.error:
                 raise httpx.RemoteProtocolError(frame.error)
 
     async def aclose(self) -> None:
@@ -161,7 +169,7 @@ async def _next_frame(frames, timeout_s: float | None, call):
     except RuntimeError as exc:  # Lattica: the peer is unreachable or the call failed
         raise httpx.ConnectError(f"P2P call failed: {exc}".split("\n")[0]) from None
     try:
-        return P.decode_bridge_frame(bytes(data))
+        return decode_bridge_frame(bytes(data))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         _cancel(call)
         raise httpx.RemoteProtocolError(f"malformed frame from the peer: {exc}") from None
@@ -185,16 +193,16 @@ class LatticaTransport(httpx.AsyncBaseTransport):
             return await self.fallback.handle_async_request(request)
         timeouts = request.extensions.get("timeout", {})
         first_timeout = _sum(timeouts.get("connect"), timeouts.get("read"))
-        message = P.BridgeRequest(request.method, request.url.raw_path.decode("ascii"),
-                                  _pass(request.headers.multi_items()), await request.aread())
-        call = await self._open(peer_id, P.encode(message), timeouts.get("connect"), request)
+        message = BridgeRequest(request.method, request.url.raw_path.decode("ascii"),
+                                _pass(request.headers.multi_items()), await request.aread())
+        call = await self._open(peer_id, encode(message), timeouts.get("connect"), request)
         frames = call.__aiter__()
         try:
             head = await _next_frame(frames, first_timeout, call)
         except httpx.HTTPError as exc:
             exc.request = request
             raise
-        if not isinstance(head, P.BridgeHead):
+        if not isinstance(head, BridgeHead):
             if head is not None:  # an ended stream has nothing to cancel
                 _cancel(call)
             raise httpx.RemoteProtocolError(f"peer {peer_id} closed the stream before answering",

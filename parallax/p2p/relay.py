@@ -34,8 +34,10 @@ import msgspec
 import zmq
 from lattica import ConnectionHandler, rpc_stream
 
-from parallax import protocol as P
 from parallax.node.link_auth import LinkSecurity, mac_matches, parse_key, read_seal
+from parallax.protocol.common import encode
+from parallax.protocol.control import PeerEndpoint
+from parallax.protocol.p2p import RelayedMessage, decode_relayed
 
 logger = logging.getLogger("parallax.p2p")
 
@@ -192,7 +194,7 @@ class ActivationRelay(ConnectionHandler):
 
     def deliver(self, peer_id: str, frames: list[bytes], first_route: int = 0) -> int | None:
         """One message to `peer_id`; the index of the route that delivered it, or None."""
-        data = P.encode(P.RelayedMessage(peer_id, frames))
+        data = encode(RelayedMessage(peer_id, frames))
         routes = self.routes(peer_id)
         for index in [*range(first_route, len(routes)), *range(first_route)]:
             via, method = routes[index]
@@ -221,12 +223,12 @@ class ActivationRelay(ConnectionHandler):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def relayed_message(data: bytes) -> P.RelayedMessage:
+def relayed_message(data: bytes) -> RelayedMessage:
     """Decode and bound a relayed message (ValueError / msgspec errors when malformed): no
     frames (a ping), or a stage message's 2 or 3 frames, MAX_RELAY_BYTES in all."""
     if len(data) > MAX_RELAY_BYTES:
         raise ValueError(f"a relayed message of {len(data)} bytes is too large")
-    message = P.decode_relayed(data)
+    message = decode_relayed(data)
     if len(message.frames) not in (0, 2, 3):
         raise ValueError(f"{len(message.frames)} frames is no stage message")
     return message
@@ -301,7 +303,7 @@ class RelayedLinks:
         self.probed: dict[str, str] = {}  # activation endpoint -> peer id it was probed for
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint
 
-    async def update(self, peers: list[P.PeerEndpoint], own: str) -> dict[str, str] | None:
+    async def update(self, peers: list[PeerEndpoint], own: str) -> dict[str, str] | None:
         """Probe new peers, drop gone ones; the new alias map when it changed, else None."""
         before = dict(self.aliases)
         listed = {p.activation_endpoint for p in peers}

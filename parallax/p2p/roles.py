@@ -20,13 +20,14 @@ from typing import Any
 
 import msgspec
 
-from parallax import protocol as P
 from parallax.p2p.peer import (
     PeerConfig,
     peer_addresses,
     split_target,
     start_peer,
 )
+from parallax.protocol.common import encode
+from parallax.protocol.p2p import SchedulerRecord, decode_scheduler_record
 
 logger = logging.getLogger("parallax.p2p")
 
@@ -125,19 +126,19 @@ def join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...]) -
     return f"parallax join -s {shlex.quote(peer_addresses(peer.peer, host, port)[0])}"
 
 
-def publish_scheduler(peer: P2PPeer, record: P.SchedulerRecord) -> None:
+def publish_scheduler(peer: P2PPeer, record: SchedulerRecord) -> None:
     """Store the record under parallax/scheduler/<peer id> (raw msgpack: never pickled)."""
     peer.peer._lattica_instance.store_with_subkey(  # Lattica.store() would pickle the value
-        DHT_PREFIX + record.peer_id, P.encode(record), time.time() + RECORD_TTL_S, None)
+        DHT_PREFIX + record.peer_id, encode(record), time.time() + RECORD_TTL_S, None)
 
 
-def read_scheduler_record(peer: P2PPeer, scheduler_peer_id: str) -> P.SchedulerRecord | None:
+def read_scheduler_record(peer: P2PPeer, scheduler_peer_id: str) -> SchedulerRecord | None:
     """The record a scheduler published, or None (absent, expired or not ours)."""
     found = peer.peer._lattica_instance.get_with_subkey(DHT_PREFIX + scheduler_peer_id)
     if not found or isinstance(found, dict):
         return None
     try:
-        return P.decode_scheduler_record(bytes(found[0]))
+        return decode_scheduler_record(bytes(found[0]))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 

@@ -23,9 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.config import MAX_INIT_NODES, QUANTIZE_CHOICES, SchedulerConfig
 from parallax.node.link_crypto import is_curve_key
-from parallax.protocol import (
+from parallax.protocol.common import DownloadProgress
+from parallax.protocol.control import (
     Assignment,
-    DownloadProgress,
     Heartbeat,
     HeartbeatResponse,
     JoinResponse,

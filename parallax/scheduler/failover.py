@@ -25,7 +25,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from parallax import protocol as P
+from parallax.protocol.common import INVALID_REQUEST, PEER_LOST
 from parallax.scheduler.replay import KEEPALIVE, Failure, ReplaySession, SSELines, should_replay
 from parallax.scheduler.traces import TraceStore, attempt_trace
 from parallax.serving.errors import APIError, error_body
@@ -155,7 +155,7 @@ class FailoverMixin:
                     return
                 logger.warning("request %s: attempt %s on %s failed (%s): %s", session.client_id,
                                ticket.rid, ticket.label, failure.kind, failure.message)
-                if failure.kind != P.INVALID_REQUEST:  # even when this request gives up
+                if failure.kind != INVALID_REQUEST:  # even when this request gives up
                     self._suspect_after(failure, ticket)
                 if not should_replay(failure, session.failovers, self.config.max_replays):
                     break
@@ -164,7 +164,7 @@ class FailoverMixin:
                 async for keepalive in self._replace(attempt, session):
                     yield keepalive
                 if attempt.ticket is None:
-                    failure = Failure(P.PEER_LOST, f"the pipeline broke ({failure.message}) and "
+                    failure = Failure(PEER_LOST, f"the pipeline broke ({failure.message}) and "
                                       f"no complete pipeline took the request over within "
                                       f"{self.config.replay_wait_s:g} s", 503)
                     if attempt.refused is not None:
@@ -198,7 +198,7 @@ class FailoverMixin:
                 if not read.done():
                     read.cancel()
                     gone = [n for n in ticket.node_ids if n not in self.registry.nodes]
-                    yield Failure(P.PEER_LOST, f"node {', '.join(gone)} of the pipeline is gone")
+                    yield Failure(PEER_LOST, f"node {', '.join(gone)} of the pipeline is gone")
                     return
                 try:
                     data = read.result()
@@ -206,7 +206,7 @@ class FailoverMixin:
                     return
                 except httpx.HTTPError as exc:
                     logger.warning("request %s: head stream broke: %r", ticket.rid, exc)
-                    yield Failure(P.PEER_LOST, f"the head node {ticket.pipeline[0].node_id} "
+                    yield Failure(PEER_LOST, f"the head node {ticket.pipeline[0].node_id} "
                                   f"failed: {exc!r}", head_lost=True)
                     return
                 for payload in lines.feed(data):
@@ -262,7 +262,7 @@ class FailoverMixin:
                     return
                 body = await _read_quietly(response)
                 await self._close(ticket, response)
-                attempt.refused = Failure(P.INVALID_REQUEST, _error_message(
+                attempt.refused = Failure(INVALID_REQUEST, _error_message(
                     body, f"the head refused the replay with HTTP {response.status_code}"),
                     response.status_code if 400 <= response.status_code <= 599 else 502)
                 return
@@ -304,7 +304,7 @@ class FailoverMixin:
         if session.final is not None:
             return Response(msgspec.json.encode(session.completion()), status_code=200,
                             media_type=_JSON)
-        failure = session.failure or attempt.refused or Failure(P.PEER_LOST, "the request "
+        failure = session.failure or attempt.refused or Failure(PEER_LOST, "the request "
                                                                 "failed")
         if attempt.ticket is None and attempt.refused is None and session.failovers:
             failure = Failure(failure.kind, f"the pipeline broke ({failure.message}) and no "

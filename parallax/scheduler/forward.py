@@ -36,7 +36,7 @@ from starlette.responses import Response
 
 from parallax.config import SchedulerConfig
 from parallax.p2p.peer import PEER_HEADER
-from parallax.protocol import RoutingEntry
+from parallax.protocol.control import RoutingEntry
 from parallax.scheduler.affinity import PrefixAffinity
 from parallax.scheduler.allocation import Stage
 from parallax.scheduler.failover import (

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from parallax import protocol as P
+from parallax.protocol.common import ENGINE_ERROR, FAILURE_KINDS, INVALID_REQUEST, PEER_LOST
 from parallax.serving.errors import error_body
 from parallax.serving.internal_leg import KEY, request_fields
 from parallax.serving.openai_schemas import chunk, completion
@@ -38,7 +38,7 @@ class Failure:
 
 def should_replay(failure: Failure, failovers: int, max_replays: int) -> bool:
     """Replay what a lost node broke, never what the request broke; at most `max_replays`."""
-    return failure.kind != P.INVALID_REQUEST and failovers < max_replays
+    return failure.kind != INVALID_REQUEST and failovers < max_replays
 
 
 def failure_of(event: dict[str, Any]) -> Failure:
@@ -47,7 +47,7 @@ def failure_of(event: dict[str, Any]) -> Failure:
     kind = internal.get("kind")
     peer = internal.get("peer")
     code = event.get("code")
-    return Failure(kind if kind in P.FAILURE_KINDS else P.ENGINE_ERROR,
+    return Failure(kind if kind in FAILURE_KINDS else ENGINE_ERROR,
                    str(event.get("message") or "the request failed"),
                    code if isinstance(code, int) and 400 <= code <= 599 else 503,
                    peer if isinstance(peer, str) else None)
@@ -139,7 +139,7 @@ class ReplaySession:
             return None
         if self.failure is None:
             self.failure = broke or Failure(
-                P.PEER_LOST, "the pipeline's head node ended the stream early (node lost?)",
+                PEER_LOST, "the pipeline's head node ended the stream early (node lost?)",
                 head_lost=True)
         return self.failure
 

@@ -11,9 +11,9 @@ import sys
 import httpx
 import uvicorn
 
-from parallax import protocol as P
 from parallax.config import SchedulerConfig
 from parallax.p2p.peer import peer_addresses
+from parallax.protocol.p2p import SchedulerRecord
 from parallax.scheduler.app import SchedulerState, build_app
 from parallax.scheduler.status import lan_address
 
@@ -102,8 +102,8 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
 
         where += f" and P2P peer {p2p.peer_id} (tcp port {config.p2p_port})"
 
-        def record() -> P.SchedulerRecord:
-            return P.SchedulerRecord(p2p.peer_id, peer_addresses(
+        def record() -> SchedulerRecord:
+            return SchedulerRecord(p2p.peer_id, peer_addresses(
                 p2p.peer, lan_address(), config.p2p_port), state.model_name)
 
         publishing = asyncio.create_task(keep_published(p2p, record))

@@ -4,7 +4,7 @@
 One switch per command: a server given a certificate and its key serves https only; a client
 that has TLS on (its own certificate, a CA file, or an `https://` scheduler address) speaks https
 and checks the other side's certificate against the CA file (or the system's CAs without one).
-Nodes with a certificate also encrypt their activation links with ZeroMQ CURVE (node/peers.py).
+Nodes with a certificate also encrypt their activation links with ZeroMQ CURVE (node/links.py).
 P2P mode is encrypted by libp2p already and takes no TLS options.
 """
 

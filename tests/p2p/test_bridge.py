@@ -18,10 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from processes import free_port
 
-from parallax import protocol as P
 from parallax.p2p import safety
 from parallax.p2p.bridge import METHOD, HttpBridge, LatticaTransport
 from parallax.p2p.peer import PeerConfig, start_peer
+from parallax.protocol.p2p import BridgeHead, decode_bridge_frame
 
 
 class Exploit:
@@ -170,9 +170,9 @@ def test_crafted_pickle_from_a_peer_executes_nothing(peers, tmp_path):
     crafted = pickle.dumps(Exploit(str(marker)))
 
     # 1. straight to our bridge method: the bytes are msgpack-decoded, never unpickled
-    frames = [P.decode_bridge_frame(bytes(f))
+    frames = [decode_bridge_frame(bytes(f))
               for f in calling.get_client(serving.peer_id()).call_stream_iter(METHOD, crafted)]
-    assert isinstance(frames[0], P.BridgeHead) and frames[0].status == 400
+    assert isinstance(frames[0], BridgeHead) and frames[0].status == 400
 
     # 2. a crafted value in the DHT, read back through Lattica's own get() (which unpickles)
     for key, value in (("plain", pickle.dumps({"ok": 1})), ("crafted", crafted)):

@@ -5,7 +5,7 @@ peer it sends to. A socket monitor on every PUSH reports a peer that went away (
 host gone): the requests routed through it are failed at once instead of hanging.
 
 The activation port can be reached by anyone, so nothing received is trusted: every message
-must carry a valid seal under the pipeline's link key (link_auth.py) and pass `StageLimits`
+must carry a valid seal under the pipeline's link key (link_auth.py) and pass `LinkLimits`
 (a known float dtype, this model's hidden size, frame count, byte length, bounded entries and
 tokens, sane positions, endpoints only from the scheduler's table); anything else is dropped
 with a log line. Sending never blocks the engine loop: a message a peer does not take at once waits
@@ -27,13 +27,25 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from parallax import protocol as P
 from parallax.engine.sampling_params import MAX_TOP_LOGPROBS
 from parallax.node.link_auth import LinkSecurity, NoLinkKey
 from parallax.node.link_crypto import CurveKeyPair, connect_curve, is_curve_key, serve_curve
 from parallax.node.tracing import ack_problem, trace_problem
+from parallax.protocol.common import FAILURE_KINDS, PEER_LOST, STAGE_TIMEOUT, TokenOutput, encode
+from parallax.protocol.links import (
+    ActivationEntry,
+    LinkAck,
+    LinkActivations,
+    LinkMessage,
+    LinkPrefixAnswer,
+    LinkPrefixQuery,
+    LinkRelease,
+    LinkTokens,
+    decode_link,
+)
+from parallax.protocol.tensors import WIRE_DTYPES, hidden_frame, read_hidden
 
-logger = logging.getLogger("parallax.peers")
+logger = logging.getLogger("parallax.links")
 
 CONNECT_WAIT_S = 3.0  # how long a peer may take no message before it counts as down
 MAX_PENDING = 1000  # messages waiting for one peer before it counts as down
@@ -41,15 +53,12 @@ RCVHWM = 100  # messages queued per connected sender on the activation port
 MAX_RECEIVE_PER_CALL = 256  # then the engine steps: a flood cannot starve it
 MIN_MESSAGE_TOKENS = 4096  # accepted per message even where this node batches fewer
 MAX_ENTRIES = 1024
-MAX_IDS = 4096  # outputs of a StageTokens, rids of a StageRelease
+MAX_IDS = 4096  # outputs of a LinkTokens, rids of a LinkRelease
 MAX_RID_CHARS = 256
 MAX_ERROR_CHARS = 4096
 MAX_DOWNSTREAM = 64
 HEADER_SLACK_BYTES = 1 << 20  # header frames (token ids, params) on top of the tensor bytes
 FINISH_REASONS = (None, "stop", "length", "abort", "error")
-# dtypes hidden states may travel in, by name (never getattr on what a sender wrote): a stage
-# casts to its own, so a CPU stage in float32 and a GPU stage in bfloat16 share a pipeline
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DROP_LOGS_PER_S = 20
 
 
@@ -63,7 +72,7 @@ class Route:
 
 
 @dataclass(frozen=True)
-class StageLimits:
+class LinkLimits:
     """What a stage message may hold on this shard."""
 
     hidden_size: int
@@ -72,7 +81,7 @@ class StageLimits:
     vocab_size: int
 
     @classmethod
-    def of(cls, engine, max_num_batched_tokens: int | None = None) -> StageLimits:
+    def of(cls, engine, max_num_batched_tokens: int | None = None) -> LinkLimits:
         """The limits of `engine`'s shard (its model config and max model length)."""
         config = engine.model.config
         tokens = max(MIN_MESSAGE_TOKENS, max_num_batched_tokens
@@ -97,7 +106,7 @@ class PipelineLinks:
     """The activation endpoint of this executor and its outgoing links."""
 
     def __init__(self, context: zmq.Context, bind_address: str, own_endpoint: str,
-                 limits: StageLimits, security: LinkSecurity | None = None,
+                 limits: LinkLimits, security: LinkSecurity | None = None,
                  curve: CurveKeyPair | None = None) -> None:
         self.context = context
         self.own_endpoint = own_endpoint
@@ -247,39 +256,37 @@ class PipelineLinks:
                 monitor.close(linger=0)
         socket.close(linger=0)
 
-    def send_activations(self, endpoint: str, entries: list[P.ActivationEntry],
+    def send_activations(self, endpoint: str, entries: list[ActivationEntry],
                          hidden: torch.Tensor, send_id: int = 0) -> None:
         """hidden: [sum of entries' tokens, hidden_size], rows in entry order. `send_id` > 0
-        asks the receiver for a StageAck (node/tracing.py)."""
-        hidden = hidden.contiguous()
-        header = P.StageActivations(entries, str(hidden.dtype).removeprefix("torch."),
-                                    hidden.shape[-1], send_id,
-                                    self.own_endpoint if send_id else "")
-        payload = hidden.cpu().view(torch.uint8).numpy()  # raw bytes, zero-copy on CPU
-        self.send(endpoint, [P.encode(header), memoryview(payload)])
+        asks the receiver for a LinkAck (node/tracing.py)."""
+        dtype, payload = hidden_frame(hidden)
+        header = LinkActivations(entries, dtype, hidden.shape[-1], send_id,
+                                 self.own_endpoint if send_id else "")
+        self.send(endpoint, [encode(header), payload])
         self.num_activation_bytes_sent += payload.nbytes
 
     def send_message(self, endpoint: str, message: msgspec.Struct) -> None:
-        self.send(endpoint, [P.encode(message)])
+        self.send(endpoint, [encode(message)])
 
     def disconnected_peers(self) -> list[str]:
         """Endpoints whose connection dropped, or that took no message in time, since the last
         call (non-blocking)."""
         gone, self._unreachable = set(self._unreachable), set()
-        self.down_kinds = {endpoint: P.STAGE_TIMEOUT for endpoint in gone}
+        self.down_kinds = {endpoint: STAGE_TIMEOUT for endpoint in gone}
         for monitor, endpoint in list(self.monitors.items()):
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:
                     gone.add(endpoint)
-                    self.down_kinds[endpoint] = P.PEER_LOST
+                    self.down_kinds[endpoint] = PEER_LOST
         for endpoint in gone:
             self._drop(endpoint)  # reconnect lazily, with a fresh monitor, if used again
         return sorted(gone)
 
     # ---- incoming ----------------------------------------------------------------------
 
-    def receive(self) -> tuple[P.StageMessage, torch.Tensor | None] | None:
+    def receive(self) -> tuple[LinkMessage, torch.Tensor | None] | None:
         """One valid message if available (non-blocking): (header, hidden [T, H] or None).
 
         Invalid messages are dropped with a log line; None when nothing valid is waiting (or
@@ -307,23 +314,20 @@ class PipelineLinks:
         if problem is not None:
             return problem
         try:
-            message = P.decode_stage(frames[1].bytes)
+            message = decode_link(frames[1].bytes)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return f"undecodable header: {exc}"
-        tensor = isinstance(message, P.StageActivations)
+        tensor = isinstance(message, LinkActivations)
         if len(frames) != (3 if tensor else 2):
             return f"{len(frames)} frames for a {type(message).__name__}"
-        if isinstance(message, (P.StagePrefixQuery, P.StagePrefixAnswer)):
+        if isinstance(message, (LinkPrefixQuery, LinkPrefixAnswer)):
             return prefix_problem(message, self.limits, self.allows) or (message, None)
         if not tensor:
-            return stage_problem(message, self.limits) or (message, None)
+            return link_problem(message, self.limits) or (message, None)
         problem = activations_problem(message, len(frames[2].buffer), self.limits, self.allows)
         if problem is not None:
             return problem
-        # [T * H] of a known dtype -> [T, H]; clone so the frame can be released
-        hidden = torch.frombuffer(frames[2].buffer, dtype=WIRE_DTYPES[message.dtype]).view(
-            -1, self.limits.hidden_size).clone()
-        return message, hidden
+        return message, read_hidden(frames[2].buffer, message.dtype, self.limits.hidden_size)
 
     def _log_drop(self, reason: str, num_bytes: int) -> None:
         """A log line per dropped message, at most MAX_DROP_LOGS_PER_S (a flood of garbage
@@ -344,11 +348,11 @@ def _rid_problem(rid: str) -> str | None:
     return None if 0 < len(rid) <= MAX_RID_CHARS else f"request id of {len(rid)} characters"
 
 
-def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) -> str | None:
-    """Why a StageTokens / StageRelease / StageAck must be dropped, or None."""
-    if isinstance(message, P.StageAck):
+def link_problem(message: LinkTokens | LinkRelease, limits: LinkLimits) -> str | None:
+    """Why a LinkTokens / LinkRelease / LinkAck must be dropped, or None."""
+    if isinstance(message, LinkAck):
         return ack_problem(message)
-    if isinstance(message, P.StageRelease):
+    if isinstance(message, LinkRelease):
         if not 0 < len(message.rids) <= MAX_IDS:
             return f"release of {len(message.rids)} requests"
         return next(filter(None, map(_rid_problem, message.rids)), None)
@@ -363,7 +367,7 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
             return f"finish reason {output.finish_reason!r}"
         if output.error is not None and len(output.error) > MAX_ERROR_CHARS:
             return f"error text of {len(output.error)} characters"
-        if output.kind is not None and output.kind not in P.FAILURE_KINDS:
+        if output.kind is not None and output.kind not in FAILURE_KINDS:
             return f"failure kind {output.kind[:40]!r}"
         if output.peer is not None and len(output.peer) > MAX_RID_CHARS:
             return f"peer endpoint of {len(output.peer)} characters"
@@ -374,13 +378,13 @@ def stage_problem(message: P.StageTokens | P.StageRelease, limits: StageLimits) 
     return None
 
 
-def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: StageLimits,
+def prefix_problem(message: LinkPrefixQuery | LinkPrefixAnswer, limits: LinkLimits,
                    allows) -> str | None:
     """Why a prefix query / answer must be dropped, or None (`allows` as in
     activations_problem)."""
     if (problem := _rid_problem(message.rid)) is not None:
         return problem
-    if isinstance(message, P.StagePrefixAnswer):
+    if isinstance(message, LinkPrefixAnswer):
         if not 0 <= message.num_cached_tokens <= limits.max_position:
             return f"{message.rid}: {message.num_cached_tokens} cached tokens"
         return None
@@ -396,7 +400,7 @@ def prefix_problem(message: P.StagePrefixQuery | P.StagePrefixAnswer, limits: St
     return None
 
 
-def _logprobs_problem(output: P.TokenOutput, limits: StageLimits) -> str | None:
+def _logprobs_problem(output: TokenOutput, limits: LinkLimits) -> str | None:
     """A token's logprobs must be finite and <= 0, at most MAX_TOP_LOGPROBS alternatives, ids in
     the vocabulary, and come with a token."""
     if output.logprob is None and not output.top_logprobs:
@@ -419,9 +423,9 @@ def _is_logprob(value: float) -> bool:
     return math.isfinite(value) and value <= 1e-3  # log-softmax rounding may pass 0 a little
 
 
-def activations_problem(message: P.StageActivations, num_bytes: int, limits: StageLimits,
+def activations_problem(message: LinkActivations, num_bytes: int, limits: LinkLimits,
                         allows) -> str | None:
-    """Why a StageActivations with a tensor frame of `num_bytes` must be dropped, or None.
+    """Why a LinkActivations with a tensor frame of `num_bytes` must be dropped, or None.
 
     `allows(endpoint)`: whether the scheduler's table lists an endpoint it names.
     """
@@ -446,7 +450,7 @@ def activations_problem(message: P.StageActivations, num_bytes: int, limits: Sta
     return None
 
 
-def _entry_problem(entry: P.ActivationEntry, limits: StageLimits, allows) -> str | None:
+def _entry_problem(entry: ActivationEntry, limits: LinkLimits, allows) -> str | None:
     if (problem := _rid_problem(entry.rid)) is not None:
         return problem
     count = len(entry.token_ids)

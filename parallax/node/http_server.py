@@ -1,6 +1,7 @@
-"""The node's HTTP frontend: OpenAI chat API, tokenization, streaming text, health and metrics.
+"""The node's HTTP server (the process beside its executor; the web UI is parallax/web): OpenAI
+chat API, tokenization, streaming text, health and metrics.
 
-`NodeFrontend` turns a chat request into prompt token ids (chat template with
+`NodeHttpServer` turns a chat request into prompt token ids (chat template with
 `chat_template_kwargs`, rendered and tokenized in a worker thread so that no prompt can stall the
 event loop that also answers /health and sends the cluster heartbeats), hands them to the
 executor through `ExecutorClient`, and turns the token ids coming back into text: incremental
@@ -27,12 +28,13 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from parallax import protocol as P
 from parallax.config import ServeConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
 from parallax.node.probe import PROBE_BODY
 from parallax.node.tracing import trace_summary
+from parallax.protocol.common import ENGINE_ERROR
+from parallax.protocol.control import RoutingEntry
 from parallax.serving.adapters import OutputAdapter, adapt_response
 from parallax.serving.completions import (
     TextCompletionRequest,
@@ -115,7 +117,7 @@ class ChatJob:
     finish_reason: str | None = None
     error: str | None = None
     error_status: int = 500
-    error_kind: str = P.ENGINE_ERROR  # protocol.FAILURE_KINDS
+    error_kind: str = ENGINE_ERROR  # protocol.FAILURE_KINDS
     error_peer: str | None = None  # the lost activation endpoint, when one was
     final_delta: tuple[str, str] = ("", "")  # text released when the request ended
     done: bool = False  # the executor side is over (finished, failed or aborted)
@@ -157,7 +159,7 @@ class ChatJob:
         return usage_dict(len(self.prompt_ids), self.num_completion_tokens)
 
 
-class NodeFrontend:
+class NodeHttpServer:
     """HTTP side of a node. `tokenizer` may be injected (tests); else it is loaded at start."""
 
     def __init__(self, config: ServeConfig, client: ExecutorClient, model_name: str,
@@ -476,7 +478,7 @@ class NodeFrontend:
                                     f"{info.end_layer}) only; send requests to the scheduler")
             return []
         try:
-            entries = msgspec.convert(routing_table, list[P.RoutingEntry])
+            entries = msgspec.convert(routing_table, list[RoutingEntry])
         except msgspec.ValidationError as exc:
             raise APIError(400, f"'routing_table' is malformed: {exc}") from None
         head = entries[0] if entries else None
@@ -526,7 +528,7 @@ class NodeFrontend:
             if item.finished:
                 job.done, job.finish_reason = True, item.finish_reason or "stop"
                 job.error = item.error
-                job.error_kind, job.error_peer = item.kind or P.ENGINE_ERROR, item.peer
+                job.error_kind, job.error_peer = item.kind or ENGINE_ERROR, item.peer
                 if job.finish_reason == "error" and not job.error:
                     job.error = "the request failed in the executor"
                 break
@@ -539,7 +541,7 @@ class NodeFrontend:
 
     def _internal_error(self, job: ChatJob, exc: Exception) -> None:
         logger.exception("request %s failed in the frontend", job.rid, exc_info=exc)
-        job.finish_reason, job.error_status, job.error_kind = "error", 500, P.ENGINE_ERROR
+        job.finish_reason, job.error_status, job.error_kind = "error", 500, ENGINE_ERROR
         job.final_delta = ("", "")
         job.error = f"internal error while producing the answer: {type(exc).__name__}: {exc}"
 
@@ -729,7 +731,7 @@ def _resumed_finish(resume: list[int], params: SamplingParams, stopped: bool,
     return None
 
 
-def build_app(frontend: NodeFrontend) -> FastAPI:
+def build_app(frontend: NodeHttpServer) -> FastAPI:
     """The FastAPI app of a node (or of `parallax serve`)."""
     app = FastAPI(title="Parallax node", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
