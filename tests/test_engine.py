@@ -264,7 +264,7 @@ def test_pipeline_with_chunked_prefill_and_preemption_replay(model_path, model):
     tokens, engines = run_pipeline(model_path, prompts, [2], max_tokens=40,
                                    kv=8 * per_block, max_num_batched_tokens=8)
     assert engines[0].num_total_blocks == 8
-    assert engines[0].scheduler.num_preemptions > 0
+    assert engines[0].batcher.num_preemptions > 0
     assert tokens == expected
 
 

@@ -234,7 +234,7 @@ def test_memory_pressure_evicts_cached_blocks_before_preempting(whole):
     while engine.has_work():
         for o in engine.step():
             out.setdefault(o.request_id, []).append(o.token_id)
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.batcher.num_preemptions == 0
     assert out == {rid: reference(whole, p, 10) for rid, p in others.items()}
     hits = engine.num_prefix_hit_tokens
     engine.add_request("a2", first, params(2))

@@ -119,7 +119,7 @@ def test_sliding_group_blocks_stay_bounded_while_full_group_grows(gpt_oss):
     live, full_lens, pool_used = [], [], []
 
     def observe(engine):
-        seqs = list(engine.scheduler.running)
+        seqs = list(engine.batcher.running)
         live.extend(window.num_live_blocks(s) for s in seqs)
         full_lens.extend(len(s.block_table) for s in seqs)
         pool_used.append(window.num_blocks - window.num_free_blocks)
