@@ -80,8 +80,10 @@ class StepOutput:
     start_position: int = 0
     due: bool = False  # hidden outputs: a token is due once the last stage has run them
     # hidden outputs: the request's first chunk on this stage (it starts the request on the next
-    # stage: at 0, or after the prefix every stage holds)
+    # stage: at 0, or after the prefix every stage holds), with what the next stage needs then
     first: bool = False
+    sampling_params: SamplingParams | None = None  # first hidden outputs
+    num_prompt_tokens: int = 0  # first hidden outputs
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
@@ -330,6 +332,10 @@ class Engine:
         if finished:
             self._finish(seq, finish_reason or "stop")
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether this stage holds the request (admitted, reserved or running)."""
+        return request_id in self.sequences
+
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks. Returns whether it was known."""
         seq = self.sequences.get(request_id)
@@ -383,16 +389,19 @@ class Engine:
         for chunk in chunks:
             rows = hidden[offset : offset + chunk.num_tokens]
             offset += chunk.num_tokens
+            seq = chunk.seq
             if self.is_first and chunk.completes_sequence:
-                chunk.seq.awaiting_token = True
+                seq.awaiting_token = True
+            first = chunk.start_position == seq.num_cached_tokens
             yield StepOutput(
-                chunk.seq.request_id,
+                seq.request_id,
                 hidden=rows,
-                token_ids=chunk.seq.token_ids[
-                    chunk.start_position : chunk.start_position + chunk.num_tokens],
+                token_ids=seq.token_ids[chunk.start_position : chunk.start_position + chunk.num_tokens],
                 start_position=chunk.start_position,
                 due=chunk.completes_sequence,
-                first=chunk.start_position == chunk.seq.num_cached_tokens,
+                first=first,
+                sampling_params=seq.sampling_params if first else None,
+                num_prompt_tokens=seq.num_prompt_tokens if first else 0,
             )
 
     def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
