@@ -13,9 +13,7 @@ import random
 import time
 
 import pytest
-import zmq
-from processes import free_port
-from test_pipeline_links import KEY, Cluster, keyed_links
+from test_pipeline_links import KEY, Cluster
 from tiny_models import greedy_tokens, save_tiny_model
 
 from parallax import protocol as P
@@ -24,7 +22,6 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node import stage as stage_module
 from parallax.node.peers import StageLimits, prefix_problem
-from parallax.node.stage import StageRouter
 
 BLOCK = 16
 HIDDEN = 64  # the tiny model's hidden size (float32 activations)
@@ -61,16 +58,9 @@ class KVCluster(Cluster):
 
     def __init__(self, model_path: str, ranges: list[tuple[int, int]],
                  blocks: list[int]) -> None:
-        self.context = zmq.Context()
-        self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in ranges]
-        self.engines = [Engine(load_shard(model_path, a, b).model,
-                               EngineConfig(kv_memory_bytes=n * (b - a) * LAYER_BLOCK_BYTES,
-                                            block_size=BLOCK))
-                        for (a, b), n in zip(ranges, blocks, strict=True)]
-        self.links = keyed_links(self.context, self.endpoints, self.engines)
-        self.routers = [StageRouter(e, link) for e, link in zip(self.engines, self.links,
-                                                                   strict=True)]
-        self.alive = [True] * len(ranges)
+        super().__init__(model_path, ranges, [
+            EngineConfig(kv_memory_bytes=n * (b - a) * LAYER_BLOCK_BYTES, block_size=BLOCK)
+            for (a, b), n in zip(ranges, blocks, strict=True)])
 
     def ask(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
         """Run requests together; their greedy tokens (every one must finish by length)."""
