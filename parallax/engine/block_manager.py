@@ -317,37 +317,22 @@ class GroupedBlockManager:
 
 
 class KVBlocks(Protocol):
-    """What the batcher and the engine use of a shard's KV blocks (BlockManager or
-    GroupedBlockManager)."""
+    """What the batcher and the engine use of a shard's KV blocks: BlockManager or
+    GroupedBlockManager (see their docstrings for what each does with `first_chunk_end` and
+    `end`: a sliding-window group takes blocks up to there, the full group for every token)."""
 
     block_size: int
     num_prefix_hit_tokens: int  # observable: prefill tokens skipped thanks to the cache
 
     @property
     def num_blocks(self) -> int: ...
-
     @property
     def num_free_blocks(self) -> int: ...
-
-    def can_allocate(self, seq: Sequence, first_chunk_end: int) -> bool:
-        """Whether a new sequence whose first chunk ends at `first_chunk_end` fits."""
-
-    def allocate(self, seq: Sequence, first_chunk_end: int) -> None:
-        """Blocks for a new sequence's first chunk; sets its cached / computed tokens."""
-
-    def allocate_prefix(self, seq: Sequence) -> int:
-        """Later stages: pin seq's longest cached prefix; returns its tokens."""
-
-    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int = 1) -> bool:
-        """Whether a chunk of seq that ends at `end` (plus num_new_tokens) fits."""
-
-    def extend(self, seq: Sequence, end: int) -> None:
-        """Blocks for a chunk of seq that ends at `end`."""
-
+    def can_allocate(self, seq: Sequence, first_chunk_end: int) -> bool: ...
+    def allocate(self, seq: Sequence, first_chunk_end: int) -> None: ...
+    def allocate_prefix(self, seq: Sequence) -> int: ...  # later stages: pin a cached prefix
+    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int = 1) -> bool: ...
+    def extend(self, seq: Sequence, end: int) -> None: ...
     def deallocate(self, seq: Sequence) -> None: ...
-
-    def register_computed(self, seq: Sequence) -> None:
-        """After a step: cache (full attention) or release (sliding windows) computed blocks."""
-
-    def for_window(self, window: int | None) -> BlockManager | WindowBlockManager:
-        """The pool of the layers with this sliding window (None: full attention)."""
+    def register_computed(self, seq: Sequence) -> None: ...  # after a step: cache or release
+    def for_window(self, window: int | None) -> BlockManager | WindowBlockManager: ...
