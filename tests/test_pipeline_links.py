@@ -39,11 +39,17 @@ def model_path(tmp_path_factory):
 
 
 class Cluster:
-    def __init__(self, model_path: str, ranges: list[tuple[int, int]]) -> None:
+    """One engine per layer range, each behind a StageRouter, joined by real loopback links.
+
+    `configs`: each stage's EngineConfig (default: 4 MiB of KV each)."""
+
+    def __init__(self, model_path: str, ranges: list[tuple[int, int]],
+                 configs: list[EngineConfig] | None = None) -> None:
         self.context = zmq.Context()
         self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in ranges]
-        self.engines = [Engine(load_shard(model_path, a, b).model,
-                               EngineConfig(kv_memory_bytes=2**22)) for a, b in ranges]
+        configs = configs or [EngineConfig(kv_memory_bytes=2**22)] * len(ranges)
+        self.engines = [Engine(load_shard(model_path, a, b).model, config)
+                        for (a, b), config in zip(ranges, configs, strict=True)]
         self.links = keyed_links(self.context, self.endpoints, self.engines)
         self.routers = [StageRouter(e, link) for e, link in zip(self.engines, self.links,
                                                                    strict=True)]
@@ -100,6 +106,22 @@ class Cluster:
             if self.alive[index]:
                 link.close()
         self.context.term()
+
+
+def pipeline_greedy_tokens(model_path: str, ranges: list[tuple[int, int]],
+                           configs: list[EngineConfig], prompts: list[list[int]],
+                           max_tokens: int) -> tuple[list[list[int]], list[Engine]]:
+    """Greedy tokens of prompts run together through a Cluster, and its engines."""
+    cluster = Cluster(model_path, ranges, configs)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            cluster.add(str(i), prompt, params)
+        out = cluster.run(until_s=120.0)
+    finally:
+        cluster.close()
+    tokens = [[o.token_id for o in out.get(str(i), [])] for i in range(len(prompts))]
+    return tokens, cluster.engines
 
 
 def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):

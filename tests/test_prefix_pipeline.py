@@ -13,9 +13,7 @@ import random
 import time
 
 import pytest
-import zmq
-from processes import free_port
-from test_pipeline_links import KEY, Cluster, keyed_links
+from test_pipeline_links import KEY, Cluster
 from tiny_models import greedy_tokens, save_tiny_model
 
 from parallax.engine.engine import Engine, EngineConfig
@@ -23,7 +21,6 @@ from parallax.engine.sampling_params import SamplingParams
 from parallax.models.loader import load_shard
 from parallax.node import stage as stage_module
 from parallax.node.links import LinkLimits, prefix_problem
-from parallax.node.stage import StageRouter
 from parallax.protocol.common import encode
 from parallax.protocol.links import LinkPrefixAnswer, LinkPrefixQuery, decode_link
 
@@ -62,16 +59,9 @@ class KVCluster(Cluster):
 
     def __init__(self, model_path: str, ranges: list[tuple[int, int]],
                  blocks: list[int]) -> None:
-        self.context = zmq.Context()
-        self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in ranges]
-        self.engines = [Engine(load_shard(model_path, a, b).model,
-                               EngineConfig(kv_memory_bytes=n * (b - a) * LAYER_BLOCK_BYTES,
-                                            block_size=BLOCK))
-                        for (a, b), n in zip(ranges, blocks, strict=True)]
-        self.links = keyed_links(self.context, self.endpoints, self.engines)
-        self.routers = [StageRouter(e, link) for e, link in zip(self.engines, self.links,
-                                                                   strict=True)]
-        self.alive = [True] * len(ranges)
+        super().__init__(model_path, ranges, [
+            EngineConfig(kv_memory_bytes=n * (b - a) * LAYER_BLOCK_BYTES, block_size=BLOCK)
+            for (a, b), n in zip(ranges, blocks, strict=True)])
 
     def ask(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
         """Run requests together; their greedy tokens (every one must finish by length)."""
@@ -235,7 +225,7 @@ def test_memory_pressure_evicts_cached_blocks_before_preempting(whole):
     while engine.has_work():
         for o in engine.step():
             out.setdefault(o.request_id, []).append(o.token_id)
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.batcher.num_preemptions == 0
     assert out == {rid: reference(whole, p, 10) for rid, p in others.items()}
     hits = engine.num_prefix_hit_tokens
     engine.add_request("a2", first, params(2))

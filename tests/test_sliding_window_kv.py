@@ -21,6 +21,7 @@ from test_moe_families import (
     prompts_of_lengths,
     reference_logits,
 )
+from test_pipeline_links import pipeline_greedy_tokens
 from tiny_models import greedy_tokens, save_tiny_model
 
 from parallax.engine.block_manager import BlockManager, GroupedBlockManager
@@ -119,7 +120,7 @@ def test_sliding_group_blocks_stay_bounded_while_full_group_grows(gpt_oss):
     live, full_lens, pool_used = [], [], []
 
     def observe(engine):
-        seqs = list(engine.scheduler.running)
+        seqs = list(engine.batcher.running)
         live.extend(window.num_live_blocks(s) for s in seqs)
         full_lens.extend(len(s.block_table) for s in seqs)
         pool_used.append(window.num_blocks - window.num_free_blocks)
@@ -257,35 +258,15 @@ def test_preemption_when_the_window_pool_runs_out(gpt_oss):
 # ---- pipelines -----------------------------------------------------------------------------
 
 
-def run_pipeline(path, prompts, boundary, max_tokens=NUM_DECODE_STEPS, **config):
-    engines = [Engine(load_shard(path, a, b).model,
-                      EngineConfig(kv_memory_bytes=2**21, block_size=BLOCK, **config))
-               for a, b in [(0, boundary), (boundary, 4)]]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engines[0].add_request(str(i), prompt, params)
-    seen, out = set(), {str(i): [] for i in range(len(prompts))}
-    for _ in range(3000):
-        if not any(e.has_work() for e in engines):
-            break
-        for o in engines[0].step():
-            first = o.request_id not in seen
-            seen.add(o.request_id)
-            engines[1].add_hidden(o.request_id, o.token_ids, o.start_position, o.hidden,
-                                  params if first else None, len(prompts[int(o.request_id)]))
-        for o in engines[1].step():
-            out[o.request_id].append(o.token_id)
-            engines[0].append_token(o.request_id, o.token_id, o.finished, o.finish_reason)
-    return [out[str(i)] for i in range(len(prompts))], engines
-
-
 @pytest.mark.parametrize("boundary", [1, 2])  # 1: the first shard has only a sliding layer
 def test_two_stage_pipeline_equals_single_engine(gpt_oss, boundary):
     path, _ = gpt_oss
     prompts = prompts_of_lengths([57, 20, 38], seed=10)
     expected = greedy_tokens(load_shard(path).model, prompts, max_tokens=NUM_DECODE_STEPS,
                              block_size=BLOCK, max_num_batched_tokens=16)
-    tokens, engines = run_pipeline(path, prompts, boundary, max_num_batched_tokens=16)
+    config = EngineConfig(kv_memory_bytes=2**21, block_size=BLOCK, max_num_batched_tokens=16)
+    tokens, engines = pipeline_greedy_tokens(path, [(0, boundary), (boundary, 4)],
+                                             [config, config], prompts, NUM_DECODE_STEPS)
     assert tokens == expected
     for engine in engines:
         window = engine.block_manager_for(WINDOW)

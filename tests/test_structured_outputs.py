@@ -192,7 +192,7 @@ def test_pipeline_last_stage_constrains_with_preemption(random_model):
             head.append_token(o.request_id, o.token_id, o.finished, o.finish_reason)
             if o.finished:
                 finished[o.request_id] = o.finish_reason
-    assert head.scheduler.num_preemptions > 0
+    assert head.batcher.num_preemptions > 0
     for rid, tokens in out.items():
         assert finished[rid] == "stop"
         check_schema(json.loads(answer_text(tokenizer, tokens)), SCHEMA)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallax.engine.block_manager import BlockManager, GroupedBlockManager
+from parallax.engine.block_manager import KVBlocks
 from parallax.engine.sequence import Sequence, SequenceStatus
 
 
@@ -44,19 +44,19 @@ class ScheduledChunk:
         return self.start_position + self.num_tokens == len(self.seq)
 
 
-class Scheduler:
+class Batcher:
+    """The engine's batch scheduler (not the cluster scheduler of parallax/scheduler/): the
+    waiting and running sequences of one stage and the chunks each step runs."""
+
     def __init__(
         self,
-        block_manager: BlockManager | GroupedBlockManager,
+        block_manager: KVBlocks,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         is_first_stage: bool = True,
         query_prefix: bool = False,
     ) -> None:
         self.block_manager = block_manager
-        # Sliding-window KV groups take blocks per chunk (GroupedBlockManager); a shard of
-        # full-attention layers only keeps the plain path.
-        self.windowed = isinstance(block_manager, GroupedBlockManager)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.is_first_stage = is_first_stage
@@ -110,25 +110,20 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if self.windowed and not self._ensure_slots(
-                seq, chunks, seq.num_computed_tokens + num_tokens, 0
-            ):
+            # sliding-window groups take blocks per chunk; full attention has them all already
+            if not self._ensure_slots(seq, chunks, seq.num_computed_tokens + num_tokens, 0):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.windowed:  # no prefix caching here: the first chunk starts at 0
-                first_chunk_end = min(len(seq), budget)
-                if not self.block_manager.can_allocate(seq, first_chunk_end):
-                    break
-                self.waiting.popleft()
-                self.block_manager.allocate(seq, first_chunk_end)
-            else:
-                if not self.block_manager.can_allocate(seq):
-                    break
-                self.waiting.popleft()
-                self.block_manager.allocate(seq)
+            # the first chunk's end, were it to start at 0 (only sliding-window groups, which
+            # cache no prefix, take blocks per chunk)
+            first_chunk_end = min(len(seq), budget)
+            if not self.block_manager.can_allocate(seq, first_chunk_end):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, first_chunk_end)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if self.query_prefix and seq.num_cached_tokens > 0:
@@ -145,9 +140,7 @@ class Scheduler:
     ) -> bool:
         """Make room for seq's chunk ending at `end` (a decode: its next token too), preempting
         the newest other sequences if needed."""
-        manager = self.block_manager
-        while not (manager.can_extend(seq, end, num_new_tokens) if self.windowed
-                   else manager.can_append(seq, num_new_tokens)):
+        while not self.block_manager.can_extend(seq, end, num_new_tokens):
             busy = {id(c.seq) for c in scheduled}
             # a sequence waiting for a token or for its prefix answer has a message in flight
             victims = [s for s in self.running if id(s) not in busy and not s.awaiting_token
@@ -156,10 +149,7 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return False
-        if self.windowed:
-            manager.extend(seq, end)
-        else:
-            manager.append_slots(seq)
+        self.block_manager.extend(seq, end)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -186,16 +176,10 @@ class Scheduler:
             if chunks and budget < len(pending.token_ids):
                 break
             end = pending.start_position + len(pending.token_ids)
-            if self.windowed:
-                if not self.block_manager.can_extend(seq, end, 0):
-                    self.out_of_blocks.append(seq)
-                    continue
-                self.block_manager.extend(seq, end)
-            else:
-                if not self.block_manager.can_append(seq, 0):
-                    self.out_of_blocks.append(seq)
-                    continue
-                self.block_manager.append_slots(seq)
+            if not self.block_manager.can_extend(seq, end, 0):
+                self.out_of_blocks.append(seq)
+                continue
+            self.block_manager.extend(seq, end)
             seq.pending_inputs.pop(0)
             chunks.append(ScheduledChunk(seq, pending.start_position, len(pending.token_ids),
                                          pending.hidden, pending.due))

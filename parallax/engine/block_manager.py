@@ -12,11 +12,18 @@ reference, cached or not; a block goes back to its end when its last reference d
 sequence's tail first, so its leading blocks stay longest) and a new block is always taken from
 its front, so a cached block is reused only when it is the least recently used free one, and a
 running request is preempted only when no free block, cached or not, is left.
+
+Both managers below (`BlockManager` for a shard of full-attention layers, `GroupedBlockManager`
+for one with sliding-window layers) have the interface the batcher and the engine use, `KVBlocks`:
+admit a sequence with blocks for its first chunk (`can_allocate` / `allocate`), grow it for the
+chunk that ends at `end` (`can_extend` / `extend`), free it (`deallocate`), and after a step
+cache or release what was computed (`register_computed`).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 from parallax.engine.sequence import Sequence
 
@@ -82,11 +89,12 @@ class BlockManager:
         reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return seq.num_blocks - len(hits) + reusable_free
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, first_chunk_end: int | None = None) -> bool:
         return self.num_blocks_needed(seq) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its current tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, first_chunk_end: int | None = None) -> None:
+        """Give seq blocks for all its current tokens (whatever its first chunk), reusing cached
+        prefix blocks."""
         assert not seq.block_table
         hits = self._cached_prefix(seq)
         for block_id in hits:
@@ -125,16 +133,19 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
         seq.last_block_hash = None
 
-    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int = 1) -> bool:
+        """Whether `extend` can cover seq's tokens and num_new_tokens more (a decode reserves
+        its next token's slot). Full attention keeps every position, so the check is on all of
+        seq's known tokens, whatever chunk `end` closes."""
         return self._blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
     def _blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
         needed = (len(seq) + num_new_tokens + self.block_size - 1) // self.block_size
         return max(0, needed - len(seq.block_table))
 
-    def append_slots(self, seq: Sequence, num_new_tokens: int = 0) -> None:
-        """Grow seq's block table to cover its tokens (plus num_new_tokens not yet appended)."""
-        for _ in range(self._blocks_to_append(seq, num_new_tokens)):
+    def extend(self, seq: Sequence, end: int) -> None:
+        """Grow seq's block table to cover all its known tokens (`end` included)."""
+        for _ in range(self._blocks_to_append(seq, 0)):
             seq.block_table.append(self._take_free_block())
 
     def register_computed(self, seq: Sequence) -> None:
@@ -149,6 +160,12 @@ class BlockManager:
             if block.hash is None:
                 block.hash, block.token_ids = seq.last_block_hash, tuple(token_ids)
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
+
+    def for_window(self, window: int | None) -> BlockManager:
+        """The pool of the layers with this sliding window: only full attention (None) here."""
+        if window is not None:
+            raise KeyError(f"no KV group for window {window}")
+        return self
 
 
 class WindowBlockManager:
@@ -225,9 +242,9 @@ class GroupedBlockManager:
     (a BlockManager over seq.block_table, prefix caching off: a prefix hit would skip tokens
     whose windowed KV the sliding groups never computed) and one WindowBlockManager per window.
 
-    Same interface as BlockManager for the scheduler and the engine, except that the sliding
-    groups take blocks per chunk: allocate / can_allocate take the first chunk's end and
-    can_extend / extend make room for a chunk that ends at `end`. Counters (num_blocks,
+    The KVBlocks interface, like BlockManager; the sliding groups take blocks per chunk (up to
+    the first chunk's end on allocate, up to `end` on extend) where the full group takes every
+    known token. No prefix caching: `allocate_prefix` holds nothing. Counters (num_blocks,
     num_free_blocks) are the primary group's: the full group, else the first window group.
     """
 
@@ -240,6 +257,7 @@ class GroupedBlockManager:
         self.num_prefix_hit_tokens = 0
 
     def for_window(self, window: int | None) -> BlockManager | WindowBlockManager:
+        """The pool of the layers with this sliding window (None: full attention)."""
         if window is None:
             if self.full is None:
                 raise KeyError("this shard has no full-attention layers")
@@ -270,14 +288,18 @@ class GroupedBlockManager:
         for window in self.windows:
             window.reserve(seq, first_chunk_end)
 
-    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int) -> bool:
-        if self.full is not None and not self.full.can_append(seq, num_new_tokens):
+    def allocate_prefix(self, seq: Sequence) -> int:
+        """No prefix caching with sliding-window layers (see WindowBlockManager): holds 0."""
+        return 0
+
+    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int = 1) -> bool:
+        if self.full is not None and not self.full.can_extend(seq, end, num_new_tokens):
             return False
         return all(w.can_reserve(seq, end) for w in self.windows)
 
     def extend(self, seq: Sequence, end: int) -> None:
         if self.full is not None:
-            self.full.append_slots(seq)
+            self.full.extend(seq, end)
         for window in self.windows:
             window.reserve(seq, end)
 
@@ -292,3 +314,25 @@ class GroupedBlockManager:
         """After a step: the sliding groups drop the blocks that left every future window."""
         for window in self.windows:
             window.release(seq)
+
+
+class KVBlocks(Protocol):
+    """What the batcher and the engine use of a shard's KV blocks: BlockManager or
+    GroupedBlockManager (see their docstrings for what each does with `first_chunk_end` and
+    `end`: a sliding-window group takes blocks up to there, the full group for every token)."""
+
+    block_size: int
+    num_prefix_hit_tokens: int  # observable: prefill tokens skipped thanks to the cache
+
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    def can_allocate(self, seq: Sequence, first_chunk_end: int) -> bool: ...
+    def allocate(self, seq: Sequence, first_chunk_end: int) -> None: ...
+    def allocate_prefix(self, seq: Sequence) -> int: ...  # later stages: pin a cached prefix
+    def can_extend(self, seq: Sequence, end: int, num_new_tokens: int = 1) -> bool: ...
+    def extend(self, seq: Sequence, end: int) -> None: ...
+    def deallocate(self, seq: Sequence) -> None: ...
+    def register_computed(self, seq: Sequence) -> None: ...  # after a step: cache or release
+    def for_window(self, window: int | None) -> BlockManager | WindowBlockManager: ...

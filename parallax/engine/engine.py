@@ -20,8 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from parallax.engine.batcher import ScheduledChunk, Scheduler
-from parallax.engine.block_manager import BlockManager, GroupedBlockManager, WindowBlockManager
+from parallax.engine.batcher import Batcher, ScheduledChunk
+from parallax.engine.block_manager import (
+    BlockManager,
+    GroupedBlockManager,
+    KVBlocks,
+    WindowBlockManager,
+)
 from parallax.engine.grammar import GrammarMask, GrammarMasker
 from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
 from parallax.engine.sampler import RowFailure, apply_grammar_mask, sample, token_logprobs
@@ -75,8 +80,10 @@ class StepOutput:
     start_position: int = 0
     due: bool = False  # hidden outputs: a token is due once the last stage has run them
     # hidden outputs: the request's first chunk on this stage (it starts the request on the next
-    # stage: at 0, or after the prefix every stage holds)
+    # stage: at 0, or after the prefix every stage holds), with what the next stage needs then
     first: bool = False
+    sampling_params: SamplingParams | None = None  # first hidden outputs
+    num_prompt_tokens: int = 0  # first hidden outputs
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
@@ -103,7 +110,7 @@ class Engine:
                 raise ValueError(f"KV memory {config.kv_memory_bytes} bytes is below one block "
                                  f"({per_block} bytes)")
             # every stage caches; in a pipeline the stages agree on the prefix to skip
-            self.block_manager = BlockManager(num_blocks, config.block_size,
+            self.block_manager: KVBlocks = BlockManager(num_blocks, config.block_size,
                                               config.enable_prefix_caching)
             window_blocks = None
         else:
@@ -113,7 +120,7 @@ class Engine:
                 if self.has_full_attention else None,
                 [WindowBlockManager(window_blocks[w], config.block_size, w) for w in windows],
             )
-        self.scheduler = Scheduler(
+        self.batcher = Batcher(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             is_first_stage=self.is_first, query_prefix=self.is_first and not self.is_last)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
@@ -166,11 +173,7 @@ class Engine:
 
     def block_manager_for(self, window: int | None) -> BlockManager | WindowBlockManager:
         """The block pool of the layers with this sliding window (None: full attention)."""
-        if isinstance(self.block_manager, GroupedBlockManager):
-            return self.block_manager.for_window(window)
-        if window is not None:
-            raise KeyError(f"no KV group for window {window}")
-        return self.block_manager
+        return self.block_manager.for_window(window)
 
     # ---- input ---------------------------------------------------------------------------
 
@@ -195,7 +198,7 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         self.sequences[seq.request_id] = seq
-        self.scheduler.add(seq)
+        self.batcher.add(seq)
         if self.grammar is not None and seq.sampling_params.grammar:
             self.grammar.admit(seq)
 
@@ -281,7 +284,7 @@ class Engine:
     def take_prefix_queries(self) -> list[PrefixQuery]:
         """Head: requests just admitted with a cached prefix, waiting for the later stages to
         say how much of it they hold (answer with resume_prefix)."""
-        queries, self.scheduler.prefix_queries = self.scheduler.prefix_queries, []
+        queries, self.batcher.prefix_queries = self.batcher.prefix_queries, []
         size = self.config.block_size
         return [PrefixQuery(seq.request_id,
                             seq.token_ids[: -(-seq.num_cached_tokens // size) * size])
@@ -309,10 +312,8 @@ class Engine:
         if self.is_first:
             raise RuntimeError("reserve_prefix is for later stages")
         self.abort(request_id)
-        if not isinstance(self.block_manager, BlockManager):
-            return 0  # sliding-window layers: no prefix caching (see WindowBlockManager)
         seq = Sequence(request_id, list(token_ids), SamplingParams(), self.config.block_size)
-        held = self.block_manager.allocate_prefix(seq)
+        held = self.block_manager.allocate_prefix(seq)  # 0 with sliding-window layers
         if held == 0:
             return 0
         del seq.token_ids[held:]
@@ -331,6 +332,10 @@ class Engine:
         if finished:
             self._finish(seq, finish_reason or "stop")
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether this stage holds the request (admitted, reserved or running)."""
+        return request_id in self.sequences
+
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks. Returns whether it was known."""
         seq = self.sequences.get(request_id)
@@ -342,16 +347,16 @@ class Engine:
     # ---- step ----------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        if self.scheduler.waiting:
+        if self.batcher.waiting:
             return True
         return any(
             (not s.awaiting_token and not s.awaiting_prefix and s.num_computed_tokens < len(s))
-            or s.pending_inputs for s in self.scheduler.running
+            or s.pending_inputs for s in self.batcher.running
         )
 
     def step(self) -> list[StepOutput]:
         """schedule -> run -> postprocess. Returns one output per request that produced one."""
-        chunks = self.scheduler.schedule()
+        chunks = self.batcher.schedule()
         outputs = self._drain_out_of_blocks()
         if not chunks:
             return outputs
@@ -384,16 +389,19 @@ class Engine:
         for chunk in chunks:
             rows = hidden[offset : offset + chunk.num_tokens]
             offset += chunk.num_tokens
+            seq = chunk.seq
             if self.is_first and chunk.completes_sequence:
-                chunk.seq.awaiting_token = True
+                seq.awaiting_token = True
+            first = chunk.start_position == seq.num_cached_tokens
             yield StepOutput(
-                chunk.seq.request_id,
+                seq.request_id,
                 hidden=rows,
-                token_ids=chunk.seq.token_ids[
-                    chunk.start_position : chunk.start_position + chunk.num_tokens],
+                token_ids=seq.token_ids[chunk.start_position : chunk.start_position + chunk.num_tokens],
                 start_position=chunk.start_position,
                 due=chunk.completes_sequence,
-                first=chunk.start_position == chunk.seq.num_cached_tokens,
+                first=first,
+                sampling_params=seq.sampling_params if first else None,
+                num_prompt_tokens=seq.num_prompt_tokens if first else 0,
             )
 
     def _sample_outputs(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
@@ -443,25 +451,25 @@ class Engine:
 
     def _drain_out_of_blocks(self) -> list[StepOutput]:
         outputs = []
-        for seq in self.scheduler.out_of_blocks:
+        for seq in self.batcher.out_of_blocks:
             message = "this stage ran out of KV cache blocks"
             outputs.append(StepOutput(seq.request_id, finished=True, finish_reason="error",
                                       error=message))
             self._finish(seq, "error")
-        self.scheduler.out_of_blocks.clear()
+        self.batcher.out_of_blocks.clear()
         return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.scheduler.remove(seq)
+        self.batcher.remove(seq)
         self.sequences.pop(seq.request_id, None)
 
     # ---- observability -------------------------------------------------------------------
 
     def take_preempted(self) -> list[str]:
         """Request ids preempted since the last call (their KV on later stages is stale)."""
-        preempted, self.scheduler.preempted_ids = self.scheduler.preempted_ids, []
+        preempted, self.batcher.preempted_ids = self.batcher.preempted_ids, []
         return preempted
 
     @property
@@ -470,11 +478,11 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return len(self.batcher.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.batcher.waiting)
 
     @property
     def num_prefix_hit_tokens(self) -> int:

@@ -85,15 +85,5 @@ class Sequence:
     def num_blocks(self) -> int:
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
     def block_token_ids(self, index: int) -> list[int]:
         return self.token_ids[index * self.block_size : (index + 1) * self.block_size]
-
-    def slot(self, position: int) -> int:
-        """Cache slot of the token at an absolute position."""
-        return self.block_table[position // self.block_size] * self.block_size + (
-            position % self.block_size
-        )

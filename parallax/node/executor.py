@@ -11,9 +11,11 @@ The loop: drain incoming messages without blocking while the engine has work (bl
 timeout while idle), run one engine step, send that step's outputs as one batch. A failing request
 fails alone: `add_request` errors and step errors become error outputs for the requests involved.
 
-Pipelines (later): a stage adds its activation links as more sockets on the same poller;
-`ExecutorLoop.handle` dispatches their messages (`add_hidden` / `append_token`) like the ipc ones,
-and `_publish` sends hidden states to the next stage instead of tokens to the frontend.
+In a pipeline the executor also binds its stage's activation port (node/links.py
+`PipelineLinks`, one more socket on the same poller) and hands everything stage-related to a
+`StageRouter` (node/stage.py): the links' messages (`on_message`), each step's outputs
+(`after_step`: hidden states to the next stage, tokens back to the head) and lost peers
+(`check_peers`). `_publish` only ever talks to this node's frontend.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
 from parallax.node.link_crypto import CurveKeyPair
 from parallax.node.links import LinkLimits, PipelineLinks
-from parallax.node.stage import RouteRejected, StageRouter
+from parallax.node.stage import RouteRejected, StageRouter, error_output, token_output
 from parallax.node.tracing import StageTracer, step_delay_s
 from parallax.protocol.common import (
-    ENGINE_ERROR,
     INVALID_REQUEST,
     PEER_LOST,
     DownloadProgress,
@@ -258,16 +259,7 @@ class ExecutorLoop:
             self.last_step = (step_ms, len(set(ran)))
         if self.stage is not None:
             return self.stage.after_step(outputs)
-        return [self._whole_model_output(o) for o in outputs]
-
-    def _whole_model_output(self, o: StepOutput) -> TokenOutput:
-        """A token of a node that holds the whole model (its trace on the last one)."""
-        trace = self.tracer.trace_of(o.request_id) if o.finished else []
-        if o.finished:
-            self.tracer.forget(o.request_id)
-        return TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                           ENGINE_ERROR if o.finish_reason == "error" else None,
-                           logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
+        return [token_output(o, self.tracer) for o in outputs]  # the whole model is here
 
     def _fail_all(self, message: str) -> list[TokenOutput]:
         return self._fail_requests(list(self.engine.sequences), message)
@@ -290,8 +282,7 @@ class ExecutorLoop:
                                                      error=message) for rid in rids])
         if self.stage is not None:
             self.stage.abort(rids)  # frees the request on every later stage
-        return [TokenOutput(rid, finished=True, finish_reason="error", error=message,
-                            kind=ENGINE_ERROR) for rid in rids]
+        return [error_output(rid, message) for rid in rids]
 
     def _publish(self, outputs: list[TokenOutput]) -> None:
         e = self.engine

@@ -62,15 +62,6 @@ FINISH_REASONS = (None, "stop", "length", "abort", "error")
 MAX_DROP_LOGS_PER_S = 20
 
 
-@dataclass
-class Route:
-    """Where one request's data goes from this stage."""
-
-    next_endpoint: str | None  # None on the last stage
-    downstream_after_next: list[str]
-    head_endpoint: str
-
-
 @dataclass(frozen=True)
 class LinkLimits:
     """What a stage message may hold on this shard."""
@@ -129,7 +120,6 @@ class PipelineLinks:
         self._unreachable: set[str] = set()
         # why each endpoint disconnected_peers() last reported went down (FAILURE_KINDS)
         self.down_kinds: dict[str, str] = {}
-        self.routes: dict[str, Route] = {}
         self.aliases: dict[str, str] = {}  # endpoint -> local relay endpoint (P2P fallback)
         self._drop_window, self._drop_logged, self._drops_unlogged = 0.0, 0, 0
         self.num_activation_bytes_sent = 0  # hidden-state bytes handed to send_activations

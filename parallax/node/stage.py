@@ -31,12 +31,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import msgspec
 import torch
 
 from parallax.engine.engine import Engine, StepOutput
-from parallax.node.links import PeerUnreachable, PipelineLinks, Route
+from parallax.node.links import PeerUnreachable, PipelineLinks
 from parallax.node.tracing import STAGE_RECORD_LEN, StageTracer, now_ms
 from parallax.protocol.common import ENGINE_ERROR, PEER_LOST, TokenOutput, encode
 from parallax.protocol.ipc import AddRequest
@@ -62,11 +63,32 @@ class RouteRejected(ValueError):
     """The routing table names stages this node does not link to (the cluster changed)."""
 
 
+@dataclass
+class Route:
+    """Where one request's data goes from this stage."""
+
+    next_endpoint: str | None  # None on the last stage
+    downstream_after_next: list[str]
+    head_endpoint: str
+
+
 def error_output(rid: str, message: str, kind: str = ENGINE_ERROR,
                  peer: str | None = None) -> TokenOutput:
     """A failed request's last output; `kind` is one of protocol.FAILURE_KINDS."""
     return TokenOutput(rid, finished=True, finish_reason="error", error=message, kind=kind,
                        peer=peer)
+
+
+def token_output(o: StepOutput, tracer: StageTracer) -> TokenOutput:
+    """The one place an engine's StepOutput of a sampling stage becomes the TokenOutput its
+    frontend or head receives. A finished request carries its trace, then the tracer forgets
+    it."""
+    trace = tracer.trace_of(o.request_id) if o.finished else []
+    if o.finished:
+        tracer.forget(o.request_id)
+    return TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
+                         ENGINE_ERROR if o.finish_reason == "error" else None,
+                         logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
 
 
 class StageRouter:
@@ -77,11 +99,8 @@ class StageRouter:
         self.engine = engine
         self.links = links
         self.tracer = tracer or StageTracer(0, 0)
+        self.routes: dict[str, Route] = {}  # rid -> where its data goes from this stage
         self.prefix_deadlines: dict[str, float] = {}  # head: rid -> when its query expires
-
-    @property
-    def routes(self) -> dict[str, Route]:
-        return self.links.routes
 
     # ---- from the frontend (head only) -------------------------------------------------
 
@@ -232,15 +251,9 @@ class StageRouter:
             by_head: dict[str, list[TokenOutput]] = defaultdict(list)
             for o in outputs:
                 route = self.routes.get(o.request_id)
-                output = TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason,
-                                     o.error,
-                                     ENGINE_ERROR if o.finish_reason == "error" else None,
-                                     logprob=o.logprob, top_logprobs=o.top_logprobs or [],
-                                     trace=self.tracer.trace_of(o.request_id) if o.finished
-                                     else [])
+                output = token_output(o, self.tracer)
                 if o.finished:
                     self.routes.pop(o.request_id, None)
-                    self.tracer.forget(o.request_id)
                 if route is None or route.head_endpoint == self.links.own_endpoint:
                     for_frontend.append(output)
                 else:
@@ -284,7 +297,7 @@ class StageRouter:
         stage), so a lost message never leaves a request waiting."""
         now = time.monotonic()
         for rid, deadline in list(self.prefix_deadlines.items()):
-            if rid not in self.engine.sequences:
+            if not self.engine.has_request(rid):
                 del self.prefix_deadlines[rid]
             elif now >= deadline:
                 del self.prefix_deadlines[rid]
@@ -296,11 +309,9 @@ class StageRouter:
         entries = []
         for o, route in items:
             first = o.first
-            seq = self.engine.sequences.get(o.request_id)
             entries.append(ActivationEntry(
                 o.request_id, list(o.token_ids), o.start_position,
-                seq.sampling_params if first and seq is not None else None,
-                seq.num_prompt_tokens if first and seq is not None else 0,
+                o.sampling_params if first else None, o.num_prompt_tokens if first else 0,
                 route.downstream_after_next if first else [],
                 route.head_endpoint, o.due, self.tracer.trace_of(o.request_id),
                 reuses_prefix=first and o.start_position > 0))
