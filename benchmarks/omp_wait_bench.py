@@ -4,10 +4,11 @@
         [--new-tokens 48] [--busy 0 2]
 
 Each cell runs in its own child process (libgomp reads its wait policy once, when torch loads
-it): "spin" is libgomp's own default (GOMP_SPINCOUNT=300000), "passive" what `parallax` sets
-unless the user chose (OMP_WAIT_POLICY=PASSIVE). `--busy N` runs N processes that each keep a
+it): "spin" is libgomp's own default (GOMP_SPINCOUNT=300000), "short spin" GOMP_SPINCOUNT=10000,
+"passive" OMP_WAIT_POLICY=PASSIVE (threads sleep at once). `--busy N` runs N processes that each keep a
 core busy during the measurement, the way a browser or a game shares a home machine. Prints
-batch-1 and 8-concurrent decode tok/s per cell and passive / spin ratios, beside the CPU flags.
+batch-1 and 8-concurrent decode tok/s per cell and each policy's ratio to spin, beside the CPU
+flags.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "short spin": {"GOMP_SPINCOUNT": "10000"},
+            "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def decode_rates(path: str, new_tokens: int) -> dict[str, float]:
@@ -79,14 +81,17 @@ def main() -> None:
     from parallax.models.quant.native import flags_summary
 
     print(f"model {args.model}; {os.cpu_count()} CPUs; {flags_summary()}\n")
-    print("| busy processes | decode | spin tok/s | passive tok/s | passive / spin |")
-    print("|---|---|---|---|---|")
+    others = [policy for policy in POLICIES if policy != "spin"]
+    print("| busy processes | decode | " + " | ".join(f"{p} tok/s" for p in POLICIES) + " | "
+          + " | ".join(f"{p} / spin" for p in others) + " |")
+    print("|---" * (2 + len(POLICIES) + len(others)) + "|")
     for busy in args.busy:
         cells = {policy: run_cell(policy, busy, args) for policy in POLICIES}
         for key in cells["spin"]:
-            spin, passive = cells["spin"][key], cells["passive"][key]
-            print(f"| {busy} | {key} | {spin:.1f} | {passive:.1f} | {passive / spin:.2f}x |",
-                  flush=True)
+            rates = [cells[policy][key] for policy in POLICIES]
+            ratios = [cells[policy][key] / cells["spin"][key] for policy in others]
+            print(f"| {busy} | {key} | " + " | ".join(f"{r:.1f}" for r in rates) + " | "
+                  + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":
