@@ -42,6 +42,7 @@ def drain(engine: Engine, limit: int = 5000) -> dict[str, list[int]]:
     raise AssertionError("engine did not finish")
 
 
+@pytest.mark.slow
 def test_batch_of_eight_equals_each_alone(model):
     prompts = prompts_of_lengths([1, 3, 7, 16, 17, 33, 50, 90])
     together = greedy_tokens(model, prompts, max_tokens=12)
@@ -50,6 +51,7 @@ def test_batch_of_eight_equals_each_alone(model):
     assert all(len(t) == 12 for t in together)
 
 
+@pytest.mark.slow
 def test_request_added_mid_flight(model):
     prompts = prompts_of_lengths([5, 40, 12])
     alone = [greedy_tokens(model, [p], max_tokens=12)[0] for p in prompts]
@@ -67,6 +69,7 @@ def test_request_added_mid_flight(model):
     assert [out["0"], out["1"], out["2"]] == alone
 
 
+@pytest.mark.slow
 def test_chunked_prefill_keeps_decodes_running_and_same_tokens(model):
     short, long = prompts_of_lengths([4, 120])
     expected = [greedy_tokens(model, [p], max_tokens=12)[0] for p in (short, long)]
@@ -96,6 +99,7 @@ def test_all_blocks_free_after_finish_and_abort(model):
     assert engine.num_running == engine.num_waiting == 0
 
 
+@pytest.mark.slow
 def test_prefix_cache_hit_skips_shared_prefill_with_identical_tokens(model):
     shared = prompts_of_lengths([48], seed=7)[0]
     first, second = shared + [11, 12, 13], shared + [21, 22]
@@ -112,6 +116,7 @@ def test_prefix_cache_hit_skips_shared_prefill_with_identical_tokens(model):
     assert out["b"] == expected
 
 
+@pytest.mark.slow
 def test_preemption_when_blocks_run_out_still_completes(model):
     prompts = prompts_of_lengths([30, 30, 30, 30])
     expected = [greedy_tokens(model, [p], max_tokens=40)[0] for p in prompts]
@@ -179,6 +184,7 @@ def run_pipeline(model_path, prompts, boundaries, max_tokens=12, **config):
     return [out[str(i)] for i in range(len(prompts))], engines
 
 
+@pytest.mark.slow
 def test_pipeline_of_three_engines_equals_single_engine(model_path, model):
     prompts = prompts_of_lengths([3, 17, 40])
     expected = greedy_tokens(model, prompts, max_tokens=12)
@@ -188,6 +194,7 @@ def test_pipeline_of_three_engines_equals_single_engine(model_path, model):
         assert engine.num_free_blocks == engine.num_total_blocks
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible_and_filters(model):
     prompt = prompts_of_lengths([6])[0]
 
@@ -255,6 +262,7 @@ def test_bf16_engine_runs(model_path):
     assert [len(t) for t in tokens] == [6, 6]
 
 
+@pytest.mark.slow
 def test_pipeline_with_chunked_prefill_and_preemption_replay(model_path, model):
     """The head replays a preempted request (prompt + generated) in chunks: the last stage
     must sample only where the head says a token is due."""
@@ -334,6 +342,7 @@ def test_tiny_temperature_is_greedy_and_nan_params_are_refused():
             SamplingParams(**{name: float("nan")}).validate()
 
 
+@pytest.mark.slow
 def test_nan_logits_fail_one_request_not_its_batch(model):
     """A request whose hidden states turn NaN (here: a poisoned embedding row) fails alone; the
     requests sharing its steps get the same greedy tokens as without it."""
@@ -356,6 +365,7 @@ def test_nan_logits_fail_one_request_not_its_batch(model):
     assert engine.num_free_blocks == engine.num_total_blocks
 
 
+@pytest.mark.slow
 def test_a_lower_priority_value_is_admitted_first_and_equal_ones_in_arrival_order(model):
     """With the engine full, a priority -1 request that arrives after ten priority 0 ones
     starts before them; the ten keep their arrival order (and a later 0 goes behind them)."""

@@ -132,6 +132,7 @@ class Cluster:
         self.context.term()
 
 
+@pytest.mark.slow
 def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
     prompts = [[5, 6, 7], [9] * 20, list(range(1, 41))]
     expected = greedy_tokens(load_shard(model_path).model, prompts, max_tokens=10)
