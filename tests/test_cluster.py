@@ -63,8 +63,9 @@ class LocalCluster:
     # replay on failure is off here: the kill test below checks that a lost stage fails the
     # head's requests at once (test_failover_cluster.py checks that they are continued)
     max_replays = 0
-    # a dead node's in-flight requests fail on the broken link, well before its eviction: the
-    # gap between KILLED_STREAM_ENDS_WITHIN_S and this leaves a loaded machine headroom
+    # a dead node's in-flight requests fail on the broken link, well before a heartbeat
+    # timeout: the gap between KILLED_STREAM_ENDS_WITHIN_S and this leaves a loaded machine
+    # headroom
     heartbeat_timeout_s = 10
 
     def __init__(self, tmp_path, num_nodes: int, memory: str) -> None:
@@ -334,8 +335,7 @@ def test_killed_node_fails_in_flight_request_then_cluster_heals(cluster):
     tail_id = pipeline[-1]
     tail_port = next(p for p in cluster.node_ports if tail_id.endswith(f"-{p}"))
     ended_after = kill_node_mid_stream(cluster, tail_port)
-    # the broken link ended it, not the eviction: the dead node is still listed
-    assert tail_id in [n["node_id"] for n in cluster.status()["node_list"]]
+    # the broken link ended it, not a heartbeat timeout
     assert ended_after < KILLED_STREAM_ENDS_WITHIN_S < cluster.heartbeat_timeout_s
     # the scheduler evicts the silent node (heartbeat timeout), then reallocates
     deadline = time.monotonic() + 30

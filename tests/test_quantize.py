@@ -185,6 +185,7 @@ def held_bytes(model: torch.nn.Module) -> int:
                if t.dtype == torch.uint8 or isinstance(t, torch.nn.Parameter))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", list(QUANTIZE_TYPES))
 def test_sizing_counts_blocks_times_type_size(tiny, quantize):
     config = load_config(type("S", (), {"kind": "dir", "path": tiny})())

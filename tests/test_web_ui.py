@@ -19,6 +19,7 @@ from parallax.config import ChatConfig
 from parallax.web import mount_web_ui
 
 CHROMIUM = Path(os.environ.get("PARALLAX_CHROMIUM", "/usr/bin/chromium"))
+pytestmark = pytest.mark.slow  # a browser, and servers
 require(CHROMIUM.exists(), f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
 sync_api = require_module("playwright.sync_api", "browser tests need the playwright Python package")
 
