@@ -122,6 +122,7 @@ def test_next_turn_reuses_the_prefix_on_every_stage(model_path, whole):
         cluster.close()
 
 
+@pytest.mark.slow
 def test_the_head_recomputes_only_what_a_later_stage_lost(model_path, whole):
     """The middle stage's small cache loses part of turn 1's prefix to other requests (the
     head and the last stage keep it): turn 2 starts where the middle stage's prefix ends, and
@@ -150,6 +151,7 @@ def test_the_head_recomputes_only_what_a_later_stage_lost(model_path, whole):
         cluster.close()
 
 
+@pytest.mark.slow
 def test_eviction_while_a_turn_is_in_flight(model_path, whole):
     """Other requests fill the middle stage's cache while turn 2 runs (the blocks turn 2
     pinned stay its own), and again before turn 3, whose prefix the middle stage then lost in

@@ -216,6 +216,7 @@ def test_constrained_request_fails_alone_without_a_vocabulary(random_model):
     assert finished["free"] == ("length", None)
 
 
+@pytest.mark.slow
 def test_forced_tool_call_grammar_in_the_engine(random_model):
     _, tokenizer, model = random_model
     engine = make_engine(model, tokenizer)
