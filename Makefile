@@ -33,7 +33,7 @@ test: $(STAMP) $(BROWSER_STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks
 	$(PY) -m pytest -q --durations=15 tests
 
-# unit tests only (no processes, servers or real model): under a minute
+# unit tests only (no processes, servers or real model; tests marked slow are left out)
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests
