@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 BROWSER_STAMP := $(VENV)/.browser
 
-.PHONY: run test lint
+.PHONY: run test test-fast lint
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ $(BROWSER_STAMP):
 run: $(STAMP)
 	PARALLAX=$(VENV)/bin/parallax scripts/run-local-cluster.sh
 
+# the whole suite, then its 15 slowest tests (where the time goes)
 test: $(STAMP) $(BROWSER_STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+# unit tests only (no processes, servers or real model; tests marked slow are left out)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check parallax tests benchmarks
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks

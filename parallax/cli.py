@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from parallax import _calltrace as calltrace
 from parallax.config import (
     ACTIVATION_INT8_CHOICES,
     DTYPES,
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (`parallax ...`)."""
+    calltrace.install()  # test-only (PARALLAX_TRACE_CALLS); nothing when unset
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

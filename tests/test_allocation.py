@@ -287,6 +287,7 @@ def _best_score(nodes: list[NodeInfo], model: ModelSpec) -> Fraction:
     return best
 
 
+@pytest.mark.slow
 def test_pipeline_choice_close_to_exhaustive_optimum() -> None:
     rng = random.Random(11)
     optimal, worst = 0, Fraction(1)

@@ -16,6 +16,8 @@ from parallax.config import ChatConfig, ConfigError, GatewayConfig
 from parallax.gateway.server import build_gateway_app
 from parallax.serving.sse import DONE_MARKER, parse_sse_lines
 
+pytestmark = pytest.mark.slow  # servers: the chat proxy and gateway against a fake scheduler
+
 PASSWORD = "correct horse"
 
 

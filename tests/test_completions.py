@@ -266,6 +266,7 @@ def test_scheduler_non_streaming_completion(scheduler, heads):
     assert r.status_code == 400 and "'n'" in r.json()["message"]
 
 
+@pytest.mark.slow
 def test_chat_proxy_serves_both_new_endpoints(scheduler):
     """`parallax chat` proxies /v1/completions and /v1/responses to the scheduler."""
     config = ChatConfig(scheduler=scheduler.url.removeprefix("http://"), port=0)

@@ -45,6 +45,7 @@ def drain(engine: Engine, limit: int = 5000) -> dict[str, list[int]]:
     raise AssertionError("engine did not finish")
 
 
+@pytest.mark.slow
 def test_batch_of_eight_equals_each_alone(model):
     prompts = prompts_of_lengths([1, 3, 7, 16, 17, 33, 50, 90])
     together = greedy_tokens(model, prompts, max_tokens=12)
@@ -53,6 +54,7 @@ def test_batch_of_eight_equals_each_alone(model):
     assert all(len(t) == 12 for t in together)
 
 
+@pytest.mark.slow
 def test_request_added_mid_flight(model):
     prompts = prompts_of_lengths([5, 40, 12])
     alone = [greedy_tokens(model, [p], max_tokens=12)[0] for p in prompts]
@@ -70,6 +72,7 @@ def test_request_added_mid_flight(model):
     assert [out["0"], out["1"], out["2"]] == alone
 
 
+@pytest.mark.slow
 def test_chunked_prefill_keeps_decodes_running_and_same_tokens(model):
     short, long = prompts_of_lengths([4, 120])
     expected = [greedy_tokens(model, [p], max_tokens=12)[0] for p in (short, long)]
@@ -99,6 +102,7 @@ def test_all_blocks_free_after_finish_and_abort(model):
     assert engine.num_running == engine.num_waiting == 0
 
 
+@pytest.mark.slow
 def test_prefix_cache_hit_skips_shared_prefill_with_identical_tokens(model):
     shared = prompts_of_lengths([48], seed=7)[0]
     first, second = shared + [11, 12, 13], shared + [21, 22]
@@ -115,6 +119,7 @@ def test_prefix_cache_hit_skips_shared_prefill_with_identical_tokens(model):
     assert out["b"] == expected
 
 
+@pytest.mark.slow
 def test_preemption_when_blocks_run_out_still_completes(model):
     prompts = prompts_of_lengths([30, 30, 30, 30])
     expected = [greedy_tokens(model, [p], max_tokens=40)[0] for p in prompts]
@@ -137,6 +142,7 @@ def test_prompt_larger_than_cache_is_rejected_not_hung(model):
         engine.add_request("x", list(range(1, 100)), GREEDY)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible_and_filters(model):
     prompt = prompts_of_lengths([6])[0]
 
@@ -222,6 +228,7 @@ def test_bf16_engine_stays_within_bf16_rounding_of_fp32(model_path, model):
     assert agreed == clear_rows >= 10
 
 
+@pytest.mark.slow
 def test_pipeline_with_chunked_prefill_and_preemption_replay(model_path, model):
     """The head replays a preempted request (prompt + generated) in chunks: the last stage
     must sample only where the head says a token is due."""
@@ -303,6 +310,7 @@ def test_tiny_temperature_is_greedy_and_nan_params_are_refused():
             SamplingParams(**{name: float("nan")}).validate()
 
 
+@pytest.mark.slow
 def test_nan_logits_fail_one_request_not_its_batch(model):
     """A request whose hidden states turn NaN (here: a poisoned embedding row) fails alone; the
     requests sharing its steps get the same greedy tokens as without it."""
@@ -325,6 +333,7 @@ def test_nan_logits_fail_one_request_not_its_batch(model):
     assert engine.num_free_blocks == engine.num_total_blocks
 
 
+@pytest.mark.slow
 def test_a_lower_priority_value_is_admitted_first_and_equal_ones_in_arrival_order(model):
     """With the engine full, a priority -1 request that arrives after ten priority 0 ones
     starts before them; the ten keep their arrival order (and a later 0 goes behind them)."""

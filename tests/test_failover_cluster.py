@@ -34,6 +34,7 @@ PROMPTS = [f"Write a short poem about the number {i}." for i in range(NUM_STREAM
 
 class ReplayCluster(LocalCluster):
     max_replays = 3
+    heartbeat_timeout_s = 6  # a replay waits for the dead node's eviction: keep that short
 
     def scheduler_args(self) -> list[str]:
         return ["--replay-wait-s", "45"]

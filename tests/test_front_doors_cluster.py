@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import require, require_module
 from processes import die_with_pytest, free_port
 from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 
@@ -242,10 +243,10 @@ def test_chat_client_disconnect_frees_the_request_on_every_node(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="browser tests need the playwright Python package")
+    require(CHROMIUM.exists(),
+            f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = require_module("playwright.sync_api",
+                              "browser tests need the playwright Python package")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         try:

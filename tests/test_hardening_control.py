@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import require
 from fake_scheduler import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -473,7 +474,7 @@ def scheduler_namespace() -> Iterator[str]:
             f"vs{tag} && ip link set vs{tag} up'")
     except (subprocess.CalledProcessError, OSError) as exc:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        pytest.skip(f"cannot build a veth-linked network namespace here (needs root): {exc}")
+        require(False, f"cannot build a veth-linked network namespace here (needs root): {exc}")
     yield name
     subprocess.run(["ip", "link", "del", f"vh{tag}"], capture_output=True)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -23,6 +23,8 @@ from parallax.models.registry import family_for
 from tests.hub_server import COMMIT, FakeHub, write_llama_gguf
 from tests.test_gguf_packed import pipeline_greedy
 
+pytestmark = pytest.mark.slow  # a local hub HTTP server and model downloads
+
 LAYERS = 8
 VOCAB = 512
 CLIENTS = itertools.count()

@@ -124,6 +124,7 @@ def test_logprobs_follow_penalties_and_ignore_truncation() -> None:
     assert out[2].top[-1][1] > LOGPROB_FLOOR - 1 and all(lp >= LOGPROB_FLOOR for _, lp in out[2].top)
 
 
+@pytest.mark.slow
 def test_pipeline_head_receives_the_last_stage_logprobs(tiny):
     path, _ = tiny
     cluster = Cluster(path, [(0, 2), (2, 4)])

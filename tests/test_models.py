@@ -35,6 +35,7 @@ def test_prefill_logits_match_transformers(tiny):
     torch.testing.assert_close(ours, ref, atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_decode_with_kv_cache_matches_transformers_generate(tiny):
     _, path, hf_model = tiny
     shard = load_shard(path).model
@@ -46,6 +47,7 @@ def test_decode_with_kv_cache_matches_transformers_generate(tiny):
         assert tokens == ref[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_shards_chained_equal_full_model(tiny):
     _, path, _ = tiny
     full = load_shard(path).model

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +30,8 @@ def _namespace_prefix() -> list[str] | None:
 @pytest.mark.slow
 def test_p2p_suite_in_isolated_namespace(tmp_path):
     prefix = _namespace_prefix()
-    if prefix is None:
-        pytest.skip("network namespaces are unavailable here (needs root and unshare/ip); "
-                    "the P2P tests would reach the internet")
+    require(prefix is not None, "network namespaces are unavailable here (needs root and "
+            "unshare/ip); the P2P tests would reach the internet")
     env = {**os.environ, "PARALLAX_NETNS": "1", "PARALLAX_P2P_HOME": str(tmp_path / "keys")}
     command = f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider tests/p2p"
     result = subprocess.run([*prefix, "sh", "-c", command], cwd=ROOT, env=env,

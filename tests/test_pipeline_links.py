@@ -5,6 +5,7 @@ The links carry the pipeline's link key, as the scheduler hands it out (link_aut
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from parallax.protocol.ipc import AddRequest
 
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 KEY = bytes(range(32))
+SETTLE_TIMEOUT_S = 20.0  # loopback releases take milliseconds; this is a loaded CI machine's
 
 
 def keyed_links(context: zmq.Context, endpoints: list[str], engines: list[Engine],
@@ -86,10 +88,28 @@ class Cluster:
             time.sleep(0.001)
         return out
 
-    def settle(self, seconds: float = 0.5) -> None:
-        """Keep every live stage receiving and stepping for a while (releases in flight)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+    def run_until(self, condition: Callable[[], bool], what: str,
+                  timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """`run` in short slices until `condition()` holds; fail naming `what` after
+        `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {what} after {timeout} s")
+            self.run(until_s=0.02)
+
+    def holds(self, rid: str, indexes: list[int]) -> bool:
+        """Every stage of `indexes` holds request `rid`."""
+        return all(rid in self.engines[i].sequences for i in indexes)
+
+    def settle_until(self, condition: Callable[[], bool], what: str,
+                     timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Keep every live stage receiving and stepping (releases and acks in flight) until
+        `condition()` holds; fail naming `what` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {what} after {timeout} s")
             for index, (router, engine) in enumerate(zip(self.routers, self.engines,
                                                          strict=True)):
                 if not self.alive[index]:
@@ -100,6 +120,17 @@ class Cluster:
                     router.after_step(engine.step())
                 router.links.flush()  # messages to a peer still connecting
             time.sleep(0.005)
+
+    def settle_for(self, seconds: float) -> None:
+        """Drive every live stage for `seconds` (to show that something does NOT happen)."""
+        deadline = time.monotonic() + seconds
+        self.settle_until(lambda: time.monotonic() > deadline, "done", seconds + 1)
+
+    def all_freed(self, indexes: list[int] | None = None) -> bool:
+        """No stage (of `indexes`) holds a request or a KV block."""
+        engines = [self.engines[i] for i in indexes or range(len(self.engines))]
+        return all(not e.sequences and e.num_free_blocks == e.num_total_blocks
+                   for e in engines)
 
     def close(self) -> None:
         for index, link in enumerate(self.links):
@@ -124,6 +155,7 @@ def pipeline_greedy_tokens(model_path: str, ranges: list[tuple[int, int]],
     return tokens, cluster.engines
 
 
+@pytest.mark.slow
 def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
     prompts = [[5, 6, 7], [9] * 20, list(range(1, 41))]
     expected = greedy_tokens(load_shard(model_path).model, prompts, max_tokens=10)
@@ -135,10 +167,7 @@ def test_three_stage_pipeline_equals_single_engine_and_frees_blocks(model_path):
         tokens = [[o.token_id for o in out[str(i)]] for i in range(3)]
         assert tokens == expected
         assert all(out[str(i)][-1].finish_reason == "length" for i in range(3))
-        cluster.settle()  # let the releases travel
-        for engine in cluster.engines:
-            assert engine.num_free_blocks == engine.num_total_blocks
-            assert not engine.sequences
+        cluster.settle_until(cluster.all_freed, "every stage freed")  # releases travel
     finally:
         cluster.close()
 
@@ -155,18 +184,19 @@ def test_the_head_gets_every_stage_trace_record_in_order_and_none_is_left(model_
         assert final.finished
         records = split_records(final.trace)
         assert [(r["start_layer"], r["end_layer"]) for r in records] == ranges
-        # the head's 10 activation messages (the prompt's 4 tokens, then one per token) were
-        # acked by the next stage; the last ack may come after the last token
+        # the head's 10 activation messages (the prompt's 4 tokens, then one per token) are
+        # acked by the next stage in order; how many acks beat the last token depends on load
         engine = cluster.engines[0]
         row_bytes = engine.model.config.hidden_size * torch.empty(
             0, dtype=engine.config.dtype).element_size()
         hops = int(records[0]["hops"])
-        assert hops in (9, 10) and records[0]["hop_bytes"] == (4 + hops - 1) * row_bytes
-        assert records[1]["hops"] >= 8 and records[2]["hops"] >= 8  # tokens back to the head
-        assert all(r["hop_ms"] >= 0 for r in records)
-        cluster.settle()
-        for router in cluster.routers:  # every stage forgot the request and its sends
-            assert router.tracer.records == {} and router.tracer.unacked == {}
+        assert 1 <= hops <= 10 and records[0]["hop_bytes"] == (4 + hops - 1) * row_bytes
+        assert all(1 <= r["hops"] <= 10 and r["hop_ms"] >= 0 for r in records)
+        # every send of every stage is acked in the end, and every stage forgets the request
+        cluster.settle_until(lambda: all(not r.tracer.records and not r.tracer.unacked
+                                         for r in cluster.routers), "every record released")
+        # 10 activations from the head and from the middle, 10 tokens back from the tail
+        assert [len(r.tracer.link_samples) for r in cluster.routers] == [10, 10, 10]
     finally:
         cluster.close()
 
@@ -176,12 +206,9 @@ def test_abort_at_head_releases_every_stage(model_path):
     try:
         cluster.add("a", list(range(1, 30)),
                     SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
-        for _ in range(3):
-            cluster.run(until_s=0.05)
+        cluster.run_until(lambda: cluster.holds("a", [0, 1]), "decoding on every stage")
         cluster.routers[0].abort(["a"])
-        cluster.settle()
-        assert all(not e.sequences for e in cluster.engines)
-        assert all(e.num_free_blocks == e.num_total_blocks for e in cluster.engines)
+        cluster.settle_until(cluster.all_freed, "every stage freed")
     finally:
         cluster.close()
 
@@ -191,8 +218,7 @@ def test_dead_middle_stage_fails_requests_quickly(model_path):
     try:
         cluster.add("x", list(range(1, 12)),
                     SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
-        cluster.run(until_s=0.2)
-        assert "x" in cluster.engines[0].sequences  # still decoding when the stage dies
+        cluster.run_until(lambda: cluster.holds("x", [0, 1, 2]), "decoding on every stage")
         cluster.kill(1)
         started = time.monotonic()
         out = cluster.run(until_s=8.0)
@@ -200,9 +226,8 @@ def test_dead_middle_stage_fails_requests_quickly(model_path):
         assert "next stage" in out["x"][-1].error
         assert time.monotonic() - started < 5.0
         assert not cluster.engines[0].sequences
-        cluster.settle()  # the head's release reaches the tail past the dead middle
-        assert not cluster.engines[2].sequences
-        assert cluster.engines[2].num_free_blocks == cluster.engines[2].num_total_blocks
+        # the head's release reaches the tail past the dead middle
+        cluster.settle_until(lambda: cluster.all_freed([2]), "the tail freed")
     finally:
         cluster.close()
 
@@ -214,9 +239,9 @@ def test_dead_head_leaves_nothing_behind_once_the_pipeline_is_rebuilt(model_path
     try:
         cluster.add("h", list(range(1, 20)),
                     SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
-        cluster.run(until_s=0.2)
+        cluster.run_until(lambda: cluster.holds("h", [0, 1]), "decoding on every stage")
         cluster.kill(0)
-        cluster.settle(0.2)
+        cluster.settle_for(0.2)
         tail = cluster.engines[1]
         assert "h" in tail.sequences  # nothing tells the tail yet
         replacement = f"tcp://127.0.0.1:{free_port()}"

@@ -95,7 +95,7 @@ def test_next_turn_reuses_the_prefix_on_every_stage(model_path, whole):
         turn1 = random_ids(40, seed=1)
         answer1 = cluster.ask({"t1": (turn1, 8)})["t1"]
         assert answer1 == reference(whole, turn1, 8)
-        cluster.settle(0.2)
+        cluster.settle_until(cluster.all_freed, "every stage freed")
         turn2 = turn1 + answer1 + random_ids(20, seed=2)
         before = cluster.counters()
         answer2 = cluster.ask({"t2": (turn2, 6)})["t2"]
@@ -108,14 +108,12 @@ def test_next_turn_reuses_the_prefix_on_every_stage(model_path, whole):
         assert delta(after, before, "recomputed") == [0, 0, 0]
         # the head sent hidden states only past the prefix: prefill rest + 5 decode steps
         assert delta(after, before, "sent")[:2] == [(len(turn2) - hit + 5) * HIDDEN * 4] * 2
-        cluster.settle(0.2)
-        for engine in cluster.engines:
-            assert not engine.sequences
-            assert engine.num_free_blocks == engine.num_total_blocks
+        cluster.settle_until(cluster.all_freed, "every stage freed")
     finally:
         cluster.close()
 
 
+@pytest.mark.slow
 def test_the_head_recomputes_only_what_a_later_stage_lost(model_path, whole):
     """The middle stage's small cache loses part of turn 1's prefix to other requests (the
     head and the last stage keep it): turn 2 starts where the middle stage's prefix ends, and
@@ -124,11 +122,11 @@ def test_the_head_recomputes_only_what_a_later_stage_lost(model_path, whole):
     try:
         turn1 = random_ids(64, seed=3)
         answer1 = cluster.ask({"t1": (turn1, 8)})["t1"]
-        cluster.settle(0.2)
+        cluster.settle_until(cluster.all_freed, "every stage freed")
         fillers = {f"f{i}": (random_ids(60, seed=10 + i), 8) for i in range(2)}
         assert cluster.ask(fillers) == {rid: reference(whole, p, n)
                                         for rid, (p, n) in fillers.items()}
-        cluster.settle(0.2)
+        cluster.settle_until(cluster.all_freed, "every stage freed")
         turn2 = turn1 + answer1 + random_ids(12, seed=4)
         before = cluster.counters()
         answer2 = cluster.ask({"t2": (turn2, 6)})["t2"]
@@ -144,6 +142,7 @@ def test_the_head_recomputes_only_what_a_later_stage_lost(model_path, whole):
         cluster.close()
 
 
+@pytest.mark.slow
 def test_eviction_while_a_turn_is_in_flight(model_path, whole):
     """Other requests fill the middle stage's cache while turn 2 runs (the blocks turn 2
     pinned stay its own), and again before turn 3, whose prefix the middle stage then lost in
@@ -168,10 +167,7 @@ def test_eviction_while_a_turn_is_in_flight(model_path, whole):
         assert held[0] == held[1] == held[2] < head_hit
         assert delta(after, before, "recomputed")[0] == head_hit - held[0]
         assert delta(after, before, "prefill") == [len(turn3) - held[0]] * 3
-        cluster.settle(0.3)
-        for engine in cluster.engines:
-            assert not engine.sequences
-            assert engine.num_free_blocks == engine.num_total_blocks
+        cluster.settle_until(cluster.all_freed, "every stage freed")
     finally:
         cluster.close()
 

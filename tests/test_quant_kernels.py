@@ -256,6 +256,7 @@ def test_portable_build_keeps_fp32_activations(kernel_path):
     assert relative_error(layer(x), ref) < TORCH_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed")
 def test_vnni_variant_compiles_with_dpbusd(monkeypatch, tmp_path):
     """The AVX-512 VNNI build cannot run on an AVX2-only CPU, but it must compile and its int8
@@ -307,6 +308,7 @@ def test_set_activation_int8_switches_every_packed_linear(kernel_path):
     assert all(not p.endswith("-int8") for m in shard.values() for p in m.kernel_paths())
 
 
+@pytest.mark.slow
 def test_a_failed_build_falls_back_to_the_next_variant(monkeypatch, tmp_path):
     """The best variant for the CPU fails to compile: the next one it runs is used instead."""
     monkeypatch.setenv("PARALLAX_KERNEL_CACHE", str(tmp_path))

@@ -144,6 +144,7 @@ def float_logits(tiny):
 AGREEMENT = {"q8_0": (0.95, 1.0, 0.03), "q4_0": (0.60, 0.97, 0.35), "q4_k": (0.60, 0.97, 0.35)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", list(QUANTIZE_TYPES))
 def test_quantized_llama_tracks_the_float_model(tiny, float_logits, quantize):
     prompts, reference = float_logits
@@ -185,6 +186,7 @@ def held_bytes(model: torch.nn.Module) -> int:
                if t.dtype == torch.uint8 or isinstance(t, torch.nn.Parameter))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", list(QUANTIZE_TYPES))
 def test_sizing_counts_blocks_times_type_size(tiny, quantize):
     config = load_config(type("S", (), {"kind": "dir", "path": tiny})())

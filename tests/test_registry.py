@@ -65,7 +65,11 @@ def test_leave_reallocates_and_model_switch_clears():
     assert len(registry.allocation.pipelines) == 2
     assert registry.leave("c") and not registry.leave("c")
     assert len(registry.allocation.pipelines) == 1
-    assert all(registry.allocation.stage_of(n) is None or n != "c" for n in "abd")
+    assert "c" not in registry.nodes and registry.allocation.stage_of("c") is None
+    (pipeline,) = registry.allocation.pipelines  # the survivors still cover every layer
+    assert {s.node_id for s in pipeline} <= set("abd")
+    assert pipeline[0].start_layer == 0 and pipeline[-1].end_layer == 30
+    assert all(a.end_layer == b.start_layer for a, b in zip(pipeline[:-1], pipeline[1:], strict=True))
     registry.set_model(None)
     assert registry.allocation is None and registry.status() == "waiting"
 

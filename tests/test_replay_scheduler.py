@@ -293,6 +293,7 @@ def test_a_stalled_stream_is_cut_when_its_node_leaves(scheduler, heads):
     wait_until(lambda: body["rid"] in heads.cancelled, what="the stalled attempt hung up")
 
 
+@pytest.mark.slow
 def test_a_named_node_that_refuses_connections_is_evicted_at_once(scheduler, heads):
     """A failure names a stage whose HTTP port refuses connections (its process is gone): the
     scheduler evicts it now rather than after the heartbeat timeout, so the allocator can

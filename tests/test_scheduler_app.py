@@ -364,6 +364,13 @@ def test_requests_spread_over_two_pipelines(scheduler, nodes):
                what="slots given back")
 
 
+def all_busy_retries(s) -> float:
+    """The scheduler's count of routing waits for a pipeline with room (its /metrics)."""
+    prefix = 'parallax_scheduler_route_retries_total{reason="all_busy"}'
+    lines = [line for line in s.http.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
 def test_all_busy_waits_then_succeeds_when_room_frees(scheduler, nodes):
     s = scheduler(retry_attempts=400, retry_interval_s=0.05)  # 20 s budget: loaded CI
     s.bring_up({"a": WHOLE}, max_running=1)
@@ -372,7 +379,8 @@ def test_all_busy_waits_then_succeeds_when_room_frees(scheduler, nodes):
     second, second_out = in_thread(lambda: s.chat("hi"))
     wait_until(lambda: "parallax_scheduler_queue_depth 1.0" in s.http.get("/metrics").text,
                what="second request queued")
-    time.sleep(0.2)
+    # it looked for room again and again (retry_interval_s apart) and found none
+    wait_until(lambda: all_busy_retries(s) >= 3, what="three all-busy retries")
     assert len(nodes.received) == 1  # still waiting for room
     nodes.release.set()
     for thread, out in ((first, first_out), (second, second_out)):

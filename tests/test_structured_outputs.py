@@ -97,6 +97,7 @@ def test_apply_grammar_mask_touches_only_constrained_rows():
 # ---------------------------------------------------------------- the engine
 
 
+@pytest.mark.slow
 def test_json_object_and_schema_at_temperature_one(random_model):
     _, tokenizer, model = random_model
     engine = make_engine(model, tokenizer)
@@ -157,6 +158,7 @@ def test_replayed_request_resumes_in_the_grammar(random_model):
     check_schema(json.loads(answer_text(tokenizer, done + rest)), SCHEMA)
 
 
+@pytest.mark.slow
 def test_pipeline_last_stage_constrains_with_preemption(random_model):
     """Two stages; the head's KV is tiny, so requests are preempted and replayed downstream:
     the last stage rebuilds its matchers from the tokens it is sent. Prefix caching is off on the
@@ -214,6 +216,7 @@ def test_constrained_request_fails_alone_without_a_vocabulary(random_model):
     assert finished["free"] == ("length", None)
 
 
+@pytest.mark.slow
 def test_forced_tool_call_grammar_in_the_engine(random_model):
     _, tokenizer, model = random_model
     engine = make_engine(model, tokenizer)

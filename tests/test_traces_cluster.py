@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from conftest import require, require_module
 from test_cluster import START_TIMEOUT_S, LocalCluster, split_memory
 
 from parallax.node.tracing import STEP_DELAY_ENV
@@ -195,9 +196,8 @@ def test_parallax_status_in_a_terminal_shows_nodes_and_pipelines(cluster, traced
 
 def test_the_web_ui_marks_the_slow_node_in_its_pipeline_panel(cluster, traced):
     chromium = os.environ.get("PARALLAX_CHROMIUM", "/usr/bin/chromium")
-    if not os.path.exists(chromium):
-        pytest.skip(f"needs Chromium at {chromium}")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    require(os.path.exists(chromium), f"needs Chromium at {chromium}")
+    sync_api = require_module("playwright.sync_api", "needs the playwright Python package")
     from test_web_ui import LAUNCH_ARGS  # (Chromium exists: that module imports cleanly)
 
     with sync_api.sync_playwright() as p:

@@ -248,6 +248,7 @@ def test_the_status_view_reads_the_scheduler_or_says_why_not():
         fetch_status(client, "http://other:1")
 
 
+@pytest.mark.slow
 def test_parallax_status_exits_with_one_line_when_the_scheduler_is_unreachable():
     port = free_port()
     done = subprocess.run([sys.executable, "-m", "parallax.cli", "status", "-s",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require, require_module
 from fake_scheduler import XSS, FakeScheduler, serving
 
 from parallax.chat.server import build_chat_app
@@ -18,11 +19,9 @@ from parallax.config import ChatConfig
 from parallax.web import mount_web_ui
 
 CHROMIUM = Path(os.environ.get("PARALLAX_CHROMIUM", "/usr/bin/chromium"))
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="browser tests need the playwright Python package")
+pytestmark = pytest.mark.slow  # a browser, and servers
+require(CHROMIUM.exists(), f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)")
+sync_api = require_module("playwright.sync_api", "browser tests need the playwright Python package")
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

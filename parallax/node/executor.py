@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
+from parallax import _calltrace as calltrace
 from parallax.config import ExecutorConfig
 from parallax.engine.engine import StepFailed, StepOutput
 from parallax.node.link_auth import parse_key
@@ -473,6 +474,7 @@ def run_executor_process(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m parallax.node.executor` (started by the frontend, not by users)."""
+    calltrace.install()  # test-only (PARALLAX_TRACE_CALLS); nothing when unset
     parser = argparse.ArgumentParser(prog="parallax-executor")
     parser.add_argument("--config", required=True, help="ExecutorConfig as JSON")
     parser.add_argument("--input", required=True, help="address to PULL requests from")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require
 from processes import die_with_pytest
 from test_cluster import (  # noqa: F401 (reference_answers is a fixture)
     assert_greedy_answers,
@@ -46,7 +47,7 @@ def namespaces():
             sh(f"ip netns exec {name} sh -c 'ip link set lo up && "
                f"ip addr add {subnet}.2/24 dev vn{i} && ip link set vn{i} up'")
     except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot build veth-linked namespaces here: {exc}")
+        require(False, f"cannot build veth-linked namespaces here: {exc}")
     yield names
     for i, name in enumerate(names):
         subprocess.run(["ip", "link", "del", f"vs{i}"], capture_output=True)
