@@ -3,9 +3,11 @@
 import os
 
 # OpenMP (torch's and the packed-weight kernels') spins while it waits at the end of each
-# parallel region. On a machine with other work, a spinning thread holds a core the thread it
-# waits for needs, and every one of a step's ~200 regions then costs a scheduler slice: decode
-# on a loaded 2-core machine was measured 10-15x slower spinning than sleeping
-# (benchmarks/omp_wait_bench.py). Set before torch loads libgomp; a user's own setting wins.
+# parallel region: libgomp's default is 300 000 spins. On a machine with other work a spinning
+# thread holds the core the thread it waits for needs, and each of a step's ~200 regions then
+# costs a scheduler slice (decode 4-15x slower, benchmarks/omp_wait_bench.py). A short spin
+# costs nothing on a quiet machine and avoids most of that; OMP_WAIT_POLICY=PASSIVE (several
+# processes on one machine: tests, scripts/run-local-cluster.sh) avoids all of it but costs
+# ~18 % of batch-1 decode on a quiet one. Set before torch loads libgomp; a user's choice wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"

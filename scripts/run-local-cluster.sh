@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARALLAX=${PARALLAX:-.venv/bin/parallax}
+# Several processes share this machine's cores: OpenMP threads sleep at once while they wait
+# (parallax/__init__.py explains; benchmarks/omp_wait_bench.py measures).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 PYTHON=${PYTHON:-.venv/bin/python}
 SCHEDULER_PORT=${SCHEDULER_PORT:-3001}
 NODE_MEMORY=${NODE_MEMORY:-200MB}  # the packed built-in model needs ~320 MB on one node

@@ -6,7 +6,10 @@ import os
 import sys
 from types import ModuleType
 
-import parallax  # noqa: F401  (sets OpenMP's wait policy before torch loads libgomp)
+# Every test runs several processes on two cores: OpenMP threads sleep at once while they wait
+# (parallax/__init__.py explains), here and in the servers the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import parallax  # noqa: E402, F401  (before torch loads libgomp)
 
 # isort: split
 import pytest
