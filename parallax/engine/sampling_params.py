@@ -18,6 +18,13 @@ MIN_PRIORITY, MAX_PRIORITY = -20, 20  # as vLLM's API, lower first
 MAX_GRAMMAR_CHARS = 256 * 1024
 
 
+def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
+    """ValueError unless the prompt leaves room for at least one generated token."""
+    if num_prompt >= max_model_len:
+        raise ValueError(f"the prompt has {num_prompt} tokens; the model's context is "
+                         f"{max_model_len} tokens including the answer")
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """How to pick tokens for one request. Travels on the wire with a request's first chunk.
 

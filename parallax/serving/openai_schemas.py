@@ -10,6 +10,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 MAX_TOOLS = 128  # OpenAI's limit on 'tools'
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # OpenAI's, plus '.' and ':'
 TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
+CHAT_ID_PREFIX = "chatcmpl-"  # the `id` of a chat completion and of its chunks
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
 
@@ -532,6 +534,11 @@ def parse_json_body(raw: bytes) -> Any:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
+
+
+def new_chat_id() -> str:
+    """A fresh request id: `chatcmpl-` and 24 hex digits."""
+    return f"{CHAT_ID_PREFIX}{uuid.uuid4().hex[:24]}"
 
 
 def check_model_name(requested: str | None, served: str) -> str:
