@@ -17,12 +17,7 @@ from typing import Any
 
 import msgspec
 
-from parallax.engine.sampling_params import (
-    MAX_PRIORITY,
-    MAX_TOP_LOGPROBS,
-    MIN_PRIORITY,
-    SamplingParams,
-)
+from parallax.engine.sampling_params import SAMPLING_RANGES, SamplingParams
 from parallax.serving.errors import APIError
 from parallax.serving.structured import ResponseFormat, parse_response_format
 from parallax.serving.tool_grammar import check_tool_grammar
@@ -184,6 +179,14 @@ def _opt_float(body: dict[str, Any], name: str) -> float | None:
     if not math.isfinite(value):
         raise _bad(f"'{name}' must be a finite number, got {value!r}")
     return float(value)
+
+
+def _check_range(name: str, value: float | None, rule: str | None = None) -> float | None:
+    """`value` (None: not given) unless it lies outside SAMPLING_RANGES[rule or name]: 400."""
+    allowed = SAMPLING_RANGES[rule or name]
+    if value is not None and value not in allowed:
+        raise _bad(f"'{name}' must be {allowed}, got {value}")
+    return value
 
 
 def _parse_content(value: Any, where: str, role: str) -> str | None:
@@ -422,30 +425,19 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         ("max_tokens", max_tokens),
         ("max_completion_tokens", max_completion_tokens),
     ):
-        if value is not None and value <= 0:
-            raise _bad(f"'{name}' must be > 0, got {value}")
+        _check_range(name, value, "max_tokens")
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
 
-    temperature = _opt_float(body, "temperature")
-    if temperature is not None and temperature < 0:
-        raise _bad(f"'temperature' must be >= 0, got {temperature}")
-    top_p = _opt_float(body, "top_p")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise _bad(f"'top_p' must be in (0, 1], got {top_p}")
+    temperature = _check_range("temperature", _opt_float(body, "temperature"))
+    top_p = _check_range("top_p", _opt_float(body, "top_p"))
     top_k = _opt_int(body, "top_k")
     if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
         raise _bad(f"'top_k' must be -1 (disabled), 0 (disabled) or in [1, {MAX_TOP_K}], "
                    f"got {top_k}")
-    min_p = _opt_float(body, "min_p")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise _bad(f"'min_p' must be in [0, 1], got {min_p}")
-    penalties: dict[str, float | None] = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _opt_float(body, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise _bad(f"'{name}' must be in [-2, 2], got {value}")
-        penalties[name] = value
+    min_p = _check_range("min_p", _opt_float(body, "min_p"))
+    penalties = {name: _check_range(name, _opt_float(body, name))
+                 for name in ("presence_penalty", "frequency_penalty")}
     seed = _opt_int(body, "seed")
     if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
         raise _bad(f"'seed' must fit in 64 bits, got {seed}")
@@ -455,15 +447,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
     logprobs = _opt_bool(body, "logprobs")
     priority = _opt_int(body, "priority")
-    if priority is not None and not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise _bad(f"'priority' must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}] (lower "
-                   f"runs first), got {priority}")
-    top_logprobs = _opt_int(body, "top_logprobs")
-    if top_logprobs is not None:
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise _bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
-        if top_logprobs and not logprobs:
-            raise _bad("'top_logprobs' needs 'logprobs' to be true")
+    if priority is not None and priority not in SAMPLING_RANGES["priority"]:
+        raise _bad(f"'priority' must be an integer {SAMPLING_RANGES['priority']} (lower runs "
+                   f"first), got {priority}")
+    top_logprobs = _check_range("top_logprobs", _opt_int(body, "top_logprobs"))
+    if top_logprobs and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs' to be true")
 
     stream_options = body.get("stream_options")
     include_usage = False
