@@ -1,12 +1,12 @@
-"""`parallax gateway`: the mobile backend (the seed's `server.py`).
+"""`parallax gateway`: the backend of a phone app, in front of the scheduler.
 
 Every request must carry `Authorization: Bearer <password>` (compared in constant time; checked
 before routing, so unknown paths answer 401 too). A client that sends wrong passwords too often
-is answered 429 for a while (`parallax/gateway/backoff.py`). Toward the scheduler the gateway sends its own
-API key, if it has one: the phone only knows the gateway password.
+is answered 429 for a while (parallax/gateway/backoff.py). Toward the scheduler the gateway
+sends its own API key, if it has one: the phone only knows the gateway password.
 
-- `POST /chat {"prompt"} | {"messages"}` → `{"response", "reasoning"?, "metrics"}`; the scheduler
-  is always asked for a stream, so the time to first token is real.
+- `POST /chat {"prompt"} | {"messages"}` → `{"response", "finish_reason", "reasoning"?,
+  "metrics"}`; the scheduler is always asked for a stream, so the time to first token is real.
 - `POST /chat/stream` → the scheduler's OpenAI chunks as they arrive, `[DONE]` at the end.
 - `GET /cluster/status` → `{"status", "nodes", "model"}`.
 """

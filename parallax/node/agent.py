@@ -71,7 +71,6 @@ class NodeAgent:
         self._apply_task: asyncio.Task | None = None
         self._latest_assignment: P.Assignment | None = None
         self.links = links  # P2P mode: p2p.relay.RelayedLinks, which peers need a relay
-        self._tokenizers: dict[str, object] = {}
         # set when the scheduler should hear from this node before the next interval: it
         # became ready, or took a new link key (the cluster waits on both to route again)
         self._beat_now = asyncio.Event()

@@ -428,7 +428,8 @@ def build_app(state: SchedulerState) -> FastAPI:
         body = raw if to_chat is None else to_chat(raw)
         req = parse(body)  # 400 on a malformed request, before routing
         state.check_model(req.model)
-        payload = {k: v for k, v in body.items() if k not in ("model", "rid", "routing_table")}
+        # the head gets what was validated here, normalized (it parses and checks it again)
+        payload = req.to_body()
         # always our own id: a client-chosen one could collide with (and abort) another's
         rid = new_chat_id()
         try:

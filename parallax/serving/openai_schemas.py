@@ -34,7 +34,6 @@ MAX_TOP_K = 2**31 - 1  # larger than any vocabulary; keeps the value inside the 
 # Anything else, above all `chat_template` (caller-written Jinja run on the node), is refused.
 ALLOWED_TEMPLATE_KWARGS: tuple[str, ...] = ("enable_thinking", "thinking", "reasoning_effort")
 MAX_TEMPLATE_KWARG_CHARS = 64
-FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 MAX_TOOLS = 128  # OpenAI's limit on 'tools'
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # OpenAI's, plus '.' and ':'
 TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
@@ -59,6 +58,10 @@ class ChatMessage:
         if out.get("tool_calls"):  # templates index the arguments: an object, as HF documents
             out["tool_calls"] = [_template_call(c) for c in out["tool_calls"]]
         return out
+
+    def to_body(self) -> dict[str, Any]:
+        """The message as the API takes it (text parts already joined)."""
+        return {"role": self.role, "content": self.content, **self.extra}
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +128,46 @@ class ChatCompletionRequest:
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as dicts for `tokenizer.apply_chat_template`."""
         return [m.to_template_dict() for m in self.messages]
+
+    def to_body(self) -> dict[str, Any]:
+        """The validated request as a normalized body: what the scheduler forwards to a head
+        node, which parses it again (it trusts no sender). `parse_chat_request` of it gives this
+        request back, less `model`, `rid` and `routing_table` (the scheduler's to set)."""
+        body: dict[str, Any] = {"messages": [m.to_body() for m in self.messages],
+                                **self._generation_body()}
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = dict(self.chat_template_kwargs)
+        if self.tools:
+            body["tools"] = self.tools
+        body["tool_choice"] = self.tool_choice if self.tool_choice != "function" else {
+            "type": "function", "function": {"name": self.tool_choice_name}}
+        body["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.logprobs:
+            body["logprobs"] = True
+        if self.top_logprobs:
+            body["top_logprobs"] = self.top_logprobs
+        return body
+
+    def _generation_body(self) -> dict[str, Any]:
+        """The fields chat and text completions share, as a body holds them."""
+        optional = {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                    "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                    "seed": self.seed, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty}
+        body: dict[str, Any] = {"stream": self.stream,
+                                **{k: v for k, v in optional.items() if v is not None}}
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.priority:
+            body["priority"] = self.priority
+        response_format = self.response_format.to_body()
+        if response_format is not None:
+            body["response_format"] = response_format
+        return body
 
 
 # ---------------------------------------------------------------- field checks
