@@ -1,6 +1,11 @@
 """`parallax` command line: one subcommand per role; each builds a frozen config and runs it.
 
-Available now: `serve` (the whole model on this machine behind the OpenAI API).
+- `serve`: the whole model on this machine behind the OpenAI API.
+- `run`: the scheduler (node registry, layer allocation, routing, the cluster's OpenAI API).
+- `join`: a node that serves the layers the scheduler assigns to it.
+- `chat`: the web UI on another machine, proxying its API calls to the scheduler.
+- `gateway`: the password-protected backend of a phone app, in front of the scheduler.
+- `status`: the cluster status in the terminal.
 """
 
 from __future__ import annotations

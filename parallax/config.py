@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from parallax.p2p.peer import MULTIADDR_RE, is_p2p_target
 from parallax.serving.tls import NO_TLS, TLSConfig
@@ -65,6 +66,20 @@ def check_activation_int8(value: str) -> None:
                           f"got {value!r}")
 
 
+def _check_port(name: str, port: int | None, low: int = 0) -> None:
+    """A TCP port in low..65535 (None: not given)."""
+    if port is not None and (not isinstance(port, int) or not low <= port <= 65535):
+        raise ConfigError(f"{name} must be in {low}..65535, got {port!r}")
+
+
+def _check_listen(host: str, port: int, allowed_hosts: tuple[str, ...]) -> None:
+    """Where a server listens: its port, a host, and the Host names it answers."""
+    _check_port("port", port)
+    if not host:
+        raise ConfigError("host must not be empty")
+    _check_allowed_hosts(allowed_hosts)
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -113,6 +128,22 @@ class ExecutorConfig:
             _check_positive(name, getattr(self, name))
 
 
+def node_executor_config(config: ServeConfig | JoinConfig, **layers: Any) -> ExecutorConfig:
+    """The executor settings a node's own settings give (device, dtype, batching, threads...),
+    plus `layers`: what it serves (model, layer range, quantize, KV budget, activation socket)."""
+    return ExecutorConfig(
+        device=config.device,
+        dtype=resolve_dtype(config.dtype, config.device),
+        max_batch_size=config.max_batch_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        threads=config.threads,
+        warmup=config.warmup,
+        activation_int8=config.activation_int8,
+        enable_prefix_caching=config.enable_prefix_caching,
+        **layers,
+    )
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """`parallax serve`: one node holding the whole model, with the OpenAI API in front."""
@@ -139,11 +170,7 @@ class ServeConfig:
     executor: ExecutorConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
-        if not self.host:
-            raise ConfigError("host must not be empty")
-        _check_allowed_hosts(self.allowed_hosts)
+        _check_listen(self.host, self.port, self.allowed_hosts)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_body_bytes",):
@@ -152,20 +179,9 @@ class ServeConfig:
             raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting!r}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
-        executor = ExecutorConfig(
-            model=self.model,
-            device=self.device,
-            dtype=resolve_dtype(self.dtype, self.device),
-            quantize=self.quantize,
-            kv_memory_bytes=self.kv_memory_bytes,
-            max_batch_size=self.max_batch_size,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            threads=self.threads,
-            warmup=self.warmup,
-            activation_int8=self.activation_int8,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )
+        executor = node_executor_config(self, model=self.model, quantize=self.quantize,
+                                        kv_memory_bytes=self.kv_memory_bytes,
+                                        max_model_len=self.max_model_len)
         object.__setattr__(self, "executor", executor)
 
     @property
@@ -211,12 +227,8 @@ class SchedulerConfig:
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
-        if not self.host:
-            raise ConfigError("host must not be empty")
+        _check_listen(self.host, self.port, self.allowed_hosts)
         _check_p2p(self.p2p_port, self.relays)
-        _check_allowed_hosts(self.allowed_hosts)
         if self.p2p and self.tls.enabled:  # its P2P bridge talks plain HTTP to this server
             raise ConfigError("--p2p and the --tls-* options do not go together yet: P2P mode "
                               "is encrypted by libp2p; use one or the other")
@@ -284,8 +296,7 @@ class JoinConfig:
     probe_interval_s: float = 30.0  # peers' RTT and bandwidth are re-measured this often
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        _check_port("port", self.port)
         if not 0 < self.probe_interval_s < float("inf"):
             raise ConfigError(f"probe_interval_s must be a finite number > 0, got "
                               f"{self.probe_interval_s!r}")
@@ -293,8 +304,7 @@ class JoinConfig:
         _check_allowed_hosts(self.allowed_hosts)
         if self.join_token is not None and not self.join_token.strip():
             raise ConfigError("join_token must not be empty when given")
-        if self.activation_port is not None and not 0 < self.activation_port <= 65535:
-            raise ConfigError(f"activation port must be in 1..65535, got {self.activation_port}")
+        _check_port("activation port", self.activation_port, low=1)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_activation_int8(self.activation_int8)
@@ -325,9 +335,7 @@ _SCHEDULER_ADDRESS = re.compile(r"^(https?://)?[\w.\-\[\]:]+:\d+/?$")
 
 
 def _check_p2p(port: int | None, relays: tuple[str, ...], allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if port is not None and (not isinstance(port, int) or not low <= port <= 65535):
-        raise ConfigError(f"--p2p-port must be in {low}..65535, got {port!r}")
+    _check_port("--p2p-port", port, low=0 if allow_zero else 1)
     for relay in relays:
         if not MULTIADDR_RE.match(relay):
             raise ConfigError(f"--relay must be a multiaddr ending in /p2p/<peer id>, got {relay!r}")
@@ -344,11 +352,7 @@ def _check_allowed_hosts(hosts: tuple[str, ...]) -> None:
 
 
 def _check_proxy_common(cfg: ChatConfig | GatewayConfig) -> None:
-    if not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"port must be in 0..65535, got {cfg.port!r}")
-    if not cfg.host:
-        raise ConfigError("host must not be empty")
-    _check_allowed_hosts(cfg.allowed_hosts)
+    _check_listen(cfg.host, cfg.port, cfg.allowed_hosts)
     _check_positive("max_body_bytes", cfg.max_body_bytes, allow_none=False)
     if not _SCHEDULER_ADDRESS.match(cfg.scheduler or "") and not (
             isinstance(cfg, ChatConfig) and is_p2p_target(cfg.scheduler)):

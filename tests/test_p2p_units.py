@@ -275,3 +275,26 @@ def test_the_scheduler_relay_forwards_only_to_joined_peers_and_never_waits_long(
     first.join(5)
     assert relay.on_forward(_relayed(PEER, _sealed(release))) == b"ok"
     assert lattica.calls == [(PEER, relay_module.PUSH_METHOD)] * 2
+
+
+def test_the_p2p_join_command_dials_the_peer_or_goes_through_the_relays():
+    from parallax.p2p.roles import P2PPeer
+    from parallax.scheduler.status import p2p_join_command
+
+    class Lattica:  # what the command reads of a running peer
+        visible = ["/ip4/10.0.0.5/tcp/3003"]
+
+        def peer_id(self) -> str:
+            return PEER
+
+        def get_visible_maddrs(self) -> list[str]:
+            return self.visible
+
+    peer = P2PPeer(Lattica())
+    assert p2p_join_command(peer, "192.168.1.2", 3003, ()) == f"parallax join -s {MADDR}"
+    peer.peer.visible = []  # nothing dialable seen yet: the host it was told
+    assert p2p_join_command(peer, "192.168.1.2", 3003, ()) == \
+        f"parallax join -s /ip4/192.168.1.2/tcp/3003/p2p/{PEER}"
+    relay = "/dns4/relay.example/tcp/4001/p2p/" + PEER
+    assert p2p_join_command(peer, "h", 3003, (relay, relay)) == \
+        f"parallax join -s {PEER} --relay {relay} --relay {relay}"

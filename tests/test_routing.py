@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from parallax.config import ConfigError, SchedulerConfig
 from parallax.scheduler.allocation import Stage
-from parallax.scheduler.routing import NodeLoad, RetryPolicy, pipeline_cost_ms, route
+from parallax.scheduler.routing import NodeLoad, pipeline_cost_ms, route
 
 
 def two_stage(a: str, b: str, split: int = 16, total: int = 32) -> tuple[Stage, ...]:
@@ -125,11 +126,12 @@ def test_unknown_latency_uses_the_cluster_mean() -> None:
     assert route(PIPELINES[:2], loads).pipeline_index == 1
 
 
-def test_retry_policy_defaults_follow_the_contract() -> None:
-    policy = RetryPolicy()
-    assert (policy.attempts, policy.interval_s) == (20, 5.0)
-    with pytest.raises(ValueError):
-        RetryPolicy(attempts=-1)
+def test_retry_defaults_follow_the_contract() -> None:
+    # all pipelines busy: retried 20 times, 5 s apart (SchedulerConfig is the one home)
+    config = SchedulerConfig()
+    assert (config.retry_attempts, config.retry_interval_s) == (20, 5.0)
+    with pytest.raises(ConfigError, match="retry_attempts"):
+        SchedulerConfig(retry_attempts=-1)
 
 
 # ---------------------------------------------------------------- cache-aware routing (issue 15)

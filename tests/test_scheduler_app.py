@@ -690,3 +690,16 @@ def test_heartbeats_carry_link_measurements_validated(scheduler, nodes):
     assert not any(k[0] == "c" for k in network.reports)
     s.leave("b")
     assert not any("b" in k for k in network.reports)
+
+
+def test_the_head_gets_the_validated_request_normalized(scheduler, nodes):
+    s = scheduler()
+    s.bring_up({"a": WHOLE})
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
+    response = s.chat(stream=False, messages=[{"role": "user", "content": parts}],
+                      max_completion_tokens=7, stop="x", user="someone", metadata={"k": "v"})
+    assert response.status_code == 200
+    body = nodes.received[-1][1]
+    assert body["messages"] == [{"role": "user", "content": "hi\nthere"}]
+    assert body["max_tokens"] == 7 and body["stop"] == ["x"] and body["stream"] is True
+    assert not {"user", "metadata", "max_completion_tokens", "model"} & body.keys()

@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request, Response
 from parallax.config import ChatConfig
 from parallax.p2p.peer import is_p2p_target
 from parallax.serving.errors import install_error_handlers
-from parallax.serving.proxy import forward, make_client, scheduler_url, serve_app
+from parallax.serving.proxy import forward, make_client, scheduler_url
+from parallax.serving.runner import serve_app
 from parallax.serving.security import install_security
 from parallax.web import mount_web_ui
 

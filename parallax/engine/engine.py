@@ -30,7 +30,7 @@ from parallax.engine.block_manager import (
 from parallax.engine.grammar import GrammarMask, GrammarMasker
 from parallax.engine.model_runner import ModelRunner, kv_bytes_per_token, layer_windows
 from parallax.engine.sampler import RowFailure, apply_grammar_mask, sample, token_logprobs
-from parallax.engine.sampling_params import SamplingParams
+from parallax.engine.sampling_params import SamplingParams, check_prompt_length
 from parallax.engine.sequence import PendingInput, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -213,11 +213,7 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens; the model's context is "
-                f"{self.max_model_len} tokens including the answer"
-            )
+        check_prompt_length(len(prompt), self.max_model_len)
         needed = -(-(len(prompt) + 1) // self.config.block_size)
         if self.has_full_attention and needed > self.block_manager.num_blocks:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import msgspec
 
@@ -16,6 +17,46 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on `top_logprobs`
 MIN_PRIORITY, MAX_PRIORITY = -20, 20  # as vLLM's API, lower first
 # a grammar rides every stage message header of its request's first chunk (1 MiB of slack)
 MAX_GRAMMAR_CHARS = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting may take: [low, high], open at `low` when `low_open`. `str()` says
+    it as an error message does (">= 0", "in (0, 1]")."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# the one home of the sampling fields' ranges: the API's request parser
+# (serving/openai_schemas.py) and `SamplingParams.validate` both check these
+SAMPLING_RANGES: dict[str, Range] = {
+    "temperature": Range(0),
+    "top_p": Range(0, 1, low_open=True),
+    "min_p": Range(0, 1),
+    "max_tokens": Range(0, low_open=True),
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+    "top_logprobs": Range(0, MAX_TOP_LOGPROBS),
+    "priority": Range(MIN_PRIORITY, MAX_PRIORITY),
+}
+
+
+def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
+    """ValueError unless the prompt leaves room for at least one generated token."""
+    if num_prompt >= max_model_len:
+        raise ValueError(f"the prompt has {num_prompt} tokens; the model's context is "
+                         f"{max_model_len} tokens including the answer")
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -49,29 +90,14 @@ class SamplingParams(msgspec.Struct, frozen=True):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
-                             f"{self.top_logprobs}")
+        for name, allowed in SAMPLING_RANGES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         if self.grammar is not None and not 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS:
             raise ValueError(f"the grammar must have 1 to {MAX_GRAMMAR_CHARS} characters, got "
                              f"{len(self.grammar)}; use a smaller JSON schema")
-        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
-            raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got "
-                             f"{self.priority}")
 
     @property
     def is_greedy(self) -> bool:

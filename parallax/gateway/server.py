@@ -1,12 +1,12 @@
-"""`parallax gateway`: the mobile backend (the seed's `server.py`).
+"""`parallax gateway`: the backend of a phone app, in front of the scheduler.
 
 Every request must carry `Authorization: Bearer <password>` (compared in constant time; checked
 before routing, so unknown paths answer 401 too). A client that sends wrong passwords too often
-is answered 429 for a while (`parallax/gateway/backoff.py`). Toward the scheduler the gateway sends its own
-API key, if it has one: the phone only knows the gateway password.
+is answered 429 for a while (parallax/gateway/backoff.py). Toward the scheduler the gateway
+sends its own API key, if it has one: the phone only knows the gateway password.
 
-- `POST /chat {"prompt"} | {"messages"}` → `{"response", "reasoning"?, "metrics"}`; the scheduler
-  is always asked for a stream, so the time to first token is real.
+- `POST /chat {"prompt"} | {"messages"}` → `{"response", "finish_reason", "reasoning"?,
+  "metrics"}`; the scheduler is always asked for a stream, so the time to first token is real.
 - `POST /chat/stream` → the scheduler's OpenAI chunks as they arrive, `[DONE]` at the end.
 - `GET /cluster/status` → `{"status", "nodes", "model"}`.
 """
@@ -28,16 +28,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from parallax.config import GatewayConfig
 from parallax.gateway.backoff import AuthFailureLimiter, client_key, insecure_bind_warning
+from parallax.serving import sse
 from parallax.serving.errors import APIError, error_body, install_error_handlers
 from parallax.serving.openai_schemas import parse_json_body
 from parallax.serving.proxy import (
     make_client,
     open_upstream,
     scheduler_url,
-    serve_app,
     stream_body,
     unreachable,
 )
+from parallax.serving.runner import serve_app
 from parallax.serving.security import (
     bearer_token,
     has_bearer,
@@ -47,7 +48,6 @@ from parallax.serving.security import (
 )
 from parallax.serving.sse import DONE_MARKER, aparse_sse_lines
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ROUND = 2
 
 
@@ -188,7 +188,7 @@ def build_gateway_app(config: GatewayConfig,
     `clock` times the backoff window: tests pass their own)."""
     assert config.password  # GatewayConfig refuses to exist without one
     relayed = dict(mark_relayed((), "gateway"))  # never the scheduler machine's operator
-    upstream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+    upstream_headers = {"Content-Type": "application/json", "Accept": sse.MEDIA_TYPE,
                         **relayed}
     if config.api_key:
         upstream_headers["Authorization"] = f"Bearer {config.api_key}"
@@ -222,8 +222,8 @@ def build_gateway_app(config: GatewayConfig,
     @app.post("/chat/stream")
     async def chat_stream(request: Request) -> Response:
         upstream = await open_chat(request)
-        return StreamingResponse(stream_body(upstream, sse=True), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+        return StreamingResponse(stream_body(upstream, sse=True), media_type=sse.MEDIA_TYPE,
+                                 headers=sse.HEADERS)
 
     @app.get("/cluster/status")
     async def cluster_status() -> dict[str, Any]:

@@ -54,17 +54,6 @@ def load_config(source: ModelSource):
         raise ValueError(f"cannot read config.json of {source.path}: {exc}") from exc
 
 
-def num_layers_of(model: str | None) -> int:
-    """Layer count of a model without loading weights (repo ids need the hub or its cache)."""
-    source = header_source(resolve(model))
-    if source.kind == "repo":
-        from huggingface_hub import hf_hub_download
-
-        source = ModelSource(source.name, "dir", hf_hub_download(source.repo_id, "config.json")
-                             .rsplit("/", 1)[0], source.repo_id)
-    return int(load_config(source).num_hidden_layers)
-
-
 def load_shard(
     model: str | None,
     start_layer: int = 0,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import msgspec
 
-from parallax.config import ExecutorConfig, JoinConfig
+from parallax.config import ExecutorConfig, JoinConfig, node_executor_config
 from parallax.node.executor_client import ExecutorClient, NotReadyError
 from parallax.node.http_server import NodeHttpServer
 from parallax.node.probe import PROBE_TIMEOUT_S, LinkHistory, measure_peers
@@ -81,7 +81,6 @@ class NodeAgent:
         self._apply_task: asyncio.Task | None = None
         self._latest_assignment: Assignment | None = None
         self.links = links  # P2P mode: p2p.relay.RelayedLinks, which peers need a relay
-        self._tokenizers: dict[str, object] = {}
         # set when the scheduler should hear from this node before the next interval: it
         # became ready, or took a new link key (the cluster waits on both to route again)
         self._beat_now = asyncio.Event()
@@ -285,18 +284,12 @@ class NodeAgent:
                 assignment.end_layer, 2 if dtype in ("bfloat16", "float16") else 4,
                 assignment.quantize)
             kv_bytes = max(32 * 2**20, int(self.config.memory_bytes * 0.9) - weights)
-        return ExecutorConfig(
-            model=assignment.model, start_layer=assignment.start_layer,
-            end_layer=assignment.end_layer, device=self.config.device, dtype=dtype,
-            quantize=assignment.quantize,
-            kv_memory_bytes=kv_bytes, max_batch_size=self.config.max_batch_size,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            threads=self.config.threads, warmup=self.config.warmup,
-            activation_int8=self.config.activation_int8,
-            activation_bind=self.activation_bind,
+        return node_executor_config(
+            self.config, model=assignment.model, start_layer=assignment.start_layer,
+            end_layer=assignment.end_layer, quantize=assignment.quantize,
+            kv_memory_bytes=kv_bytes, activation_bind=self.activation_bind,
             activation_endpoint=self.join_message.activation_endpoint,
             link_encryption=self.config.tls.serves_tls,  # CURVE with TLS (link_crypto.py)
-            enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
     async def _announce_ready(self, assignment: Assignment) -> None:

@@ -19,7 +19,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.config import ServeConfig
-from parallax.engine.sampling_params import SamplingParams
+from parallax.engine.sampling_params import SamplingParams, check_prompt_length
 from parallax.node.executor_client import ExecutorClient, ExecutorLost, NotReadyError
 from parallax.node.probe import PROBE_BODY
 from parallax.node.tracing import trace_summary
 from parallax.protocol.common import ENGINE_ERROR
 from parallax.protocol.control import RoutingEntry
+from parallax.serving import sse
 from parallax.serving.adapters import OutputAdapter, adapt_response
 from parallax.serving.completions import (
     TextCompletionRequest,
@@ -58,6 +58,7 @@ from parallax.serving.openai_schemas import (
     completion,
     logprobs_entry,
     models_list,
+    new_chat_id,
     parse_chat_request,
     parse_json_body,
     to_sampling_params,
@@ -308,9 +309,10 @@ class NodeHttpServer:
                          thinking: str = "none") -> SamplingParams:
         info = self.client.info
         assert info is not None
-        if num_prompt >= info.max_model_len:
-            raise APIError(400, f"the prompt has {num_prompt} tokens; the model's context is "
-                                f"{info.max_model_len} tokens including the answer")
+        try:
+            check_prompt_length(num_prompt, info.max_model_len)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
         capacity = info.num_total_blocks * info.block_size
         if num_prompt + 1 > capacity:
             raise APIError(400, f"the prompt has {num_prompt} tokens but this node's KV cache "
@@ -411,7 +413,7 @@ class NodeHttpServer:
         """
         internal = internal or InternalRequest()
         resume = list(internal.resume_token_ids)
-        rid = req.rid or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = req.rid or new_chat_id()
         self._check_admission(rid, self._num_rendering)
         self._num_rendering += 1
         try:
@@ -757,9 +759,8 @@ def build_app(frontend: NodeHttpServer) -> FastAPI:
             raise
         frontend.watch(request, job)
         if req.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             response: Response = StreamingResponse(
-                frontend.stream(job), media_type="text/event-stream", headers=headers)
+                frontend.stream(job), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         else:
             response = await frontend.complete(job)
         if adapter is None or job.internal:

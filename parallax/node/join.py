@@ -6,13 +6,13 @@ import asyncio
 import socket
 
 from parallax.config import JoinConfig
+from parallax.net import bind_socket, lan_address
 from parallax.node.agent import JoinRejected, NodeAgent
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.http_server import NodeHttpServer, build_app
 from parallax.p2p.peer import is_p2p_target
 from parallax.protocol.control import NodeJoin
-from parallax.scheduler.status import lan_address
-from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say
+from parallax.serving.runner import install_signal_handlers, make_server, say
 from parallax.serving.tls import with_scheme
 
 
@@ -55,9 +55,10 @@ async def join_async(config: JoinConfig) -> int:
     p2p, transport, scheduler_url = None, None, with_scheme(scheduler, config.tls.enabled)
     if is_p2p_target(scheduler):
         from parallax.p2p.relay import RelayedLinks
+        from parallax.p2p.roles import start_node_peer
 
-        p2p, transport = await asyncio.to_thread(_start_p2p, config, scheduler, port, host,
-                                                activation_port)
+        p2p, transport = await asyncio.to_thread(start_node_peer, config, scheduler, port, host,
+                                                activation_port, say)
         scheduler_url = "http://scheduler.p2p"  # the transport sends it to the scheduler's peer
     join = NodeJoin(node_id, measured.device, measured.device_name, measured.memory_bytes,
                     measured.gflops, measured.bandwidth_gbps,
@@ -96,21 +97,6 @@ async def join_async(config: JoinConfig) -> int:
         if p2p is not None:
             p2p.close()
     return code
-
-
-def _start_p2p(config: JoinConfig, scheduler: str, port: int, host: str, activation_port: int):
-    """P2P mode: this node's peer (serving its frontend to the scheduler, relaying activations
-    to its executor) and the transport its agent uses to reach the scheduler's peer."""
-    from parallax.p2p.bridge import LatticaTransport
-    from parallax.p2p.roles import local_host, local_url, start_node_peer
-
-    p2p_port = config.p2p_port or port + 200
-    p2p, scheduler_peer_id = start_node_peer(
-        p2p_port, local_url(config.host, port),
-        f"tcp://{local_host(config.host)}:{activation_port}", scheduler, config.relays, host,
-        f"node-{port}")
-    say(f"P2P peer {p2p.peer_id} on tcp port {p2p_port}; scheduler peer {scheduler_peer_id}")
-    return p2p, LatticaTransport(p2p.peer, scheduler_peer_id)
 
 
 def run_join(config: JoinConfig) -> int:

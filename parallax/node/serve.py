@@ -7,9 +7,10 @@ import logging
 
 from parallax.config import ServeConfig
 from parallax.models.hub import check_quantize_source, resolve
+from parallax.net import bind_socket, url_host
 from parallax.node.executor_client import ExecutorClient
 from parallax.node.http_server import NodeHttpServer, build_app
-from parallax.serving.proxy import bind_socket, install_signal_handlers, make_server, say, url_host
+from parallax.serving.runner import install_signal_handlers, make_server, say
 
 logger = logging.getLogger("parallax.serve")
 

@@ -10,24 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from parallax.net import lan_address
 from parallax.p2p.peer import (
     PeerConfig,
-    peer_addresses,
     split_target,
     start_peer,
 )
 from parallax.protocol.common import encode
 from parallax.protocol.p2p import SchedulerRecord, decode_scheduler_record
+
+if TYPE_CHECKING:
+    from parallax.config import JoinConfig, SchedulerConfig
+    from parallax.p2p.bridge import LatticaTransport
 
 logger = logging.getLogger("parallax.p2p")
 
@@ -86,26 +90,36 @@ def start_serving_peer(config: PeerConfig, http_url: str, paths: tuple[str, ...]
                    ActivationRelay(peer, activation_endpoint, scheduler_peer_id))
 
 
-def start_scheduler_peer(port: int, http_url: str, relays: tuple[str, ...],
-                         advertise_host: str) -> P2PPeer:
+def start_scheduler_peer(config: SchedulerConfig) -> P2PPeer:
+    """The scheduler's peer (P2P mode): serves its HTTP API to peers through a bridge."""
     from parallax.p2p.bridge import SCHEDULER_PATHS
 
+    port = config.p2p_port
     return start_serving_peer(
-        PeerConfig(port, f"scheduler-{port}", relays=relays, advertise_host=advertise_host),
-        http_url, SCHEDULER_PATHS)
+        PeerConfig(port, f"scheduler-{port}", relays=config.relays,
+                   advertise_host=lan_address()),
+        local_url(config.host, config.port), SCHEDULER_PATHS)
 
 
-def start_node_peer(port: int, http_url: str, activation_endpoint: str, scheduler: str,
-                    relays: tuple[str, ...], advertise_host: str,
-                    key_name: str) -> tuple[P2PPeer, str]:
-    """The node's serving peer, dialling the scheduler; returns it and the scheduler's peer id."""
-    from parallax.p2p.bridge import NODE_PATHS
+def start_node_peer(config: JoinConfig, scheduler: str, port: int, advertise_host: str,
+                    activation_port: int, say: Callable[[str], None]
+                    ) -> tuple[P2PPeer, LatticaTransport]:
+    """A node's peer (P2P mode), dialling the `scheduler` target: it serves the node's HTTP
+    `port` to the scheduler and relays activations to its executor at `activation_port`.
+    Returns it and the transport the node's agent reaches the scheduler's peer with; `say`
+    tells the operator the peer ids."""
+    from parallax.p2p.bridge import NODE_PATHS, LatticaTransport
 
     scheduler_peer_id, address = split_target(scheduler)
-    config = PeerConfig(port, key_name, bootstraps=(address,) if address else (), relays=relays,
-                        advertise_host=advertise_host, mdns=address is None and not relays)
-    return start_serving_peer(config, http_url, NODE_PATHS, activation_endpoint,
-                              scheduler_peer_id), scheduler_peer_id
+    p2p_port = config.p2p_port or port + 200
+    peer_config = PeerConfig(p2p_port, f"node-{port}", bootstraps=(address,) if address else (),
+                             relays=config.relays, advertise_host=advertise_host,
+                             mdns=address is None and not config.relays)
+    peer = start_serving_peer(peer_config, local_url(config.host, port), NODE_PATHS,
+                              f"tcp://{local_host(config.host)}:{activation_port}",
+                              scheduler_peer_id)
+    say(f"P2P peer {peer.peer_id} on tcp port {p2p_port}; scheduler peer {scheduler_peer_id}")
+    return peer, LatticaTransport(peer.peer, scheduler_peer_id)
 
 
 def start_client_peer(port: int, scheduler: str, relays: tuple[str, ...]) -> tuple[P2PPeer, str]:
@@ -116,14 +130,6 @@ def start_client_peer(port: int, scheduler: str, relays: tuple[str, ...]) -> tup
     config = PeerConfig(port, f"client-{port}", bootstraps=(address,) if address else (),
                         relays=relays, mdns=address is None and not relays, key_root=key_root)
     return P2PPeer(start_peer(config)), scheduler_peer_id
-
-
-def join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...]) -> str:
-    """What a node runs to join this scheduler over P2P (the scheduler adds the token)."""
-    if relays:  # behind NAT: dial through a relay, by peer id
-        return f"parallax join -s {peer.peer_id}" + "".join(
-            f" --relay {shlex.quote(r)}" for r in relays)
-    return f"parallax join -s {shlex.quote(peer_addresses(peer.peer, host, port)[0])}"
 
 
 def publish_scheduler(peer: P2PPeer, record: SchedulerRecord) -> None:

@@ -12,7 +12,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -48,6 +47,7 @@ from parallax.scheduler.status import (
     status_events,
     with_join_token,
 )
+from parallax.serving import sse
 from parallax.serving.adapters import OutputAdapter, adapt_response
 from parallax.serving.completions import completion_adapter, parse_completion_request
 from parallax.serving.errors import (
@@ -60,6 +60,7 @@ from parallax.serving.openai_schemas import (
     ChatCompletionRequest,
     check_model_name,
     models_list,
+    new_chat_id,
     parse_chat_request,
     parse_json_body,
 )
@@ -78,7 +79,6 @@ from parallax.web import mount_web_ui
 
 logger = logging.getLogger("parallax.scheduler")
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _JSON = msgspec.json.Encoder()
 _NODE_ID = re.compile(r"^[\w.:@-]{1,128}$")
 NODE_SECRET_HEADER = "x-node-secret"
@@ -428,9 +428,10 @@ def build_app(state: SchedulerState) -> FastAPI:
         body = raw if to_chat is None else to_chat(raw)
         req = parse(body)  # 400 on a malformed request, before routing
         state.check_model(req.model)
-        payload = {k: v for k, v in body.items() if k not in ("model", "rid", "routing_table")}
+        # the head gets what was validated here, normalized (it parses and checks it again)
+        payload = req.to_body()
         # always our own id: a client-chosen one could collide with (and abort) another's
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = new_chat_id()
         try:
             placed = await state.forwarder.place(payload, rid, request, path=path,
                                                  priority=req.priority)
@@ -473,7 +474,7 @@ def build_app(state: SchedulerState) -> FastAPI:
     async def cluster_status_stream(request: Request) -> StreamingResponse:
         reveal = is_operator(request, config.api_key)
         return StreamingResponse(status_events(state.hub, lambda: state.status(reveal=reveal)),
-                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+                                 media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     @app.get("/cluster/status_json")
     async def cluster_status_json(request: Request) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from parallax.protocol.common import INVALID_REQUEST, PEER_LOST
 from parallax.scheduler.replay import KEEPALIVE, Failure, ReplaySession, SSELines, should_replay
 from parallax.scheduler.traces import TraceStore, attempt_trace
+from parallax.serving import sse
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.sse import DONE, encode_event
 
@@ -41,7 +42,7 @@ logger = logging.getLogger("parallax.scheduler")
 SUSPECT_CLEAR_S = 2.0
 # how long the scheduler waits for a suspect node's /health before leaving it to the heartbeat
 PROBE_TIMEOUT_S = 2.0
-_JSON, _SSE = "application/json", "text/event-stream"
+_JSON = "application/json"
 
 
 class _Retryable(Exception):
@@ -257,7 +258,7 @@ class FailoverMixin:
                 except BaseException:
                     self.release(ticket)
                     raise
-                if response.status_code == 200 and _media_type(response) == _SSE:
+                if response.status_code == 200 and _media_type(response) == sse.MEDIA_TYPE:
                     attempt.ticket, attempt.response = ticket, response
                     return
                 body = await _read_quietly(response)

@@ -41,7 +41,6 @@ from parallax.scheduler.affinity import PrefixAffinity
 from parallax.scheduler.allocation import Stage
 from parallax.scheduler.failover import (
     _JSON,
-    _SSE,
     FailoverMixin,
     _Attempt,
     _error_message,
@@ -55,6 +54,7 @@ from parallax.scheduler.replay import ReplaySession
 from parallax.scheduler.routing import NodeLoad, RouteDecision, conversation_keys, route
 from parallax.scheduler.status import ClusterMetrics
 from parallax.scheduler.wait_queue import QueueFull, Waiter, WaitQueue
+from parallax.serving import sse
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.internal_leg import request_fields
 
@@ -63,7 +63,6 @@ logger = logging.getLogger("parallax.scheduler")
 _MAX_LINE = 1 << 20
 CHAT_PATH = "/v1/chat/completions"  # the head's endpoints a request may be forwarded to
 COMPLETIONS_PATH = "/v1/completions"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class InFlight:
@@ -406,13 +405,13 @@ class Forwarder(FailoverMixin):
                       request: Request) -> Response:
         """The client's response: the replaying SSE relay, the assembled completion of a
         non-streaming request, or the head's whole body (an error before any stream)."""
-        if response.status_code == 200 and _media_type(response) == _SSE:
+        if response.status_code == 200 and _media_type(response) == sse.MEDIA_TYPE:
             attempt = _Attempt(ticket, response)
             session = ReplaySession(ticket.rid, ticket.payload or {}, collect=not stream,
                                     path=ticket.path)
             if stream:
                 return _Relay(self._drive(attempt, session), self, attempt,
-                              media_type="text/event-stream", headers=_SSE_HEADERS)
+                              media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
             return await self._collect(attempt, session, request)
         try:
             return await self._whole(ticket, response, request)
@@ -454,8 +453,8 @@ def _checked_body(response: httpx.Response, body: bytes, head_id: str) -> Respon
     own content type; anything else becomes our error body (a head cannot make the scheduler
     serve HTML or a script)."""
     status, media = response.status_code, _media_type(response)
-    if media == _SSE and status == 200:
-        return Response(body, status_code=200, media_type=_SSE)
+    if media == sse.MEDIA_TYPE and status == 200:
+        return Response(body, status_code=200, media_type=sse.MEDIA_TYPE)
     if media == _JSON:
         try:
             msgspec.json.decode(body)

@@ -61,18 +61,6 @@ class RouteDecision:
     cost_ms: float | None = None
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long the scheduler keeps retrying while every pipeline is busy, before answering 429."""
-
-    attempts: int = 20
-    interval_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 0 or self.interval_s < 0:
-            raise ValueError("attempts and interval_s cannot be negative")
-
-
 def _default_latency(loads: Mapping[str, NodeLoad]) -> float:
     known = [load.layer_latency_ms for load in loads.values() if load.layer_latency_ms > 0]
     return sum(known) / len(known) if known else DEFAULT_LAYER_LATENCY_MS

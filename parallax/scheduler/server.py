@@ -12,10 +12,11 @@ import httpx
 import uvicorn
 
 from parallax.config import SchedulerConfig
+from parallax.net import lan_address
 from parallax.p2p.peer import peer_addresses
 from parallax.protocol.p2p import SchedulerRecord
 from parallax.scheduler.app import SchedulerState, build_app
-from parallax.scheduler.status import lan_address
+from parallax.scheduler.status import p2p_join_command
 
 logger = logging.getLogger("parallax.scheduler")
 
@@ -44,14 +45,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_p2p(config: SchedulerConfig):
-    """The scheduler's Lattica peer (P2P mode): serves its API to peers through a bridge."""
-    from parallax.p2p.roles import local_url, start_scheduler_peer
-
-    return start_scheduler_peer(config.p2p_port, local_url(config.host, config.port),
-                                config.relays, lan_address())
-
-
 def _p2p_transport(p2p, config: SchedulerConfig) -> httpx.AsyncBaseTransport:
     """Requests to nodes that joined over P2P go through Lattica, the rest over plain HTTP."""
     from parallax.p2p.bridge import LatticaTransport
@@ -63,7 +56,11 @@ def _p2p_transport(p2p, config: SchedulerConfig) -> httpx.AsyncBaseTransport:
 
 async def serve(config: SchedulerConfig, state: SchedulerState | None = None) -> None:
     """Run the scheduler until cancelled or stopped by a signal."""
-    p2p = await asyncio.to_thread(_start_p2p, config) if config.p2p else None
+    p2p = None
+    if config.p2p:
+        from parallax.p2p.roles import start_scheduler_peer
+
+        p2p = await asyncio.to_thread(start_scheduler_peer, config)
     try:
         state = state or SchedulerState(
             config, transport=_p2p_transport(p2p, config) if p2p is not None else None)
@@ -78,13 +75,13 @@ async def _serve(config: SchedulerConfig, state: SchedulerState, p2p) -> None:
         await asyncio.to_thread(state.set_model, config.model, config.init_nodes_num,
                                 config.quantize)
     if p2p is not None:  # before the first request can ask for it
-        from parallax.p2p.roles import join_command
         from parallax.scheduler.link_keys import relay_keys
 
         # relay only to joined peers, only what their pipeline's key sealed
         p2p.relay.forward_keys = functools.partial(relay_keys, state.link_keys, state.registry)
 
-        state.join_command = join_command(p2p, lan_address(), config.p2p_port, config.relays)
+        state.join_command = p2p_join_command(p2p, lan_address(), config.p2p_port,
+                                              config.relays)
     sock = _bind(config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         build_app(state), host=config.host, port=config.port, log_level="warning",

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +19,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from parallax.net import WILDCARD_HOSTS, lan_address
 from parallax.node.tracing import hop_list
+from parallax.p2p.peer import peer_addresses
 from parallax.scheduler.registry import Registry
 from parallax.serving.metrics import (
     BYTES_BUCKETS,
@@ -31,25 +32,12 @@ from parallax.serving.metrics import (
 )
 from parallax.serving.sse import encode_event
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+if TYPE_CHECKING:
+    from parallax.p2p.roles import P2PPeer
+
 # what non-operators see instead of the join token
 TOKEN_PLACEHOLDER = "<token>"
 MAX_TRACE_LABELS = 256  # node and link label values of the trace histograms
-
-
-def lan_address() -> str:
-    """This machine's address on its default-route interface (no packet is sent), else loopback."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.255.255.255", 1))
-        return probe.getsockname()[0]
-    except OSError:
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    finally:
-        probe.close()
 
 
 def join_command(host: str, port: int, tls: bool = False) -> str:
@@ -62,6 +50,16 @@ def join_command(host: str, port: int, tls: bool = False) -> str:
         return (f"parallax join -s {shlex.quote(f'https://{address}:{port}')} "
                 "--tls-certfile NODE.pem --tls-keyfile NODE.key --tls-ca-file CA.pem")
     return f"parallax join -s {shlex.quote(f'{address}:{port}')}"
+
+
+def p2p_join_command(peer: P2PPeer, host: str, port: int, relays: tuple[str, ...]) -> str:
+    """What a node runs to join a P2P scheduler whose Lattica `peer` listens on `port` (no
+    token: see :func:`with_join_token`): by peer id through the relays when there are any (behind
+    NAT), else at the peer's first dialable multiaddr (`host` when it sees none)."""
+    if relays:
+        return f"parallax join -s {peer.peer_id}" + "".join(
+            f" --relay {shlex.quote(r)}" for r in relays)
+    return f"parallax join -s {shlex.quote(peer_addresses(peer.peer, host, port)[0])}"
 
 
 def with_join_token(command: str, join_token: str | None, *, reveal: bool) -> str:

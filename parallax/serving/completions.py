@@ -38,6 +38,16 @@ class TextCompletionRequest(ChatCompletionRequest):
         """The prompt as text (None for a token-id prompt)."""
         return self.prompt if isinstance(self.prompt, str) else None
 
+    def to_body(self) -> dict[str, Any]:
+        """The validated request as a normalized `/v1/completions` body (see
+        `ChatCompletionRequest.to_body`): `parse_completion_request` of it gives it back."""
+        body: dict[str, Any] = {"prompt": self.prompt, **self._generation_body()}
+        if self.echo:
+            body["echo"] = True
+        if self.legacy_logprobs is not None:
+            body["logprobs"] = self.legacy_logprobs
+        return body
+
 
 def _bad(message: str) -> APIError:
     return APIError(400, message)

@@ -10,18 +10,14 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from parallax.engine.sampling_params import (
-    MAX_PRIORITY,
-    MAX_TOP_LOGPROBS,
-    MIN_PRIORITY,
-    SamplingParams,
-)
+from parallax.engine.sampling_params import SAMPLING_RANGES, SamplingParams
 from parallax.serving.errors import APIError
 from parallax.serving.structured import ResponseFormat, parse_response_format
 from parallax.serving.tool_grammar import check_tool_grammar
@@ -38,10 +34,10 @@ MAX_TOP_K = 2**31 - 1  # larger than any vocabulary; keeps the value inside the 
 # Anything else, above all `chat_template` (caller-written Jinja run on the node), is refused.
 ALLOWED_TEMPLATE_KWARGS: tuple[str, ...] = ("enable_thinking", "thinking", "reasoning_effort")
 MAX_TEMPLATE_KWARG_CHARS = 64
-FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 MAX_TOOLS = 128  # OpenAI's limit on 'tools'
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")  # OpenAI's, plus '.' and ':'
 TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
+CHAT_ID_PREFIX = "chatcmpl-"  # the `id` of a chat completion and of its chunks
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
 
@@ -62,6 +58,10 @@ class ChatMessage:
         if out.get("tool_calls"):  # templates index the arguments: an object, as HF documents
             out["tool_calls"] = [_template_call(c) for c in out["tool_calls"]]
         return out
+
+    def to_body(self) -> dict[str, Any]:
+        """The message as the API takes it (text parts already joined)."""
+        return {"role": self.role, "content": self.content, **self.extra}
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +129,46 @@ class ChatCompletionRequest:
         """Messages as dicts for `tokenizer.apply_chat_template`."""
         return [m.to_template_dict() for m in self.messages]
 
+    def to_body(self) -> dict[str, Any]:
+        """The validated request as a normalized body: what the scheduler forwards to a head
+        node, which parses it again (it trusts no sender). `parse_chat_request` of it gives this
+        request back, less `model`, `rid` and `routing_table` (the scheduler's to set)."""
+        body: dict[str, Any] = {"messages": [m.to_body() for m in self.messages],
+                                **self._generation_body()}
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = dict(self.chat_template_kwargs)
+        if self.tools:
+            body["tools"] = self.tools
+        body["tool_choice"] = self.tool_choice if self.tool_choice != "function" else {
+            "type": "function", "function": {"name": self.tool_choice_name}}
+        body["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.logprobs:
+            body["logprobs"] = True
+        if self.top_logprobs:
+            body["top_logprobs"] = self.top_logprobs
+        return body
+
+    def _generation_body(self) -> dict[str, Any]:
+        """The fields chat and text completions share, as a body holds them."""
+        optional = {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                    "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                    "seed": self.seed, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty}
+        body: dict[str, Any] = {"stream": self.stream,
+                                **{k: v for k, v in optional.items() if v is not None}}
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.priority:
+            body["priority"] = self.priority
+        response_format = self.response_format.to_body()
+        if response_format is not None:
+            body["response_format"] = response_format
+        return body
+
 
 # ---------------------------------------------------------------- field checks
 
@@ -182,6 +222,14 @@ def _opt_float(body: dict[str, Any], name: str) -> float | None:
     if not math.isfinite(value):
         raise _bad(f"'{name}' must be a finite number, got {value!r}")
     return float(value)
+
+
+def _check_range(name: str, value: float | None, rule: str | None = None) -> float | None:
+    """`value` (None: not given) unless it lies outside SAMPLING_RANGES[rule or name]: 400."""
+    allowed = SAMPLING_RANGES[rule or name]
+    if value is not None and value not in allowed:
+        raise _bad(f"'{name}' must be {allowed}, got {value}")
+    return value
 
 
 def _parse_content(value: Any, where: str, role: str) -> str | None:
@@ -420,30 +468,19 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         ("max_tokens", max_tokens),
         ("max_completion_tokens", max_completion_tokens),
     ):
-        if value is not None and value <= 0:
-            raise _bad(f"'{name}' must be > 0, got {value}")
+        _check_range(name, value, "max_tokens")
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
 
-    temperature = _opt_float(body, "temperature")
-    if temperature is not None and temperature < 0:
-        raise _bad(f"'temperature' must be >= 0, got {temperature}")
-    top_p = _opt_float(body, "top_p")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise _bad(f"'top_p' must be in (0, 1], got {top_p}")
+    temperature = _check_range("temperature", _opt_float(body, "temperature"))
+    top_p = _check_range("top_p", _opt_float(body, "top_p"))
     top_k = _opt_int(body, "top_k")
     if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
         raise _bad(f"'top_k' must be -1 (disabled), 0 (disabled) or in [1, {MAX_TOP_K}], "
                    f"got {top_k}")
-    min_p = _opt_float(body, "min_p")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise _bad(f"'min_p' must be in [0, 1], got {min_p}")
-    penalties: dict[str, float | None] = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _opt_float(body, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise _bad(f"'{name}' must be in [-2, 2], got {value}")
-        penalties[name] = value
+    min_p = _check_range("min_p", _opt_float(body, "min_p"))
+    penalties = {name: _check_range(name, _opt_float(body, name))
+                 for name in ("presence_penalty", "frequency_penalty")}
     seed = _opt_int(body, "seed")
     if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
         raise _bad(f"'seed' must fit in 64 bits, got {seed}")
@@ -453,15 +490,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 
     logprobs = _opt_bool(body, "logprobs")
     priority = _opt_int(body, "priority")
-    if priority is not None and not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise _bad(f"'priority' must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}] (lower "
-                   f"runs first), got {priority}")
-    top_logprobs = _opt_int(body, "top_logprobs")
-    if top_logprobs is not None:
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise _bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
-        if top_logprobs and not logprobs:
-            raise _bad("'top_logprobs' needs 'logprobs' to be true")
+    if priority is not None and priority not in SAMPLING_RANGES["priority"]:
+        raise _bad(f"'priority' must be an integer {SAMPLING_RANGES['priority']} (lower runs "
+                   f"first), got {priority}")
+    top_logprobs = _check_range("top_logprobs", _opt_int(body, "top_logprobs"))
+    if top_logprobs and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs' to be true")
 
     stream_options = body.get("stream_options")
     include_usage = False
@@ -532,6 +566,11 @@ def parse_json_body(raw: bytes) -> Any:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
+
+
+def new_chat_id() -> str:
+    """A fresh request id: `chatcmpl-` and 24 hex digits."""
+    return f"{CHAT_ID_PREFIX}{uuid.uuid4().hex[:24]}"
 
 
 def check_model_name(requested: str | None, served: str) -> str:

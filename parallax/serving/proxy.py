@@ -4,28 +4,22 @@ Streams are passed through as their bytes arrive; when the client goes away Star
 response's body iterator and the upstream response is closed with it, so the scheduler sees the
 disconnect too. A scheduler that cannot be reached answers 503 with the OpenAI error body.
 
-Also holds the small uvicorn runner both servers use (no torch import: these servers run on
-machines that are not nodes).
+No torch import: these servers run on machines that are not nodes (their runner:
+parallax/serving/runner.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
-import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 
 import httpx
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from parallax.serving.errors import APIError, error_body
 from parallax.serving.security import mark_relayed, read_body_capped
-from parallax.serving.sse import DONE, encode_event
+from parallax.serving.sse import DONE, MEDIA_TYPE, encode_event
 from parallax.serving.tls import NO_TLS, TLSConfig, with_scheme
 
 logger = logging.getLogger(__name__)
@@ -125,89 +119,6 @@ async def forward(request: Request, client: httpx.AsyncClient, path: str, *,
     upstream = await open_upstream(client, request.method, path, headers=headers, content=body,
                                    read_timeout_s=read_timeout_s)
     content_type = upstream.headers.get("content-type", "")
-    sse = content_type.startswith("text/event-stream")
+    sse = content_type.startswith(MEDIA_TYPE)
     return StreamingResponse(stream_body(upstream, sse=sse), status_code=upstream.status_code,
                              headers=_pass_headers(upstream), media_type=None)
-
-
-def error_json(exc: APIError) -> JSONResponse:
-    """JSONResponse for an APIError (for code paths outside the exception handlers)."""
-    return JSONResponse(status_code=exc.status, content=exc.body())
-
-
-# --- running a small server -------------------------------------------------------------------
-
-
-def say(text: str) -> None:
-    """One line of start-up progress for the operator."""
-    print(f"[parallax] {text}", file=sys.stderr, flush=True)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: `serve_app` owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
-def make_server(app: FastAPI, tls: TLSConfig = NO_TLS, lifespan: str = "on") -> _Server:
-    """The uvicorn server of every command (https when `tls` has a certificate)."""
-    return _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                                  lifespan=lifespan, **tls.uvicorn_kwargs()))
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the HTTP port up front so a busy port fails with a clear message."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(False)
-    return sock
-
-
-def url_host(host: str) -> str:
-    """A host usable in a URL the operator can click (wildcards → loopback)."""
-    if host == "0.0.0.0":
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-def install_signal_handlers(server: uvicorn.Server,
-                            on_stop: Callable[[], None] | None = None) -> None:
-    """SIGINT/SIGTERM stop the server gracefully (calling `on_stop` first); a second one
-    forces the exit."""
-    loop = asyncio.get_running_loop()
-
-    def stop() -> None:
-        if server.should_exit:
-            server.force_exit = True
-        elif on_stop is not None:
-            on_stop()
-        server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop)
-
-
-async def serve_app(app: FastAPI, host: str, port: int, banner: str,
-                    tls: TLSConfig = NO_TLS) -> int:
-    """Serve `app` on host:port until SIGINT/SIGTERM; `banner` gets `{url}` filled in."""
-    sock = bind_socket(host, port)
-    bound_port = sock.getsockname()[1]
-    server = make_server(app, tls)
-    install_signal_handlers(server)
-    say(banner.format(url=f"{tls.scheme}://{url_host(host)}:{bound_port}"))
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        sock.close()
-    return 0

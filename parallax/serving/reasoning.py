@@ -17,7 +17,7 @@ THINK_END = "</think>"
 
 
 class ReasoningParser(Protocol):
-    """What the frontend needs from a reasoning parser."""
+    """What a request's text state (serving/text_state.py) needs from a reasoning parser."""
 
     def feed(self, text: str) -> tuple[str, str]: ...
 

@@ -19,7 +19,11 @@ from typing import Any
 
 from parallax.serving.adapters import typed_encode
 from parallax.serving.errors import APIError
-from parallax.serving.openai_schemas import ChatCompletionRequest, parse_chat_request
+from parallax.serving.openai_schemas import (
+    CHAT_ID_PREFIX,
+    ChatCompletionRequest,
+    parse_chat_request,
+)
 
 # fields passed to the chat request as they are (ours and OpenAI's sampling extensions)
 PASSED_FIELDS = ("model", "stream", "temperature", "top_p", "parallel_tool_calls", "top_k",
@@ -270,7 +274,7 @@ class ResponsesAdapter:
     def _identify(self, source: dict[str, Any]) -> None:
         if self.response_id is None:
             rid = str(source.get("id") or uuid.uuid4().hex[:24])
-            self.response_id = "resp_" + rid.removeprefix("chatcmpl-")
+            self.response_id = "resp_" + rid.removeprefix(CHAT_ID_PREFIX)
             created = source.get("created")
             self.created_at = created if isinstance(created, int) else int(time.time())
             self.model = str(source.get("model") or "")

@@ -9,6 +9,10 @@ import msgspec
 
 DONE = b"data: [DONE]\n\n"
 DONE_MARKER = "[DONE]"
+MEDIA_TYPE = "text/event-stream"
+# the headers every event stream of ours goes out with: never cached, never held back by a
+# buffering reverse proxy (nginx honours X-Accel-Buffering)
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _encoder = msgspec.json.Encoder()
 

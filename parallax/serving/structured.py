@@ -46,6 +46,13 @@ class ResponseFormat:
             return {"type": "object"}
         return self.schema if self.type == "json_schema" else None
 
+    def to_body(self) -> dict[str, Any] | None:
+        """The `response_format` object this was parsed from, normalized (None: plain text)."""
+        if self.type == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": self.name,
+                                                            "schema": self.schema}}
+        return {"type": self.type} if self.type != "text" else None
+
 
 def _bad(message: str) -> APIError:
     return APIError(400, message)

@@ -10,9 +10,9 @@ internal leg, parallax/serving/internal_leg.py).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from parallax.serving.detokenizer import IncrementalDetokenizer
+from parallax.serving.reasoning import ReasoningParser
 from parallax.serving.stop import StopStringMatcher
 
 
@@ -20,10 +20,10 @@ class TextState:
     """Detokenizer, stop matcher and reasoning parser of one request, fed one token at a time."""
 
     def __init__(self, detokenizer: IncrementalDetokenizer, stop: StopStringMatcher,
-                 parser: Any = None) -> None:
+                 parser: ReasoningParser | None = None) -> None:
         self.detokenizer = detokenizer
         self.stop = stop
-        self.parser = parser  # ThinkParser | HarmonyParser | None
+        self.parser = parser  # None: no reasoning split (all text is content)
         self.unsent_ids: list[int] = []
 
     @property
