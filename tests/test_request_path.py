@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 HOP = re.compile(r"^(\d+)\. \[([a-z ]+)\] `(parallax/[\w/]+\.py):([\w.<>]+)`", re.MULTILINE)
-ROLES = ("scheduler", "head frontend", "head executor", "last executor")
+ROLES = ("scheduler", "head http", "head executor", "last executor")
 IDLE_S = 4.0  # longer than a heartbeat interval (heartbeat timeout / 3)
 
 
@@ -68,21 +68,21 @@ def new_epoch(trace_dir: Path, epoch: str, num_processes: int) -> None:
 
 
 def roles_of(traces: list[dict], cluster: TracedCluster) -> dict[str, dict]:
-    """The trace of each role's process: the scheduler, the head node's frontend and
+    """The trace of each role's process: the scheduler, the head node's HTTP server and
     executor, the last node's executor."""
     pipeline = cluster.status()["pipelines"][0]
     port_of = {node_id: int(node_id.rsplit("-", 1)[1]) for node_id in pipeline}
     pids = {"scheduler": cluster.scheduler.pid,
-            "head frontend": cluster.nodes[port_of[pipeline[0]]].pid}
-    last_frontend = cluster.nodes[port_of[pipeline[-1]]].pid
+            "head http": cluster.nodes[port_of[pipeline[0]]].pid}
+    last_http = cluster.nodes[port_of[pipeline[-1]]].pid
     by_pid = {t["pid"]: t for t in traces}
     out = {role: by_pid[pid] for role, pid in pids.items() if pid in by_pid}
     for t in traces:
         if "parallax.node.executor" in " ".join(t["argv"]) or t["argv"][0].endswith(
                 "executor.py"):
-            if t["ppid"] == pids["head frontend"]:
+            if t["ppid"] == pids["head http"]:
                 out["head executor"] = t
-            elif t["ppid"] == last_frontend:
+            elif t["ppid"] == last_http:
                 out["last executor"] = t
     missing = set(ROLES) - set(out)
     assert not missing, f"no call trace of {missing}; pids {pids}, traces of " \
@@ -112,7 +112,7 @@ def test_one_request_follows_the_documented_path(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("request-path")
     trace_dir = tmp / "calls"
     with running(TracedCluster(tmp, trace_dir), START_TIMEOUT_S) as cluster:
-        # no request before: a thread it started (the frontend's render pool) would run
+        # no request before: a thread it started (the HTTP server's render pool) would run
         # unhooked (parallax/_calltrace.py hooks threads started after the first epoch)
         new_epoch(trace_dir, "idle", 5)
         time.sleep(IDLE_S)
