@@ -36,7 +36,7 @@ test: $(STAMP) $(BROWSER_STAMP)
 # unit tests only (no processes, servers or real model; tests marked slow are left out)
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -m "not slow" -n 2 --durations=15 tests  # two workers: the tests mostly wait
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check parallax tests benchmarks

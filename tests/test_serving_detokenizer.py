@@ -9,6 +9,8 @@ import pytest
 
 from parallax.serving.detokenizer import IncrementalDetokenizer
 
+pytestmark = pytest.mark.slow  # loads the real tokenizer from the GGUF (~8 s)
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
