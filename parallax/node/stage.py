@@ -83,12 +83,13 @@ def token_output(o: StepOutput, tracer: StageTracer) -> TokenOutput:
     """The one place an engine's StepOutput of a sampling stage becomes the TokenOutput its
     frontend or head receives. A finished request carries its trace, then the tracer forgets
     it."""
-    trace = tracer.trace_of(o.request_id) if o.finished else []
+    trace = []
     if o.finished:
+        trace = tracer.trace_of(o.request_id)
         tracer.forget(o.request_id)
     return TokenOutput(o.request_id, o.token_id, o.finished, o.finish_reason, o.error,
-                         ENGINE_ERROR if o.finish_reason == "error" else None,
-                         logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
+                       ENGINE_ERROR if o.finish_reason == "error" else None,
+                       logprob=o.logprob, top_logprobs=o.top_logprobs or [], trace=trace)
 
 
 class StageRouter:
@@ -311,7 +312,7 @@ class StageRouter:
             first = o.first
             entries.append(ActivationEntry(
                 o.request_id, list(o.token_ids), o.start_position,
-                o.sampling_params if first else None, o.num_prompt_tokens if first else 0,
+                o.sampling_params, o.num_prompt_tokens,  # set on a first chunk only
                 route.downstream_after_next if first else [],
                 route.head_endpoint, o.due, self.tracer.trace_of(o.request_id),
                 reuses_prefix=first and o.start_position > 0))
