@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from test_allocation import check_valid, node, spec
 
 from parallax.scheduler.allocation import Stage, allocate
 from parallax.scheduler.cost import Link
+from parallax.scheduler.grouping import hop_cost_ms
 from parallax.scheduler.network import LatencyMatrix
 from parallax.scheduler.rebalance import moved_nodes, rebalance
 from parallax.scheduler.registry import NodeRecord, Registry
@@ -207,3 +210,36 @@ def test_a_pipeline_replanned_away_from_a_slow_link_does_not_form_again() -> Non
     assert rebalance(second, nodes, model, network=net) == second  # standby stays standby
     net.override.clear()  # the link recovers: the pair forms again
     assert pairs(rebalance(second, nodes, model, network=net)) == pairs(first)
+
+
+def test_a_pipeline_planned_on_slow_links_is_re_paired_when_reconsidered() -> None:
+    """A pipeline planned while its link was already slow never counts as degraded; the
+    periodic reconsideration still finds the clearly cheaper pairing (seen in the emulated
+    WAN test: two nodes had measured each other far before the other two joined)."""
+    model = spec(32)
+    nodes = [node("n1", 23), node("f1", 22), node("n2", 14), node("f2", 12)]
+    net = Regions({"n1": "eu", "n2": "eu", "f1": "us", "f2": "us"})
+    blind = allocate(nodes, model)
+    assert pairs(blind) != {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}
+    # planned with today's figures: slow, but no slower than planned
+    planned = dataclasses.replace(blind, planned_hop_ms=tuple(
+        hop_cost_ms(p, net, model.activation_bytes) for p in blind.pipelines))
+    assert rebalance(planned, nodes, model, network=net) == planned
+    better = rebalance(planned, nodes, model, network=net, reconsider=True)
+    assert pairs(better) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}
+
+    registry = Registry(init_nodes_num=4, reconsider_interval_s=30.0)
+    registry.set_model(model)
+    for info in nodes:
+        registry.join(record(info.node_id, info))
+    registry.allocation = planned
+
+    def report_all(now: float) -> None:
+        for a in net.region:
+            registry.report_links(a, [(b, net(a, b).rtt_ms, 100.0) for b in net.region
+                                      if b != a], now=now)
+
+    report_all(1.0)
+    assert registry.allocation.pipelines == planned.pipelines  # not due yet
+    report_all(40.0)
+    assert pairs(registry.allocation) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}

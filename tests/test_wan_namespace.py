@@ -79,6 +79,23 @@ def _sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
 
 
+def _remove_stale_runs() -> None:
+    """Delete the namespaces of earlier runs that were killed before their cleanup (no process
+    left in any of them): their bridge would shadow this run's route to the same subnet."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    runs: dict[str, list[str]] = {}
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith("pxw") and len(name) > 7 and name[3:7].isdigit():
+            runs.setdefault(name[3:7], []).append(name)
+    for names in runs.values():
+        busy = any(subprocess.run(["ip", "netns", "pids", n], capture_output=True,
+                                  text=True).stdout.strip() for n in names)
+        if not busy:
+            for n in names:
+                subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
 class WanCluster:
     """The namespaces, links, proxies, scheduler and nodes; `close()` removes all of it."""
 
@@ -110,6 +127,7 @@ class WanCluster:
     # ---- network ------------------------------------------------------------------------
 
     def _build_network(self) -> None:
+        _remove_stale_runs()
         br = self.ns["br"]
         _sh("ip", "netns", "add", br)
         _sh("ip", "-n", br, "link", "add", "br0", "type", "bridge")
@@ -172,7 +190,7 @@ class WanCluster:
             "-m", "parallax.cli", "run", "-m", "SmolLM2-135M-Instruct", "-n", "4",
             "--host", "0.0.0.0", "--port", str(self.http_port["s"]), "--no-mdns",
             "--heartbeat-timeout", "30", "--retry-attempts", "5", "--retry-interval", "1",
-            "--max-replays", "3"])
+            "--max-replays", "3", "-v", "--allow-advertised-hosts", "10.232.77.0/24"])
         scheduler = f"{ADVERTISED.format(self.index['s'])}:{self.http_port['s']}"
         hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
         memory = split_memory()
@@ -184,14 +202,17 @@ class WanCluster:
                 "--port", str(self.http_port[m]), "--activation-port", str(self.act_port[m]),
                 "--memory", memory, "--max-batch-size", "8", "--no-warmup",
                 "--probe-interval", str(PROBE_INTERVAL_S)])
-            time.sleep(1.0)  # join order decides the network-blind pairing
+            # join order decides the network-blind pairing: each node joins before the next
+            joined = len(self.node_id)
+            self.wait_for(lambda s, n=joined: len(s["node_list"]) >= n, START_TIMEOUT_S,
+                          f"{m} joined")
 
     def status(self) -> dict:
         return httpx.get(f"{self.url}/cluster/status_json", timeout=5).json()["data"]
 
     def pairs(self, status: dict) -> set[frozenset[str]]:
         member = {v: k for k, v in self.node_id.items()}
-        return {frozenset(member[s["node_id"]] for s in p) for p in status["pipelines"]}
+        return {frozenset(member[node_id] for node_id in p) for p in status["pipelines"]}
 
     def wait_for(self, check, timeout: float, what: str) -> dict:
         deadline, last = time.monotonic() + timeout, None

@@ -104,6 +104,7 @@ def rebalance(
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
     network: Network | None = None,
+    reconsider: bool = False,
 ) -> Allocation:
     """The allocation after nodes joined or left (or links changed), moving as few nodes as
     possible.
@@ -119,6 +120,9 @@ def rebalance(
     allocation's pipelines by :data:`REPLAN_MIN_GAIN` (and at least :data:`DEGRADED_MIN_MS`):
     otherwise they are kept, with their current hop cost as the new planned figure (so
     measurement noise on links that are all alike never moves a serving pipeline).
+    ``reconsider`` puts every pipeline through that test, degraded or not: a pipeline planned
+    while its links were already slow (before its nodes had measured the others) never
+    degrades, yet a clearly cheaper pairing may have appeared since.
     """
     check_unique(nodes)
     options = {"memory_fraction": memory_fraction, "kv_reserve_tokens": kv_reserve_tokens}
@@ -126,7 +130,10 @@ def rebalance(
     present = [
         i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
     ]
-    degraded = set(degraded_pipelines(previous, model, network, present))
+    if reconsider and network is not None:
+        degraded = set(present)
+    else:
+        degraded = set(degraded_pipelines(previous, model, network, present))
     replan, _ = _rebalance(previous, nodes, model, degraded, network, options)
     if not degraded:
         return replan

@@ -6,11 +6,14 @@ pipeline counts as ready) is unit-tested without sockets or clocks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from parallax.scheduler.allocation import Allocation, ModelSpec, NodeInfo, allocate
 from parallax.scheduler.network import LatencyMatrix, probe_targets
 from parallax.scheduler.rebalance import degraded_pipelines, rebalance
+
+logger = logging.getLogger("parallax.scheduler")
 
 
 @dataclass
@@ -49,7 +52,10 @@ class Registry:
     generation: int = 0  # bumps whenever the allocation changes
     network: LatencyMatrix = field(default_factory=LatencyMatrix)
     replan_interval_s: float = 10.0  # standby nodes are re-planned with new figures this often
+    # every pipeline is weighed against a fresh plan this often (rebalance's `reconsider`)
+    reconsider_interval_s: float = 30.0
     _last_replan: float = -float("inf")
+    _last_reconsider: float = -float("inf")
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -82,9 +88,16 @@ class Registry:
         # new figures (links found near): re-plan now and then (rebalance keeps the rest)
         standby_due = bool(self.allocation.unassigned) \
             and now - self._last_replan >= self.replan_interval_s
-        if standby_due or degraded_pipelines(self.allocation, self.model, self.network):
+        # the first plan may predate most measurements: now and then, look for a clearly
+        # cheaper one (the first pass only starts the clock, so every node has reported)
+        if self._last_reconsider == -float("inf"):
+            self._last_reconsider = now
+        reconsider = now - self._last_reconsider >= self.reconsider_interval_s
+        if reconsider or standby_due \
+                or degraded_pipelines(self.allocation, self.model, self.network):
             self._last_replan = now
-            self._reallocate()
+            self._last_reconsider = now if reconsider else self._last_reconsider
+            self._reallocate(reconsider=reconsider)
         return taken
 
     def link_latency_ms(self) -> dict[tuple[str, str], float]:
@@ -133,7 +146,7 @@ class Registry:
         self.allocation = None
         self._reallocate()
 
-    def _reallocate(self) -> None:
+    def _reallocate(self, reconsider: bool = False) -> None:
         if self.model is None or (self.allocation is None
                                   and len(self.nodes) < self.init_nodes_num):
             self.allocation = None
@@ -142,9 +155,14 @@ class Registry:
         if self.allocation is None or not self.allocation.pipelines:
             new = allocate(infos, self.model, network=self.network)
         else:
-            new = rebalance(self.allocation, infos, self.model, network=self.network)
+            new = rebalance(self.allocation, infos, self.model, network=self.network,
+                            reconsider=reconsider)
         if new != self.allocation:
             self.generation += 1
+            logger.info("allocation %d: pipelines %s, planned hop ms %s, standby %s",
+                        self.generation,
+                        [[s.node_id for s in p] for p in new.pipelines],
+                        [round(ms, 1) for ms in new.planned_hop_ms], list(new.unassigned))
         # adopted even when the pipelines are the same: its planned hop costs may be fresher
         # (else a pipeline once judged degraded stays so, and the next join dissolves it)
         self.allocation = new
