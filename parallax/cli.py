@@ -293,7 +293,9 @@ def _add_join(sub) -> None:
     p.add_argument("--activation-port", type=int, default=None,
                    help="ZeroMQ port for activations from other nodes (default: port + 100)")
     p.add_argument("--advertise-host", default=None,
-                   help="address other machines use to reach this node (default: from --host)")
+                   help="address other machines use to reach this node (default: from --host); "
+                        "the scheduler admits it only if it is the address this node's join "
+                        "comes from, or its --allow-advertised-hosts lists it")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
