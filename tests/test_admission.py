@@ -168,15 +168,18 @@ def test_join_with_a_foreign_host_is_refused_unless_the_operator_allows_it(caplo
 def test_only_a_p2p_join_relayed_by_the_bridge_skips_the_address_check():
     """The P2P bridge replays a remote peer's join from loopback, marked "p2p": the address
     is unknown, and the scheduler reaches that node by peer id. The marker from a remote
-    address, or a bridged join without a peer id, gets the normal check."""
+    address gets the normal check; any other relayed join came from our proxy's loopback
+    address, not the node's, so only the allow-list admits it (not even loopback: that would
+    aim the scheduler at its own ports)."""
     async def main():
         state, app = make_scheduler(allow_advertised_hosts=())
         bridged = {"X-Join-Token": TOKEN, RELAYED_HEADER: "p2p"}
         async with client(app, "127.0.0.1", headers=bridged) as http:
             p2p = await http.post("/node/join", json=foreign_join("p2p", peer_id="12D3KooWx"))
             assert p2p.status_code == 200, p2p.text
-            no_peer = await http.post("/node/join", json=foreign_join("nopeer"))
-            assert is_error(no_peer, 403)
+            for host in (FOREIGN, "127.0.0.1"):
+                no_peer = await http.post("/node/join", json=foreign_join("nopeer", host, host))
+                assert is_error(no_peer, 403), host
         async with client(app, OUTSIDE, headers=bridged) as http:
             forged = await http.post("/node/join", json=foreign_join("forged", peer_id="12D3x"))
             assert is_error(forged, 403)
@@ -185,6 +188,31 @@ def test_only_a_p2p_join_relayed_by_the_bridge_skips_the_address_check():
             chat = await http.post("/node/join", json=foreign_join("chat", peer_id="12D3x"))
             assert is_error(chat, 403)
         assert set(state.registry.nodes) == {"p2p"}
+
+    asyncio.run(main())
+
+
+def test_a_bridged_join_cannot_choose_its_address_with_forwarding_headers():
+    """uvicorn takes X-Forwarded-For from loopback clients as the client address, and the
+    bridge calls from loopback: the bridge drops such headers, and a relayed join's address
+    never admits it anyway."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from parallax.p2p.bridge import _pass
+
+    forwarded = [("X-Forwarded-For", FOREIGN), ("Forwarded", f"for={FOREIGN}"),
+                 ("X-Real-IP", FOREIGN), ("X-Join-Token", TOKEN)]
+    assert _pass(forwarded) == [("X-Join-Token", TOKEN)]
+
+    async def main():
+        state, app = make_scheduler(allow_advertised_hosts=())
+        behind_uvicorn = ProxyHeadersMiddleware(app, trusted_hosts="127.0.0.1")
+        headers = {"X-Join-Token": TOKEN, RELAYED_HEADER: "p2p", "X-Forwarded-For": FOREIGN}
+        async with client(behind_uvicorn, "127.0.0.1", headers=headers) as http:
+            steer = await http.post("/node/join", json=foreign_join("steer"))
+            assert is_error(steer, 403)
+            assert "an unknown address" in steer.json()["message"]
+        assert state.registry.nodes == {}
 
     asyncio.run(main())
 

@@ -75,6 +75,7 @@ from parallax.serving.security import (
     is_host_port_url,
     is_loopback_host,
     is_operator,
+    is_relayed,
     read_body_capped,
     require_api_key,
     require_json,
@@ -228,10 +229,13 @@ class SchedulerState:
         """403 unless the node may advertise the hosts of its http_url and activation endpoint
         (scheduler/admission.py): the address its join comes from, or one the operator
         allowed. A P2P node's join relayed by our bridge is let through: the scheduler reaches
-        it by peer id, and Lattica does not say which address the call came from."""
+        it by peer id, and Lattica does not say which address the call came from. Any other
+        relayed join came from our proxy's address, not the node's: only the list admits it."""
         peer = request.client.host if request.client is not None else None
-        if message.peer_id is not None and _bridged_by_p2p(request):
-            return
+        if is_relayed(request):
+            if message.peer_id is not None and _bridged_by_p2p(request):
+                return
+            peer = None
         for url in (message.http_url, message.activation_endpoint):
             refusal = advertise_refusal(message.node_id, urlsplit(url).hostname or "", peer,
                                         self.advertise_allowed, self.own_addresses)
