@@ -251,7 +251,8 @@ def _add_run(sub) -> None:
                         "although its join comes from another address: nodes behind NAT, on "
                         "a second interface or behind proxies; networks (10.0.0.0/8), IPs, "
                         "host names or *.domain (default: none; a node may advertise only the "
-                        "address it connects from, any loopback form for loopback)")
+                        "address it connects from, where this machine's loopback and LAN "
+                        "addresses count as one)")
     _add_tls(p, "CA certificate(s) that nodes' certificates must chain to (default: "
                   "the system's CAs); with --tls-certfile only nodes that serve https may join")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
