@@ -245,6 +245,14 @@ def _add_run(sub) -> None:
                    help="requests that may wait for a busy cluster; more get 429 at once "
                         "(default 1024)")
     _add_allowed_hosts(p)
+    p.add_argument("--allow-advertised-hosts", action="append", default=[],
+                   metavar="CIDR|HOST[,...]",
+                   help="hosts a node may advertise (in its HTTP and activation addresses) "
+                        "although its join comes from another address: nodes behind NAT, on "
+                        "a second interface or behind proxies; networks (10.0.0.0/8), IPs, "
+                        "host names or *.domain (default: none; a node may advertise only the "
+                        "address it connects from, where this machine's loopback and LAN "
+                        "addresses count as one)")
     _add_tls(p, "CA certificate(s) that nodes' certificates must chain to (default: "
                   "the system's CAs); with --tls-certfile only nodes that serve https may join")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -265,6 +273,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         dtype=args.dtype, quantize=args.quantize, mdns=not args.no_mdns, local_models=tuple(args.add_model),
         p2p=args.p2p, p2p_port=args.p2p_port, relays=tuple(args.relay),
         max_queued=args.max_queued, allowed_hosts=_hosts(args.allowed_hosts), tls=_tls(args),
+        allow_advertised_hosts=_hosts(args.allow_advertised_hosts),
     )
     return run_scheduler_process(config)
 
@@ -285,7 +294,9 @@ def _add_join(sub) -> None:
     p.add_argument("--activation-port", type=int, default=None,
                    help="ZeroMQ port for activations from other nodes (default: port + 100)")
     p.add_argument("--advertise-host", default=None,
-                   help="address other machines use to reach this node (default: from --host)")
+                   help="address other machines use to reach this node (default: from --host); "
+                        "the scheduler admits it only if it is the address this node's join "
+                        "comes from, or its --allow-advertised-hosts lists it")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")

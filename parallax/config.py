@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parallax.p2p.peer import MULTIADDR_RE, is_p2p_target
+from parallax.scheduler.admission import AdvertiseAllowList
 from parallax.serving.tls import NO_TLS, TLSConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -224,11 +225,17 @@ class SchedulerConfig:
     relays: tuple[str, ...] = ()  # relay server multiaddrs for peers behind NAT
     max_queued: int = 1024  # requests waiting for a pipeline with room; one more -> 429
     allowed_hosts: tuple[str, ...] = ()  # Host names answered when not bound to loopback
+    # hosts a node may advertise besides the address it joins from (scheduler/admission.py)
+    allow_advertised_hosts: tuple[str, ...] = ()
     tls: TLSConfig = NO_TLS  # https server/client (and CURVE links on nodes)
 
     def __post_init__(self) -> None:
         _check_listen(self.host, self.port, self.allowed_hosts)
         _check_p2p(self.p2p_port, self.relays)
+        try:
+            AdvertiseAllowList.parse(self.allow_advertised_hosts)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.p2p and self.tls.enabled:  # its P2P bridge talks plain HTTP to this server
             raise ConfigError("--p2p and the --tls-* options do not go together yet: P2P mode "
                               "is encrypted by libp2p; use one or the other")

@@ -74,7 +74,7 @@ class Head:
 
 def make_scheduler(head: Head | None = None, **overrides: Any) -> tuple[SchedulerState, FastAPI]:
     settings = {"mdns": False, "retry_attempts": 2, "retry_interval_s": 0.05,
-                "join_token": TOKEN, **overrides}
+                "join_token": TOKEN, "allow_advertised_hosts": ("head.test",), **overrides}
     catalog = ModelCatalog(known={"test-model": SPEC, "other-model": OTHER}, curated={},
                            include_builtin=False)
     transport = httpx.ASGITransport(app=head.app) if head is not None else None
@@ -515,7 +515,8 @@ def remote(scheduler_namespace, tmp_path_factory) -> Iterator[SimpleNamespace]:
     try:
         scheduler = spawn("scheduler", ["run", "--host", "0.0.0.0", "--port", str(port),
                                         "--no-mdns", "--api-key-file", str(tmp / "key"),
-                                        "--retry-attempts", "0"])
+                                        "--retry-attempts", "0",
+                                        "--allow-advertised-hosts", "head.test"])
         chat = spawn("chat", ["chat", "-s", f"127.0.0.1:{port}", "--host", "0.0.0.0",
                               "--port", str(chat_port)])
         url, chat_url = f"http://{SUBNET}.1:{port}", f"http://{SUBNET}.1:{chat_port}"
@@ -572,9 +573,18 @@ def test_attacks_from_outside_loopback_and_through_chat(remote):
                          json={"node_id": "victim"}), 403)
     assert is_error(call("POST", remote.url + "/node/join", headers=token,
                          json=join_body("victim")), 409)
+    # nor point the cluster at a host other than its own (the scheduler sees it at SUBNET.2)
+    for url, endpoint in (("http://10.250.0.9:22", f"tcp://{SUBNET}.2:3100"),
+                          (f"http://{SUBNET}.2:3000", f"tcp://{SUBNET}.1:22")):
+        steer = call("POST", remote.url + "/node/join", headers=token,
+                     json=join_body("steer", http_url=url, activation_endpoint=endpoint))
+        assert is_error(steer, 403) and "--allow-advertised-hosts" in steer.json()["message"]
     status = call("GET", remote.url + "/cluster/status_json").json()["data"]
     assert status["model_name"] is None and status["init_nodes_num"] == 1
     assert [n["node_id"] for n in status["node_list"]] == ["victim"]
+    own = call("POST", remote.url + "/node/join", headers=token, json=join_body(
+        "own", http_url=f"http://{SUBNET}.2:3000", activation_endpoint=f"tcp://{SUBNET}.2:3100"))
+    assert own.status_code == 200, own.text
     assert all(TOKEN not in r.text for r in seen), [r.url for r in seen if TOKEN in r.text]
     # the operator sees the real command: with the key from anywhere, or on the machine itself
     real = call("GET", remote.chat_url + "/node/join/command", headers=operator)

@@ -172,7 +172,9 @@ class Scheduler:
     """A scheduler app on uvicorn plus a client that plays the node agents."""
 
     def __init__(self, nodes: FakeNodes, model: str | None = "test-model", **overrides: Any):
-        settings = {"retry_attempts": 2, "retry_interval_s": 0.05, "mdns": False, **overrides}
+        # fake nodes advertise *.test activation endpoints from a loopback connection
+        settings = {"retry_attempts": 2, "retry_interval_s": 0.05, "mdns": False,
+                    "allow_advertised_hosts": ("*.test",), **overrides}
         self.config = SchedulerConfig(**settings)
         catalog = ModelCatalog(known={"test-model": SPEC, "other-model": OTHER}, curated={},
                                include_builtin=False)

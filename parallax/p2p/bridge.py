@@ -42,8 +42,11 @@ from parallax.serving.security import mark_relayed
 logger = logging.getLogger("parallax.p2p")
 
 METHOD = "HttpBridge.http"
+# the forwarding headers too: the local server trusts them from loopback (uvicorn's proxy
+# headers), and a remote peer must not choose the client address it is taken for
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host",
-                PEER_HEADER}
+                PEER_HEADER, "forwarded", "x-forwarded-for", "x-forwarded-host",
+                "x-forwarded-proto", "x-real-ip"}
 
 # POST /scheduler/init needs the operator's API key over P2P: a relayed call is never loopback
 SCHEDULER_PATHS = ("/node/join", "/node/heartbeat", "/node/leave", "/v1/chat/completions",

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.config import MAX_INIT_NODES, QUANTIZE_CHOICES, SchedulerConfig
+from parallax.net import lan_address
 from parallax.node.link_crypto import is_curve_key
 from parallax.protocol.common import DownloadProgress
 from parallax.protocol.control import (
@@ -33,6 +35,7 @@ from parallax.protocol.control import (
     PeerEndpoint,
     ProbeTarget,
 )
+from parallax.scheduler.admission import AdvertiseAllowList, advertise_refusal
 from parallax.scheduler.allocation import NodeInfo
 from parallax.scheduler.catalog import ModelCatalog, canonical_model, display_name
 from parallax.scheduler.forward import CHAT_PATH, COMPLETIONS_PATH, Forwarder, effective_running
@@ -67,9 +70,12 @@ from parallax.serving.openai_schemas import (
 from parallax.serving.responses_api import responses_adapter, responses_to_chat
 from parallax.serving.security import (
     CONTROL_BODY_LIMIT,
+    RELAYED_HEADER,
     install_security,
     is_host_port_url,
+    is_loopback_host,
     is_operator,
+    is_relayed,
     read_body_capped,
     require_api_key,
     require_json,
@@ -125,6 +131,8 @@ class SchedulerState:
         self.join_command = join_command(config.host, config.port,
                                          config.tls.serves_tls)  # without the token
         self.node_secrets: dict[str, str] = {}  # issued at join, sent back as X-Node-Secret
+        self.advertise_allowed = AdvertiseAllowList.parse(config.allow_advertised_hosts)
+        self.own_addresses = (lan_address(),)  # a node beside us may advertise it (admission)
         self._model_list: list[dict[str, Any]] | None = None
         self._model_list_lock = asyncio.Lock()
 
@@ -216,6 +224,24 @@ class SchedulerState:
                                 f"is let in again once its old entry is evicted (after "
                                 f"{self.config.heartbeat_timeout_s:g} s without heartbeats); "
                                 "two nodes must not share a node id (use another --port)")
+
+    def check_advertised(self, message: NodeJoin, request: Request) -> None:
+        """403 unless the node may advertise the hosts of its http_url and activation endpoint
+        (scheduler/admission.py): the address its join comes from, or one the operator
+        allowed. A P2P node's join relayed by our bridge is let through: the scheduler reaches
+        it by peer id, and Lattica does not say which address the call came from. Any other
+        relayed join came from our proxy's address, not the node's: only the list admits it."""
+        peer = request.client.host if request.client is not None else None
+        if is_relayed(request):
+            if message.peer_id is not None and _bridged_by_p2p(request):
+                return
+            peer = None
+        for url in (message.http_url, message.activation_endpoint):
+            refusal = advertise_refusal(message.node_id, urlsplit(url).hostname or "", peer,
+                                        self.advertise_allowed, self.own_addresses)
+            if refusal is not None:
+                logger.warning("join refused: %s", refusal)
+                raise APIError(403, refusal)
 
     def join(self, message: NodeJoin) -> JoinResponse:
         now = self.clock()
@@ -381,6 +407,14 @@ def _valid_join(message: NodeJoin) -> None:
                             f"got {message.activation_endpoint!r}")
     if message.memory_bytes < 0 or message.max_running_requests < 1:
         raise APIError(400, "memory_bytes must be >= 0 and max_running_requests >= 1")
+
+
+def _bridged_by_p2p(request: Request) -> bool:
+    """Relayed by this scheduler's P2P bridge (parallax/p2p/bridge.py marks "p2p" and calls
+    from loopback; a remote caller cannot make its connection come from loopback)."""
+    client = request.client
+    return client is not None and is_loopback_host(client.host) \
+        and request.headers.get(RELAYED_HEADER) == "p2p"
 
 
 def _decode(body: bytes, type_: type) -> Any:
@@ -561,6 +595,7 @@ def build_app(state: SchedulerState) -> FastAPI:
                                 "--tls-keyfile and --tls-ca-file, so its API and activation "
                                 "links are encrypted too")
         state.check_rejoin(message.node_id, request.headers.get(NODE_SECRET_HEADER))
+        state.check_advertised(message, request)
         return _msgspec_response(state.join(message))
 
     @app.post("/node/heartbeat")

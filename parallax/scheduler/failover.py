@@ -25,6 +25,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from parallax.p2p.peer import PEER_HEADER
 from parallax.protocol.common import INVALID_REQUEST, PEER_LOST
 from parallax.scheduler.replay import KEEPALIVE, Failure, ReplaySession, SSELines, should_replay
 from parallax.scheduler.traces import TraceStore, attempt_trace
@@ -106,7 +107,11 @@ class FailoverMixin:
             if record is None:
                 return
             try:
-                await self.client.get(f"{record.http_url}/health", timeout=PROBE_TIMEOUT_S)
+                # a P2P node over Lattica by peer id, as its chats go: the scheduler never
+                # dials the address such a node advertised (nothing checked it; admission.py)
+                headers = {PEER_HEADER: record.peer_id} if record.peer_id else None
+                await self.client.get(f"{record.http_url}/health", timeout=PROBE_TIMEOUT_S,
+                                      headers=headers)
             except httpx.ConnectError:
                 if self.registry.nodes.get(node_id) is record and self.on_unreachable:
                     self.on_unreachable(node_id)

@@ -18,7 +18,6 @@ The trust rules (ARCHITECTURE.md, "Trust"):
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from parallax.net import is_loopback_host
 from parallax.serving.errors import APIError, check_secret, error_body
 
 # set by parallax chat's forwarder and the P2P bridge on every request they relay
@@ -43,7 +43,6 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 )
-_LOOPBACK_NAMES = ("localhost", "localhost.")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 
 
@@ -60,22 +59,6 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 def has_bearer(headers: Mapping[str, str], secret: str) -> bool:
     """True when the request sends `secret` as its Bearer token (constant-time compare)."""
     return check_secret(bearer_token(headers), secret)
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """localhost, 127.0.0.0/8 or ::1 (brackets and a zone allowed); False for anything else."""
-    if not host:
-        return False
-    host = host.strip().lower()
-    if host in _LOOPBACK_NAMES:
-        return True
-    host = host.removeprefix("[").removesuffix("]").split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 def is_relayed(request: Request) -> bool:
