@@ -243,3 +243,19 @@ def test_a_pipeline_planned_on_slow_links_is_re_paired_when_reconsidered() -> No
     assert registry.allocation.pipelines == planned.pipelines  # not due yet
     report_all(40.0)
     assert pairs(registry.allocation) == {frozenset({"n1", "n2"}), frozenset({"f1", "f2"})}
+
+
+def test_reconsidering_never_drops_a_pipeline_whose_links_held() -> None:
+    """Fewer pipelines lower the mean per-token cost but lose capacity: reconsideration only
+    re-pairs (a 1 s stall once made the far pair look far and dropped it until the next join)."""
+    model = spec(32)
+    nodes = [node("n1", 20), node("n2", 20), node("f1", 20), node("f2", 20)]
+    net = Regions({"n1": "eu", "n2": "eu", "f1": "us", "f2": "us"})
+    first = allocate(nodes, model, network=net)
+    assert len(first.pipelines) == 2
+    far = next(p for p in first.pipelines if p[0].node_id.startswith("f"))
+    net.override[frozenset(s.node_id for s in far)] = 60.0  # far, and planned so
+    planned = dataclasses.replace(first, planned_hop_ms=tuple(
+        hop_cost_ms(p, net, model.activation_bytes) for p in first.pipelines))
+    assert rebalance(planned, nodes, model, network=net, reconsider=True).pipelines \
+        == planned.pipelines

@@ -130,10 +130,8 @@ def rebalance(
     present = [
         i for i, p in enumerate(previous.pipelines) if all(s.node_id in by_id for s in p)
     ]
-    if reconsider and network is not None:
-        degraded = set(present)
-    else:
-        degraded = set(degraded_pipelines(previous, model, network, present))
+    slower = set(degraded_pipelines(previous, model, network, present))
+    degraded = set(present) if reconsider and network is not None else slower
     replan, _ = _rebalance(previous, nodes, model, degraded, network, options)
     if not degraded:
         return replan
@@ -148,6 +146,8 @@ def rebalance(
         key=lambda a: (len(a.pipelines), -cost[id(a)]),
     )
     gain = cost[id(keep)] - cost[id(best)]
+    if not slower and len(best.pipelines) < len(keep.pipelines):
+        return keep  # a lower mean cost from fewer pipelines is lost capacity, not a gain
     return best if gain >= max(DEGRADED_MIN_MS, REPLAN_MIN_GAIN * cost[id(keep)]) else keep
 
 
