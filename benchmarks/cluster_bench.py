@@ -518,7 +518,7 @@ async def chat_turns(url: str, node_ports: list[int], turns: int,
                       for p in node_ports]
             body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
-            first, text, usage = None, [], {}
+            first, text, usage, metrics = None, [], {}, {}
             start = time.perf_counter()
             async with client.stream("POST", f"{url}/v1/chat/completions",
                                      json=body) as response:
@@ -527,6 +527,7 @@ async def chat_turns(url: str, node_ports: list[int], turns: int,
                         continue
                     chunk = json.loads(line[6:])
                     usage = chunk.get("usage") or usage
+                    metrics = chunk.get("metrics") or metrics
                     for choice in chunk.get("choices", []):
                         piece = choice.get("delta", {}).get("content")
                         if piece:
@@ -535,8 +536,15 @@ async def chat_turns(url: str, node_ports: list[int], turns: int,
             after = [httpx.get(f"http://127.0.0.1:{p}/health", timeout=5).json()
                      for p in node_ports]
             messages.append({"role": "assistant", "content": "".join(text)})
+            stages = metrics.get("stages") or []
             rows.append({"prompt tokens": usage.get("prompt_tokens", 0),
                          "ttft ms": 1000 * (first or float("nan")),
+                         # where the time went: the head's own TTFT (from its HTTP server's
+                         # request to the first token) and each stage's whole-request figures
+                         "head ttft ms": metrics.get("ttft_ms") or float("nan"),
+                         "compute ms": [s.get("compute_ms") for s in stages],
+                         "queue ms": [s.get("queue_ms") for s in stages],
+                         "hops ms": metrics.get("hops_ms") or [],
                          "hits": [a.get("num_prefix_hit_tokens", 0)
                                   - b.get("num_prefix_hit_tokens", 0)
                                   for a, b in zip(after, before, strict=True)]})
@@ -565,6 +573,15 @@ def run_chat_turns(args: argparse.Namespace) -> None:
         hits = " / ".join(str(h) for h in a["hits"])
         print(f"| {turn} | {a['prompt tokens']} | {a['ttft ms']:.0f} | {hits} | "
               f"{b['ttft ms']:.0f} |")
+    print("\nWhere the time went with caching (whole request: prefill and all decode steps):\n")
+    print("| turn | TTFT at the client ms | TTFT at the head ms | compute per stage ms | "
+          "queue per stage ms | hops ms |")
+    print("|---|---|---|---|---|---|")
+    for turn, a in enumerate(on, 1):
+        print(f"| {turn} | {a['ttft ms']:.0f} | {a['head ttft ms']:.0f} | "
+              f"{' / '.join(f'{x:.0f}' for x in a['compute ms'])} | "
+              f"{' / '.join(f'{x:.0f}' for x in a['queue ms'])} | "
+              f"{' / '.join(f'{x:.0f}' for x in a['hops ms'])} |")
     print(f"\nturn {len(on)} / turn 1 TTFT: caching {on[-1]['ttft ms'] / on[0]['ttft ms']:.2f}x, "
           f"no caching {off[-1]['ttft ms'] / off[0]['ttft ms']:.2f}x")
 

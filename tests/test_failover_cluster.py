@@ -171,6 +171,16 @@ def assert_kill_mid_stream_is_invisible(cluster: LocalCluster, reference: list[S
         assert sum("role" in c["choices"][0]["delta"] for c in stream.chunks) == 1
         assert len({c["id"] for c in stream.chunks}) == 1
 
+    # the scheduler's trace lists both attempts: the broken one on the victim's pipeline,
+    # then the one that finished, with its stages (no API key: loopback is the operator)
+    for stream in streams:
+        trace = httpx.get(f"{cluster.url}/v1/traces/{stream.chunks[0]['id']}", timeout=10).json()
+        assert trace["failovers"] == 1, trace
+        broken, finished = trace["attempts"]
+        assert victim_id in broken["pipeline"] and broken["outcome"] != "ok", trace
+        assert victim_id not in finished["pipeline"] and finished["outcome"] == "ok", trace
+        assert [s["node_id"] for s in finished["stages"]] == finished["pipeline"], trace
+
     status = cluster.status()
     new_head = status["pipelines"][0][0]
     assert victim_id not in {n for p in status["pipelines"] for n in p}
