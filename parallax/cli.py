@@ -302,6 +302,9 @@ def _add_join(sub) -> None:
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                    help="budget for weights + KV cache, e.g. 8GB (default: free memory)")
+    p.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE",
+                   help="KV cache budget of this stage, e.g. 512MB (default: --memory less "
+                        "the assigned layers' weights, or the executor's default share)")
     _add_secret(p, "--join-token", "PARALLAX_JOIN_TOKEN",
                 "the cluster's join token, if it has one")
     p.add_argument("--max-batch-size", type=_positive_int, default=32,
@@ -332,6 +335,7 @@ def _run_join(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, host=args.host, port=args.port,
         activation_port=args.activation_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, memory_bytes=args.memory,
+        kv_memory_bytes=args.kv_memory,
         join_token=_secret(args, "--join-token", "PARALLAX_JOIN_TOKEN"),
         max_batch_size=args.max_batch_size, threads=args.threads,
         warmup=not args.no_warmup, activation_int8=args.activation_int8,

@@ -285,6 +285,7 @@ class JoinConfig:
     device: str = "cpu"
     dtype: str = "auto"
     memory_bytes: int | None = None  # budget for weights + KV cache; None: free memory
+    kv_memory_bytes: int | None = None  # KV cache budget; None: memory_bytes less the weights
     join_token: str | None = None
     threads: int | None = None
     max_batch_size: int = 32
@@ -328,6 +329,11 @@ class JoinConfig:
             raise ConfigError("an https:// scheduler needs this node to serve TLS too: give "
                               "--tls-certfile and --tls-keyfile (and --tls-ca-file)")
         _check_positive("memory_bytes", self.memory_bytes)
+        _check_positive("kv_memory_bytes", self.kv_memory_bytes)
+        if self.memory_bytes and self.kv_memory_bytes \
+                and self.kv_memory_bytes >= self.memory_bytes:
+            raise ConfigError("--kv-memory must be less than --memory, which also holds the "
+                              "weights; lower --kv-memory or raise --memory")
 
     @property
     def max_in_flight(self) -> int:

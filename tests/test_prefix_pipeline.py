@@ -13,6 +13,7 @@ import random
 import time
 
 import pytest
+from processes import free_port
 from test_pipeline_links import KEY, Cluster
 from tiny_models import greedy_tokens, save_tiny_model
 
@@ -338,3 +339,91 @@ def test_six_turn_chat_reuses_the_prefix_on_both_stages(tmp_path_factory):
         for earlier, later in zip(hits, hits[1:], strict=False):
             assert later[0] > earlier[0] and later[1] > earlier[1], hits
         assert all(h[0] == h[1] for h in hits), hits  # both stages skipped the same prefix
+
+
+@pytest.mark.slow
+def test_a_later_stage_that_lost_blocks_over_http(tmp_path_factory):
+    """The second-stage eviction proof through a real 2-node cluster: the tail is restarted
+    with a small `join --kv-memory`, a filler request pushes some of turn 1's blocks out of the
+    tail's cache only (the head's holds them all), and turn 2 still equals the whole model's
+    greedy answer while the head ran its own layers again for exactly what the tail lost."""
+    import httpx
+    from test_cluster import LocalCluster, running, split_memory
+    from test_failover_cluster import kill_node
+
+    from parallax.models.hub import builtin_gguf_path
+    from parallax.models.loader import load_tokenizer
+
+    class TwoNodes(LocalCluster):
+        max_replays = 1
+
+    model = load_shard(builtin_gguf_path()).model
+    tokenizer = load_tokenizer(builtin_gguf_path())
+    vocab = int(model.config.vocab_size)
+
+    def whole_model(prompt: list[int], max_tokens: int) -> list[int]:
+        return greedy_tokens(model, [prompt], max_tokens, kv=64 * 2**20,
+                             enable_prefix_caching=False)[0]
+
+    def ids(n: int, seed: int) -> list[int]:
+        rng = random.Random(seed)
+        return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
+
+    def complete(url: str, prompt: list[int], max_tokens: int) -> str:
+        body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert answer["choices"][0]["finish_reason"] == "length", answer
+        return answer["choices"][0]["text"]
+
+    cluster = TwoNodes(tmp_path_factory.mktemp("evict_http"), num_nodes=2,
+                       memory=split_memory())
+    with running(cluster):
+        head_id, tail_id = cluster.status()["pipelines"][0]
+        tail_port = int(tail_id.rsplit("-", 1)[1])
+        kill_node(cluster, tail_id)
+        cluster.nodes[tail_port] = cluster._spawn(f"node-{tail_port}-small", [
+            "join", "-s", cluster.join_target, "--port", str(tail_port), "--activation-port",
+            str(free_port()), "--memory", cluster.memory, "--kv-memory", "12MB",
+            "--max-batch-size", "8", "--no-warmup"])
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline, "the restarted tail never served"
+            try:
+                status = cluster.status()
+                if status["pipelines"] == [[head_id, tail_id]] and status["ready_pipelines"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        ports = {head_id: int(head_id.rsplit("-", 1)[1]), tail_id: tail_port}
+        # one request through the new tail first (a first attempt that meets a link still
+        # being set up is replayed; the turns below must each run once)
+        complete(cluster.url, ids(40, seed=9), 2)
+
+        turn1 = ids(150, seed=1)
+        tokens1 = whole_model(turn1, 16)
+        assert complete(cluster.url, turn1, 16) == tokenizer.decode(tokens1,
+                                                                    skip_special_tokens=True)
+        cached = cached_tokens(turn1, 16) // BLOCK  # blocks of turn 1 on every stage
+        tail_blocks = health(tail_port)["num_total_blocks"]  # known once it ran a step
+        assert health(ports[head_id])["num_total_blocks"] > 4 * tail_blocks
+        # a filler with no common prefix that needs all but two of turn 1's blocks
+        filler_blocks = tail_blocks - cached + 2
+        assert filler_blocks > cached, (tail_blocks, cached, health(tail_port))
+        complete(cluster.url, ids(filler_blocks * BLOCK - 8, seed=2), 8)
+        turn2 = turn1 + tokens1 + ids(12, seed=3)
+        before = {n: health(p) for n, p in ports.items()}
+        answer2 = complete(cluster.url, turn2, 6)
+        after = {n: health(p) for n, p in ports.items()}
+    moved = {n: {k: after[n][k] - before[n][k] for k in (
+        "num_prefix_hit_tokens", "num_prefill_tokens", "num_prefix_recomputed_tokens")}
+        for n in ports}
+    assert answer2 == tokenizer.decode(whole_model(turn2, 6), skip_special_tokens=True)
+    head_cached = cached * BLOCK
+    held = moved[tail_id]["num_prefix_hit_tokens"]
+    assert 0 < held < head_cached and held % BLOCK == 0, (moved, tail_blocks, before, after)
+    assert moved[head_id]["num_prefix_hit_tokens"] == held, moved
+    assert moved[head_id]["num_prefix_recomputed_tokens"] == head_cached - held, moved
+    assert moved[head_id]["num_prefill_tokens"] == moved[tail_id]["num_prefill_tokens"] \
+        == len(turn2) - held, moved

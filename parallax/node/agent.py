@@ -277,8 +277,8 @@ class NodeAgent:
 
     async def _executor_config(self, assignment: Assignment) -> ExecutorConfig:
         dtype = self.config.compute_dtype
-        kv_bytes = None
-        if self.config.memory_bytes:
+        kv_bytes = self.config.kv_memory_bytes
+        if kv_bytes is None and self.config.memory_bytes:
             weights = await asyncio.to_thread(
                 shard_weight_bytes, assignment.model, assignment.start_layer,
                 assignment.end_layer, 2 if dtype in ("bfloat16", "float16") else 4,
