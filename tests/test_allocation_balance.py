@@ -104,3 +104,33 @@ def test_a_slow_group_dissolves_when_its_nodes_do_more_elsewhere() -> None:
     # a group running near its ideal pace is never dissolved
     alone = [by_id["a"], by_id["b"], by_id["c"]]
     assert dissolve_slow_groups([alone], 32) == [[by_id["a"], by_id["b"], by_id["c"]]]
+
+
+def layers_loaded(before, after) -> int:
+    """Layers nodes must load: those of their new range they did not hold before."""
+    held = {s.node_id: (s.start_layer, s.end_layer) for p in before.pipelines for s in p}
+    total = 0
+    for p in after.pipelines:
+        for s in p:
+            a, b = held.get(s.node_id, (0, 0))
+            total += s.num_layers - max(0, min(b, s.end_layer) - max(a, s.start_layer))
+    return total
+
+
+def test_a_broken_pipeline_is_resplit_around_its_survivors() -> None:
+    from parallax.scheduler.rebalance import rebalance
+
+    model = spec(32, embedding=0, lm_head=0)
+    a, b, c = node("a", 12), node("b", 12), node("c", 12)
+    first = allocate([a, b, c], model, network=one_region)
+    (pipeline,) = first.pipelines
+    lost = pipeline[0]  # the head leaves; no free node holds its range as is
+    survivors = [n for n in (a, b, c) if n.node_id != lost.node_id]
+    smaller = node("d", lost.num_layers - 1)
+    after = rebalance(first, [*survivors, smaller], model, network=one_region)
+    check_valid(after, [*survivors, smaller], model)
+    (repaired,) = after.pipelines
+    assert [s.node_id for s in repaired] == ["d", pipeline[1].node_id, pipeline[2].node_id]
+    # the survivors keep their layers but one each: a fresh split of the three would move one
+    # survivor's whole range
+    assert layers_loaded(first, after) <= lost.num_layers + 2

@@ -187,6 +187,20 @@ def build_pipeline(
     return tuple(stages)
 
 
+def split_in_order(run: Sequence[Candidate], num_layers: int) -> tuple[Stage, ...] | None:
+    """``run`` in this order (first and last in their roles) water-filled; None when it cannot
+    hold ``num_layers`` (or a node would get no layer)."""
+    caps = _role_caps(run)
+    if len(run) > num_layers or sum(caps) < num_layers or min(caps) < 1:
+        return None
+    layers = water_fill(num_layers, [c.speed for c in run], caps)
+    stages, start = [], 0
+    for cand, count in zip(run, layers, strict=True):
+        stages.append(Stage(cand.node.node_id, start, start + count))
+        start += count
+    return tuple(stages)
+
+
 def _role_caps(order: Sequence[Candidate]) -> list[int]:
     if len(order) == 1:
         return [order[0].solo]
