@@ -29,8 +29,10 @@ Strategies, all in the same run over the same events:
 Routing: each `route` decision fills the chosen pipeline's free slots from the queue (so a
 1 000-node run routes thousands, not hundreds of thousands, of times). Reports per model and size: allocation and rebalance wall time (ms), throughput as a share of
 the bound (steady state = the first quarter skipped), layer bytes moved per churn event, and the
-share of requests that needed a replay (their pipeline lost a node or moved). `--plot` writes
-benchmarks/results/swarm_<model>_<n>.png (needs matplotlib: pip install matplotlib).
+share of requests that needed a replay (their pipeline lost a node or moved), and where the rest
+of the bound goes (LOSSES: nodes in no pipeline, pipelines loading, unbalanced stages, too few
+requests in flight). `--plot` writes benchmarks/results/swarm_<model>_<n>.png (needs matplotlib:
+pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -480,7 +482,7 @@ def plot(result: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        print("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
