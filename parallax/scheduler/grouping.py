@@ -318,23 +318,26 @@ def network_groups(
         leftover.extend(rest)
     far, _ = greedy_groups(in_order(leftover), num_layers)
     nodes = {c.node.node_id: c.node for c in cands}
+    built: dict[tuple[str, ...], tuple[Stage, ...]] = {}
+
+    def build(group: list[Candidate]) -> tuple[Stage, ...]:  # each group once
+        key = tuple(c.node.node_id for c in group)
+        if key not in built:
+            built[key] = build_pipeline(group, num_layers, network)
+        return built[key]
+
     if not local:
         local = choose_groups(far)
     elif far:
-        median = statistics.median(
-            planned_cost_ms(build_pipeline(g, num_layers, network), nodes, model, network)
-            for g in local
-        )
+        median = statistics.median(planned_cost_ms(build(g), nodes, model, network) for g in local)
         limit = FAR_COST_FACTOR * median
         local.extend(
-            g for g in far
-            if planned_cost_ms(build_pipeline(g, num_layers, network), nodes, model, network)
-            <= limit
+            g for g in far if planned_cost_ms(build(g), nodes, model, network) <= limit
         )
     used = {id(c) for g in local for c in g}
     attach_spare(local, [c for c in cands if id(c) not in used], num_layers, network)
     local = dissolve_slow_groups(local, num_layers, network)
-    return [build_pipeline(g, num_layers, network) for g in local]
+    return [build(g) for g in local]
 
 
 def dissolve_slow_groups(

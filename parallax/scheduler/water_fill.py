@@ -9,6 +9,7 @@ emits tokens at its bottleneck stage's pace.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 
 
@@ -30,10 +31,15 @@ def water_fill(num_layers: int, speeds: Sequence[float], capacities: Sequence[in
     if sum(capacities) < num_layers:
         raise ValueError(f"capacities hold {sum(capacities)} layers, {num_layers} needed")
     rates = _effective_speeds(speeds)
-    layers = [0] * len(rates)
-    heap = [(-r, i) for i, (r, c) in enumerate(zip(rates, capacities, strict=True)) if c > 0]
+    # a layer whose pace speed / k beats the even pace Σ speed / num_layers is handed out in
+    # any case (the last layer handed out paces at most that): start there, hand out the rest
+    even = sum(rates) / max(1, num_layers)
+    layers = [min(c, max(0, math.ceil(r / even) - 1)) for r, c in
+              zip(rates, capacities, strict=True)]
+    heap = [(-r / (n + 1), i) for i, (r, c, n) in
+            enumerate(zip(rates, capacities, layers, strict=True)) if n < c]
     heapq.heapify(heap)
-    for _ in range(num_layers):
+    for _ in range(num_layers - sum(layers)):
         _, i = heapq.heappop(heap)
         layers[i] += 1
         if layers[i] < capacities[i]:
