@@ -29,8 +29,10 @@ Strategies, all in the same run over the same events:
 Routing: each `route` decision fills the chosen pipeline's free slots from the queue (so a
 1 000-node run routes thousands, not hundreds of thousands, of times). Reports per model and size: allocation and rebalance wall time (ms), throughput as a share of
 the bound (steady state = the first quarter skipped), layer bytes moved per churn event, and the
-share of requests that needed a replay (their pipeline lost a node or moved). `--plot` writes
-benchmarks/results/swarm_<model>_<n>.png (needs matplotlib: pip install matplotlib).
+share of requests that needed a replay (their pipeline lost a node or moved), and where the rest
+of the bound goes (LOSSES: nodes in no pipeline, pipelines loading, unbalanced stages, too few
+requests in flight). `--plot` writes benchmarks/results/swarm_<model>_<n>.png (needs matplotlib:
+pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ class Strategy:
     moved_bytes: list[int] = field(default_factory=list)
     replays: int = 0
     last_index: int = -1
+    losses: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # t, tok/s lost
 
 
 def moved_bytes(old: Allocation | None, new: Allocation, model: ModelSpec) -> dict[str, int]:
@@ -303,11 +306,13 @@ def step(strategy: Strategy, swarm: Swarm, model: ModelSpec, now: float, dt: flo
     for r in strategy.active:
         by_pipeline.setdefault(r.pipeline, []).append(r)
     done = set()
+    loss = losses_at(strategy, swarm, model, figures)
     for p, requests in by_pipeline.items():
         if p not in figures:
             continue  # down (loading)
         bottleneck, latency, _ = figures[p]
         rate = min(bottleneck, len(requests) / latency)
+        loss["in flight"] += bottleneck - rate
         share = rate * dt / len(requests)
         for r in requests:
             got = min(share, r.remaining)
@@ -318,6 +323,38 @@ def step(strategy: Strategy, swarm: Swarm, model: ModelSpec, now: float, dt: flo
     strategy.active = [r for r in strategy.active if id(r) not in done]
     strategy.tokens += produced
     strategy.series.append((now, produced / dt, bound))
+    strategy.losses.append((now, loss))
+
+
+LOSSES = ("no pipeline", "loading", "unbalanced", "in flight")
+"""Where the bound goes: capacity of nodes in no pipeline; of pipelines down while loading
+layers; of stages faster than their pipeline's slowest (Σ stage capacity ÷ layers − the
+bottleneck); of bottlenecks not reached (too few requests in flight for the per-token latency,
+or none routed). The rest of the gap is rounding in the simulated steps."""
+
+
+def losses_at(strategy: Strategy, swarm: Swarm, model: ModelSpec,
+              figures: dict[tuple[Stage, ...], tuple[float, float, list[float]]]
+              ) -> dict[str, float]:
+    """Tokens/s of the bound lost to each cause of LOSSES this step (pipelines with no request
+    at all add their whole bottleneck to "in flight")."""
+    def capacity(ids) -> float:
+        return sum(BATCH * swarm.nodes[n].true_speed * GB / model.layer_bytes
+                   for n in ids) / model.num_layers
+
+    pipelines = strategy.allocation.pipelines if strategy.allocation else ()
+    used = {s.node_id for p in pipelines for s in p}
+    loss = dict.fromkeys(LOSSES, 0.0)
+    loss["no pipeline"] = capacity(n for n in swarm.nodes if n not in used)
+    served = {r.pipeline for r in strategy.active}
+    for p in pipelines:
+        if p not in figures:
+            loss["loading"] += capacity(s.node_id for s in p)
+            continue
+        loss["unbalanced"] += capacity(s.node_id for s in p) - figures[p][0]
+        if p not in served:
+            loss["in flight"] += figures[p][0]
+    return loss
 
 
 def bound_tokens_s(swarm: Swarm, model: ModelSpec) -> float:
@@ -415,6 +452,8 @@ def summary(result: dict) -> list[dict]:
             "moved_gb": moved / GB,
             "moved_vs_scratch": moved / scratch_moved if scratch_moved else 0.0,
             "replay_share": s.replays / served,
+            "losses": {k: sum(loss[k] for t, loss in s.losses if t >= steady_from)
+                       / max(1e-9, sum(b for _, b in steady)) for k in LOSSES},
         })
     return rows
 
@@ -434,13 +473,16 @@ def print_table(result: dict, rows: list[dict]) -> None:
               f"{100 * r['replay_share']:.2f} % |")
     print(f"\nbound (Σ node capacity ÷ {model.num_layers} layers, steady-state mean): "
           f"{rows[0]['bound']:.0f} tok/s")
+    print("where the rest of the bound goes (steady state, share of the bound): " + "; ".join(
+        f"{r['strategy']}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in r["losses"].items())
+        for r in rows))
 
 
 def plot(result: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        print("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -26,8 +26,14 @@ regional group is kept (the k² rule applies without a network: with one, routin
 to the cheaper pipelines first, and a longer regional pipeline still adds throughput). The nodes
 a region cannot use pool into cross-region groups, which are kept only when their per-token cost
 (:mod:`parallax.scheduler.cost`) is within :data:`FAR_COST_FACTOR` of the regional pipelines'
-median: a far node stays standby when near ones can do the job. Stages are ordered so each hop
-goes to the nearest remaining node. :func:`parallax.scheduler.rebalance.rebalance` re-plans a pipeline whose hops got slower.
+median: a far node stays standby when near ones can do the job. A region's mixed leftovers group
+by capacity or in runs of consecutive speed, whichever paces faster (a pipeline runs at its
+slowest stage's speed ÷ layers; a fast node with little memory tied to a slow one that must take
+many layers wastes the fast one). Then each spare node joins the near pipeline whose pace it
+raises most (:data:`ATTACH_MIN_GAIN` of its own share at least, at most
+:data:`ATTACH_MAX_STAGES` stages), and a pipeline paced below :data:`DISSOLVE_EFFICIENCY` of its
+ideal dissolves when its nodes add more elsewhere. Stages are ordered so each hop goes to the
+nearest remaining node. :func:`parallax.scheduler.rebalance.rebalance` re-plans a pipeline whose hops got slower.
 
 The pieces live in :mod:`~parallax.scheduler.layout` (data, capacity, speed),
 :mod:`~parallax.scheduler.water_fill`, :mod:`~parallax.scheduler.grouping` (forming pipelines)
@@ -41,6 +47,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from parallax.scheduler.grouping import (
+    ATTACH_MAX_STAGES,
+    ATTACH_MIN_GAIN,
+    DISSOLVE_EFFICIENCY,
     FAR_COST_FACTOR,
     NEAR_RTT_MS,
     SPEED_TIER_GAP,
@@ -70,7 +79,7 @@ from parallax.scheduler.layout import (
 from parallax.scheduler.water_fill import water_fill
 
 __all__ = [
-    "DECODE_INTENSITY", "DEFAULT_KV_RESERVE_TOKENS", "DEFAULT_MEMORY_FRACTION",
+    "ATTACH_MAX_STAGES", "ATTACH_MIN_GAIN", "DISSOLVE_EFFICIENCY", "DECODE_INTENSITY", "DEFAULT_KV_RESERVE_TOKENS", "DEFAULT_MEMORY_FRACTION",
     "FAR_COST_FACTOR", "NEAR_RTT_MS", "SPEED_TIER_GAP", "Allocation", "ModelSpec", "Network",
     "NodeInfo", "Stage", "allocate", "hop_cost_ms", "layer_bytes_with_kv", "layer_capacity",
     "node_speed", "planned_cost_ms", "water_fill",

@@ -22,7 +22,7 @@ from parallax.scheduler.layout import (
     layer_capacity,
     node_speed,
 )
-from parallax.scheduler.water_fill import water_fill
+from parallax.scheduler.water_fill import bottleneck_rate, water_fill
 
 NEAR_RTT_MS = 20.0
 """Nodes within this RTT of a region's leader belong to its region."""
@@ -30,6 +30,16 @@ FAR_COST_FACTOR = 2.0
 """A cross-region pipeline is used only when it costs at most this × the regional median."""
 SPEED_TIER_GAP = 1.5
 """Within a region, pipelines form first among nodes whose speeds differ less than this."""
+ATTACH_MAX_STAGES = 6
+"""A spare node joins a near pipeline as an extra stage only while that pipeline has fewer
+stages: each stage adds a hop, and a long pipeline needs many requests in flight to keep every
+stage busy."""
+ATTACH_MIN_GAIN = 0.25
+"""... and only when the pipeline gains at least this share of the node's own fair share."""
+DISSOLVE_EFFICIENCY = 0.8
+"""A group paced below this share of its ideal is dissolved when its nodes, attached to other
+groups, add more than it gives."""
+"""... and only when the pipeline gains at least this share of the node's own fair share."""
 
 _INF = math.inf
 
@@ -162,20 +172,54 @@ def build_pipeline(
     the nearest remaining node) and water-fill its layers."""
     a, b, _ = best_roles(run)
     if len(run) == 1:
-        order, caps = [run[0]], [run[0].solo]
+        order = [run[0]]
     else:
         middle = [c for k, c in enumerate(run) if k not in (a, b)]
         if network is not None:
             middle = _nearest_chain(run[a], middle, network)
         order = [run[a], *middle, run[b]]
-        caps = [run[a].first, *(c.mid for c in middle), run[b].last]
-    layers = water_fill(num_layers, [c.speed for c in order], caps)
+    layers = water_fill(num_layers, [c.speed for c in order], _role_caps(order))
     stages, start = [], 0
     for cand, count in zip(order, layers, strict=True):
         if count:  # run length ≤ num_layers and role capacities ≥ 1: never 0 in practice
             stages.append(Stage(cand.node.node_id, start, start + count))
             start += count
     return tuple(stages)
+
+
+def split_in_order(run: Sequence[Candidate], num_layers: int) -> tuple[Stage, ...] | None:
+    """``run`` in this order (first and last in their roles) water-filled; None when it cannot
+    hold ``num_layers`` (or a node would get no layer)."""
+    caps = _role_caps(run)
+    if len(run) > num_layers or sum(caps) < num_layers or min(caps) < 1:
+        return None
+    layers = water_fill(num_layers, [c.speed for c in run], caps)
+    stages, start = [], 0
+    for cand, count in zip(run, layers, strict=True):
+        stages.append(Stage(cand.node.node_id, start, start + count))
+        start += count
+    return tuple(stages)
+
+
+def _role_caps(order: Sequence[Candidate]) -> list[int]:
+    if len(order) == 1:
+        return [order[0].solo]
+    return [order[0].first, *(c.mid for c in order[1:-1]), order[-1].last]
+
+
+def group_pace(run: Sequence[Candidate], num_layers: int) -> float:
+    """The pace (reported speed ÷ layers) of the slowest stage of the pipeline
+    :func:`build_pipeline` makes of ``run``; 0 when ``run`` cannot hold ``num_layers``.
+
+    A pipeline emits tokens at its slowest stage's pace, so this is its decode throughput up to
+    a constant; the ideal is ``Σ speed ÷ num_layers`` (every stage equally busy)."""
+    if not _holds(run, num_layers):
+        return 0.0
+    a, b, _ = best_roles(run)
+    order = [run[0]] if len(run) == 1 else [
+        run[a], *(c for k, c in enumerate(run) if k not in (a, b)), run[b]]
+    speeds = [c.speed for c in order]
+    return bottleneck_rate(water_fill(num_layers, speeds, _role_caps(order)), speeds)
 
 
 def _nearest_chain(
@@ -255,8 +299,9 @@ def network_groups(
     cands: list[Candidate], model: ModelSpec, network: Network
 ) -> list[tuple[Stage, ...]]:
     """Regional pipelines, then cross-region ones that cost at most FAR_COST_FACTOR × the
-    regional median (module docstring)."""
+    regional median, then spare nodes attached to near pipelines (module docstring)."""
     rank = {id(c): k for k, c in enumerate(cands)}
+    num_layers = model.num_layers
 
     def in_order(group: list[Candidate]) -> list[Candidate]:
         return sorted(group, key=lambda c: rank[id(c)])  # capacity order, for the greedy
@@ -265,18 +310,124 @@ def network_groups(
     for region in _regions(cands, network):
         mixed = []
         for tier in _speed_tiers(region):
-            groups, rest = greedy_groups(in_order(tier), model.num_layers)
+            groups, rest = greedy_groups(in_order(tier), num_layers)
             local.extend(groups)
             mixed.extend(rest)
-        groups, rest = greedy_groups(in_order(mixed), model.num_layers)
+        groups, rest = _mixed_groups(in_order(mixed), num_layers)
         local.extend(groups)
         leftover.extend(rest)
-    far, _ = greedy_groups(in_order(leftover), model.num_layers)
+    far, _ = greedy_groups(in_order(leftover), num_layers)
     nodes = {c.node.node_id: c.node for c in cands}
-    chosen = [build_pipeline(g, model.num_layers, network) for g in local]
-    far_built = [build_pipeline(g, model.num_layers, network) for g in far]
-    if not chosen:
-        return [build_pipeline(g, model.num_layers, network) for g in choose_groups(far)]
-    median = statistics.median(planned_cost_ms(p, nodes, model, network) for p in chosen)
-    limit = FAR_COST_FACTOR * median
-    return chosen + [p for p in far_built if planned_cost_ms(p, nodes, model, network) <= limit]
+    built: dict[tuple[str, ...], tuple[Stage, ...]] = {}
+
+    def build(group: list[Candidate]) -> tuple[Stage, ...]:  # each group once
+        key = tuple(c.node.node_id for c in group)
+        if key not in built:
+            built[key] = build_pipeline(group, num_layers, network)
+        return built[key]
+
+    if not local:
+        local = choose_groups(far)
+    elif far:
+        median = statistics.median(planned_cost_ms(build(g), nodes, model, network) for g in local)
+        limit = FAR_COST_FACTOR * median
+        local.extend(
+            g for g in far if planned_cost_ms(build(g), nodes, model, network) <= limit
+        )
+    used = {id(c) for g in local for c in g}
+    attach_spare(local, [c for c in cands if id(c) not in used], num_layers, network)
+    local = dissolve_slow_groups(local, num_layers, network)
+    return [build(g) for g in local]
+
+
+def dissolve_slow_groups(
+    groups: list[list[Candidate]], num_layers: int, network: Network | None = None
+) -> list[list[Candidate]]:
+    """Groups that run below DISSOLVE_EFFICIENCY of their ideal pace (Σ speed ÷ num_layers),
+    slowest first, are dissolved when attaching their nodes to the other groups
+    (:func:`attach_spare`) gives a larger total pace; returns the groups kept (those that took
+    nodes grew in place)."""
+    paces = [group_pace(g, num_layers) for g in groups]
+    ideal = [sum(c.speed for c in g) / num_layers for g in groups]
+    slow = sorted(
+        (k for k in range(len(groups)) if paces[k] < DISSOLVE_EFFICIENCY * ideal[k]),
+        key=lambda k: paces[k] / max(1e-12, ideal[k]),
+    )
+    for target in [groups[k] for k in slow]:
+        at = next((k for k, g in enumerate(groups) if g is target), -1)
+        if at < 0 or len(groups) < 2:
+            continue
+        trial = [g for k, g in enumerate(groups) if k != at]
+        trial_paces = [p for k, p in enumerate(paces) if k != at]
+        sizes = [len(g) for g in trial]
+        attach_spare(trial, target, num_layers, network, trial_paces)
+        if sum(trial_paces) > sum(paces):
+            groups, paces = trial, trial_paces
+        else:  # attach_spare only appends: undo it
+            for g, n in zip(trial, sizes, strict=True):
+                del g[n:]
+    return groups
+
+
+def _speed_runs(
+    cands: list[Candidate], num_layers: int
+) -> tuple[list[list[Candidate]], list[Candidate]]:
+    """Groups of consecutive speed: the fastest free nodes until they hold the model, and so on;
+    the slowest nodes that complete no group are left over."""
+    groups: list[list[Candidate]] = []
+    group: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: -c.speed):
+        group.append(c)
+        if _holds(group, num_layers):
+            groups.append(group)
+            group = []
+    return groups, group
+
+
+def _mixed_groups(
+    cands: list[Candidate], num_layers: int
+) -> tuple[list[list[Candidate]], list[Candidate]]:
+    """A region's nodes of mixed speeds: the capacity greedy (:func:`greedy_groups`) or runs of
+    consecutive speed (:func:`_speed_runs`), whichever gives the larger total pace. The greedy
+    alone ties a fast node with little memory to a slow one that must then take many layers
+    (an M2 laptop holding 20 layers next to an RTX 4090): the pipeline runs at the laptop's
+    pace."""
+    options = [greedy_groups(cands, num_layers), _speed_runs(cands, num_layers)]
+    return max(options, key=lambda o: sum(group_pace(g, num_layers) for g in o[0]))
+
+
+def attach_spare(
+    groups: list[list[Candidate]],
+    spare: Sequence[Candidate],
+    num_layers: int,
+    network: Network | None = None,
+    paces: list[float] | None = None,
+) -> list[Candidate]:
+    """Give spare nodes layers: each (fastest first) joins the group, near it (first member
+    within NEAR_RTT_MS) and shorter than ATTACH_MAX_STAGES, whose pace (:func:`group_pace`) it
+    raises most, if that gain is at least ATTACH_MIN_GAIN of the node's own fair share
+    (speed ÷ num_layers). ``groups`` grow in place (and ``paces``, their paces if given, with
+    them); returns the nodes left spare (standby).
+
+    A fast node capped by memory leaves pace on the table that a slow node with a few layers
+    takes up; a node that would only add a hop for nothing stays standby for repairs."""
+    if paces is None:
+        paces = [group_pace(g, num_layers) for g in groups]
+    left = []
+    for cand in sorted(spare, key=lambda c: (-c.speed, c.node.joined_at, c.node.node_id)):
+        best, best_pace, best_gain = -1, 0.0, ATTACH_MIN_GAIN * cand.speed / num_layers
+        for k, group in enumerate(groups):
+            if len(group) >= ATTACH_MAX_STAGES or (
+                network is not None
+                and network(group[0].node.node_id, cand.node.node_id).rtt_ms > NEAR_RTT_MS
+            ):
+                continue
+            pace = group_pace([*group, cand], num_layers)
+            if pace - paces[k] >= best_gain:
+                best, best_pace, best_gain = k, pace, pace - paces[k]
+        if best < 0:
+            left.append(cand)
+        else:
+            groups[best].append(cand)
+            paces[best] = best_pace
+    return left

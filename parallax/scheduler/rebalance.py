@@ -14,8 +14,10 @@ from parallax.scheduler.allocation import allocate, check_unique, joined_order, 
 from parallax.scheduler.grouping import (
     FAR_COST_FACTOR,
     NEAR_RTT_MS,
+    candidates,
     hop_cost_ms,
     planned_cost_ms,
+    split_in_order,
 )
 from parallax.scheduler.layout import (
     DEFAULT_KV_RESERVE_TOKENS,
@@ -28,6 +30,7 @@ from parallax.scheduler.layout import (
     layer_capacity,
     node_speed,
 )
+from parallax.scheduler.water_fill import bottleneck_rate
 
 DEGRADED_FACTOR = 2.0
 DEGRADED_MIN_MS = 20.0
@@ -92,6 +95,55 @@ def _repair(
     )
 
 
+def _resplit(
+    pipeline: tuple[Stage, ...],
+    holes: list[int],
+    pool: list[NodeInfo],
+    nodes: dict[str, NodeInfo],
+    model: ModelSpec,
+    options: dict[str, float],
+    network: Network | None,
+) -> tuple[Stage, ...] | None:
+    """A pipeline no free node can repair as is, re-split over its survivors in their order,
+    either alone or with the free node near them that paces the pipeline fastest in the place
+    of the first lost stage; None when neither holds every layer.
+
+    Survivors keep most of their ranges (water-filling moves a boundary only as far as the
+    change needs), so this loads little more than the lost layers, where dissolving the pipeline
+    would leave its survivors idle until a fresh group forms."""
+    survivors = [s.node_id for k, s in enumerate(pipeline) if k not in holes]
+    if not survivors:
+        return None
+    head = survivors[0]
+    near = [
+        n for n in pool
+        if network is None or network(head, n.node_id).rtt_ms <= NEAR_RTT_MS
+    ]
+    fraction, kv_tokens = options["memory_fraction"], int(options["kv_reserve_tokens"])
+    cands = {c.node.node_id: c for c in candidates(
+        [nodes[i] for i in survivors] + near, model, fraction, kv_tokens)}
+    if any(i not in cands for i in survivors):
+        return None
+    at = sum(1 for k in range(holes[0]) if k not in holes)  # survivors before the first hole
+    best: tuple[float, tuple[Stage, ...], NodeInfo | None] | None = None
+    for extra in [None, *near]:
+        if extra is not None and extra.node_id not in cands:
+            continue
+        ids = survivors if extra is None else [*survivors[:at], extra.node_id, *survivors[at:]]
+        stages = split_in_order([cands[i] for i in ids], model.num_layers)
+        if stages is None:
+            continue
+        pace = bottleneck_rate([s.num_layers for s in stages],
+                               [cands[s.node_id].speed for s in stages])
+        if best is None or pace > best[0]:
+            best = (pace, stages, extra)
+    if best is None:
+        return None
+    if best[2] is not None:
+        pool.remove(best[2])
+    return best[1]
+
+
 def _degraded(now_ms: float, planned_ms: float) -> bool:
     return now_ms > max(DEGRADED_FACTOR * planned_ms, planned_ms + DEGRADED_MIN_MS)
 
@@ -111,7 +163,8 @@ def rebalance(
 
     A previous pipeline whose nodes are all present and still fit is kept exactly. One that lost
     nodes is repaired when free nodes (never assigned before) can take each lost range as is;
-    otherwise it dissolves. Free nodes and survivors of dissolved pipelines are then allocated
+    otherwise it is re-split over its survivors, alone or with one near free node
+    (:func:`_resplit`); failing that it dissolves. Free nodes and survivors of dissolved pipelines are then allocated
     into new pipelines with :func:`allocate`; if no pipeline at all results, a full
     :func:`allocate` over every node decides.
 
@@ -192,6 +245,8 @@ def _rebalance(
         fixed = None
         if _covers(pipeline, model.num_layers) and index not in dissolve:
             fixed = _repair(pipeline, holes, pool, model, fraction, kv_tokens) if holes else pipeline
+            if fixed is None:
+                fixed = _resplit(pipeline, holes, pool, by_id, model, options, network)
         if fixed is not None:
             kept.append(fixed)
             same = not holes and index not in refresh and index < len(previous.planned_hop_ms)

@@ -1,25 +1,28 @@
 """Water-filling: how many of a pipeline's layers each of its nodes gets. Pure functions.
 
 Each node takes layers in proportion to its speed, up to its memory capacity, so every stage
-finishes its share of a token at about the same time.
+finishes its share of a token at about the same time. Layers are whole, so the split is the
+integer one whose slowest stage is fastest (max over splits of min speed ÷ layers): a pipeline
+emits tokens at its bottleneck stage's pace.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
-
-_INF = math.inf
 
 
 def water_fill(num_layers: int, speeds: Sequence[float], capacities: Sequence[int]) -> list[int]:
     """Split ``num_layers`` over nodes in proportion to ``speeds``, never above ``capacities``.
 
-    Finds λ with ``Σ min(capacity, λ·speed) = num_layers`` by binary search, rounds by largest
-    remainder, then gives every node with capacity ≥ 1 at least one layer (taken from the node
-    with the most layers per speed) when ``num_layers`` allows. A node can still get 0 (capacity
-    0, or more nodes than layers): callers drop it from the pipeline. Non-positive speeds count
-    as far slower than any positive one. Raises ValueError if ``sum(capacities) < num_layers``.
+    Hands out layers one at a time, each to the node that stays fastest per layer after taking
+    it (largest ``speed / (layers + 1)`` with room left; ties: the lower index): the slowest
+    stage is then as fast as any integer split allows (and so on for the next slowest), then
+    gives every node with capacity ≥ 1 at least one layer (taken from the node with the most
+    layers per speed) when ``num_layers`` allows. A node can still get 0 (capacity 0, or more
+    nodes than layers): callers drop it from the pipeline. Non-positive speeds count as far
+    slower than any positive one. Raises ValueError if ``sum(capacities) < num_layers``.
     """
     if len(speeds) != len(capacities):
         raise ValueError("speeds and capacities differ in length")
@@ -27,13 +30,28 @@ def water_fill(num_layers: int, speeds: Sequence[float], capacities: Sequence[in
         raise ValueError("layer counts and capacities cannot be negative")
     if sum(capacities) < num_layers:
         raise ValueError(f"capacities hold {sum(capacities)} layers, {num_layers} needed")
-    if num_layers == 0:
-        return [0] * len(capacities)
     rates = _effective_speeds(speeds)
-    lam = _solve_lambda(num_layers, rates, capacities)
-    shares = [min(float(c), lam * r) for c, r in zip(capacities, rates, strict=True)]
-    layers = _round_largest_remainder(num_layers, shares, capacities, rates)
+    # a layer whose pace speed / k beats the even pace Σ speed / num_layers is handed out in
+    # any case (the last layer handed out paces at most that): start there, hand out the rest
+    even = sum(rates) / max(1, num_layers)
+    layers = [min(c, max(0, math.ceil(r / even) - 1)) for r, c in
+              zip(rates, capacities, strict=True)]
+    heap = [(-r / (n + 1), i) for i, (r, c, n) in
+            enumerate(zip(rates, capacities, layers, strict=True)) if n < c]
+    heapq.heapify(heap)
+    for _ in range(num_layers - sum(layers)):
+        _, i = heapq.heappop(heap)
+        layers[i] += 1
+        if layers[i] < capacities[i]:
+            heapq.heappush(heap, (-rates[i] / (layers[i] + 1), i))
     return _at_least_one_each(layers, capacities, rates)
+
+
+def bottleneck_rate(layers: Sequence[int], speeds: Sequence[float]) -> float:
+    """min over stages holding layers of speed ÷ layers: the pace (in speed units per layer)
+    the slowest stage sets; 0 when no stage holds a layer."""
+    paces = [s / n for n, s in zip(layers, speeds, strict=True) if n > 0]
+    return min(paces) if paces else 0.0
 
 
 def _effective_speeds(speeds: Sequence[float]) -> list[float]:
@@ -42,35 +60,6 @@ def _effective_speeds(speeds: Sequence[float]) -> list[float]:
         return [1.0] * len(speeds)
     floor = min(positive) * 1e-3
     return [s if s > 0 else floor for s in speeds]
-
-
-def _solve_lambda(total: int, rates: list[float], capacities: Sequence[int]) -> float:
-    """Smallest λ (to float precision) with Σ min(cap, λ·rate) ≥ total."""
-    lo, hi = 0.0, max(c / r for c, r in zip(capacities, rates, strict=True))
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid <= lo or mid >= hi:
-            break
-        filled = sum(min(c, mid * r) for c, r in zip(capacities, rates, strict=True))
-        if filled >= total:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _round_largest_remainder(
-    total: int, shares: list[float], capacities: Sequence[int], rates: list[float]
-) -> list[int]:
-    layers = [min(int(math.floor(s)), c) for s, c in zip(shares, capacities, strict=True)]
-    order = sorted(range(len(shares)), key=lambda i: (layers[i] - shares[i], -rates[i], i))
-    remaining = total - sum(layers)
-    while remaining > 0:  # one pass suffices unless float error left more than n behind
-        for i in order:
-            if remaining and layers[i] < capacities[i]:
-                layers[i] += 1
-                remaining -= 1
-    return layers
 
 
 def _at_least_one_each(
