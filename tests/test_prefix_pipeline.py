@@ -343,10 +343,11 @@ def test_six_turn_chat_reuses_the_prefix_on_both_stages(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_later_stage_that_lost_blocks_over_http(tmp_path_factory):
-    """The second-stage eviction proof through a real 2-node cluster: the tail is restarted
-    with a small `join --kv-memory`, a filler request pushes some of turn 1's blocks out of the
-    tail's cache only (the head's holds them all), and turn 2 still equals the whole model's
-    greedy answer while the head ran its own layers again for exactly what the tail lost."""
+    """The second-stage eviction proof through a real cluster: the tail is replaced by a
+    standby with a small `join --kv-memory`, a filler request pushes some of turn 1's blocks
+    out of the tail's cache only (the head's holds them all), and turn 2 still equals the whole
+    model's greedy answer while the head ran its own layers again for exactly what the tail
+    lost."""
     import httpx
     from test_cluster import LocalCluster, running, split_memory
     from test_failover_cluster import kill_node
@@ -379,27 +380,33 @@ def test_a_later_stage_that_lost_blocks_over_http(tmp_path_factory):
     cluster = TwoNodes(tmp_path_factory.mktemp("evict_http"), num_nodes=2,
                        memory=split_memory())
     with running(cluster):
-        head_id, tail_id = cluster.status()["pipelines"][0]
-        tail_port = int(tail_id.rsplit("-", 1)[1])
-        kill_node(cluster, tail_id)
+        head_id, old_tail_id = cluster.status()["pipelines"][0]
+        # a standby with a small KV budget; the tail's death makes it the new tail (a repair
+        # gives it the lost range as is, and the head keeps its own range and cache)
+        tail_port = free_port()
+        tail_id = old_tail_id.rsplit("-", 1)[0] + f"-{tail_port}"
         cluster.nodes[tail_port] = cluster._spawn(f"node-{tail_port}-small", [
             "join", "-s", cluster.join_target, "--port", str(tail_port), "--activation-port",
             str(free_port()), "--memory", cluster.memory, "--kv-memory", "12MB",
             "--max-batch-size", "8", "--no-warmup"])
         deadline = time.monotonic() + 240
+        while tail_id not in {n["node_id"] for n in cluster.status()["node_list"]}:
+            assert time.monotonic() < deadline, "the small node never joined"
+            time.sleep(0.5)
+        kill_node(cluster, old_tail_id)
+        status: dict = {}
         while True:
-            assert time.monotonic() < deadline, "the restarted tail never served"
+            assert time.monotonic() < deadline, f"no pipeline [head, small tail]: {status}"
             try:
                 status = cluster.status()
-                if status["pipelines"] == [[head_id, tail_id]] and status["ready_pipelines"]:
+                if status["pipelines"] == [[head_id, tail_id]] and status["ready_pipelines"] \
+                        and health(tail_port)["status"] == "ready":
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         ports = {head_id: int(head_id.rsplit("-", 1)[1]), tail_id: tail_port}
-        # one request through the new tail first (a first attempt that meets a link still
-        # being set up is replayed; the turns below must each run once)
-        complete(cluster.url, ids(40, seed=9), 2)
+        complete(cluster.url, ids(40, seed=9), 2)  # one request through the new tail first
 
         turn1 = ids(150, seed=1)
         tokens1 = whole_model(turn1, 16)
