@@ -33,11 +33,12 @@ from parallax import cli
 from parallax.chat.server import build_chat_app
 from parallax.config import ChatConfig, ConfigError, GatewayConfig, SchedulerConfig, ServeConfig
 from parallax.gateway.server import build_gateway_app
+from parallax.net import is_loopback_host
 from parallax.node.http_server import build_app as build_node_app
 from parallax.scheduler.app import SchedulerState, build_app
 from parallax.scheduler.catalog import ModelCatalog
 from parallax.scheduler.status import with_join_token
-from parallax.serving.security import RELAYED_HEADER, is_host_port_url, is_loopback_host
+from parallax.serving.security import RELAYED_HEADER, is_host_port_url
 
 TOKEN = "j0in-T0KEN-never-shown"
 KEY = "operator-key-123"

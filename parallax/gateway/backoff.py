@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from parallax.serving.security import is_loopback_host
+from parallax.net import is_loopback_host
 
 MAX_CLIENTS = 10_000
 

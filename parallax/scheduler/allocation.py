@@ -79,7 +79,8 @@ from parallax.scheduler.layout import (
 from parallax.scheduler.water_fill import water_fill
 
 __all__ = [
-    "ATTACH_MAX_STAGES", "ATTACH_MIN_GAIN", "DISSOLVE_EFFICIENCY", "DECODE_INTENSITY", "DEFAULT_KV_RESERVE_TOKENS", "DEFAULT_MEMORY_FRACTION",
+    "ATTACH_MAX_STAGES", "ATTACH_MIN_GAIN", "DISSOLVE_EFFICIENCY", "DECODE_INTENSITY",
+    "DEFAULT_KV_RESERVE_TOKENS", "DEFAULT_MEMORY_FRACTION",
     "FAR_COST_FACTOR", "NEAR_RTT_MS", "SPEED_TIER_GAP", "Allocation", "ModelSpec", "Network",
     "NodeInfo", "Stage", "allocate", "hop_cost_ms", "layer_bytes_with_kv", "layer_capacity",
     "node_speed", "planned_cost_ms", "water_fill",

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parallax.config import MAX_INIT_NODES, QUANTIZE_CHOICES, SchedulerConfig
-from parallax.net import lan_address
+from parallax.net import is_loopback_host, lan_address
 from parallax.node.link_crypto import is_curve_key
 from parallax.protocol.common import DownloadProgress
 from parallax.protocol.control import (
@@ -73,7 +73,6 @@ from parallax.serving.security import (
     RELAYED_HEADER,
     install_security,
     is_host_port_url,
-    is_loopback_host,
     is_operator,
     is_relayed,
     read_body_capped,

@@ -39,7 +39,6 @@ ATTACH_MIN_GAIN = 0.25
 DISSOLVE_EFFICIENCY = 0.8
 """A group paced below this share of its ideal is dissolved when its nodes, attached to other
 groups, add more than it gives."""
-"""... and only when the pipeline gains at least this share of the node's own fair share."""
 
 _INF = math.inf
 
@@ -170,21 +169,10 @@ def build_pipeline(
 ) -> tuple[Stage, ...]:
     """Order a complete run (first/last by role capacity; with a network, each middle hop to
     the nearest remaining node) and water-fill its layers."""
-    a, b, _ = best_roles(run)
-    if len(run) == 1:
-        order = [run[0]]
-    else:
-        middle = [c for k, c in enumerate(run) if k not in (a, b)]
-        if network is not None:
-            middle = _nearest_chain(run[a], middle, network)
-        order = [run[a], *middle, run[b]]
-    layers = water_fill(num_layers, [c.speed for c in order], _role_caps(order))
-    stages, start = [], 0
-    for cand, count in zip(order, layers, strict=True):
-        if count:  # run length ≤ num_layers and role capacities ≥ 1: never 0 in practice
-            stages.append(Stage(cand.node.node_id, start, start + count))
-            start += count
-    return tuple(stages)
+    order = _role_order(run)
+    if network is not None and len(order) > 2:
+        order = [order[0], *_nearest_chain(order[0], order[1:-1], network), order[-1]]
+    return _stages(order, water_fill(num_layers, [c.speed for c in order], _role_caps(order)))
 
 
 def split_in_order(run: Sequence[Candidate], num_layers: int) -> tuple[Stage, ...] | None:
@@ -193,11 +181,25 @@ def split_in_order(run: Sequence[Candidate], num_layers: int) -> tuple[Stage, ..
     caps = _role_caps(run)
     if len(run) > num_layers or sum(caps) < num_layers or min(caps) < 1:
         return None
-    layers = water_fill(num_layers, [c.speed for c in run], caps)
+    return _stages(run, water_fill(num_layers, [c.speed for c in run], caps))
+
+
+def _role_order(run: Sequence[Candidate]) -> list[Candidate]:
+    """The run with its best first node first and its best last node last (best_roles)."""
+    if len(run) == 1:
+        return [run[0]]
+    a, b, _ = best_roles(run)
+    return [run[a], *(c for k, c in enumerate(run) if k not in (a, b)), run[b]]
+
+
+def _stages(order: Sequence[Candidate], layers: Sequence[int]) -> tuple[Stage, ...]:
+    """Consecutive half-open ranges of ``layers`` each; a node given none is left out (run
+    length ≤ num_layers and role capacities ≥ 1: never in practice)."""
     stages, start = [], 0
-    for cand, count in zip(run, layers, strict=True):
-        stages.append(Stage(cand.node.node_id, start, start + count))
-        start += count
+    for cand, count in zip(order, layers, strict=True):
+        if count:
+            stages.append(Stage(cand.node.node_id, start, start + count))
+            start += count
     return tuple(stages)
 
 
@@ -215,9 +217,7 @@ def group_pace(run: Sequence[Candidate], num_layers: int) -> float:
     a constant; the ideal is ``Σ speed ÷ num_layers`` (every stage equally busy)."""
     if not _holds(run, num_layers):
         return 0.0
-    a, b, _ = best_roles(run)
-    order = [run[0]] if len(run) == 1 else [
-        run[a], *(c for k, c in enumerate(run) if k not in (a, b)), run[b]]
+    order = _role_order(run)
     speeds = [c.speed for c in order]
     return bottleneck_rate(water_fill(num_layers, speeds, _role_caps(order)), speeds)
 

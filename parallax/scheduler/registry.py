@@ -55,7 +55,7 @@ class Registry:
     # every pipeline is weighed against a fresh plan this often (rebalance's `reconsider`)
     reconsider_interval_s: float = 30.0
     _last_replan: float = -float("inf")
-    _last_reconsider: float = -float("inf")
+    _last_reconsider: float | None = None  # None: no link report yet
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -89,14 +89,15 @@ class Registry:
         standby_due = bool(self.allocation.unassigned) \
             and now - self._last_replan >= self.replan_interval_s
         # the first plan may predate most measurements: now and then, look for a clearly
-        # cheaper one (the first pass only starts the clock, so every node has reported)
-        if self._last_reconsider == -float("inf"):
+        # cheaper one (the first report only starts the clock, so every node has reported)
+        if self._last_reconsider is None:
             self._last_reconsider = now
         reconsider = now - self._last_reconsider >= self.reconsider_interval_s
+        if reconsider:
+            self._last_reconsider = now
         if reconsider or standby_due \
                 or degraded_pipelines(self.allocation, self.model, self.network):
             self._last_replan = now
-            self._last_reconsider = now if reconsider else self._last_reconsider
             self._reallocate(reconsider=reconsider)
         return taken
 
