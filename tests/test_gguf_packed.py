@@ -14,6 +14,8 @@ import torch
 
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
+from parallax.models import fused_ops
+from parallax.models.decode_plan import DecodePlan
 from parallax.models.hub import builtin_gguf_path
 from parallax.models.loader import load_shard, load_tokenizer
 from parallax.models.quant import PackedEmbedding, PackedLinear, native_call_count
@@ -137,6 +139,7 @@ def assert_paths(model, native: bool) -> None:
 def use_native(model, monkeypatch, native: bool) -> None:
     """Switch every packed linear of the model to the native kernels or the torch path."""
     monkeypatch.setenv("PARALLAX_NATIVE_KERNELS", "1" if native else "0")
+    fused_ops.refresh()
     for module in model.modules():
         if isinstance(module, PackedLinear):
             module.refresh()
@@ -156,6 +159,21 @@ def test_packed_greedy_answer_names_paris(models, monkeypatch, native):
         assert "Paris" in tokenizer.decode(answer, skip_special_tokens=True)
     finally:
         use_native(packed, monkeypatch, True)
+
+
+def test_one_call_decode_steps_equal_the_modules_on_smollm2(models, monkeypatch):
+    """The decode steps of the packed model run as one native call (decode_plan.py); the same
+    greedy ids come from the torch modules, batched and alone, and the middle-of-the-model
+    stage of a pipeline (hidden states in and out) takes the one-call path too."""
+    packed, _, tokenizer, prompts = models
+    eos = tokenizer.eos_token_id
+    fused = run_engine(packed, prompts[:3], eos, one_at_a_time=False)
+    assert isinstance(packed.__dict__["_decode_plan"], DecodePlan)
+    monkeypatch.setenv("PARALLAX_FUSED_DECODE", "0")
+    assert run_engine(packed, prompts[:3], eos, one_at_a_time=False) == fused
+    assert packed.__dict__["_decode_plan"] is False
+    monkeypatch.setenv("PARALLAX_FUSED_DECODE", "1")
+    assert run_engine(packed, prompts[:1], eos, one_at_a_time=True) == fused[:1]
 
 
 def test_packed_two_stage_pipeline_equals_one_packed_engine(models):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from parallax.models import fused_ops
+
 
 @dataclass
 class PrefillSpan:
@@ -185,6 +187,16 @@ def decode_attention(
     return out.reshape(batch, q.shape[1], head_dim)
 
 
+def decode_keys(meta: AttentionMetadata, sliding_window: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decode rows' key slots and visibility mask for decode_attention."""
+    if meta.window_decode is not None:
+        return meta.window_decode
+    if sliding_window is not None and meta.decode_slot_table.shape[1] > sliding_window:
+        return meta.decode_window(sliding_window)
+    return meta.decode_slot_table, meta.decode_mask(sliding_window)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -206,13 +218,14 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     num_decode = meta.num_decode_tokens
     if num_decode:
-        if meta.window_decode is not None:
-            table, mask = meta.window_decode
-        elif sliding_window is not None and meta.decode_slot_table.shape[1] > sliding_window:
-            table, mask = meta.decode_window(sliding_window)
-        else:
-            table, mask = meta.decode_slot_table, meta.decode_mask(sliding_window)
-        decoded = decode_attention(q[:num_decode], k_cache, v_cache, table, mask, scale, sinks)
+        decoded = None
+        if meta.window_decode is None:  # the slot table lists every row's whole context
+            decoded = fused_ops.decode_attention(
+                q[:num_decode], k_cache, v_cache, meta.decode_slot_table,
+                meta.decode_context_lens, scale, sliding_window, sinks)
+        if decoded is None:
+            decoded = decode_attention(q[:num_decode], k_cache, v_cache,
+                                       *decode_keys(meta, sliding_window), scale, sinks)
         if not meta.prefills:  # a pure decode step: no output buffer to copy into
             return decoded
     out = torch.empty_like(q)

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallax.models import fused_ops
 from parallax.models.attention import AttentionMetadata, paged_attention
+from parallax.models.decode_plan import decode_plan_for
 from parallax.models.layers import RMSNorm, RotaryEmbedding, rope_config_parameters
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -92,9 +94,10 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(hidden).view(num_tokens, heads + 2 * kv_heads, self.head_dim)
         if type(self).project_qk is Attention.project_qk:
             # no q/k norms: q and k are adjacent heads of one buffer, rotated in one pass
-            cos, sin = self.rotary.step_tables(positions)
-            q, k = self.rotary.rotate(qkv[:, : heads + kv_heads], cos, sin).split(
-                [heads, kv_heads], dim=1)
+            rotary, qk = self.rotary, qkv[:, : heads + kv_heads]
+            if not fused_ops.rope_(qk, positions, rotary.cos, rotary.sin, rotary.rotary_dim):
+                qk = rotary.rotate(qk, *rotary.step_tables(positions))
+            q, k = qk.split([heads, kv_heads], dim=1)
             v = qkv[:, heads + kv_heads :]
         else:
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
@@ -115,8 +118,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        hidden = fused_ops.silu_mul(gate_up)
+        if hidden is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -195,6 +202,9 @@ class LlamaForCausalLM(nn.Module):
         Returns hidden states [T, hidden] before the final norm.
         """
         hidden = self.embed_tokens(inputs) if self.is_first else inputs
+        plan = decode_plan_for(self, hidden, positions, meta)
+        if plan is not None:
+            return plan.run(hidden, positions, meta)
         for layer in self.layers:
             hidden = layer(positions, hidden, meta)
         return hidden

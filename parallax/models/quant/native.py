@@ -1,6 +1,8 @@
 """Build (once, cached) and load the native packed-matmul kernels for this CPU.
 
-kernels.c is compiled by gcc at first use, one shared library per ISA variant, into
+kernels.c (packed matmuls) and decode_ops.c (the fused fp32 ops of a decode step, used by
+parallax/models/fused_ops.py and decode_plan.py) are compiled by gcc at first use into one
+shared library per ISA variant, in
 `$PARALLAX_KERNEL_CACHE` (default `~/.cache/parallax/kernels/`) as `<source hash>-<isa>.so`,
 written atomically so concurrent processes never load half a file. The variant is picked at run
 time from the CPU's flags: AVX-512 (F/BW/VL) with or without VNNI, AVX2 + FMA + F16C, or portable C (any other CPU,
@@ -29,7 +31,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+# kernels.c: matmuls on packed blocks; decode_ops.c: fused fp32 ops of the decode step
+SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("decode_ops.c"))
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl"]
@@ -82,7 +85,8 @@ def cache_dir() -> Path:
 
 
 def library_path(variant: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(VARIANTS[variant][1]).encode())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)
+                            + " ".join(VARIANTS[variant][1]).encode())
     return cache_dir() / f"{digest.hexdigest()[:16]}-{variant}.so"
 
 
@@ -98,7 +102,7 @@ def build(variant: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [compiler, *BASE_FLAGS, *VARIANTS[variant][1], "-o", tmp, str(SOURCE)]
+        cmd = [compiler, *BASE_FLAGS, *VARIANTS[variant][1], "-o", tmp, *map(str, SOURCES), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
@@ -122,6 +126,12 @@ class NativeKernels:
     call_count: ctypes._CFuncPtr
     matmul_q8: ctypes._CFuncPtr  # same arguments as matmul; activations quantized to int8
     _supports_q8: ctypes._CFuncPtr
+    # decode_ops.c (parallax/models/fused_ops.py calls them)
+    rms_norm: ctypes._CFuncPtr
+    rope: ctypes._CFuncPtr
+    silu_mul: ctypes._CFuncPtr
+    decode_attention: ctypes._CFuncPtr
+    decode_layers: ctypes._CFuncPtr
 
     def supports(self, qtype: int, in_features: int) -> bool:
         """Whether this library multiplies the type at this K (else: the torch path)."""
@@ -155,8 +165,22 @@ def load(variant: str) -> NativeKernels:
         supports.argtypes = [ctypes.c_int, i64]
     lib.pq_call_count.restype = ctypes.c_longlong
     lib.pq_call_count.argtypes = []
+    f32, cint = ctypes.c_float, ctypes.c_int
+    signatures = {
+        "pq_rms_norm": [ptr, ptr, ptr, i64, i64, f32, cint],
+        "pq_rope": [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64],
+        "pq_silu_mul": [ptr, ptr, i64, i64, cint],
+        "pq_decode_attention": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64,
+                                ptr, f32, ptr, cint],
+        "pq_decode_layers": [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, cint],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).restype = cint
+        getattr(lib, name).argtypes = argtypes
     return NativeKernels(variant, path, lib, matmul, dequantize, lib.pq_supports,
-                         lib.pq_call_count, matmul_q8, lib.pq_supports_q8)
+                         lib.pq_call_count, matmul_q8, lib.pq_supports_q8, lib.pq_rms_norm,
+                         lib.pq_rope, lib.pq_silu_mul, lib.pq_decode_attention,
+                         lib.pq_decode_layers)
 
 
 def requested_variant() -> str | None:
