@@ -75,3 +75,14 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fused_ops():
+    """Tests switch PARALLAX_NATIVE_KERNELS with monkeypatch; the fused decode ops resolve their
+    library once per process, so each test starts from the environment it sets."""
+    from parallax.models import fused_ops
+
+    fused_ops.refresh()
+    yield
+    fused_ops.refresh()

@@ -139,3 +139,29 @@ def test_packed_experts_equal_dequantized_experts(kernel_path, dtype):  # noqa: 
         tolerance = TORCH_TOLERANCE * 10 if dtype == torch.float32 else 2e-2
         error = relative_error(got.float(), expected.numpy())
         assert error < tolerance, f"{tokens} tokens: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("kernel_path", PATHS[:1], indirect=True)
+def test_packed_experts_take_int8_activations_when_the_node_asks(kernel_path):  # noqa: F811
+    """set_activation_int8 reaches packed MoE experts: decode-sized rows go through the int8
+    kernel ("-int8" in the paths) and stay within int8 rounding of the fp32-activation result."""
+    from parallax.models.moe import FusedExperts
+    from parallax.models.quant.loading import set_activation_int8
+
+    if not kernel_path.supports_q8(QT.MXFP4, 64):
+        pytest.skip(f"the {kernel_path.variant} build has no int8-activation kernels")
+    experts = FusedExperts(4, 64, 96)
+    for proj in ("gate_up_proj", "down_proj"):
+        experts.set_weight_type(proj, QT.MXFP4)
+        rows, cols = experts.shapes[proj]
+        blocks, scales = random_packed(4, rows, cols // 32, (120, 128), seed=6)
+        getattr(experts, f"{proj}_packed").data.copy_(repack_mxfp4(blocks, scales))
+    x, ids, weights = torch.randn(3, 64), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
+    with torch.no_grad():
+        fp32 = experts(x, ids, weights)
+        assert set_activation_int8(experts, True) == 2
+        assert experts.kernel_paths() == [f"MXFP4:native-{kernel_path.variant}-int8"] * 2
+        int8 = experts(x, ids, weights)
+    assert not torch.equal(int8, fp32)  # the int8 kernel ran: the activations were rounded
+    assert relative_error(int8, fp32.numpy()) < 0.02
+    assert set_activation_int8(experts, False) == 0

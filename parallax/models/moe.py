@@ -28,7 +28,12 @@ from torch import nn
 
 from parallax.models.quant import native
 from parallax.models.quant.formats import QT, row_bytes
-from parallax.models.quant.packed import PackedWeight, native_for, packed_matmul
+from parallax.models.quant.packed import (
+    PackedWeight,
+    activation_int8_default,
+    native_for,
+    packed_matmul,
+)
 
 # Whether CPU forwards keep oneDNN-packed copies of the expert weights: about 2x faster expert
 # matmuls on decode-sized groups (1.2x at 256 rows), for a second copy of the expert weights in
@@ -126,6 +131,8 @@ class FusedExperts(nn.Module):
         self.quant_types: dict[str, QT] = {}
         # per packed projection: E (PackedWeight view, native kernels or None), made lazily
         self._quantized: dict[str, list[tuple[PackedWeight, native.NativeKernels | None]]] = {}
+        # packed experts below GEMM_MIN_ROWS rows: int8 activations (set_activation_int8)
+        self.activation_int8 = activation_int8_default()
         self._loaded_parts: set[tuple[str, int]] = set()
         # oneDNN-packed (gate_up, down) per expert, and the weights' state they were made from
         self._packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -165,7 +172,7 @@ class FusedExperts(nn.Module):
             experts = self._quantized_experts(proj)
 
             def quantized(rows: torch.Tensor, expert: int) -> torch.Tensor:
-                out = packed_matmul(rows, *experts[expert])  # fp32 on CPU
+                out = packed_matmul(rows, *experts[expert], self.activation_int8)  # fp32
                 if bias is not None:
                     out.add_(bias[expert])
                 return out.to(rows.dtype)
@@ -199,7 +206,10 @@ class FusedExperts(nn.Module):
         paths = []
         for proj, qtype in sorted(self.quant_types.items()):
             lib = self._quantized_experts(proj)[0][1]
-            paths.append(f"{qtype.name}:" + (f"native-{lib.variant}" if lib else "torch"))
+            int8 = lib is not None and self.activation_int8 and lib.supports_q8(
+                qtype, self.shapes[proj][1])
+            paths.append(f"{qtype.name}:" + (f"native-{lib.variant}" if lib else "torch")
+                         + ("-int8" if int8 else ""))
         return paths
 
     def _packed_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:

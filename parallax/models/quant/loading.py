@@ -164,12 +164,18 @@ def activation_int8_wanted(mode: str, num_params: int) -> bool:
 
 
 def set_activation_int8(shard: nn.Module, enabled: bool) -> int:
-    """Switch every PackedLinear of the shard to int8 (or fp32) activations for decode-sized
-    matmuls; returns how many segments now use the int8 kernel (0 without native kernels, on
-    the portable build, or on CUDA). MoE experts keep fp32 activations."""
+    """Switch every PackedLinear and packed MoE expert projection of the shard to int8 (or
+    fp32) activations for decode-sized matmuls; returns how many segments / expert projections
+    now use the int8 kernel (0 without native kernels, on the portable build, or on CUDA)."""
+    from parallax.models.moe import FusedExperts
+
     used = 0
     for module in shard.modules():
         if isinstance(module, PackedLinear):
             module.set_activation_int8(enabled)
-            used += sum(path.endswith("-int8") for path in module.kernel_paths())
+        elif isinstance(module, FusedExperts):
+            module.activation_int8 = bool(enabled)
+        else:
+            continue
+        used += sum(path.endswith("-int8") for path in module.kernel_paths())
     return used
