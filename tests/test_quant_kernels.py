@@ -25,6 +25,7 @@ from parallax.models.quant.packed import (
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
+    gemm_min_rows,
     packed_matmul,
 )
 
@@ -82,7 +83,8 @@ def test_packed_matmul_equals_gguf_dequantize(qtype, kernel_path):
     assert layer.kernel_paths() == [f"{qtype.name}:{expected_path}"]
     tolerance = TORCH_TOLERANCE if kernel_path is None else NATIVE_TOLERANCE[qtype]
     generator = torch.Generator().manual_seed(1)
-    for batch in (1, 7, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 64):  # fused kernel, then tiled GEMM
+    # fused kernel, then tiled GEMM (from 16 rows, or 48 on AVX2: packed.gemm_min_rows)
+    for batch in (1, 7, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 64):
         x = torch.randn(batch, cols, generator=generator)
         calls_before = 0 if kernel_path is None else kernel_path.call_count()
         got = layer(x)
@@ -217,8 +219,11 @@ def test_int8_activations_differ_from_gguf_reference_by_rounding_only(qtype, ker
         rounded = relative_error(
             got, int8_rounded(x.numpy(), ACTIVATION_BLOCK.get(qtype, 32)) @ reference_weight.T)
         assert rounded < INT8_ROUNDED_TOLERANCE, f"{qtype.name} batch {batch}: {rounded:.2e}"
-    x = torch.randn(GEMM_MIN_ROWS, cols, generator=generator)  # prefill-sized: fp32 tiled GEMM
+    rows = gemm_min_rows(kernel_path, True)  # prefill-sized: fp32 activations, tiled GEMM
+    x = torch.randn(rows, cols, generator=generator)
     assert relative_error(layer(x), x.numpy() @ reference_weight.T) < TORCH_TOLERANCE
+    x = torch.randn(rows - 1, cols, generator=generator)  # the largest int8 batch
+    assert 1e-4 < relative_error(layer(x), x.numpy() @ reference_weight.T) < INT8_TOLERANCE
     layer.set_activation_int8(False)  # the fp32-activation kernel is still there when asked
     assert layer.kernel_paths() == [f"{qtype.name}:native-{kernel_path.variant}"]
     x = torch.randn(1, cols, generator=generator)
@@ -338,3 +343,17 @@ def test_a_failed_build_falls_back_to_the_next_variant(monkeypatch, tmp_path):
             assert lib is None
     finally:
         native._load_cached.cache_clear()
+
+
+def test_the_tiled_gemm_takes_over_later_on_avx2():
+    """The fused kernel beats tile + BLAS up to ~48 rows on AVX2 (64 with int8 activations);
+    AVX-512 and the portable build switch at GEMM_MIN_ROWS, as measured there."""
+    class Variant:
+        def __init__(self, variant: str) -> None:
+            self.variant = variant
+
+    assert gemm_min_rows(Variant("avx2"), False) == 48
+    assert gemm_min_rows(Variant("avx2"), True) == 64
+    assert gemm_min_rows(Variant("avx512"), True) == GEMM_MIN_ROWS
+    assert gemm_min_rows(Variant("generic"), False) == GEMM_MIN_ROWS
+    assert gemm_min_rows(None, True) == GEMM_MIN_ROWS

@@ -305,6 +305,9 @@ def test_serve_quantize_q8_0_answers_a_chat(tmp_path, activation_int8):
         assert "q8_0" in health["kernels"]
         int8 = activation_int8 == "on" and shutil.which("gcc") is not None
         assert health["kernels"]["q8_0"].endswith("-int8") == int8
+        # every layer packed and plain: decode steps run as one native call (decode_plan.py)
+        native_step = health["decode_step"].startswith("one native call per step")
+        assert native_step == (shutil.which("gcc") is not None), health["decode_step"]
         answer = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 8,
             "temperature": 0})

@@ -61,6 +61,7 @@ class CharTokenizer:
 
 
 FAKE_KERNELS = {"q4_1": "avx2", "q6_k": "gather"}  # what a packed GGUF's executor reports
+FAKE_DECODE_STEP = "one native call per step (native-avx2)"
 
 
 class FakeExecutor:
@@ -95,7 +96,8 @@ class FakeExecutor:
                     pid=self.pid, model_name="fake", model_type=self.model_type, start_layer=0,
                     end_layer=2, num_layers=2, max_model_len=512, block_size=16,
                     num_total_blocks=64, eos_token_ids=[EOS], tokenizer_path="", device="cpu",
-                    dtype="float32", load_seconds=0.0, kernels=FAKE_KERNELS)))
+                    dtype="float32", load_seconds=0.0, kernels=FAKE_KERNELS,
+                    decode_step=FAKE_DECODE_STEP)))
             stats = ExecutorStats(0, 0, 64, 64)
             while not self._stop.is_set():
                 if not pull.poll(20):
@@ -362,6 +364,7 @@ def test_health_names_the_kernel_path_of_each_packed_weight_type():
         async with Harness() as h:
             health = await h.http.get("/health")
             assert health.status_code == 200 and health.json()["kernels"] == FAKE_KERNELS
+            assert health.json()["decode_step"] == FAKE_DECODE_STEP
 
     run(scenario())
 

@@ -4,8 +4,8 @@ At batch 1 a layer's torch modules spent about as long in Python and op dispatch
 matmuls took to stream the weights. When every layer of the shard is the plain decoder
 (RMSNorm, q|k|v with optional bias and Qwen3's per-head q/k norms, full-attention rope, paged
 attention, o, SiLU-gated MLP) with all weights packed for the native kernels, fp32 activations
-and an fp32 KV cache, a step whose rows are all decodes (fewer than GEMM_MIN_ROWS of them) runs
-through `DecodePlan.run`: the layers are described once as C structs pointing into the
+and an fp32 KV cache, a step whose rows are all decodes (fewer than the packed layers' fused
+kernel takes: packed.gemm_min_rows) runs through `DecodePlan.run`: the layers are described once as C structs pointing into the
 module's own tensors, and the C loop runs them in the modules' order. Anything else (prefill
 chunks, sliding windows, sinks, MoE, float weights, bf16) takes the modules, which stay the
 reference the tests compare this path with. `PARALLAX_FUSED_DECODE=0` keeps every step on the
@@ -24,7 +24,7 @@ from torch import nn
 from parallax.models import fused_ops
 from parallax.models.attention import AttentionMetadata
 from parallax.models.layers import RMSNorm
-from parallax.models.quant.packed import GEMM_MIN_ROWS, PackedLinear
+from parallax.models.quant.packed import GEMM_MIN_ROWS, PackedLinear, gemm_min_rows
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,11 @@ def _norm(module: nn.Module, what: str) -> tuple[int, float]:
 def _layer(layer: nn.Module) -> tuple[Layer, float]:
     from parallax.models.llama import MLP, Attention, DecoderLayer
 
-    attention, mlp = layer.self_attn, layer.mlp
-    if type(layer).forward is not DecoderLayer.forward or type(mlp) is not MLP:
-        raise Ineligible(f"layer {attention.layer_index} is not the plain decoder")
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(layer).forward is not DecoderLayer.forward or type(mlp) is not MLP \
+            or not isinstance(attention, Attention):
+        raise Ineligible("its layers are not the plain decoder (Llama / Qwen2 / Qwen3 with a "
+                         "SiLU-gated MLP)")
     if type(attention).forward is not Attention.forward or attention.sliding_window is not None \
             or attention.sinks is not None:
         raise Ineligible(f"layer {attention.layer_index} has its own attention")
@@ -123,6 +125,8 @@ class DecodePlan:
         lib = fused_ops._lib()
         if lib is None:
             raise Ineligible("no native kernels")
+        if not hasattr(model, "layers") or not len(model.layers):
+            raise Ineligible("the model has no decoder layers")
         if os.environ.get("PARALLAX_FUSED_DECODE", "1").strip().lower() in ("0", "off", "no"):
             raise Ineligible("PARALLAX_FUSED_DECODE=0")
         layers = list(model.layers)
@@ -162,6 +166,16 @@ class DecodePlan:
         return hidden
 
 
+def decode_step_path(model: nn.Module) -> str:
+    """How the shard's pure decode steps run, for the node's log and /health (call it once the
+    engine has attached the KV cache)."""
+    try:
+        plan = DecodePlan(model)
+    except Ineligible as exc:
+        return f"torch modules ({exc})"
+    return f"one native call per step (native-{plan._lib.variant})"
+
+
 def plan_key(model: nn.Module) -> tuple:
     """What a plan depends on that can change after it is built: the caches (a new engine
     allocates new ones), the first weight's buffer (.to() moves it), int8 activations."""
@@ -175,9 +189,13 @@ def plan_key(model: nn.Module) -> tuple:
 def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                     meta: AttentionMetadata) -> DecodePlan | None:
     """The model's plan when this step can use it (a pure decode step of fewer than
-    GEMM_MIN_ROWS rows, fp32 on the CPU, int64 metadata), else None."""
+    packed.gemm_min_rows rows, fp32 on the CPU, int64 metadata), else None."""
     rows = hidden.shape[0]
-    if (meta.num_decode_tokens != rows or rows >= GEMM_MIN_ROWS or meta.prefills
+    if rows >= GEMM_MIN_ROWS:
+        qkv = getattr(getattr(model.layers[0], "self_attn", None), "qkv_proj", None)
+        if rows >= gemm_min_rows(fused_ops._lib(), getattr(qkv, "activation_int8", False)):
+            return None
+    if (meta.num_decode_tokens != rows or meta.prefills
             or meta.by_window is not None or meta.window_decode is not None
             or hidden.dtype is not torch.float32 or not hidden.is_cpu
             or positions.dtype is not torch.long or meta.slot_mapping.dtype is not torch.long

@@ -339,6 +339,7 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
 
     from parallax.engine.engine import Engine, EngineConfig
     from parallax.engine.sampling_params import SamplingParams
+    from parallax.models.decode_plan import decode_step_path
     from parallax.models.loader import load_shard
     from parallax.models.quant.loading import (
         activation_int8_wanted,
@@ -376,6 +377,8 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
         eos_ids,
     )
     kernels = kernel_summary(shard.model)
+    decode_step = decode_step_path(shard.model)
+    report(f"decode steps: {decode_step}")
     report(f"loaded {shard.source.name} in {load_seconds:.1f} s "
            f"({shard.read_log.num_bytes / 1e6:.0f} MB read); KV cache "
            f"{engine.num_total_blocks} blocks of {config.block_size} tokens "
@@ -401,7 +404,7 @@ def _build_engine(config: ExecutorConfig, report, on_download=None):
         block_size=config.block_size, num_total_blocks=engine.num_total_blocks,
         eos_token_ids=eos_ids, tokenizer_path=shard.tokenizer_path, device=config.device,
         dtype=config.dtype, load_seconds=round(load_seconds, 2),
-        kernels=kernels,
+        kernels=kernels, decode_step=decode_step,
     )
     return engine, ready
 

@@ -703,6 +703,8 @@ class NodeHttpServer:
             "error": self.client.error,
             # packed GGUF weight type -> the kernel path it uses ({} for float weights)
             "kernels": dict(self.client.info.kernels) if self.client.info else {},
+            # pure decode steps: "one native call per step (...)" or "torch modules (why)"
+            "decode_step": self.client.info.decode_step if self.client.info else "",
         }
 
 

@@ -80,6 +80,8 @@ class ExecutorReady(msgspec.Struct, tag="ready", frozen=True):
     curve_public_key: str = ""  # its activation socket's CURVE key ("": not encrypted)
     # packed weight type -> kernel path ("q4_1": "avx2" / "torch" / "gather"), for /health
     kernels: dict[str, str] = {}
+    # how pure decode steps run: one native call, or the torch modules and why (for /health)
+    decode_step: str = ""
 
 
 class ExecutorStats(msgspec.Struct, frozen=True, array_like=True):

@@ -6,7 +6,7 @@ and concatenated as bytes, since blocks run along K. No fp32/bf16 copy of the wh
 exists: the native kernel multiplies the blocks directly, and the torch path dequantizes
 TILE_ROWS output rows at a time.
 
-Below GEMM_MIN_ROWS activation rows (decode) the native kernel keeps activations in fp32 by
+Below gemm_min_rows activation rows (decode) the native kernel keeps activations in fp32 by
 default; with `activation_int8` on it quantizes them to int8 blocks once per matmul and uses
 integer dot products, as llama.cpp does (1.6-2.4x the weight bytes per second on one AVX2
 core, at the cost of rounding the activations: see `set_activation_int8` in loading.py for
@@ -30,8 +30,13 @@ from parallax.models.quant.formats import PACKED_TYPES, QT, dequantize_rows, row
 
 TILE_ROWS = 512  # torch path: output rows dequantized per step (peak extra memory: one tile)
 # Native path: from this many activation rows on, dequantize a tile and use BLAS (measured in
-# benchmarks/quant_kernels_bench.py); below, the fused kernel decodes weights in registers.
+# benchmarks/quant_kernels_bench.py on an AVX-512 machine); below, the fused kernel decodes
+# weights in registers. On AVX2 BLAS gains less on the fused kernels: on the 2-core machine
+# (2 threads, Q4_K / Q6_K 2048 -> 8192, Q4_1 / Q8_0 576 -> 3072) the tile + BLAS path took
+# 2-4x the fused kernel's time at 16 rows and caught up between 32 and 64 rows with fp32
+# activations, at 64 with int8 ones: there the crossover is raised (gemm_min_rows).
 GEMM_MIN_ROWS = 16
+AVX2_GEMM_MIN_ROWS = {False: 48, True: 64}  # by int8 activations
 GEMM_TILE_VALUES = 1 << 18  # fp32 values per dequantized tile (1 MB: stays in L2 with x)
 
 
@@ -140,6 +145,14 @@ def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight
         torch.mm(x, buffer[: count * k].view(count, k).t(), out=out[:, start : start + count])
 
 
+def gemm_min_rows(lib: native.NativeKernels | None, activation_int8: bool) -> int:
+    """Activation rows from which the native path multiplies through a tile and BLAS instead
+    of the fused kernel (never fewer than GEMM_MIN_ROWS)."""
+    raised = AVX2_GEMM_MIN_ROWS[bool(activation_int8)] \
+        if lib is not None and lib.variant.startswith("avx2") else 0
+    return max(GEMM_MIN_ROWS, raised)
+
+
 def native_for(lib: native.NativeKernels | None, weight: PackedWeight) -> bool:
     """Whether `lib` multiplies this weight: CPU, contiguous bytes, type and K supported."""
     return (lib is not None and weight.data.device.type == "cpu" and weight.data.is_contiguous()
@@ -150,7 +163,7 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, lib: native.NativeKerne
                   activation_int8: bool = False) -> torch.Tensor:
     """x [m, k] @ W^T -> [m, n], fp32 on CPU (x's dtype elsewhere), for one packed weight (an
     MoE expert's). `lib`: the native kernels where `native_for` allows them, else None (the
-    torch path). The fused kernel below GEMM_MIN_ROWS rows (with int8 activations when
+    torch path). The fused kernel below gemm_min_rows rows (with int8 activations when
     `activation_int8` and the library supports the type), the tiled GEMM from there."""
     m, n = x.shape[0], weight.out_features
     out = torch.empty(m, n, dtype=torch.float32 if x.device.type == "cpu" else x.dtype,
@@ -159,11 +172,11 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, lib: native.NativeKerne
         torch_matmul(x, weight, out)
         return out
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-    if m >= GEMM_MIN_ROWS:
+    int8 = activation_int8 and lib.supports_q8(weight.qtype, weight.in_features)
+    if m >= GEMM_MIN_ROWS and m >= gemm_min_rows(lib, int8):
         native_gemm(lib, xf, weight, out)
         return out
-    fn = lib.matmul_q8 if activation_int8 and lib.supports_q8(weight.qtype, weight.in_features) \
-        else lib.matmul
+    fn = lib.matmul_q8 if int8 else lib.matmul
     if fn(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1], n, weight.in_features,
           xf.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads()) != 0:
         raise RuntimeError(f"native {weight.qtype.name} matmul refused shape {weight.shape}")
@@ -219,7 +232,7 @@ class PackedLinear(nn.Module):
         """Decide per segment: native kernel (CPU, built, type supported) or the torch path.
 
         Runs at construction and after .to(); call it again after changing
-        PARALLAX_NATIVE_KERNELS to switch an existing layer. Below GEMM_MIN_ROWS rows a native
+        PARALLAX_NATIVE_KERNELS to switch an existing layer. Below gemm_min_rows rows a native
         segment uses the int8-activation kernel when `activation_int8` is set and the library
         has it for the type (see `set_activation_int8`)."""
         lib = native.kernels()
@@ -243,7 +256,7 @@ class PackedLinear(nn.Module):
 
     def kernel_paths(self) -> list[str]:
         """Per segment: "<type>:native-<isa>", "<type>:native-<isa>-int8" (int8 activations
-        below GEMM_MIN_ROWS rows) or "<type>:torch" (for logs and /health)."""
+        below gemm_min_rows rows) or "<type>:torch" (for logs and /health)."""
         paths = []
         for w, use, *_, matmul in self._calls:
             path = "torch" if not use else f"native-{self._native.variant}"
@@ -265,7 +278,8 @@ class PackedLinear(nn.Module):
                 if xf is None:
                     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else \
                         x2.float().contiguous()
-                if m >= GEMM_MIN_ROWS:
+                if m >= GEMM_MIN_ROWS and m >= gemm_min_rows(
+                        self._native, matmul is self._native.matmul_q8):
                     native_gemm(self._native, xf, w, out[:, offset : offset + n])
                     continue
                 status = matmul(
