@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -189,3 +190,18 @@ def test_prefill_steps_and_float_models_keep_the_modules(tmp_path):
     model = load_shard(path).model  # float weights: no plan
     decode_step(model, [4], modules=False)
     assert model.__dict__["_decode_plan"] is False
+
+
+def test_the_plan_lets_an_old_engines_kv_cache_go(packed_tiny):
+    """A plan points into the KV caches but does not keep them: a new engine's caches replace
+    them (the old ones are freed at once) and the next decode step builds a new plan."""
+    model = packed_tiny
+    decode_step(model, [4], modules=False)
+    plan = model.__dict__["_decode_plan"]
+    assert isinstance(plan, DecodePlan)
+    old_cache = weakref.ref(model.attention_layers[0].k_cache)
+    attach_cache(model)
+    assert old_cache() is None
+    decode_step(model, [4], modules=False)
+    assert isinstance(model.__dict__["_decode_plan"], DecodePlan)
+    assert model.__dict__["_decode_plan"] is not plan

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -110,6 +111,8 @@ def _layer(layer: nn.Module) -> tuple[Layer, float]:
     post_norm, post_eps = _norm(layer.post_attention_layernorm, "post_attention_layernorm")
     if post_eps != eps or (q_norm and not q_eps == k_eps == eps):
         raise Ineligible("the norms of a layer use different eps")
+    if attention.k_cache is None or attention.v_cache is None:
+        raise Ineligible("the KV cache is not attached yet")
     return Layer(input_norm, post_norm, q_norm, k_norm,
                  _fp32(attention.k_cache, "k_cache"), _fp32(attention.v_cache, "v_cache"),
                  _linear(attention.qkv_proj, "qkv_proj"), _linear(attention.o_proj, "o_proj"),
@@ -145,10 +148,9 @@ class DecodePlan:
                 or any(eps != described[0][1] for _, eps in described):
             raise Ineligible("layers differ in cache size or norm eps")
         self._lib = lib
+        # the weights stay alive while the plan points into them (their ids key it); the KV
+        # caches do not: an engine's caches must go with it (checked through weak references)
         self._keep = [rotary.cos, rotary.sin] + list(model.parameters()) + list(model.buffers())
-        self._keep += [t for layer in layers for t in (layer.self_attn.k_cache,
-                                                        layer.self_attn.v_cache)]
-        self.key = plan_key(model)
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
@@ -177,13 +179,21 @@ def decode_step_path(model: nn.Module) -> str:
 
 
 def plan_key(model: nn.Module) -> tuple:
-    """What a plan depends on that can change after it is built: the caches (a new engine
-    allocates new ones), the first weight's buffer (.to() moves it), int8 activations."""
-    first, last = model.layers[0].self_attn, model.layers[-1].self_attn
-    qkv = first.qkv_proj
-    return (id(first.k_cache), id(last.v_cache), id(getattr(qkv, "packed_0", None)),
-            getattr(qkv, "activation_int8", None), id(fused_ops._lib()),
-            os.environ.get("PARALLAX_FUSED_DECODE", "1"))
+    """What a plan depends on besides the KV caches: the first weight's buffer (.to() moves it;
+    the plan keeps the old one alive, so its id stays unique), int8 activations, the native
+    library and PARALLAX_FUSED_DECODE."""
+    qkv = getattr(getattr(model.layers[0], "self_attn", None), "qkv_proj", None)
+    return (id(getattr(qkv, "packed_0", None)), getattr(qkv, "activation_int8", None),
+            id(fused_ops._lib()), os.environ.get("PARALLAX_FUSED_DECODE", "1"))
+
+
+def _caches(model: nn.Module) -> list[torch.Tensor | None]:
+    return [getattr(getattr(layer, "self_attn", None), name, None)
+            for layer in model.layers for name in ("k_cache", "v_cache")]
+
+
+def _weak(tensor: torch.Tensor | None):
+    return (lambda: None) if tensor is None else weakref.ref(tensor)
 
 
 def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
@@ -203,11 +213,11 @@ def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Ten
             or meta.decode_context_lens.dtype is not torch.long
             or not meta.decode_slot_table.is_contiguous() or not positions.is_contiguous()):
         return None
-    plan = model.__dict__.get("_decode_plan")
-    key = plan_key(model)
-    if plan is not None and (plan is False or plan.key == key) and \
-            model.__dict__.get("_decode_plan_key") == key:
-        return plan or None
+    key, caches = plan_key(model), _caches(model)
+    built = model.__dict__.get("_decode_plan_built")  # (plan or False, key, cache weakrefs)
+    if built is not None and built[1] == key and len(built[2]) == len(caches) and \
+            all(ref() is cache for ref, cache in zip(built[2], caches, strict=True)):
+        return built[0] or None
     try:
         plan = DecodePlan(model)
         logger.info("decode steps of layers [%d, %d) run as one native call",
@@ -215,5 +225,6 @@ def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Ten
     except Ineligible as exc:
         logger.debug("decode steps use the torch modules: %s", exc)
         plan = False
-    model.__dict__["_decode_plan"], model.__dict__["_decode_plan_key"] = plan, key
+    model.__dict__["_decode_plan"] = plan
+    model.__dict__["_decode_plan_built"] = (plan, key, [_weak(cache) for cache in caches])
     return plan or None
