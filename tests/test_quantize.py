@@ -305,9 +305,11 @@ def test_serve_quantize_q8_0_answers_a_chat(tmp_path, activation_int8):
         assert "q8_0" in health["kernels"]
         int8 = activation_int8 == "on" and shutil.which("gcc") is not None
         assert health["kernels"]["q8_0"].endswith("-int8") == int8
-        # every layer packed and plain: decode steps run as one native call (decode_plan.py)
-        native_step = health["decode_step"].startswith("one native call per step")
-        assert native_step == (shutil.which("gcc") is not None), health["decode_step"]
+        # this model's down_proj (K = 16) stays float, so decode steps keep the torch modules
+        # and /health says why (decode_plan.py; packed models take one native call per step)
+        assert health["decode_step"] == ("torch modules (down_proj is not packed)"
+                                         if shutil.which("gcc") else
+                                         "torch modules (no native kernels)")
         answer = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 8,
             "temperature": 0})
