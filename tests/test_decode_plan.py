@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from parallax.models import fused_ops
 from parallax.models.attention import AttentionMetadata, decode_attention
-from parallax.models.decode_plan import DecodePlan
+from parallax.models.decode_plan import DecodePlan, current_plan
 from parallax.models.layers import RMSNorm, RotaryEmbedding
 from parallax.models.loader import load_shard
 from parallax.models.quant import native
@@ -157,11 +157,11 @@ def test_one_call_decode_step_equals_the_modules(packed_tiny, monkeypatch, int8)
         contexts = [5, 31, 12]
         monkeypatch.setenv("PARALLAX_FUSED_DECODE", "0")
         reference = decode_step(model, contexts, modules=True)
-        assert model.__dict__["_decode_plan"] is False  # switched off: the modules ran
+        assert current_plan(model) is False  # switched off: the modules ran
         monkeypatch.setenv("PARALLAX_FUSED_DECODE", "1")
         calls = native_call_count()
         fused = decode_step(model, contexts, modules=False)
-        assert isinstance(model.__dict__["_decode_plan"], DecodePlan)
+        assert isinstance(current_plan(model), DecodePlan)
         assert native_call_count() > calls
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
         # the plan wrote the new token's k and v where the modules would have
@@ -182,14 +182,14 @@ def test_one_call_decode_step_refuses_positions_past_the_rope_table(packed_tiny)
         decode_slot_table=torch.arange(limit + 1)[None], decode_context_lens=torch.tensor([limit + 1]))
     with torch.inference_mode(), pytest.raises(ValueError, match="out of range"):
         model(torch.tensor([1]), torch.tensor([limit]), meta)
-    assert isinstance(model.__dict__["_decode_plan"], DecodePlan)
+    assert isinstance(current_plan(model), DecodePlan)
 
 
 def test_prefill_steps_and_float_models_keep_the_modules(tmp_path):
     path, _ = save_tiny_model(tmp_path, "llama")
     model = load_shard(path).model  # float weights: no plan
     decode_step(model, [4], modules=False)
-    assert model.__dict__["_decode_plan"] is False
+    assert current_plan(model) is False
 
 
 def test_the_plan_lets_an_old_engines_kv_cache_go(packed_tiny):
@@ -197,11 +197,11 @@ def test_the_plan_lets_an_old_engines_kv_cache_go(packed_tiny):
     them (the old ones are freed at once) and the next decode step builds a new plan."""
     model = packed_tiny
     decode_step(model, [4], modules=False)
-    plan = model.__dict__["_decode_plan"]
+    plan = current_plan(model)
     assert isinstance(plan, DecodePlan)
     old_cache = weakref.ref(model.attention_layers[0].k_cache)
     attach_cache(model)
     assert old_cache() is None
     decode_step(model, [4], modules=False)
-    assert isinstance(model.__dict__["_decode_plan"], DecodePlan)
-    assert model.__dict__["_decode_plan"] is not plan
+    assert isinstance(current_plan(model), DecodePlan)
+    assert current_plan(model) is not plan

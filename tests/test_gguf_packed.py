@@ -15,7 +15,7 @@ import torch
 from parallax.engine.engine import Engine, EngineConfig
 from parallax.engine.sampling_params import SamplingParams
 from parallax.models import fused_ops
-from parallax.models.decode_plan import DecodePlan
+from parallax.models.decode_plan import DecodePlan, current_plan
 from parallax.models.hub import builtin_gguf_path
 from parallax.models.loader import load_shard, load_tokenizer
 from parallax.models.quant import PackedEmbedding, PackedLinear, native_call_count
@@ -168,10 +168,10 @@ def test_one_call_decode_steps_equal_the_modules_on_smollm2(models, monkeypatch)
     packed, _, tokenizer, prompts = models
     eos = tokenizer.eos_token_id
     fused = run_engine(packed, prompts[:3], eos, one_at_a_time=False)
-    assert isinstance(packed.__dict__["_decode_plan"], DecodePlan)
+    assert isinstance(current_plan(packed), DecodePlan)
     monkeypatch.setenv("PARALLAX_FUSED_DECODE", "0")
     assert run_engine(packed, prompts[:3], eos, one_at_a_time=False) == fused
-    assert packed.__dict__["_decode_plan"] is False
+    assert current_plan(packed) is False
     monkeypatch.setenv("PARALLAX_FUSED_DECODE", "1")
     assert run_engine(packed, prompts[:1], eos, one_at_a_time=True) == fused[:1]
 

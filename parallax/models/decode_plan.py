@@ -72,12 +72,11 @@ def _fp32(tensor: torch.Tensor | None, what: str) -> int:
 def _linear(module: nn.Module, what: str) -> Linear:
     if not isinstance(module, PackedLinear):
         raise Ineligible(f"{what} is not packed")
-    calls = module._calls
-    if len(calls) > MAX_SEGMENTS or not all(call[1] for call in calls):
+    segments = module.native_segments()
+    if segments is None or len(segments) > MAX_SEGMENTS:
         raise Ineligible(f"{what} has a segment the native kernels do not multiply")
-    linear = Linear(module.in_features, module.out_features, len(calls))
-    for i, (_, _, _, qtype, pointer, row_bytes, rows, matmul) in enumerate(calls):
-        int8 = matmul is module._native.matmul_q8
+    linear = Linear(module.in_features, module.out_features, len(segments))
+    for i, (qtype, pointer, row_bytes, rows, int8) in enumerate(segments):
         linear.segments[i] = Segment(qtype, int(int8), pointer, row_bytes, rows)
     linear.bias = _fp32(module.bias, f"{what} bias")
     return linear
@@ -196,6 +195,10 @@ def _weak(tensor: torch.Tensor | None):
     return (lambda: None) if tensor is None else weakref.ref(tensor)
 
 
+# model.__dict__ entry: (DecodePlan or False, plan_key, weak references to the KV caches)
+_BUILT = "_decode_plan_built"
+
+
 def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                     meta: AttentionMetadata) -> DecodePlan | None:
     """The model's plan when this step can use it (a pure decode step of fewer than
@@ -214,7 +217,7 @@ def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Ten
             or not meta.decode_slot_table.is_contiguous() or not positions.is_contiguous()):
         return None
     key, caches = plan_key(model), _caches(model)
-    built = model.__dict__.get("_decode_plan_built")  # (plan or False, key, cache weakrefs)
+    built = model.__dict__.get(_BUILT)
     if built is not None and built[1] == key and len(built[2]) == len(caches) and \
             all(ref() is cache for ref, cache in zip(built[2], caches, strict=True)):
         return built[0] or None
@@ -225,6 +228,12 @@ def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Ten
     except Ineligible as exc:
         logger.debug("decode steps use the torch modules: %s", exc)
         plan = False
-    model.__dict__["_decode_plan"] = plan
-    model.__dict__["_decode_plan_built"] = (plan, key, [_weak(cache) for cache in caches])
+    model.__dict__[_BUILT] = (plan, key, [_weak(cache) for cache in caches])
     return plan or None
+
+
+def current_plan(model: nn.Module) -> DecodePlan | bool | None:
+    """The plan the model's last pure decode step looked up: a DecodePlan, False (the torch
+    modules: ineligible), or None before any."""
+    built = model.__dict__.get(_BUILT)
+    return None if built is None else built[0]

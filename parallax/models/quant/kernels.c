@@ -951,6 +951,25 @@ INLINE void prefetch_row(const uint8_t *w, int64_t row_bytes, int64_t n, int64_t
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b);
 }
 
+/* y[r, j] for the m activation rows and n weight rows: OpenMP splits the weight rows in chunks
+ * of ROW_CHUNK; each weight row meets MAXR activation rows at a time through DOT, which
+ * writes out[0..nr) for weight row j and activation rows [m0, m0 + nr). */
+#define SPLIT_ROWS(DOT)                                                                     \
+    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;                                \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)")  \
+    for (int64_t c = 0; c < nchunks; c++) {                                                 \
+        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;     \
+        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {                                          \
+            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;                            \
+            for (int64_t j = r0; j < r1; j++) {                                             \
+                float out[MAXR];                                                            \
+                if (m0 == 0) prefetch_row(w, row_bytes, n, j + PREFETCH_ROWS);              \
+                DOT;                                                                        \
+                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];                \
+            }                                                                               \
+        }                                                                                   \
+    }
+
 static int check(int qtype, int64_t row_bytes, int64_t k, type_info *t) {
     return pq_supports(qtype, k) && info_for(qtype, t) && row_bytes == k / t->block * t->type_size;
 }
@@ -962,20 +981,7 @@ int pq_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t
     type_info t;
     if (!check(qtype, row_bytes, k, &t)) return -1;
     __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
-    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
-        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
-            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
-            for (int64_t j = r0; j < r1; j++) {
-                float out[MAXR];
-                if (m0 == 0) prefetch_row(w, row_bytes, n, j + PREFETCH_ROWS);
-                t.dot(k, w + j * row_bytes, x + m0 * k, k, nr, out);
-                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
-            }
-        }
-    }
+    SPLIT_ROWS(t.dot(k, w + j * row_bytes, x + m0 * k, k, nr, out))
     return 0;
 }
 
@@ -1014,20 +1020,7 @@ static int matmul_q8k(q8k_fn fn, const uint8_t *w, int64_t row_bytes, int64_t n,
     if (xq == NULL) return -2;
     __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
     for (int64_t i = 0; i < m * nsb; i++) quantize_kblock(x + i * QKK, xq + i);
-    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
-        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
-            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
-            for (int64_t j = r0; j < r1; j++) {
-                float out[MAXR];
-                if (m0 == 0) prefetch_row(w, row_bytes, n, j + PREFETCH_ROWS);
-                fn(k, w + j * row_bytes, xq + m0 * nsb, nsb, nr, out);
-                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
-            }
-        }
-    }
+    SPLIT_ROWS(fn(k, w + j * row_bytes, xq + m0 * nsb, nsb, nr, out))
     free(xq);
     return 0;
 }
@@ -1050,20 +1043,7 @@ int pq_matmul_q8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int6
     if (xq == NULL) return -2;
     __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
     for (int64_t i = 0; i < m * nb; i++) quantize_block(x + i * QK, xq + i);
-    const int64_t nchunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r0 = c * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
-        for (int64_t m0 = 0; m0 < m; m0 += MAXR) {
-            const int nr = m - m0 < MAXR ? (int)(m - m0) : MAXR;
-            for (int64_t j = r0; j < r1; j++) {
-                float out[MAXR];
-                if (m0 == 0) prefetch_row(w, row_bytes, n, j + PREFETCH_ROWS);
-                fn(k, w + j * row_bytes, xq + m0 * nb, nb, nr, out);
-                for (int r = 0; r < nr; r++) y[(m0 + r) * ldy + j] = out[r];
-            }
-        }
-    }
+    SPLIT_ROWS(fn(k, w + j * row_bytes, xq + m0 * nb, nb, nr, out))
     free(xq);
     return 0;
 #else

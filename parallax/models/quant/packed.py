@@ -254,6 +254,14 @@ class PackedLinear(nn.Module):
         self.activation_int8 = bool(enabled)
         self.refresh()
 
+    def native_segments(self) -> list[tuple[int, int, int, int, bool]] | None:
+        """Per segment (qtype, data pointer, row bytes, rows, int8 activations) when every
+        segment runs on the native kernels, else None (the one-call decode step's input)."""
+        if not all(use for _, use, *_ in self._calls):
+            return None
+        return [(qtype, pointer, row_bytes, rows, matmul is self._native.matmul_q8)
+                for _, _, _, qtype, pointer, row_bytes, rows, matmul in self._calls]
+
     def kernel_paths(self) -> list[str]:
         """Per segment: "<type>:native-<isa>", "<type>:native-<isa>-int8" (int8 activations
         below gemm_min_rows rows) or "<type>:torch" (for logs and /health)."""
