@@ -13,11 +13,13 @@ its "fp32 F.linear" column is the old path, an fp32 matmul on the dequantized ex
 2880 → 5760 is one gpt-oss-20b expert's gate_up projection.
 
 Prints the CPU flags and the native variant, then per shape, type and batch the best time
-of each path: the fused kernel (weights decoded in registers, fp32 activations), the tiled
-GEMM (a tile dequantized natively, then BLAS), what PackedLinear picks (fused below
-GEMM_MIN_ROWS rows, tiled from there), the pure-torch path and fp32 F.linear on a dense copy;
-and the picked path's effective GB/s of packed weight bytes; "fused int8" is the decode kernel with
-int8 activations (what a node with --activation-int8 on uses below GEMM_MIN_ROWS rows). Weights are random (speed does not
+of each path: the fused kernel (weights decoded in registers, fp32 activations), tile + BLAS
+(a tile dequantized natively, then BLAS), the AVX2 build's blocked GEMM (a tile dequantized
+into L1 once, a register-blocked fp32 microkernel), what PackedLinear picks (fused below
+packed.gemm_min_rows rows, blocked or tile + BLAS from there), the pure-torch path and fp32
+F.linear on a dense copy; and the picked path's effective GB/s of packed weight bytes; "fused
+int8" is the decode kernel with int8 activations (what a node with --activation-int8 on uses
+below gemm_min_rows rows). Weights are random (speed does not
 depend on the values). On a shared machine, times vary run to run: take the minimum of a few
 runs before comparing.
 """
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from parallax.models.quant import native
 from parallax.models.quant.formats import PACKED_TYPES, QT, block_size, random_blocks
-from parallax.models.quant.packed import PackedLinear, PackedWeight, native_gemm
+from parallax.models.quant.packed import PackedLinear, PackedWeight, tiled_gemm
 
 # (in_features, out_features): a 1-3 B FFN, SmolLM2's FFN, a gpt-oss-20b expert's gate_up
 SHAPES = [(2048, 8192), (576, 1536), (2880, 5760)]
@@ -77,9 +79,18 @@ def fused(lib: native.NativeKernels, weight: PackedWeight, x: torch.Tensor,
 
 
 def tiled(lib: native.NativeKernels, weight: PackedWeight, x: torch.Tensor) -> torch.Tensor:
-    """The tiled GEMM alone, whatever the batch."""
+    """Tile + BLAS alone, whatever the batch."""
     out = torch.empty(x.shape[0], weight.out_features)
-    native_gemm(lib, x, weight, out)
+    tiled_gemm(lib, x, weight, out)
+    return out
+
+
+def blocked(lib: native.NativeKernels, weight: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The blocked GEMM alone (AVX2 builds), whatever the batch."""
+    out = torch.empty(x.shape[0], weight.out_features)
+    lib.gemm(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1],
+             weight.out_features, weight.in_features, x.data_ptr(), x.shape[0], out.data_ptr(),
+             weight.out_features, torch.get_num_threads())
     return out
 
 
@@ -159,24 +170,27 @@ def main() -> None:
                      "fused int8": functools.partial(fused, lib, weight, int8=True)
                      if int8 else None,
                      "tiled": functools.partial(tiled, lib, weight) if lib else None,
+                     "blocked": functools.partial(blocked, lib, weight)
+                     if lib and lib.gemm_min_rows(qtype, False) is not None else None,
                      "native": PackedLinear(weight) if lib else None,
                      "torch": torch_path_layer(weight),
                      "fp32": functools.partial(F.linear, weight=dense)}
             for batch in batches:
                 cells.append(((in_features, out_features, qtype, batch), paths, blocks.nbytes))
     best = measure(cells, args.rounds, args.seconds)
-    print("| in → out | type | batch | fused ms | fused int8 ms | tiled ms | picked ms | "
-          "torch-path ms | fp32 F.linear ms | picked GB/s | picked vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| in → out | type | batch | fused ms | fused int8 ms | tile + BLAS ms | blocked ms | "
+          "picked ms | torch-path ms | fp32 F.linear ms | picked GB/s | picked vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, _, num_bytes in cells:
         in_features, out_features, qtype, batch = key
-        t_fused, t_int8, t_tiled, t_native = (best.get((key, name), float("nan"))
-                                              for name in ("fused", "fused int8", "tiled",
-                                                           "native"))
+        t_fused, t_int8, t_tiled, t_blocked, t_native = (
+            best.get((key, name), float("nan"))
+            for name in ("fused", "fused int8", "tiled", "blocked", "native"))
         t_torch, t_dense = best[key, "torch"], best[key, "fp32"]
         print(f"| {in_features} → {out_features} | {qtype.name} | {batch} | {t_fused:.3f} | "
-              f"{t_int8:.3f} | {t_tiled:.3f} | {t_native:.3f} | {t_torch:.1f} | {t_dense:.3f} | "
-              f"{num_bytes / t_native / 1e6:.1f} | {t_dense / t_native:.2f}× |")
+              f"{t_int8:.3f} | {t_tiled:.3f} | {t_blocked:.3f} | {t_native:.3f} | "
+              f"{t_torch:.1f} | {t_dense:.3f} | {num_bytes / t_native / 1e6:.1f} | "
+              f"{t_dense / t_native:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_packed_matmul_equals_gguf_dequantize(qtype, kernel_path):
     assert layer.kernel_paths() == [f"{qtype.name}:{expected_path}"]
     tolerance = TORCH_TOLERANCE if kernel_path is None else NATIVE_TOLERANCE[qtype]
     generator = torch.Generator().manual_seed(1)
-    # fused kernel, then tiled GEMM (from 16 rows, or 48 on AVX2: packed.gemm_min_rows)
+    # fused kernel, then the GEMM (blocked on AVX2 from 12 rows, tile + BLAS elsewhere from 16)
     for batch in (1, 7, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 64):
         x = torch.randn(batch, cols, generator=generator)
         calls_before = 0 if kernel_path is None else kernel_path.call_count()
@@ -219,7 +219,7 @@ def test_int8_activations_differ_from_gguf_reference_by_rounding_only(qtype, ker
         rounded = relative_error(
             got, int8_rounded(x.numpy(), ACTIVATION_BLOCK.get(qtype, 32)) @ reference_weight.T)
         assert rounded < INT8_ROUNDED_TOLERANCE, f"{qtype.name} batch {batch}: {rounded:.2e}"
-    rows = gemm_min_rows(kernel_path, True)  # prefill-sized: fp32 activations, tiled GEMM
+    rows = gemm_min_rows(kernel_path, qtype, True)  # from here fp32 activations (GEMM)
     x = torch.randn(rows, cols, generator=generator)
     assert relative_error(layer(x), x.numpy() @ reference_weight.T) < TORCH_TOLERANCE
     x = torch.randn(rows - 1, cols, generator=generator)  # the largest int8 batch
@@ -345,15 +345,46 @@ def test_a_failed_build_falls_back_to_the_next_variant(monkeypatch, tmp_path):
         native._load_cached.cache_clear()
 
 
-def test_the_tiled_gemm_takes_over_later_on_avx2():
-    """The fused kernel beats tile + BLAS up to ~48 rows on AVX2 (64 with int8 activations);
-    AVX-512 and the portable build switch at GEMM_MIN_ROWS, as measured there."""
-    class Variant:
-        def __init__(self, variant: str) -> None:
-            self.variant = variant
+def test_gemm_crossover_per_build():
+    """AVX2 builds switch to their blocked GEMM at the rows measured on the 2-core machine;
+    builds without it (AVX-512, portable) switch to tile + BLAS at GEMM_MIN_ROWS."""
+    if not HAS_GCC:
+        pytest.skip("gcc is not installed: the native kernels cannot be built here")
+    for variant in native_variants():
+        lib = native.load(variant)
+        blocked = variant.startswith("avx2")
+        assert (lib.gemm_min_rows(QT.Q4_1, False) is not None) == blocked, variant
+        expected = {(QT.Q4_1, False): 12, (QT.Q4_K, False): 12, (QT.Q4_1, True): 16,
+                    (QT.Q6_K, True): 16, (QT.Q4_K, True): 32}
+        for (qtype, int8), rows in expected.items():
+            assert gemm_min_rows(lib, qtype, int8) == (rows if blocked else GEMM_MIN_ROWS)
+    assert gemm_min_rows(None, QT.Q4_1, True) == GEMM_MIN_ROWS
 
-    assert gemm_min_rows(Variant("avx2"), False) == 48
-    assert gemm_min_rows(Variant("avx2"), True) == 64
-    assert gemm_min_rows(Variant("avx512"), True) == GEMM_MIN_ROWS
-    assert gemm_min_rows(Variant("generic"), False) == GEMM_MIN_ROWS
-    assert gemm_min_rows(None, True) == GEMM_MIN_ROWS
+
+GEMM_VARIANTS = [v for v in native_variants() if v.startswith("avx2")]
+
+
+@pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed: no native kernels here")
+@pytest.mark.skipif(not GEMM_VARIANTS, reason="no AVX2 on this CPU: no blocked GEMM")
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_blocked_gemm_equals_gguf_dequantize(qtype):
+    """The blocked GEMM at every panel shape (1-8 rows: one 8-row half; 9-16: two; past 16:
+    more panels, the last partial), weight rows that fill no tile exactly, K slices of
+    GEMM_KC = 256 with a partial last one, and a strided output it must not write past."""
+    lib = native.load(GEMM_VARIANTS[0])
+    cols = 288 if block_size(qtype) == 32 else 768
+    out_features = 53
+    blocks = random_blocks(qtype, out_features, cols, seed=5)
+    reference_weight = quants.dequantize(blocks, qtype)
+    weight = PackedWeight.from_numpy(blocks, qtype, cols)
+    generator = torch.Generator().manual_seed(6)
+    for batch in (1, 5, 8, 9, 16, 17, 40):
+        x = torch.randn(batch, cols, generator=generator)
+        out = torch.full((batch, out_features + 3), float("nan"))
+        calls_before = lib.call_count()
+        status = lib.gemm(int(qtype), weight.data.data_ptr(), weight.data.shape[1], out_features,
+                          cols, x.data_ptr(), batch, out.data_ptr(), out.stride(0), 2)
+        assert status == 0 and lib.call_count() == calls_before + 1
+        assert torch.isnan(out[:, out_features:]).all(), "wrote past its columns"
+        error = relative_error(out[:, :out_features].contiguous(), x.numpy() @ reference_weight.T)
+        assert error < TORCH_TOLERANCE, f"{qtype.name} batch {batch}: relative error {error:.2e}"

@@ -4,9 +4,11 @@ At batch 1 a layer's torch modules spent about as long in Python and op dispatch
 matmuls took to stream the weights. When every layer of the shard is the plain decoder
 (RMSNorm, q|k|v with optional bias and Qwen3's per-head q/k norms, full-attention rope, paged
 attention, o, SiLU-gated MLP) with all weights packed for the native kernels, fp32 activations
-and an fp32 KV cache, a step whose rows are all decodes (fewer than the packed layers' fused
-kernel takes: packed.gemm_min_rows) runs through `DecodePlan.run`: the layers are described once as C structs pointing into the
-module's own tensors, and the C loop runs them in the modules' order. Anything else (prefill
+and an fp32 KV cache, a step whose rows are all decodes runs through `DecodePlan.run`: the layers
+are described once as C structs pointing into the module's own tensors, and the C loop runs
+them in the modules' order, each matmul on the fused kernel or, from pq_gemm_min_rows rows on,
+the blocked GEMM. A library without the blocked GEMM (AVX-512, portable) takes batches of
+fewer than packed.GEMM_MIN_ROWS rows only: larger ones go to the modules' tile + BLAS. Anything else (prefill
 chunks, sliding windows, sinks, MoE, float weights, bf16) takes the modules, which stay the
 reference the tests compare this path with. `PARALLAX_FUSED_DECODE=0` keeps every step on the
 modules.
@@ -25,7 +27,8 @@ from torch import nn
 from parallax.models import fused_ops
 from parallax.models.attention import AttentionMetadata
 from parallax.models.layers import RMSNorm
-from parallax.models.quant.packed import GEMM_MIN_ROWS, PackedLinear, gemm_min_rows
+from parallax.models.quant.formats import QT
+from parallax.models.quant.packed import GEMM_MIN_ROWS, PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +205,12 @@ _BUILT = "_decode_plan_built"
 def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                     meta: AttentionMetadata) -> DecodePlan | None:
     """The model's plan when this step can use it (a pure decode step of fewer than
-    packed.gemm_min_rows rows, fp32 on the CPU, int64 metadata), else None."""
+    packed.GEMM_MIN_ROWS rows where the library has no blocked GEMM, fp32 on the CPU, int64
+    metadata), else None."""
     rows = hidden.shape[0]
     if rows >= GEMM_MIN_ROWS:
-        qkv = getattr(getattr(model.layers[0], "self_attn", None), "qkv_proj", None)
-        if rows >= gemm_min_rows(fused_ops._lib(), getattr(qkv, "activation_int8", False)):
+        lib = fused_ops._lib()
+        if lib is None or lib.gemm_min_rows(QT.Q4_0, False) is None:
             return None
     if (meta.num_decode_tokens != rows or meta.prefills
             or meta.by_window is not None or meta.window_decode is not None

@@ -131,7 +131,7 @@ class FusedExperts(nn.Module):
         self.quant_types: dict[str, QT] = {}
         # per packed projection: E (PackedWeight view, native kernels or None), made lazily
         self._quantized: dict[str, list[tuple[PackedWeight, native.NativeKernels | None]]] = {}
-        # packed experts below gemm_min_rows rows: int8 activations (set_activation_int8)
+        # packed experts below packed.gemm_min_rows rows: int8 activations (set_activation_int8)
         self.activation_int8 = activation_int8_default()
         self._loaded_parts: set[tuple[str, int]] = set()
         # oneDNN-packed (gate_up, down) per expert, and the weights' state they were made from

@@ -280,6 +280,9 @@ int pq_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t
               const float *x, int64_t m, float *y, int64_t ldy, int nthreads);
 int pq_matmul_q8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
                  const float *x, int64_t m, float *y, int64_t ldy, int nthreads);
+int pq_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
+            const float *x, int64_t m, float *y, int64_t ldy, int nthreads);
+int pq_gemm_min_rows(int qtype, int int8_activations);
 
 #define MAX_SEGMENTS 4
 
@@ -312,7 +315,9 @@ static int linear(const pq_linear *l, const float *x, int64_t m, float *y, int n
     int64_t offset = 0;
     for (int64_t s = 0; s < l->num_segments; s++) {
         const pq_segment *seg = &l->segments[s];
-        const int status = (seg->int8_activations ? pq_matmul_q8 : pq_matmul)(
+        const int int8 = (int)seg->int8_activations;
+        const int status = (m >= pq_gemm_min_rows((int)seg->qtype, int8) ? pq_gemm
+                            : int8 ? pq_matmul_q8 : pq_matmul)(
             (int)seg->qtype, seg->weight, seg->row_bytes, seg->rows, l->in_features, x, m,
             y + offset, l->out_features, nthreads);
         if (status != 0) return status;

@@ -11,9 +11,11 @@
  * arrive on a small core, so the int8 path streams weights 1.5-2.5x faster on AVX2; it rounds
  * the activations, so the caller turns it on per model (loading.py: set_activation_int8).
  *
- * pq_dequantize writes the same decoded values to memory: the caller's GEMM for large batches
- * (prefill) dequantizes a tile of rows at a time and hands it to BLAS, which beats decoding the
- * weight again for every MAXR activation rows.
+ * pq_gemm (AVX2 builds) is the path for many activation rows (batched decode, prefill): a tile
+ * of weight rows decoded to fp32 once into an L1-sized buffer, then a register-blocked fp32
+ * microkernel, which beats decoding the weight again for every MAXR rows from
+ * pq_gemm_min_rows on. pq_dequantize writes the decoded values to memory: builds without
+ * pq_gemm hand a tile of them to BLAS instead.
  *
  * Plain C on purpose: no torch headers, built by gcc at first use (see native.py). The x86
  * decoders are shared by the AVX2 and AVX-512 builds, which differ in vector width (8 or 16
@@ -972,6 +974,145 @@ INLINE void prefetch_row(const uint8_t *w, int64_t row_bytes, int64_t n, int64_t
 
 static int check(int qtype, int64_t row_bytes, int64_t k, type_info *t) {
     return pq_supports(qtype, k) && info_for(qtype, t) && row_bytes == k / t->block * t->type_size;
+}
+
+/* ---- blocked fp32 GEMM for many activation rows (batched decode, prefill) -----------------
+ * The fused kernels above decode a weight group again for every MAXR activation rows, so their
+ * cost grows with every row; and on AVX2 cores whose integer multiplies are narrower than their
+ * FMAs (this project's machine: maddubs + madd 19 GMAC/s, fp32 FMA 40 GMAC/s per core) int8
+ * activations do not help a compute-bound step either. Here a tile of GEMM_TN weight rows is
+ * dequantized GEMM_KC values at a time into an L1-sized fp32 buffer, once, and a 6 x 16
+ * register-blocked microkernel meets every activation row with it: 12 accumulators, two
+ * activation loads and six weight broadcasts per 12 FMAs. The activations are repacked once
+ * per call into panels of 16 rows, k-major. The result equals "dequantize, then an fp32
+ * matmul" but for summation order, whatever the caller's activation setting. */
+#if defined(__AVX2__) && !defined(__AVX512F__) /* AVX-512 builds keep tile + BLAS (measured
+                                                  * there, faster than this 8-lane kernel) */
+#define HAS_GEMM 1
+#define GEMM_MR 16  /* activation rows per panel: two 8-lane registers */
+#define GEMM_NR 6   /* weight rows per microkernel call */
+#define GEMM_TN 24  /* weight rows dequantized together (a multiple of GEMM_NR) */
+#define GEMM_KC 256 /* values of k per dequantized slice (a multiple of every block size) */
+
+/* c[j * ldc + i] += sum_kk w[j * GEMM_KC + kk] * xp[kk * GEMM_MR + i], j < 6, i < 8 * halves */
+INLINE void gemm_micro(const float *w, const float *xp, int64_t kc, float *c, int64_t ldc,
+                       const int halves) {
+    __m256 acc[GEMM_NR][2];
+    for (int j = 0; j < GEMM_NR; j++)
+        for (int h = 0; h < halves; h++) acc[j][h] = _mm256_loadu_ps(c + j * ldc + 8 * h);
+    for (int64_t kk = 0; kk < kc; kk++) {
+        __m256 xv[2];
+        for (int h = 0; h < halves; h++) xv[h] = _mm256_load_ps(xp + kk * GEMM_MR + 8 * h);
+        for (int j = 0; j < GEMM_NR; j++) {
+            const __m256 wv = _mm256_broadcast_ss(w + j * GEMM_KC + kk);
+            for (int h = 0; h < halves; h++) acc[j][h] = _mm256_fmadd_ps(wv, xv[h], acc[j][h]);
+        }
+    }
+    for (int j = 0; j < GEMM_NR; j++)
+        for (int h = 0; h < halves; h++) _mm256_storeu_ps(c + j * ldc + 8 * h, acc[j][h]);
+}
+
+/* x [m, k] -> panels of GEMM_MR rows, each [k][GEMM_MR], rows past m zero */
+static void pack_panels(const float *x, int64_t m, int64_t k, float *xp, int nthreads) {
+    const int64_t panels = (m + GEMM_MR - 1) / GEMM_MR;
+#pragma omp parallel for schedule(static) num_threads(nthreads < 1 ? 1 : nthreads)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t kk = 0; kk < k; kk++)
+            for (int i = 0; i < GEMM_MR; i++) {
+                const int64_t r = p * GEMM_MR + i;
+                xp[(p * k + kk) * GEMM_MR + i] = r < m ? x[r * k + kk] : 0.0f;
+            }
+}
+
+/* one tile of weight rows [j0, j0 + GEMM_TN) against every panel, into y */
+static void gemm_tile(const type_info *t, const uint8_t *w, int64_t row_bytes, int64_t n,
+                      int64_t k, const float *xp, int64_t m, float *y, int64_t ldy, int64_t j0,
+                      float *wbuf, float *cbuf) {
+    const int64_t panels = (m + GEMM_MR - 1) / GEMM_MR, ldc = panels * GEMM_MR;
+    const int64_t rows = n - j0 < GEMM_TN ? n - j0 : GEMM_TN;
+    memset(cbuf, 0, sizeof(float) * GEMM_TN * ldc);
+    for (int64_t k0 = 0; k0 < k; k0 += GEMM_KC) {
+        const int64_t kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+        const int64_t skip = k0 / t->block * t->type_size;
+        for (int64_t j = 0; j < GEMM_TN; j++) {
+            if (j < rows) t->deq(kc, w + (j0 + j) * row_bytes + skip, wbuf + j * GEMM_KC);
+            else memset(wbuf + j * GEMM_KC, 0, sizeof(float) * GEMM_KC);
+        }
+        for (int64_t p = 0; p < panels; p++) {
+            const float *xs = xp + (p * k + k0) * GEMM_MR;
+            const int halves = m - p * GEMM_MR > 8 ? 2 : 1;
+            for (int64_t j = 0; j < GEMM_TN; j += GEMM_NR) {
+                float *c = cbuf + j * ldc + p * GEMM_MR;
+                if (halves == 2) gemm_micro(wbuf + j * GEMM_KC, xs, kc, c, ldc, 2);
+                else gemm_micro(wbuf + j * GEMM_KC, xs, kc, c, ldc, 1);
+            }
+        }
+    }
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t j = 0; j < rows; j++) y[r * ldy + j0 + j] = cbuf[j * ldc + r];
+}
+
+static int gemm_blocked(const type_info *t, const uint8_t *w, int64_t row_bytes, int64_t n,
+                        int64_t k, const float *x, int64_t m, float *y, int64_t ldy,
+                        int nthreads) {
+    const int64_t panels = (m + GEMM_MR - 1) / GEMM_MR, ldc = panels * GEMM_MR;
+    float *xp = aligned_alloc(32, sizeof(float) * (size_t)(ldc * k));
+    if (xp == NULL) return -2;
+    pack_panels(x, m, k, xp, nthreads);
+    const int64_t tiles = (n + GEMM_TN - 1) / GEMM_TN;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        float *wbuf = aligned_alloc(32, sizeof(float) * GEMM_TN * GEMM_KC);
+        float *cbuf = malloc(sizeof(float) * (size_t)(GEMM_TN * ldc));
+        if (wbuf == NULL || cbuf == NULL) {
+            __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t tile = 0; tile < tiles; tile++)
+                gemm_tile(t, w, row_bytes, n, k, xp, m, y, ldy, tile * GEMM_TN, wbuf, cbuf);
+        }
+        free(wbuf);
+        free(cbuf);
+    }
+    free(xp);
+    return failed ? -2 : 0;
+}
+#else
+#define HAS_GEMM 0
+#endif
+
+/* Activation rows from which the blocked GEMM beats pq_matmul (int8_activations 0) or
+ * pq_matmul_q8 (1); GEMM_NEVER where this build has none (the callers: packed.py and
+ * decode_ops.c's linear). Measured on the 2-core AVX2 machine
+ * (2 threads; Q4_K / Q6_K 2048 -> 8192, Q4_1 / Q8_0 576 -> 3072): against fp32 activations
+ * the blocked GEMM wins from 9-12 rows; against int8 ones from 16, and from 32 for Q4_K,
+ * whose int8 kernel meets activations rounded per 256 (see benchmarks/README.md). */
+#define GEMM_NEVER (1 << 30)
+int pq_gemm_min_rows(int qtype, int int8_activations) {
+#if HAS_GEMM
+    if (!int8_activations) return 12;
+    return qtype == T_Q4_K ? 32 : 16;
+#else
+    (void)qtype, (void)int8_activations;
+    return GEMM_NEVER;
+#endif
+}
+
+/* y = x . W^T (as pq_matmul) through the blocked GEMM. Returns 0, -1 on a type, shape or
+ * build without it, -2 when a buffer cannot be allocated. */
+int pq_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
+            const float *x, int64_t m, float *y, int64_t ldy, int nthreads) {
+#if HAS_GEMM
+    type_info t;
+    if (!check(qtype, row_bytes, k, &t)) return -1;
+    __atomic_fetch_add(&call_count, 1, __ATOMIC_RELAXED);
+    return gemm_blocked(&t, w, row_bytes, n, k, x, m, y, ldy, nthreads);
+#else
+    (void)qtype, (void)w, (void)row_bytes, (void)n, (void)k, (void)x, (void)m, (void)y;
+    (void)ldy, (void)nthreads;
+    return -1;
+#endif
 }
 
 /* y[i * ldy + j] = sum_k x[i * k + k'] * W[j, k'] for i < m, j < n; W: n rows of row_bytes.

@@ -11,7 +11,8 @@ AVX-512 variant compiles the AVX2 intrinsics with AVX-512 enabled (32 vector reg
 not run on this project's AVX2-only machine, nor has the VNNI one (its int8 dot products use
 dpbusd): the tests compile it and check for the instruction, and run its int8 kernels with
 dpbusd emulated in AVX2 (the test-only "avx2-dpbusd-emu" variant).
-Every variant but the portable one also has the int8-activation kernels (`matmul_q8`).
+Every variant but the portable one also has the int8-activation kernels (`matmul_q8`); the
+AVX2 one has a blocked fp32 GEMM for many activation rows (`gemm`, from `gemm_min_rows` on).
 Without gcc, or when the build fails, one log line says so and every packed weight uses the
 pure-torch path. `PARALLAX_NATIVE_KERNELS=0` forces that path.
 """
@@ -49,6 +50,7 @@ VARIANTS: dict[str, tuple[frozenset[str], list[str]]] = {
     "avx2-dpbusd-emu": (frozenset({"avx2", "fma", "f16c"}), AVX2_FLAGS + ["-DPQ_EMULATE_DPBUSD"]),
 }
 BUILD_TIMEOUT_S = 180
+GEMM_NEVER = 1 << 30  # kernels.c: pq_gemm_min_rows where the build has no blocked GEMM
 
 
 BENCHMARK_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -132,6 +134,14 @@ class NativeKernels:
     silu_mul: ctypes._CFuncPtr
     decode_attention: ctypes._CFuncPtr
     decode_layers: ctypes._CFuncPtr
+    gemm: ctypes._CFuncPtr  # same arguments as matmul: the blocked GEMM (AVX2 builds)
+    _gemm_min_rows: ctypes._CFuncPtr
+
+    def gemm_min_rows(self, qtype: int, activation_int8: bool) -> int | None:
+        """Activation rows from which `gemm` beats the fused kernel (`matmul`, or `matmul_q8`
+        with int8 activations), or None where this build has no blocked GEMM."""
+        rows = self._gemm_min_rows(int(qtype), int(bool(activation_int8)))
+        return rows if rows < GEMM_NEVER else None
 
     def supports(self, qtype: int, in_features: int) -> bool:
         """Whether this library multiplies the type at this K (else: the torch path)."""
@@ -160,6 +170,11 @@ def load(variant: str) -> NativeKernels:
     matmul_q8 = lib.pq_matmul_q8
     matmul_q8.restype = ctypes.c_int
     matmul_q8.argtypes = matmul.argtypes
+    gemm = lib.pq_gemm
+    gemm.restype = ctypes.c_int
+    gemm.argtypes = matmul.argtypes
+    lib.pq_gemm_min_rows.restype = ctypes.c_int
+    lib.pq_gemm_min_rows.argtypes = [ctypes.c_int, ctypes.c_int]
     for supports in (lib.pq_supports, lib.pq_supports_q8):
         supports.restype = ctypes.c_int
         supports.argtypes = [ctypes.c_int, i64]
@@ -180,7 +195,7 @@ def load(variant: str) -> NativeKernels:
     return NativeKernels(variant, path, lib, matmul, dequantize, lib.pq_supports,
                          lib.pq_call_count, matmul_q8, lib.pq_supports_q8, lib.pq_rms_norm,
                          lib.pq_rope, lib.pq_silu_mul, lib.pq_decode_attention,
-                         lib.pq_decode_layers)
+                         lib.pq_decode_layers, gemm, lib.pq_gemm_min_rows)
 
 
 def requested_variant() -> str | None:
@@ -201,7 +216,9 @@ def _load_cached(variant: str) -> NativeKernels | None:
         logger.warning("native quantized kernels unavailable (%s); packed weights use the "
                        "slower pure-torch path", exc)
         return None
-    logger.info("native quantized kernels: %s (%s)", variant, kernels.path)
+    rows = kernels.gemm_min_rows(0, False)
+    logger.info("native quantized kernels: %s (%s); many-row matmuls: %s", variant, kernels.path,
+                "tile + BLAS" if rows is None else f"blocked GEMM from {rows} rows")
     return kernels
 
 

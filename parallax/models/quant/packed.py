@@ -6,8 +6,8 @@ and concatenated as bytes, since blocks run along K. No fp32/bf16 copy of the wh
 exists: the native kernel multiplies the blocks directly, and the torch path dequantizes
 TILE_ROWS output rows at a time.
 
-Below gemm_min_rows activation rows (decode) the native kernel keeps activations in fp32 by
-default; with `activation_int8` on it quantizes them to int8 blocks once per matmul and uses
+Below gemm_min_rows activation rows (decode) the native fused kernel keeps activations in fp32
+by default; with `activation_int8` on it quantizes them to int8 blocks once per matmul and uses
 integer dot products, as llama.cpp does (1.6-2.4x the weight bytes per second on one AVX2
 core, at the cost of rounding the activations: see `set_activation_int8` in loading.py for
 when a node turns it on).
@@ -29,14 +29,13 @@ from parallax.models.quant import native
 from parallax.models.quant.formats import PACKED_TYPES, QT, dequantize_rows, row_bytes
 
 TILE_ROWS = 512  # torch path: output rows dequantized per step (peak extra memory: one tile)
-# Native path: from this many activation rows on, dequantize a tile and use BLAS (measured in
-# benchmarks/quant_kernels_bench.py on an AVX-512 machine); below, the fused kernel decodes
-# weights in registers. On AVX2 BLAS gains less on the fused kernels: on the 2-core machine
-# (2 threads, Q4_K / Q6_K 2048 -> 8192, Q4_1 / Q8_0 576 -> 3072) the tile + BLAS path took
-# 2-4x the fused kernel's time at 16 rows and caught up between 32 and 64 rows with fp32
-# activations, at 64 with int8 ones: there the crossover is raised (gemm_min_rows).
+# Native path, many activation rows: the AVX2 build's blocked GEMM (kernels.c: a tile of weight
+# rows dequantized once into L1, a register-blocked fp32 microkernel) from the rows its
+# pq_gemm_min_rows gives, measured on the 2-core machine: 12 with fp32 activations, 16 with int8
+# ones (32 for Q4_K). Builds without it (AVX-512, portable) dequantize a tile and multiply it with
+# BLAS from GEMM_MIN_ROWS rows (measured in benchmarks/quant_kernels_bench.py on an AVX-512
+# machine). Below, the fused kernel decodes weights in registers.
 GEMM_MIN_ROWS = 16
-AVX2_GEMM_MIN_ROWS = {False: 48, True: 64}  # by int8 activations
 GEMM_TILE_VALUES = 1 << 18  # fp32 values per dequantized tile (1 MB: stays in L2 with x)
 
 
@@ -130,8 +129,21 @@ def torch_matmul(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> No
 
 def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight,
                 out: torch.Tensor) -> None:
-    """out = x @ W^T for many rows: the native kernel dequantizes a tile of weight rows into a
-    reused fp32 buffer and BLAS multiplies it (faster than decoding once per MAXR rows)."""
+    """out = x @ W^T for many rows (out: [m, n], rows may be strided): the library's blocked
+    GEMM where it has one, else `tiled_gemm`."""
+    if lib.gemm_min_rows(weight.qtype, False) is None:
+        tiled_gemm(lib, x, weight, out)
+        return
+    if lib.gemm(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1],
+                weight.out_features, weight.in_features, x.data_ptr(), x.shape[0],
+                out.data_ptr(), out.stride(0), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"native {weight.qtype.name} GEMM refused {weight.shape}")
+
+
+def tiled_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight,
+               out: torch.Tensor) -> None:
+    """out = x @ W^T: a tile of weight rows dequantized natively into a reused fp32 buffer at
+    a time, multiplied by BLAS (faster than decoding once per MAXR rows)."""
     k, n = weight.in_features, weight.out_features
     rows = max(16, min(GEMM_TILE_VALUES // k, n))
     buffer = _SCRATCH.get(rows * k)
@@ -145,12 +157,11 @@ def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight
         torch.mm(x, buffer[: count * k].view(count, k).t(), out=out[:, start : start + count])
 
 
-def gemm_min_rows(lib: native.NativeKernels | None, activation_int8: bool) -> int:
-    """Activation rows from which the native path multiplies through a tile and BLAS instead
-    of the fused kernel (never fewer than GEMM_MIN_ROWS)."""
-    raised = AVX2_GEMM_MIN_ROWS[bool(activation_int8)] \
-        if lib is not None and lib.variant.startswith("avx2") else 0
-    return max(GEMM_MIN_ROWS, raised)
+def gemm_min_rows(lib: native.NativeKernels | None, qtype: QT, activation_int8: bool) -> int:
+    """Activation rows from which the native path multiplies through `native_gemm` instead
+    of the fused kernel (`activation_int8`: whether that kernel would take int8 activations)."""
+    blocked = None if lib is None else lib.gemm_min_rows(qtype, activation_int8)
+    return GEMM_MIN_ROWS if blocked is None else blocked
 
 
 def native_for(lib: native.NativeKernels | None, weight: PackedWeight) -> bool:
@@ -173,7 +184,7 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, lib: native.NativeKerne
         return out
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     int8 = activation_int8 and lib.supports_q8(weight.qtype, weight.in_features)
-    if m >= GEMM_MIN_ROWS and m >= gemm_min_rows(lib, int8):
+    if m >= gemm_min_rows(lib, weight.qtype, int8):
         native_gemm(lib, xf, weight, out)
         return out
     fn = lib.matmul_q8 if int8 else lib.matmul
@@ -241,12 +252,13 @@ class PackedLinear(nn.Module):
         offset = 0
         for w in self.segments:
             use_native = native_for(lib, w)
-            matmul = None
+            matmul, gemm_rows = None, GEMM_MIN_ROWS
             if use_native:
                 int8 = self.activation_int8 and lib.supports_q8(w.qtype, self.in_features)
                 matmul = lib.matmul_q8 if int8 else lib.matmul
+                gemm_rows = gemm_min_rows(lib, w.qtype, int8)
             self._calls.append((w, use_native, offset, int(w.qtype), w.data.data_ptr(),
-                                w.data.shape[1], w.out_features, matmul))
+                                w.data.shape[1], w.out_features, matmul, gemm_rows))
             offset += w.out_features
 
     def set_activation_int8(self, enabled: bool) -> None:
@@ -260,13 +272,13 @@ class PackedLinear(nn.Module):
         if not all(use for _, use, *_ in self._calls):
             return None
         return [(qtype, pointer, row_bytes, rows, matmul is self._native.matmul_q8)
-                for _, _, _, qtype, pointer, row_bytes, rows, matmul in self._calls]
+                for _, _, _, qtype, pointer, row_bytes, rows, matmul, _ in self._calls]
 
     def kernel_paths(self) -> list[str]:
         """Per segment: "<type>:native-<isa>", "<type>:native-<isa>-int8" (int8 activations
         below gemm_min_rows rows) or "<type>:torch" (for logs and /health)."""
         paths = []
-        for w, use, *_, matmul in self._calls:
+        for w, use, *_, matmul, _ in self._calls:
             path = "torch" if not use else f"native-{self._native.variant}"
             if use and matmul is self._native.matmul_q8:
                 path += "-int8"
@@ -281,13 +293,13 @@ class PackedLinear(nn.Module):
                           else x.dtype, device=x.device)
         xf = None
         n_out = self.out_features
-        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n, matmul in self._calls:
+        for w, use_native, offset, qtype, w_ptr, w_row_bytes, n, matmul, gemm_rows in \
+                self._calls:
             if use_native:
                 if xf is None:
                     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else \
                         x2.float().contiguous()
-                if m >= GEMM_MIN_ROWS and m >= gemm_min_rows(
-                        self._native, matmul is self._native.matmul_q8):
+                if m >= gemm_rows:
                     native_gemm(self._native, xf, w, out[:, offset : offset + n])
                     continue
                 status = matmul(
