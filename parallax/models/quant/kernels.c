@@ -993,6 +993,7 @@ static int check(int qtype, int64_t row_bytes, int64_t k, type_info *t) {
 #define GEMM_NR 6   /* weight rows per microkernel call */
 #define GEMM_TN 24  /* weight rows dequantized together (a multiple of GEMM_NR) */
 #define GEMM_KC 256 /* values of k per dequantized slice (a multiple of every block size) */
+#define GEMM_MC 256 /* activation rows per pass (see gemm_blocked) */
 
 /* c[j * ldc + i] += sum_kk w[j * GEMM_KC + kk] * xp[kk * GEMM_MR + i], j < 6, i < 8 * halves */
 INLINE void gemm_micro(const float *w, const float *xp, int64_t kc, float *c, int64_t ldc,
@@ -1052,28 +1053,37 @@ static void gemm_tile(const type_info *t, const uint8_t *w, int64_t row_bytes, i
         for (int64_t j = 0; j < rows; j++) y[r * ldy + j0 + j] = cbuf[j * ldc + r];
 }
 
+/* Activation rows are taken GEMM_MC at a time, so the repacked copy stays small (8 MB at
+ * K = 8192) even for a long prefill chunk; each block dequantizes the weights once more, a
+ * few percent of its multiply-adds. */
 static int gemm_blocked(const type_info *t, const uint8_t *w, int64_t row_bytes, int64_t n,
                         int64_t k, const float *x, int64_t m, float *y, int64_t ldy,
                         int nthreads) {
-    const int64_t panels = (m + GEMM_MR - 1) / GEMM_MR, ldc = panels * GEMM_MR;
-    float *xp = aligned_alloc(32, sizeof(float) * (size_t)(ldc * k));
+    if (m <= 0 || n <= 0) return 0;
+    const int64_t rows_max = m < GEMM_MC ? m : GEMM_MC;
+    const int64_t ldc_max = (rows_max + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    float *xp = aligned_alloc(32, sizeof(float) * (size_t)(ldc_max * k));
     if (xp == NULL) return -2;
-    pack_panels(x, m, k, xp, nthreads);
     const int64_t tiles = (n + GEMM_TN - 1) / GEMM_TN;
     int failed = 0;
+    for (int64_t m0 = 0; m0 < m && !failed; m0 += GEMM_MC) {
+        const int64_t rows = m - m0 < GEMM_MC ? m - m0 : GEMM_MC;
+        pack_panels(x + m0 * k, rows, k, xp, nthreads);
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
-    {
-        float *wbuf = aligned_alloc(32, sizeof(float) * GEMM_TN * GEMM_KC);
-        float *cbuf = malloc(sizeof(float) * (size_t)(GEMM_TN * ldc));
-        if (wbuf == NULL || cbuf == NULL) {
-            __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-        } else {
+        {
+            float *wbuf = aligned_alloc(32, sizeof(float) * GEMM_TN * GEMM_KC);
+            float *cbuf = malloc(sizeof(float) * (size_t)(GEMM_TN * ldc_max));
+            const int ready = wbuf != NULL && cbuf != NULL;
+            if (!ready) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+            /* every thread meets the worksharing loop, ready or not */
 #pragma omp for schedule(static)
             for (int64_t tile = 0; tile < tiles; tile++)
-                gemm_tile(t, w, row_bytes, n, k, xp, m, y, ldy, tile * GEMM_TN, wbuf, cbuf);
+                if (ready)
+                    gemm_tile(t, w, row_bytes, n, k, xp, rows, y + m0 * ldy, ldy,
+                              tile * GEMM_TN, wbuf, cbuf);
+            free(wbuf);
+            free(cbuf);
         }
-        free(wbuf);
-        free(cbuf);
     }
     free(xp);
     return failed ? -2 : 0;
@@ -1087,7 +1097,7 @@ static int gemm_blocked(const type_info *t, const uint8_t *w, int64_t row_bytes,
  * decode_ops.c's linear). Measured on the 2-core AVX2 machine
  * (2 threads; Q4_K / Q6_K 2048 -> 8192, Q4_1 / Q8_0 576 -> 3072): against fp32 activations
  * the blocked GEMM wins from 9-12 rows; against int8 ones from 16, and from 32 for Q4_K,
- * whose int8 kernel meets activations rounded per 256 (see benchmarks/README.md). */
+ * whose int8 kernel meets activations rounded per 256 (README.md has the table). */
 #define GEMM_NEVER (1 << 30)
 int pq_gemm_min_rows(int qtype, int int8_activations) {
 #if HAS_GEMM
