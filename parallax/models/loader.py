@@ -153,12 +153,12 @@ def _fetch_hub_gguf(source: ModelSource, start_layer: int, end_layer: int | None
 
 
 def load_tokenizer(path: str):
-    """transformers tokenizer (with chat template) from a model dir or a .gguf file (converted
-    once per file: tokenizer_cache.py)."""
+    """transformers tokenizer (with chat template) from a model dir or a .gguf file."""
+    import os
+
     from transformers import AutoTokenizer
 
     if path.endswith(".gguf"):
-        from parallax.models.tokenizer_cache import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(path)
+        return AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                             gguf_file=os.path.basename(path))
     return AutoTokenizer.from_pretrained(path)

@@ -57,17 +57,6 @@ def shard_weight_bytes(model: str, start: int, end: int, dtype_bytes: int,
     return shard_bytes(source, load_config(source), start, end, dtype_bytes, quantize)
 
 
-def resolve_quietly(model: str):
-    """The model's source (hub.ModelSource), or None where the name resolves to nothing here:
-    the executor reports that error itself."""
-    from parallax.models.hub import resolve
-
-    try:
-        return resolve(model)
-    except ValueError:
-        return None
-
-
 class NodeAgent:
     def __init__(self, config: JoinConfig, client: ExecutorClient, frontend: NodeHttpServer,
                  join: NodeJoin, scheduler_url: str, activation_bind: str,
@@ -83,7 +72,6 @@ class NodeAgent:
         self.activation_bind = activation_bind
         self.say = say
         self.assignment: Assignment | None = None
-        self._tokenizer_model: str | None = None  # the model the frontend's tokenizer is for
         self.heartbeat_interval_s = 2.0
         self.node_secret = ""  # from the join answer; sent as X-Node-Secret
         # P2P mode passes a LatticaTransport: the same calls then travel to the scheduler's peer
@@ -275,22 +263,16 @@ class NodeAgent:
         self.assignment = assignment
         if self._ready_task is not None:
             self._ready_task.cancel()
+        self.frontend.tokenizer = None
+        self.frontend._tokenizer_task = None
         if assignment is None:
             self.say("no layers assigned (standby)")
             await self.client.reconfigure(None)
             return
-        # the same model keeps its tokenizer (a node that takes over other layers after a
-        # failure waits for its executor only); another model's replaces it
-        if assignment.model != self._tokenizer_model:
-            self.frontend.forget_tokenizer()
-            self._tokenizer_model = assignment.model
         quantized = f" quantized to {assignment.quantize}" if assignment.quantize else ""
         self.say(f"assigned {assignment.model}{quantized} layers [{assignment.start_layer}, "
                  f"{assignment.end_layer}); loading")
         await self.client.reconfigure(await self._executor_config(assignment))
-        source = resolve_quietly(assignment.model)
-        if source is not None and source.kind == "gguf":  # a local file: load it meanwhile
-            self.frontend.preload_tokenizer(source.path)
         self._ready_task = asyncio.create_task(self._announce_ready(assignment))
 
     async def _executor_config(self, assignment: Assignment) -> ExecutorConfig:

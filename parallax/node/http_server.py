@@ -190,19 +190,8 @@ class NodeHttpServer:
     async def start(self, tokenizer_path: str | None = None) -> None:
         """Start the executor; load the tokenizer meanwhile when its path is known already."""
         await self.client.start()
-        if tokenizer_path is not None:
-            self.preload_tokenizer(tokenizer_path)
-
-    def preload_tokenizer(self, path: str) -> None:
-        """Start loading the tokenizer now (the executor loads its layers meanwhile), unless
-        it is loaded or loading already."""
-        if self.tokenizer is None and self._tokenizer_task is None:
-            self._tokenizer_task = asyncio.create_task(self._load_tokenizer(path))
-
-    def forget_tokenizer(self) -> None:
-        """Another model is coming: its tokenizer will replace this one."""
-        self.tokenizer = None
-        self._tokenizer_task = None
+        if self.tokenizer is None and tokenizer_path is not None:
+            self._tokenizer_task = asyncio.create_task(self._load_tokenizer(tokenizer_path))
 
     async def wait_ready(self) -> None:
         """Wait for the executor and the tokenizer; raise NotReadyError if start-up failed."""
@@ -216,11 +205,8 @@ class NodeHttpServer:
     async def _load_tokenizer(self, path: str) -> None:
         from parallax.models.loader import load_tokenizer
 
-        task = asyncio.current_task()
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
         vocab = await asyncio.to_thread(grammar_vocab_json, tokenizer)
-        if self._tokenizer_task is not task:
-            return  # forgotten meanwhile: another model's tokenizer replaces this one
         if vocab is not None:  # the executor constrains decoding with it (response_format)
             self.client.set_grammar_vocab(vocab)
         self.tokenizer = tokenizer  # ready from here on
