@@ -8,8 +8,8 @@ and an fp32 KV cache, a step whose rows are all decodes runs through `DecodePlan
 are described once as C structs pointing into the module's own tensors, and the C loop runs
 them in the modules' order, each matmul on the fused kernel or, from pq_gemm_min_rows rows on,
 the blocked GEMM. A library without the blocked GEMM (AVX-512, portable) takes batches of
-fewer than packed.GEMM_MIN_ROWS rows only: larger ones go to the modules' tile + BLAS. Anything else (prefill
-chunks, sliding windows, sinks, MoE, float weights, bf16) takes the modules, which stay the
+fewer than packed.GEMM_MIN_ROWS rows only: larger ones go to the modules' tile + BLAS.
+Anything else (prefill chunks, sliding windows, sinks, MoE, float weights, bf16) takes the modules, which stay the
 reference the tests compare this path with. `PARALLAX_FUSED_DECODE=0` keeps every step on the
 modules.
 """
@@ -27,7 +27,6 @@ from torch import nn
 from parallax.models import fused_ops
 from parallax.models.attention import AttentionMetadata
 from parallax.models.layers import RMSNorm
-from parallax.models.quant.formats import QT
 from parallax.models.quant.packed import GEMM_MIN_ROWS, PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ def decode_plan_for(model: nn.Module, hidden: torch.Tensor, positions: torch.Ten
     rows = hidden.shape[0]
     if rows >= GEMM_MIN_ROWS:
         lib = fused_ops._lib()
-        if lib is None or lib.gemm_min_rows(QT.Q4_0, False) is None:
+        if lib is None or not lib.blocked_gemm:
             return None
     if (meta.num_decode_tokens != rows or meta.prefills
             or meta.by_window is not None or meta.window_decode is not None

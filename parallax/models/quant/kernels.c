@@ -978,16 +978,16 @@ static int check(int qtype, int64_t row_bytes, int64_t k, type_info *t) {
 
 /* ---- blocked fp32 GEMM for many activation rows (batched decode, prefill) -----------------
  * The fused kernels above decode a weight group again for every MAXR activation rows, so their
- * cost grows with every row; and on AVX2 cores whose integer multiplies are narrower than their
- * FMAs (this project's machine: maddubs + madd 19 GMAC/s, fp32 FMA 40 GMAC/s per core) int8
- * activations do not help a compute-bound step either. Here a tile of GEMM_TN weight rows is
+ * cost grows with every row; and on AVX2 cores whose integer multiplies are no faster than their
+ * FMAs (this project's machine, benchmarks/cpu_peak.py: fp32 FMA 20.1 GMAC/s, maddubs + madd
+ * 17.3 per core) int8 activations do not help a compute-bound step either. Here a tile of GEMM_TN weight rows is
  * dequantized GEMM_KC values at a time into an L1-sized fp32 buffer, once, and a 6 x 16
  * register-blocked microkernel meets every activation row with it: 12 accumulators, two
  * activation loads and six weight broadcasts per 12 FMAs. The activations are repacked once
  * per call into panels of 16 rows, k-major. The result equals "dequantize, then an fp32
  * matmul" but for summation order, whatever the caller's activation setting. */
-#if defined(__AVX2__) && !defined(__AVX512F__) /* AVX-512 builds keep tile + BLAS (measured
-                                                  * there, faster than this 8-lane kernel) */
+#if defined(__AVX2__) && !defined(__AVX512F__) /* AVX-512 builds keep tile + BLAS, measured
+                                                  * there; this 8-lane kernel never ran there */
 #define HAS_GEMM 1
 #define GEMM_MR 16  /* activation rows per panel: two 8-lane registers */
 #define GEMM_NR 6   /* weight rows per microkernel call */
@@ -1044,6 +1044,7 @@ static void gemm_tile(const type_info *t, const uint8_t *w, int64_t row_bytes, i
             const int halves = m - p * GEMM_MR > 8 ? 2 : 1;
             for (int64_t j = 0; j < GEMM_TN; j += GEMM_NR) {
                 float *c = cbuf + j * ldc + p * GEMM_MR;
+                /* a constant `halves` per call: the compiler unrolls each variant */
                 if (halves == 2) gemm_micro(wbuf + j * GEMM_KC, xs, kc, c, ldc, 2);
                 else gemm_micro(wbuf + j * GEMM_KC, xs, kc, c, ldc, 1);
             }

@@ -136,12 +136,14 @@ class NativeKernels:
     decode_layers: ctypes._CFuncPtr
     gemm: ctypes._CFuncPtr  # same arguments as matmul: the blocked GEMM (AVX2 builds)
     _gemm_min_rows: ctypes._CFuncPtr
+    blocked_gemm: bool = False  # whether `gemm` exists in this build (read once at load)
 
     def gemm_min_rows(self, qtype: int, activation_int8: bool) -> int | None:
         """Activation rows from which `gemm` beats the fused kernel (`matmul`, or `matmul_q8`
         with int8 activations), or None where this build has no blocked GEMM."""
-        rows = self._gemm_min_rows(int(qtype), int(bool(activation_int8)))
-        return rows if rows < GEMM_NEVER else None
+        if not self.blocked_gemm:
+            return None
+        return self._gemm_min_rows(int(qtype), int(bool(activation_int8)))
 
     def supports(self, qtype: int, in_features: int) -> bool:
         """Whether this library multiplies the type at this K (else: the torch path)."""
@@ -195,7 +197,8 @@ def load(variant: str) -> NativeKernels:
     return NativeKernels(variant, path, lib, matmul, dequantize, lib.pq_supports,
                          lib.pq_call_count, matmul_q8, lib.pq_supports_q8, lib.pq_rms_norm,
                          lib.pq_rope, lib.pq_silu_mul, lib.pq_decode_attention,
-                         lib.pq_decode_layers, gemm, lib.pq_gemm_min_rows)
+                         lib.pq_decode_layers, gemm, lib.pq_gemm_min_rows,
+                         lib.pq_gemm_min_rows(0, 0) < GEMM_NEVER)
 
 
 def requested_variant() -> str | None:
@@ -216,9 +219,9 @@ def _load_cached(variant: str) -> NativeKernels | None:
         logger.warning("native quantized kernels unavailable (%s); packed weights use the "
                        "slower pure-torch path", exc)
         return None
-    rows = kernels.gemm_min_rows(0, False)
     logger.info("native quantized kernels: %s (%s); many-row matmuls: %s", variant, kernels.path,
-                "tile + BLAS" if rows is None else f"blocked GEMM from {rows} rows")
+                f"blocked GEMM from {kernels.gemm_min_rows(0, False)} rows"
+                if kernels.blocked_gemm else "tile + BLAS")
     return kernels
 
 

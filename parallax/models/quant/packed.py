@@ -131,7 +131,7 @@ def native_gemm(lib: native.NativeKernels, x: torch.Tensor, weight: PackedWeight
                 out: torch.Tensor) -> None:
     """out = x @ W^T for many rows (out: [m, n], rows may be strided): the library's blocked
     GEMM where it has one, else `tiled_gemm`."""
-    if lib.gemm_min_rows(weight.qtype, False) is None:
+    if not lib.blocked_gemm:
         tiled_gemm(lib, x, weight, out)
         return
     if lib.gemm(int(weight.qtype), weight.data.data_ptr(), weight.data.shape[1],
